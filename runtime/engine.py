@@ -1,0 +1,174 @@
+"""The arithmetic interface every op handler and every nonlinear function is written against.
+
+One interface, two engines:
+
+* :class:`runtime.plain.PlainEngine` computes on cleartext ring elements with exactly the
+  fixed-point arithmetic of the secure protocols (deterministic floor truncation, exact
+  comparisons). It is the *fixed-point reference executor* and the fast evaluator used for
+  calibration and accuracy measurement.
+* :class:`runtime.rss.RSSEngine` computes on 3-party replicated secret shares over Z_2^64
+  (one engine object per party), talking to its peers through a :class:`runtime.transport.Transport`.
+
+Because the nonlinear functions in :mod:`runtime.nonlinear` call only this interface, the
+reference and the secure runtime cannot drift apart: they run the same approximation code.
+
+Value kinds seen through the interface:
+
+* **public** values are plain ``torch.int64`` tensors (ring elements known to every party);
+* **secret** values are engine-specific objects with a ``.shape`` (``torch.Size``); every
+  arithmetic secret carries the fixed-point scale its caller gave it implicitly (the engine
+  does not track scales: the plan does);
+* **bits** are engine-specific Boolean-shared bits, one bit per element (``.shape`` as well).
+
+Round and byte costs quoted per method are per element, for the busiest party, in the secure
+engine; the plain engine communicates nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Engine", "Secret", "Bits", "Value"]
+
+Secret = Any  # engine-specific secret arithmetic value
+Bits = Any  # engine-specific secret Boolean bit tensor
+Value = Any  # Secret or public torch.int64 tensor
+
+
+class Engine(ABC):
+    """Arithmetic on secret (or public) ring tensors. See the module docstring."""
+
+    frac_bits: int
+    #: 0, 1, 2 for a compute server; None for the plain reference engine.
+    party: int | None = None
+
+    # ---- kinds ------------------------------------------------------------------------------
+    @abstractmethod
+    def is_secret(self, x: Value) -> bool:
+        """True for a secret arithmetic value of this engine, False for a public tensor."""
+
+    # ---- input and output (1 round each) ----------------------------------------------------
+    @abstractmethod
+    def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Secret:
+        """Secret-share a ring tensor owned by ``owner`` ("client" or "model").
+
+        ``value`` is given only where the owner's data lives (the client, or the model owner's
+        server P0); every other party passes None. Returns this party's share."""
+
+    @abstractmethod
+    def reveal(self, x: Secret, to: str = "client") -> torch.Tensor | None:
+        """Open ``x`` to one named receiver ("client", or "P0"/"P1"/"P2"). Returns the ring tensor
+        at the receiver (the plain engine always returns it), None elsewhere."""
+
+    # ---- local linear algebra (0 rounds) ----------------------------------------------------
+    @abstractmethod
+    def add(self, a: Value, b: Value) -> Value:
+        """a + b with broadcasting; either may be public."""
+
+    @abstractmethod
+    def sub(self, a: Value, b: Value) -> Value:
+        """a - b with broadcasting; either may be public."""
+
+    @abstractmethod
+    def neg(self, a: Value) -> Value:
+        """-a."""
+
+    @abstractmethod
+    def local(self, fn: Callable[..., torch.Tensor], *xs: Value) -> Value:
+        """Apply a map that is linear over the ring *and* maps 0 to 0 (reshape, transpose, slice,
+        zero pad, sum over axes, multiplication by a public integer tensor, ...) to every share
+        of the secret arguments; public arguments are passed through unchanged. At most one
+        argument may be secret unless ``fn`` is additive in each secret argument separately."""
+
+    @abstractmethod
+    def cat(self, xs: Sequence[Value], dim: int) -> Value:
+        """Concatenate secrets (or public tensors; mixed is allowed) along ``dim``."""
+
+    # ---- products (secret x secret: 1 round, 8 B per output element) ------------------------
+    @abstractmethod
+    def mul(self, a: Value, b: Value) -> Value:
+        """Elementwise product with broadcasting, no truncation (scales add).
+
+        Public x secret is local; secret x secret is one resharing round."""
+
+    @abstractmethod
+    def matmul(self, a: Value, b: Value) -> Value:
+        """``torch.matmul`` semantics on ring elements, no truncation."""
+
+    @abstractmethod
+    def conv2d(
+        self,
+        x: Value,
+        w: Value,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Value:
+        """``torch.nn.functional.conv2d`` on ring elements (symmetric ``padding`` = (ph, pw)),
+        no truncation. Callers pad asymmetric cases with :meth:`local` first."""
+
+    @abstractmethod
+    def trunc(self, x: Secret, bits: int) -> Secret:
+        """Divide by 2^bits (fixed-point rescale). Secure: error at most 1 ulp, no catastrophic
+        failure while |x| < 2^62 (see the engine's docstring for the protocol)."""
+
+    # ---- Boolean bits, comparisons ----------------------------------------------------------
+    @abstractmethod
+    def msb(self, x: Secret) -> Bits:
+        """The sign bit of x (1 iff x < 0 as a signed ring element), Boolean-shared.
+        Secure: 8 rounds, 64 B per element."""
+
+    @abstractmethod
+    def bit_not(self, b: Bits) -> Bits:
+        """1 - b (local)."""
+
+    @abstractmethod
+    def bit_xor(self, a: Bits, b: Bits) -> Bits:
+        """a xor b (local)."""
+
+    @abstractmethod
+    def bit_and(self, a: Bits, b: Bits) -> Bits:
+        """a and b (secure: 1 round)."""
+
+    @abstractmethod
+    def bit_cat(self, bs: Sequence[Bits], dim: int) -> Bits:
+        """Concatenate bit tensors along ``dim``."""
+
+    @abstractmethod
+    def bit_local(self, fn: Callable[[torch.Tensor], torch.Tensor], b: Bits) -> Bits:
+        """Apply a layout map (reshape, slice, index) to every share of a bit tensor."""
+
+    @abstractmethod
+    def mul_bit(self, x: Value, b: Bits) -> Secret:
+        """x * b for an arithmetic x (secret or public) and a Boolean bit b, as an arithmetic
+        secret at x's scale (no truncation). Secure: 2 rounds, 24 B per element."""
+
+    @abstractmethod
+    def b2a(self, b: Bits) -> Secret:
+        """The bit as an arithmetic secret 0/1 at scale 0. Secure: 2 rounds, 16 B per element."""
+
+    # ---- conveniences built on the above (shared by both engines) ---------------------------
+    def shape(self, x: Value) -> torch.Size:
+        return x.shape
+
+    def mul_public_real(self, x: Value, c: float | torch.Tensor, bits: int | None = None) -> Value:
+        """x * c for a public real c (scalar or tensor), rescaled back to x's scale: multiply by
+        round(c * 2^bits) then truncate by ``bits`` (default: the engine's fractional bits)."""
+        bits = self.frac_bits if bits is None else bits
+        c_ring = torch.round(torch.as_tensor(c, dtype=torch.float64) * float(2**bits)).to(torch.int64)
+        y = self.mul(x, c_ring)
+        return self.trunc(y, bits) if self.is_secret(y) else _floor_shift(y, bits)
+
+    def public(self, value: float | torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """A public real constant encoded at ``scale`` (default: the engine's fractional bits)."""
+        scale = self.frac_bits if scale is None else scale
+        return torch.round(torch.as_tensor(value, dtype=torch.float64) * float(2**scale)).to(torch.int64)
+
+
+def _floor_shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return x >> bits if bits > 0 else x
