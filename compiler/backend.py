@@ -1,0 +1,122 @@
+"""Backend: lower a compiled IR graph into a plan document and the model owner's weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+from .ir import Graph
+from .plan import PLAN_FORMAT, PLAN_VERSION, PROTOCOL, PROTOCOL_VERSION, Plan
+
+__all__ = ["build_plan"]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def _zero_cost() -> dict[str, Any]:
+    return {"rounds": 0, "bytes": 0, "bytes_per_party": [0, 0, 0]}
+
+
+def build_plan(
+    graph: Graph,
+    *,
+    frac_bits: int,
+    model_info: dict[str, Any],
+    passes: list[dict[str, Any]] | None = None,
+    warnings: list[str] | None = None,
+    version_string: str = "siguard",
+) -> tuple[Plan, dict[str, np.ndarray]]:
+    """Turn ``graph`` (after all passes) into a :class:`Plan` and the weights dict.
+
+    Steps are: one ``input`` step per client input (the client secret-shares it), the graph's
+    nodes in order, and one ``reveal`` step per output (opened to the client only). Costs come
+    from the cost pass (``node.cost``) and :func:`passes.cost.io_costs` for input/reveal/setup.
+    """
+    from passes.cost import io_costs
+
+    values: dict[str, Any] = {}
+    constants: dict[str, Any] = {}
+    weights_meta: list[dict[str, Any]] = []
+    weights: dict[str, np.ndarray] = {}
+    for name, v in graph.values.items():
+        if v.is_const:
+            if v.visibility == "secret":
+                weights_meta.append({"name": name, "shape": list(v.shape), "scale": int(v.scale)})
+                weights[name] = np.asarray(v.data, dtype=np.float64)
+            else:
+                constants[name] = {"shape": list(v.shape), "scale": int(v.scale),
+                                   "data": np.asarray(v.data, dtype=np.float64).reshape(-1).tolist()}
+            continue
+        values[name] = {
+            "shape": list(v.shape),
+            "visibility": v.visibility,
+            "owner": v.owner,
+            "scale": None if v.scale is None else int(v.scale),
+            "range": None if v.range is None else [float(v.range[0]), float(v.range[1])],
+        }
+    for name in graph.outputs:
+        if graph.values[name].is_const:
+            raise ModelError(f"output {name!r} is a constant: nothing to compute securely")
+
+    costs = io_costs(graph, frac_bits)
+    steps: list[dict[str, Any]] = []
+    for name in graph.inputs:
+        steps.append({"name": f"input:{name}", "op": "input", "impl": "client-share", "inputs": [], "outputs": [name],
+                      "attrs": {"owner": "client"}, "source": None, "cost": costs["input"][name]})
+    for node in graph.nodes:
+        step = {
+            "name": node.name,
+            "op": node.op,
+            "impl": node.impl or "local",
+            "inputs": list(node.inputs),
+            "outputs": list(node.outputs),
+            "attrs": _jsonable(node.attrs),
+            "source": node.source,
+            "cost": node.cost or _zero_cost(),
+        }
+        if node.attrs.get("_impl_params"):
+            step["impl_params"] = _jsonable(step["attrs"].pop("_impl_params"))
+        steps.append(step)
+    for name in graph.outputs:
+        steps.append({"name": f"reveal:{name}", "op": "reveal", "impl": "to-client", "inputs": [name], "outputs": [],
+                      "attrs": {"to": "client"}, "source": None, "cost": costs["reveal"][name]})
+
+    per_party = [sum(s["cost"]["bytes_per_party"][p] for s in steps) for p in range(3)]
+    totals = {"rounds": sum(s["cost"]["rounds"] for s in steps), "bytes": sum(s["cost"]["bytes"] for s in steps),
+              "bytes_per_party": per_party, "steps": len(steps)}
+    doc = {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "protocol": PROTOCOL,
+        "protocol_version": PROTOCOL_VERSION,
+        "frac_bits": int(frac_bits),
+        "created_by": version_string,
+        "model": _jsonable(model_info),
+        "inputs": [{"name": n, "shape": list(graph.values[n].shape), "dtype": "float32", "owner": "client"}
+                   for n in graph.inputs],
+        "outputs": [{"name": n, "shape": list(graph.values[n].shape), "reveal_to": "client"} for n in graph.outputs],
+        "values": values,
+        "weights": weights_meta,
+        "constants": constants,
+        "steps": steps,
+        "totals": totals,
+        "setup": costs["setup"],
+        "passes": passes or [],
+        "warnings": warnings or [],
+        "plan_hash": "0" * 64,
+    }
+    return Plan(doc), weights

@@ -1,0 +1,166 @@
+"""The plan executor: one object per party walks the plan's steps over an Engine.
+
+Call tree (override points)::
+
+    Executor.run(inputs)
+      ├─ _input_step(step)         client input -> secret shares           (op "input")
+      ├─ run_step(step)            one plan step
+      │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/handlers.py)
+      └─ _reveal_step(step)        open the output to the client only      (op "reveal")
+
+Values are freed after their last use, so memory stays flat on deep networks. Every error is
+re-raised as :class:`compiler.errors.RuntimeFault` naming the step, the op and the party.
+The same executor runs the fixed-point reference (``PlainEngine``), each secure party
+(``RSSEngine``) and the cost model (``CostEngine``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from compiler.errors import RuntimeFault, SiguardError
+from compiler.plan import Plan
+
+from .engine import Engine
+from .handlers import handler_for
+from .ring import encode
+
+__all__ = ["Executor", "StepContext", "encode_public_constants"]
+
+
+class StepContext:
+    """What a handler may use besides its arguments: the engine and the plan's value table."""
+
+    def __init__(self, engine: Engine, plan: Plan):
+        self.e = engine
+        self.plan = plan
+
+    @property
+    def frac_bits(self) -> int:
+        return self.plan.frac_bits
+
+    def scale_of(self, name: str) -> int:
+        s = self.plan.values[name]["scale"]
+        return self.plan.frac_bits if s is None else int(s)
+
+
+def encode_public_constants(plan: Plan) -> dict[str, torch.Tensor]:
+    """Public constants of the plan as ring tensors at their declared scales."""
+    out = {}
+    for name, c in plan.doc["constants"].items():
+        data = np.asarray(c["data"], dtype=np.float64).reshape(c["shape"])
+        out[name] = encode(data, int(c["scale"]))
+    return out
+
+
+class Executor:
+    """Runs ``plan`` for one party on ``engine`` (see the module docstring).
+
+    ``progress`` (optional) is called as ``progress(i, n, step)`` before each step.
+    """
+
+    def __init__(self, plan: Plan, engine: Engine, progress: Callable[[int, int, dict], None] | None = None):
+        self.plan = plan
+        self.engine = engine
+        self.ctx = StepContext(engine, plan)
+        self.progress = progress
+        self.constants = encode_public_constants(plan)
+        self.weights: dict[str, Any] = {}
+        self._last_use = self._compute_last_use()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _compute_last_use(self) -> dict[str, int]:
+        last: dict[str, int] = {}
+        for i, step in enumerate(self.plan.steps):
+            for name in step["inputs"]:
+                last[name] = i
+        return last
+
+    def _step_scope(self, name: str):
+        transport = getattr(self.engine, "transport", None)
+        if transport is not None and hasattr(transport, "step"):
+            return transport.step(name)
+        step = getattr(self.engine, "step", None)
+        return step(name) if callable(step) else contextlib.nullcontext()
+
+    def share_weights(self, weights: dict[str, np.ndarray] | None) -> None:
+        """Secret-share the model owner's weights (given only where the owner runs, else None).
+
+        Run once per party before queries; the shares persist across queries."""
+        with self._step_scope("setup:weights"):
+            for w in self.plan.doc["weights"]:
+                name, shape, scale = w["name"], tuple(w["shape"]), int(w["scale"])
+                value = None if weights is None else encode(np.asarray(weights[name], dtype=np.float64), scale)
+                try:
+                    self.weights[name] = self.engine.input("model", value, shape)
+                except SiguardError:
+                    raise
+                except Exception as exc:
+                    raise RuntimeFault(f"sharing weight {name!r} failed on {self._who()}: {exc}") from exc
+
+    def _who(self) -> str:
+        p = self.engine.party
+        return "the reference executor" if p is None else f"party P{p}"
+
+    # ---- running ------------------------------------------------------------------------------
+    def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+        """Execute every step. ``inputs`` maps input names to ring tensors where the client's
+        data is available to this engine (the plain engine), else None. Returns the revealed
+        outputs (ring tensors at the receiver, None elsewhere)."""
+        if self.plan.doc["weights"] and not self.weights:
+            raise RuntimeFault(f"{self._who()}: weights were not shared before running")
+        env: dict[str, Any] = {}
+        outputs: dict[str, torch.Tensor | None] = {}
+        steps = self.plan.steps
+        for i, step in enumerate(steps):
+            if self.progress is not None:
+                self.progress(i, len(steps), step)
+            with self._step_scope(step["name"]):
+                try:
+                    if step["op"] == "input":
+                        name = step["outputs"][0]
+                        value = None if inputs is None else inputs[name]
+                        env[name] = self.engine.input(step["attrs"].get("owner", "client"), value,
+                                                      tuple(self.plan.values[name]["shape"]))
+                    elif step["op"] == "reveal":
+                        name = step["inputs"][0]
+                        outputs[name] = self.engine.reveal(self._get(env, name), step["attrs"].get("to", "client"))
+                    else:
+                        self.run_step(step, env)
+                except SiguardError as exc:
+                    if isinstance(exc, RuntimeFault):
+                        raise
+                    raise RuntimeFault(self._where(i, step) + f": {exc}") from exc
+                except Exception as exc:
+                    raise RuntimeFault(self._where(i, step) + f": {type(exc).__name__}: {exc}") from exc
+            self._free(env, i, step)
+        return outputs
+
+    def run_step(self, step: dict[str, Any], env: dict[str, Any]) -> None:
+        """Execute one plan step: gather arguments, dispatch to the op's handler, store outputs."""
+        args = [self._get(env, n) for n in step["inputs"]]
+        results = handler_for(step["op"])(self.ctx, step, args)
+        for name, value in zip(step["outputs"], results, strict=True):
+            env[name] = value
+
+    def _get(self, env: dict[str, Any], name: str):
+        if name in env:
+            return env[name]
+        if name in self.weights:
+            return self.weights[name]
+        if name in self.constants:
+            return self.constants[name]
+        raise KeyError(f"value {name!r} is not available (freed or never produced)")
+
+    def _free(self, env: dict[str, Any], i: int, step: dict[str, Any]) -> None:
+        for name in step["inputs"]:
+            if self._last_use.get(name) == i:
+                env.pop(name, None)
+
+    def _where(self, i: int, step: dict[str, Any]) -> str:
+        return f"step {i} '{step['name']}' (op {step['op']}, impl {step['impl']}) failed on {self._who()}"

@@ -1,0 +1,218 @@
+"""Correlated randomness for 3-party replicated sharing: an AES-128-CTR PRF and pairwise keys.
+
+Keys (PROTOCOLS §2). Server P_i samples a 16-byte key k_i and sends it to its predecessor
+P_{i-1} once, at setup; afterwards P_i holds (k_i, k_{i+1}) -- the same index pattern as its
+shares (x_i, x_{i+1}). Key k_j is therefore known to exactly P_j and P_{j-1}, and F_{k_j} is a
+value that the third party P_{j+1} cannot predict. Every server also holds a *common* key (known
+to all three servers, public coins among them, never to the client) and a *private* key.
+
+Sessions. The keys exchanged at setup are long-term master keys; every session (one query, one
+test) derives its own AES keys as HMAC-SHA256(master, "siguard-prf/v1" | label | session_id)
+truncated to 16 bytes, so streams never repeat across sessions although the counters restart.
+
+Draws and the synchronisation invariant. Each derived key owns one AES-CTR keystream, read
+sequentially (the counter block starts at 0 and the keystream position is the key's draw
+counter). **Both holders of a key obtain the same words as long as they make the same draws
+(same sizes, same order) from that key.** A party never draws from a key it does not hold,
+so the invariant is per key: the protocol code in :mod:`runtime.rss` is written so that every
+draw from k_j happens at both P_j and P_{j-1}, in the same position of the protocol. A
+mismatched draw does not crash: the shares simply fail to cancel (tested in test_prg.py).
+No (key, counter) pair is ever used twice, because the stream is only read forward.
+
+Only ``os.urandom``/``secrets`` and AES from ``cryptography`` produce randomness here; numpy's and
+torch's generators are never used for shares or masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .transport import Transport
+
+__all__ = [
+    "KEY_BYTES",
+    "prf_words",
+    "new_key",
+    "derive_key",
+    "WordStream",
+    "PartyKeys",
+    "Randomness",
+    "setup_keys",
+]
+
+KEY_BYTES = 16
+_LABEL = b"siguard-prf/v1"
+
+
+def new_key() -> bytes:
+    """A fresh uniformly random 16-byte key from the operating system's CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def derive_key(master: bytes, label: str, session_id: str | bytes) -> bytes:
+    """HMAC-SHA256(master, "siguard-prf/v1" | label | 0x00 | session_id) truncated to 16 bytes."""
+    sid = session_id.encode() if isinstance(session_id, str) else bytes(session_id)
+    return hmac.new(master, _LABEL + label.encode() + b"\x00" + sid, hashlib.sha256).digest()[:KEY_BYTES]
+
+
+def _words_from_bytes(data: bytes, shape: Sequence[int]) -> torch.Tensor:
+    # '<i8' pins the byte order, so hosts of either endianness draw identical words.
+    arr = np.frombuffer(data, dtype="<i8").astype(np.int64)
+    return torch.from_numpy(arr).reshape(tuple(shape))
+
+
+def prf_words(key: bytes, stream: int, n: int) -> torch.Tensor:
+    """n uniform int64 words F_key(stream, 0..): AES-128-CTR with counter block (stream << 64) | i.
+
+    A stateless form, for one-off draws; :class:`WordStream` is the stateful form the protocols use.
+    """
+    ctr = ((stream & (2**64 - 1)) << 64).to_bytes(16, "big")
+    enc = Cipher(algorithms.AES(key), modes.CTR(ctr)).encryptor()
+    return _words_from_bytes(enc.update(bytes(8 * n)), (n,))
+
+
+class WordStream:
+    """One AES-128-CTR keystream read forward as int64 words; ``drawn`` counts the words read.
+
+    Two objects built from the same key return identical words for identical sequences of draws.
+    """
+
+    __slots__ = ("_enc", "drawn")
+
+    def __init__(self, key: bytes):
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"PRF keys are {KEY_BYTES} bytes, got {len(key)}")
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        self.drawn = 0
+
+    def words(self, shape: Sequence[int]) -> torch.Tensor:
+        """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
+        n = 1
+        for s in shape:
+            n *= int(s)
+        self.drawn += n
+        return _words_from_bytes(self._enc.update(bytes(8 * n)), shape)
+
+
+class PartyKeys:
+    """The long-term keys of one party.
+
+    For a server P_i: ``own`` = k_i (shared with P_{i-1}), ``next_key`` = k_{i+1} (shared with P_{i+1}),
+    ``common`` (all three servers) and ``private``. The client (party 3) has only ``private``.
+    """
+
+    def __init__(
+        self,
+        party: int,
+        own: bytes | None = None,
+        next_key: bytes | None = None,
+        common: bytes | None = None,
+        private: bytes | None = None,
+    ):
+        self.party = party
+        self.own = own
+        self.next_key = next_key
+        self.common = common
+        self.private = private if private is not None else new_key()
+
+    def session(self, session_id: str | bytes) -> Randomness:
+        """Fresh per-session PRF streams (all draw counters at 0)."""
+        return Randomness(self, session_id)
+
+
+class Randomness:
+    """Per-session PRF streams of party i: F_{k_i}, F_{k_{i+1}}, the common and the private stream.
+
+    Draw methods take a shape and return int64 tensors of that shape. See the module docstring
+    for the invariant that keeps the two holders of each key in step.
+    """
+
+    def __init__(self, keys: PartyKeys, session_id: str | bytes):
+        self.party = keys.party
+        i = keys.party
+        self._streams: dict[int, WordStream] = {}
+        if keys.own is not None and keys.next_key is not None:
+            # Label by key index j, so both holders of k_j derive the same session key.
+            self._streams[i % 3] = WordStream(derive_key(keys.own, f"k{i % 3}", session_id))
+            self._streams[(i + 1) % 3] = WordStream(derive_key(keys.next_key, f"k{(i + 1) % 3}", session_id))
+        self._common = WordStream(derive_key(keys.common, "common", session_id)) if keys.common else None
+        self._private = WordStream(derive_key(keys.private, f"private{i}", session_id))
+
+    # ---- single streams ---------------------------------------------------------------------
+    def holds(self, j: int) -> bool:
+        """True iff this party holds k_j (j = i or i+1 mod 3)."""
+        return j % 3 in self._streams
+
+    def key_stream(self, j: int, shape: Sequence[int]) -> torch.Tensor:
+        """F_{k_j} words; known to P_j and P_{j-1} only. Raises if this party lacks k_j."""
+        try:
+            stream = self._streams[j % 3]
+        except KeyError:
+            raise ValueError(f"party {self.party} does not hold key k{j % 3}") from None
+        return stream.words(shape)
+
+    def common(self, shape: Sequence[int]) -> torch.Tensor:
+        """Words known to all three servers (never to the client)."""
+        if self._common is None:
+            raise ValueError(f"party {self.party} has no common key")
+        return self._common.words(shape)
+
+    def private(self, shape: Sequence[int]) -> torch.Tensor:
+        """Words known to this party only."""
+        return self._private.words(shape)
+
+    def drawn(self, j: int) -> int:
+        """Number of words drawn so far from k_j (for checking the invariant in tests)."""
+        return self._streams[j % 3].drawn
+
+    # ---- correlated draws -------------------------------------------------------------------
+    def pair(self, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F_{k_i}, F_{k_{i+1}}): this party's two slots of a fresh random RSS sharing."""
+        i = self.party
+        return self.key_stream(i, shape), self.key_stream(i + 1, shape)
+
+    def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
+        """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
+        own, nxt = self.pair(shape)
+        return own - nxt
+
+    def zero_share_xor(self, shape: Sequence[int]) -> torch.Tensor:
+        """beta_i = F_{k_i} xor F_{k_{i+1}}; the three parties' betas XOR to 0."""
+        own, nxt = self.pair(shape)
+        return own ^ nxt
+
+
+def setup_keys(transport: Transport) -> PartyKeys:
+    """Key agreement for server P_i (1 round, 48 B sent by each server, none by the client).
+
+    P_i samples k_i and a common-key contribution c_i with the OS CSPRNG, sends (k_i, c_i) to
+    P_{i-1} and c_i to P_{i+1}; the common key is SHA-256(c_0 | c_1 | c_2) truncated. The channel
+    is assumed authenticated and private (TLS between hosts). Runs in the transport step "setup".
+    """
+    i = transport.party
+    if i not in (0, 1, 2):
+        raise ValueError("only the servers P0, P1, P2 take part in key setup")
+    prev, nxt = (i - 1) % 3, (i + 1) % 3
+    own, contribution = new_key(), new_key()
+
+    def as_words(*keys: bytes) -> torch.Tensor:
+        return _words_from_bytes(b"".join(keys), (len(keys) * KEY_BYTES // 8,))
+
+    with transport.step("setup"):
+        got = transport.exchange(
+            {prev: as_words(own, contribution), nxt: as_words(contribution)},
+            {nxt: (4,), prev: (2,)},
+        )
+    from_next = got[nxt].numpy().astype("<i8").tobytes()
+    from_prev = got[prev].numpy().astype("<i8").tobytes()
+    next_key, c_next = from_next[:KEY_BYTES], from_next[KEY_BYTES:]
+    contributions = {i: contribution, nxt: c_next, prev: from_prev}
+    common = hashlib.sha256(b"".join(contributions[j] for j in range(3))).digest()[:KEY_BYTES]
+    return PartyKeys(i, own=own, next_key=next_key, common=common)

@@ -1,0 +1,311 @@
+"""Message passing between the parties: one round = one :meth:`Transport.exchange` call.
+
+Parties are numbered 0, 1, 2 (compute servers P0, P1, P2) and 3 (the client). In one round a
+party sends at most one int64 tensor to each peer and receives at most one from each peer; a
+protocol that has two things for the same peer in one round concatenates them. Every server
+calls :meth:`Transport.exchange` once per protocol round, even with nothing to send or receive,
+so the three servers count the same rounds.
+
+Frames carry a :class:`FrameHeader` (session, step, sender, per-link sequence number) ahead of
+the payload, so a networked transport can frame messages identically and every side can detect a
+desynchronised peer. Payload bytes (8 per int64 element) and framing bytes are counted
+separately, per named step (:meth:`Transport.step`).
+
+:class:`InProcessNetwork` runs all parties as threads of one process with one
+``queue.SimpleQueue`` per directed link (C-implemented, about half the per-round cost of
+``queue.Queue``). Every receive has a deadline; :meth:`InProcessNetwork.abort` wakes every blocked
+receiver with :class:`TransportAborted`, so a dead thread never hangs the others.
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "CLIENT",
+    "SERVERS",
+    "TransportError",
+    "TransportTimeout",
+    "TransportAborted",
+    "FrameHeader",
+    "StepStats",
+    "Transport",
+    "InProcessNetwork",
+    "InProcessTransport",
+]
+
+CLIENT = 3
+SERVERS = (0, 1, 2)
+DEFAULT_STEP = "main"
+
+
+class TransportError(RuntimeError):
+    """A communication failure, naming the party that saw it and the peer involved."""
+
+    def __init__(self, message: str, party: int | None = None, peer: int | None = None):
+        super().__init__(message)
+        self.party = party
+        self.peer = peer
+
+
+class TransportTimeout(TransportError):
+    """A peer's message did not arrive before the deadline."""
+
+
+class TransportAborted(TransportError):
+    """The network was aborted (a party failed or the run was cancelled) while waiting."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """What precedes every payload on the wire.
+
+    ``seq`` numbers the frames of one directed link (sender -> receiver) from 0; the receiver
+    checks it, and checks that two servers agree on ``step``.
+    """
+
+    session: str
+    step: str
+    sender: int
+    seq: int
+    shape: tuple[int, ...]
+
+    _FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
+
+    def encode(self) -> bytes:
+        """Length-prefixable binary form: fixed fields, shape (uint64 each), session, step (UTF-8)."""
+        session, step = self.session.encode(), self.step.encode()
+        if len(session) > 0xFFFF or len(step) > 0xFFFF:
+            raise ValueError("session and step names are limited to 65535 bytes")
+        fixed = self._FIXED.pack(self.sender, len(step) | len(session) << 16, self.seq, len(self.shape))
+        return fixed + struct.pack(f"<{len(self.shape)}Q", *self.shape) + session + step
+
+    @classmethod
+    def decode(cls, data: bytes) -> FrameHeader:
+        sender, lengths, seq, ndim = cls._FIXED.unpack_from(data)
+        off = cls._FIXED.size
+        shape = struct.unpack_from(f"<{ndim}Q", data, off)
+        off += 8 * ndim
+        n_step, n_session = lengths & 0xFFFF, lengths >> 16
+        session = data[off : off + n_session].decode()
+        step = data[off + n_session : off + n_session + n_step].decode()
+        return cls(session, step, sender, seq, tuple(shape))
+
+
+@dataclass
+class StepStats:
+    """Communication of one party in one step.
+
+    ``sent``/``received``: payload bytes per peer (8 per int64 element); ``framing_bytes``: header
+    bytes on top of the payload (0 in process); ``rounds``: number of exchange calls.
+    """
+
+    rounds: int = 0
+    sent: dict[int, int] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+    framing_bytes: int = 0
+
+    @property
+    def payload_bytes(self) -> int:
+        """Total payload bytes sent."""
+        return sum(self.sent.values())
+
+    def merge(self, other: StepStats) -> None:
+        self.rounds += other.rounds
+        self.framing_bytes += other.framing_bytes
+        for peer, n in other.sent.items():
+            self.sent[peer] = self.sent.get(peer, 0) + n
+        for peer, n in other.received.items():
+            self.received[peer] = self.received.get(peer, 0) + n
+
+    def copy(self) -> StepStats:
+        return StepStats(self.rounds, dict(self.sent), dict(self.received), self.framing_bytes)
+
+
+class Transport(ABC):
+    """One party's endpoint. Subclasses implement :meth:`_send` and :meth:`_recv`."""
+
+    party: int
+    session: str
+
+    def __init__(self, party: int, session: str = ""):
+        self.party = party
+        self.session = session
+        self._steps: list[str] = []
+        self._stats: dict[str, StepStats] = {}
+        self._sent_seq: dict[int, int] = {}
+        self._recv_seq: dict[int, int] = {}
+
+    # ---- steps and statistics ---------------------------------------------------------------
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Attribute the rounds and bytes of the enclosed exchanges to ``name`` (innermost wins)."""
+        self._steps.append(name)
+        try:
+            yield
+        finally:
+            self._steps.pop()
+
+    @property
+    def current_step(self) -> str:
+        return self._steps[-1] if self._steps else DEFAULT_STEP
+
+    @property
+    def stats(self) -> dict[str, StepStats]:
+        """Per step: rounds, payload bytes per peer, framing bytes (a copy)."""
+        return {name: s.copy() for name, s in self._stats.items()}
+
+    def total(self, exclude: Sequence[str] = ()) -> StepStats:
+        """All steps summed, except those named in ``exclude`` (e.g. "setup")."""
+        out = StepStats()
+        for name, s in self._stats.items():
+            if name not in exclude:
+                out.merge(s)
+        return out
+
+    def reset_stats(self) -> None:
+        self._stats.clear()
+
+    # ---- one round --------------------------------------------------------------------------
+    def exchange(
+        self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, torch.Tensor]:
+        """One round: send ``send[peer]`` to each peer, then receive a tensor of shape
+        ``recv[peer]`` from each peer. Raises :class:`TransportError` naming the peer on timeout,
+        abort, or a frame that does not match (wrong shape, sequence or step)."""
+        step = self.current_step
+        st = self._stats.get(step)
+        if st is None:
+            st = self._stats[step] = StepStats()
+        st.rounds += 1
+        for peer, tensor in send.items():
+            if peer == self.party:
+                raise ValueError(f"party {self.party} cannot send to itself")
+            if tensor.dtype != torch.int64:
+                raise TypeError(f"party {self.party}: payloads are int64 tensors, got {tensor.dtype}")
+            seq = self._sent_seq.get(peer, 0)
+            self._sent_seq[peer] = seq + 1
+            header = FrameHeader(self.session, step, self.party, seq, tuple(tensor.shape))
+            st.framing_bytes += self._send(peer, header, tensor)
+            st.sent[peer] = st.sent.get(peer, 0) + 8 * tensor.numel()
+        out: dict[int, torch.Tensor] = {}
+        deadline = time.monotonic() + self.timeout
+        for peer, shape in recv.items():
+            seq = self._recv_seq.get(peer, 0)
+            self._recv_seq[peer] = seq + 1
+            header, tensor = self._recv(peer, deadline)
+            self._check_frame(peer, header, seq, step, tuple(shape))
+            st.received[peer] = st.received.get(peer, 0) + 8 * tensor.numel()
+            out[peer] = tensor
+        return out
+
+    def _check_frame(self, peer: int, header: FrameHeader, seq: int, step: str, shape: tuple) -> None:
+        where = f"party {self.party}, step {step!r}: frame from party {peer}"
+        if header.sender != peer or header.session != self.session:
+            raise TransportError(f"{where} has sender {header.sender}, session {header.session!r}", self.party, peer)
+        if header.seq != seq:
+            raise TransportError(f"{where} has sequence number {header.seq}, expected {seq}", self.party, peer)
+        if peer in SERVERS and self.party in SERVERS and header.step != step:
+            raise TransportError(f"{where} belongs to step {header.step!r} (peers out of step)", self.party, peer)
+        if header.shape != shape:
+            raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
+
+    timeout: float = 30.0
+
+    @abstractmethod
+    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+        """Queue one frame to ``peer`` without blocking; return the framing bytes it added."""
+
+    @abstractmethod
+    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
+        """The next frame from ``peer``, waiting until ``deadline`` (time.monotonic())."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the in-process transport has none."""
+
+
+_ABORT = object()
+
+
+class InProcessNetwork:
+    """All parties in one process (threads), one FIFO per directed link.
+
+    ``transport(i)`` returns party i's endpoint. ``abort(reason)`` makes every blocked and every
+    later receive raise :class:`TransportAborted`; ``close()`` aborts with "network closed".
+    """
+
+    def __init__(self, n_parties: int = 4, timeout: float = 30.0, session: str = ""):
+        self.n_parties = n_parties
+        self.timeout = timeout
+        self.session = session
+        self._links = {(s, d): queue.SimpleQueue() for s in range(n_parties) for d in range(n_parties) if s != d}
+        self._transports: dict[int, InProcessTransport] = {}
+        self._lock = threading.Lock()
+        self.abort_reason: str | None = None
+
+    def transport(self, party: int) -> InProcessTransport:
+        if not 0 <= party < self.n_parties:
+            raise ValueError(f"no party {party} in a network of {self.n_parties}")
+        with self._lock:
+            if party not in self._transports:
+                self._transports[party] = InProcessTransport(self, party)
+            return self._transports[party]
+
+    def abort(self, reason: str) -> None:
+        """Wake every receiver with :class:`TransportAborted` (idempotent; the first reason wins)."""
+        with self._lock:
+            if self.abort_reason is not None:
+                return
+            self.abort_reason = reason
+        for link in self._links.values():
+            link.put(_ABORT)
+
+    def close(self) -> None:
+        self.abort("network closed")
+
+
+class InProcessTransport(Transport):
+    """Party ``party``'s endpoint on an :class:`InProcessNetwork`. Payloads are copied on send,
+    so neither side can alias the other's tensors."""
+
+    def __init__(self, network: InProcessNetwork, party: int):
+        super().__init__(party, network.session)
+        self.network = network
+        self.timeout = network.timeout
+
+    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+        if self.network.abort_reason is not None:
+            raise TransportAborted(
+                f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
+            )
+        self.network._links[(self.party, peer)].put((header, payload.clone(memory_format=torch.contiguous_format)))
+        return 0
+
+    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
+        link = self.network._links[(peer, self.party)]
+        try:
+            item = link.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            raise TransportTimeout(
+                f"party {self.party}: no message from party {peer} within {self.timeout} s "
+                f"(step {self.current_step!r})",
+                self.party,
+                peer,
+            ) from None
+        if item is _ABORT:
+            link.put(_ABORT)  # leave it for any later receive on this link
+            raise TransportAborted(
+                f"party {self.party}: aborted while waiting for party {peer}: {self.network.abort_reason}",
+                self.party,
+                peer,
+            )
+        return item

@@ -1,0 +1,61 @@
+"""SIGuard's public Python API: compile a model, load a plan, inspect it, run it.
+
+    >>> import siguard
+    >>> plan = siguard.compile("model.onnx", "out/plan", batch=1)
+    >>> result = siguard.run(plan, x, mode="threads")
+    >>> result.output, result.stats["totals"]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.pipeline import CompileOptions, compile_model, write_plan
+from compiler.plan import Plan
+from compiler.report import render
+
+__all__ = ["compile", "load_plan", "inspect", "run", "MODES"]
+
+MODES = ("reference", "threads")
+
+
+def compile(model: Any, out_dir: str | Path | None = None, *, batch: int = 1, output: str | None = None,
+            frac_bits: int = 16, **extra: Any) -> Plan:
+    """Compile an ONNX model (path or ``onnx.ModelProto``) into a plan; write it if ``out_dir``."""
+    result = compile_model(model, CompileOptions(batch=batch, output=output, frac_bits=frac_bits, extra=extra))
+    if out_dir is not None:
+        write_plan(result, out_dir)
+    else:
+        result.plan.weights_in_memory = result.weights  # type: ignore[attr-defined]
+    return result.plan
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Load and validate a plan directory (or its plan.json)."""
+    return Plan.load(path)
+
+
+def inspect(plan: Plan | str | Path, fmt: str = "text") -> str:
+    """Render a plan as text, json, html or dot."""
+    p = plan if isinstance(plan, Plan) else Plan.load(plan)
+    return render(p, fmt)
+
+
+def _weights(plan: Plan) -> dict[str, np.ndarray]:
+    mem = getattr(plan, "weights_in_memory", None)
+    return mem if mem is not None else plan.load_weights()
+
+
+def run(plan: Plan | str | Path, inputs: Any, *, mode: str = "threads", **kw: Any):
+    """Run a plan on ``inputs`` (an array, or a dict name -> array). Returns a RunResult."""
+    from runtime.local import run_reference, run_threads
+
+    p = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if mode == "reference":
+        return run_reference(p, inputs, _weights(p))
+    if mode == "threads":
+        return run_threads(p, inputs, _weights(p), **kw)
+    raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -1,0 +1,142 @@
+"""The ``siguard`` command line (thin: parsing, messages, exit codes; logic lives in the packages)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import InputError, SiguardError
+
+__all__ = ["main", "build_parser"]
+
+
+def _load_npy(path: str) -> np.ndarray:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input file {p} does not exist")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.pipeline import CompileOptions, compile_model, write_plan
+
+    if not Path(args.model).exists():
+        raise InputError(f"model file {args.model} does not exist")
+    opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits)
+    result = compile_model(args.model, opts)
+    out = write_plan(result, args.o)
+    t = result.plan.totals
+    print(f"compiled {args.model} -> {out} ({len(result.plan.steps)} steps, {t['rounds']} rounds, "
+          f"{t['bytes'] / 1e6:.3f} MB per party; plan {result.plan.plan_hash[:16]})")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from compiler.plan import Plan
+    from compiler.report import render
+
+    plan = Plan.load(args.plan)
+    text = render(plan, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from compiler.plan import Plan
+    from runtime.local import run_reference, run_threads
+
+    plan = Plan.load(args.plan)
+    x = _load_npy(args.input)
+    if args.mode == "reference":
+        result = run_reference(plan, x)
+    elif args.mode == "threads":
+        result = run_threads(plan, x, timeout=args.timeout)
+    else:
+        raise InputError(f"--mode {args.mode} is not available yet")
+    y = result.output
+    if args.output:
+        np.save(args.output, y.astype(np.float32))
+    print(f"{args.mode}: output {plan.outputs[0]['name']} {list(y.shape)} in {result.seconds:.3f} s"
+          + (f" -> {args.output}" if args.output else ""))
+    if y.ndim == 2:
+        print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
+    if args.stats and result.stats:
+        from runtime.stats import format_stats
+
+        print(format_stats(result.stats))
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siguard", description="Compile ONNX models to 3-party MPC plans with an "
+                                "output guard against membership inference, and run them.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile an ONNX model into a plan directory")
+    c.add_argument("model", help="ONNX file (external data beside it is read too)")
+    c.add_argument("-o", required=True, metavar="PLAN", help="output plan directory")
+    c.add_argument("--batch", type=int, default=1, help="fix a symbolic batch dimension to N (default 1)")
+    c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
+    c.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits (default 16)")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")
+    i.add_argument("plan")
+    i.add_argument("--format", choices=("text", "json", "html", "dot"), default="text")
+    i.add_argument("--out", default=None, help="write to a file instead of stdout")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="run a plan on an input array")
+    r.add_argument("plan")
+    r.add_argument("--input", required=True, help=".npy input (shape as the plan's input)")
+    r.add_argument("--output", default=None, help="write the revealed output to this .npy")
+    r.add_argument("--mode", choices=("reference", "threads", "processes"), default="threads",
+                   help="reference: fixed-point cleartext oracle; threads: three parties in this process")
+    r.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a peer (default 60)")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("SIGUARD_DEBUG"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SiguardError as exc:
+        if debug:
+            raise
+        print(f"siguard: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("siguard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal bug: still one line, with a way to see more
+        if debug:
+            raise
+        print(f"siguard: internal error: {type(exc).__name__}: {exc} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
