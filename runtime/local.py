@@ -55,9 +55,12 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
         a = a.astype(np.float64)
         if not np.all(np.isfinite(a)):
             raise InputError(f"input {name!r} contains NaN or infinite values")
+        # a product of two such values must stay below 2^62 ring units at scale 2f
         limit = MAX_ABS_REAL(plan.frac_bits) / 2**plan.frac_bits
         if a.size and np.abs(a).max() >= limit:
-            raise InputError(f"input {name!r} has magnitude {np.abs(a).max():.3g}, beyond the fixed-point limit {limit:.3g}")
+            raise InputError(
+                f"input {name!r} has magnitude {np.abs(a).max():.3g}, beyond the fixed-point limit {limit:.3g}"
+            )
         out[name] = a
     return out
 
@@ -78,9 +81,37 @@ def run_reference(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray,
 
 def run_threads(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray,
                 weights: dict[str, np.ndarray] | None = None, *, timeout: float = 60.0) -> RunResult:
-    """Execute the plan between three in-process parties (threads) and an in-process client."""
-    raise NotImplementedError  # filled in when the secure engine lands
+    """Execute the plan between three in-process parties (threads) and an in-process client.
 
+    P0 is the model owner's server: it alone reads the weights and secret-shares them. The client
+    secret-shares the inputs and is the only one to receive the output. ``stats`` holds the
+    rounds and bytes every party sent, per step (see :func:`runtime.stats.summarize`)."""
+    from .rss import run_threads as run_parties
+    from .stats import summarize
 
-def _ring(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+    xs = check_inputs(plan, inputs)
+    w = plan.load_weights() if weights is None else weights
+    f = plan.frac_bits
+    ring_inputs = {k: encode(v, f) for k, v in xs.items()}
+
+    def party(engine) -> None:
+        ex = Executor(plan, engine)
+        ex.share_weights(w if engine.party == 0 else None)
+        ex.run(None)
+
+    def client(c) -> dict[str, torch.Tensor]:
+        for spec in plan.inputs:
+            with c.transport.step(f"input:{spec['name']}"):
+                c.share_input(ring_inputs[spec["name"]])
+        out = {}
+        for spec in plan.outputs:
+            with c.transport.step(f"reveal:{spec['name']}"):
+                out[spec["name"]] = c.receive_output(spec["shape"])
+        return out
+
+    t0 = time.perf_counter()
+    _, revealed, per_party = run_parties(party, client, frac_bits=f, timeout=timeout)
+    seconds = time.perf_counter() - t0
+    stats = summarize(per_party, [s["name"] for s in plan.steps])
+    outs = {k: decode(v, f) for k, v in revealed.items()}
+    return RunResult(outs, seconds, stats)

@@ -81,24 +81,49 @@ def prf_words(key: bytes, stream: int, n: int) -> torch.Tensor:
 class WordStream:
     """One AES-128-CTR keystream read forward as int64 words; ``drawn`` counts the words read.
 
-    Two objects built from the same key return identical words for identical sequences of draws.
+    ``words(shape)`` returns keystream words [drawn, drawn + n) whatever the buffering, so two
+    objects built from the same key return identical words for identical sequences of draws.
+    Small draws are served from a pre-generated chunk (one AES call and one tensor per chunk
+    instead of per draw: the protocols draw a few words per round).
     """
 
-    __slots__ = ("_enc", "drawn")
+    __slots__ = ("_enc", "_buf", "_pos", "drawn")
+
+    CHUNK = 4096  # words
 
     def __init__(self, key: bytes):
         if len(key) != KEY_BYTES:
             raise ValueError(f"PRF keys are {KEY_BYTES} bytes, got {len(key)}")
         self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        self._buf = torch.empty(0, dtype=torch.int64)
+        self._pos = 0
         self.drawn = 0
+
+    def _generate(self, n: int) -> torch.Tensor:
+        return _words_from_bytes(self._enc.update(bytes(8 * n)), (n,))
 
     def words(self, shape: Sequence[int]) -> torch.Tensor:
         """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
+        shape = tuple(int(s) for s in shape)
         n = 1
         for s in shape:
-            n *= int(s)
+            n *= s
+        avail = self._buf.numel() - self._pos
+        if n <= avail:
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+        else:
+            rest = self._buf[self._pos :]
+            if n - avail <= self.CHUNK:
+                self._buf, self._pos = self._generate(self.CHUNK), n - avail
+                fresh = self._buf[: n - avail]
+            else:
+                self._buf, self._pos = torch.empty(0, dtype=torch.int64), 0
+                fresh = self._generate(n - avail)
+            out = torch.cat((rest, fresh)) if avail else fresh
         self.drawn += n
-        return _words_from_bytes(self._enc.update(bytes(8 * n)), shape)
+        # Slices of a chunk are never handed out twice, so returning views is safe.
+        return out.view(shape)
 
 
 class PartyKeys:

@@ -1,0 +1,309 @@
+"""Building blocks of the fixed-point approximations in :mod:`runtime.nonlinear`.
+
+Everything here is written against :class:`runtime.engine.Engine` only, so it runs unchanged on the
+plain, secure and cost-counting engines. Three kinds of helpers:
+
+* **Batched primitives** (:func:`msb_many`, :func:`mul_many`, :func:`mul_bit_many`,
+  :func:`trunc_many`): independent operations of one kind are flattened, concatenated and sent
+  through ONE engine call, so they share its rounds, then split back with ``local``.
+* **Polynomials** (:func:`fit_chebyshev`, :func:`eval_poly`): Chebyshev interpolation offline
+  (numpy), evaluation on secrets with the basis T_1..T_d built by doubling -- ceil(log2 d)
+  levels of one ``mul`` + one ``trunc`` each -- and one final truncation.
+* **Step functions of threshold comparisons** (:func:`ge_bits`, :func:`step_function`):
+  [x >= tau_j] for many public tau_j in one ``msb`` call, and any piecewise-constant function of
+  them as a sum of ``mul_bit(public value, bit)`` (one ``mul_bit`` call, 2 rounds).
+
+Scales: a secret "at scale s" holds round(v * 2^s). The engine does not track scales; every
+function here says which scale it takes and returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import reduce
+
+import numpy as np
+import torch
+from numpy.polynomial import Chebyshev, Polynomial
+
+from .engine import Bits, Engine, Secret, Value
+
+__all__ = [
+    "POLY_SCALE",
+    "pack",
+    "unpack",
+    "msb_many",
+    "mul_many",
+    "mul_bit_many",
+    "trunc_many",
+    "ge_bits",
+    "step_function",
+    "fit_chebyshev",
+    "eval_poly",
+    "poly_rounds",
+    "ring_const",
+]
+
+#: Scale of the basis T_j (or t^j) inside :func:`eval_poly`: |T_j| <= 1, so a product of two sits
+#: at scale 60 and twice it stays below 2^62 (the truncation's headroom).
+POLY_SCALE = 30
+
+
+# ---- small utilities ------------------------------------------------------------------------------
+def ring_const(value: float, scale: int) -> torch.Tensor:
+    """round(value * 2^scale) as a 0-dim int64 tensor (exact for |value * 2^scale| < 2^53)."""
+    return torch.tensor(round(value * 2.0**scale), dtype=torch.int64)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(int(s) for s in shape))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def pack(e: Engine, xs: Sequence[Value]) -> tuple[Value, list[torch.Size]]:
+    """Flatten and concatenate values (secret or public) into one 1-D value; returns it with the
+    shapes that :func:`unpack` needs."""
+    shapes = [torch.Size(e.shape(x)) for x in xs]
+    flats = [e.local(_flat, x) for x in xs]
+    return (flats[0] if len(flats) == 1 else e.cat(flats, 0)), shapes
+
+
+def _slicer(start: int, n: int, shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda t: t[start : start + n].reshape(shape)
+
+
+def unpack(e: Engine, y: Value, shapes: Sequence[torch.Size]) -> list[Value]:
+    """Inverse of :func:`pack`."""
+    out, start = [], 0
+    for s in shapes:
+        n = _numel(s)
+        out.append(e.local(_slicer(start, n, s), y))
+        start += n
+    return out
+
+
+def _pack_bits(e: Engine, bs: Sequence[Bits]) -> Bits:
+    flats = [e.bit_local(_flat, b) for b in bs]
+    return flats[0] if len(flats) == 1 else e.bit_cat(flats, 0)
+
+
+def _unpack_bits(e: Engine, b: Bits, shapes: Sequence[torch.Size]) -> list[Bits]:
+    out, start = [], 0
+    for s in shapes:
+        n = _numel(s)
+        out.append(e.bit_local(_slicer(start, n, s), b))
+        start += n
+    return out
+
+
+def _expand(e: Engine, x: Value, shape: torch.Size) -> Value:
+    if torch.Size(e.shape(x)) == shape:
+        return x
+    return e.local(lambda t: t.expand(shape).contiguous(), x)
+
+
+# ---- batched primitives ---------------------------------------------------------------------------
+def msb_many(e: Engine, xs: Sequence[Secret]) -> list[Bits]:
+    """msb of every secret in ``xs`` with ONE ``msb`` call (8 rounds)."""
+    y, shapes = pack(e, xs)
+    return _unpack_bits(e, e.msb(y), shapes)
+
+
+def mul_many(e: Engine, pairs: Sequence[tuple[Value, Value]]) -> list[Secret]:
+    """Products a*b (broadcasting within each pair, no truncation) with ONE ``mul`` call (1 round).
+    Pairs with a public operand are computed locally and do not join the call."""
+    out: list[Secret | None] = [None] * len(pairs)
+    lefts, rights, where = [], [], []
+    for i, (a, b) in enumerate(pairs):
+        if not (e.is_secret(a) and e.is_secret(b)):
+            out[i] = e.mul(a, b)
+            continue
+        shape = torch.broadcast_shapes(e.shape(a), e.shape(b))
+        lefts.append(_expand(e, a, shape))
+        rights.append(_expand(e, b, shape))
+        where.append(i)
+    if lefts:
+        la, shapes = pack(e, lefts)
+        ra, _ = pack(e, rights)
+        for i, v in zip(where, unpack(e, e.mul(la, ra), shapes), strict=True):
+            out[i] = v
+    return out  # type: ignore[return-value]
+
+
+def mul_bit_many(e: Engine, xs: Sequence[Value], bits: Sequence[Bits]) -> list[Secret]:
+    """x_i * b_i for arithmetic x_i (secret or public, broadcast to b_i's shape) and Boolean b_i,
+    with ONE ``mul_bit`` call (2 rounds). No truncation: the result keeps x_i's scale."""
+    shapes = [torch.Size(b.shape) for b in bits]
+    x, _ = pack(e, [_expand(e, x, s) for x, s in zip(xs, shapes, strict=True)])
+    return unpack(e, e.mul_bit(x, _pack_bits(e, bits)), shapes)
+
+
+def trunc_many(e: Engine, xs: Sequence[Secret], bits: int | Sequence[int]) -> list[Secret]:
+    """Truncate every x_i by bits_i with ONE ``trunc`` call (2 rounds). Different shifts are
+    equalised by first multiplying x_i by 2^(max - bits_i) locally: the caller keeps that product
+    below 2^62."""
+    shifts = [int(bits)] * len(xs) if isinstance(bits, int) else [int(b) for b in bits]
+    top = max(shifts)
+    scaled = [x if s == top else e.mul(x, torch.tensor(1 << (top - s))) for x, s in zip(xs, shifts, strict=True)]
+    y, shapes = pack(e, scaled)
+    return unpack(e, e.trunc(y, top), shapes)
+
+
+# ---- threshold comparisons and step functions -----------------------------------------------------
+def ge_bits(e: Engine, x: Secret, thresholds: torch.Tensor) -> Secret:
+    """The differences x - tau_j, stacked on a new leading axis (shape (m, *x.shape)), for one
+    ``msb`` call: [x >= tau_j] = NOT msb(x - tau_j). ``thresholds`` are ring values at x's scale.
+
+    Returns the difference secret; pass it (with others) to :func:`msb_many`, then ``bit_not``."""
+    m = int(thresholds.numel())
+    shape = torch.Size(e.shape(x))
+    stacked = e.local(lambda t: t.unsqueeze(0).expand((m, *shape)).contiguous(), x)
+    return e.sub(stacked, thresholds.reshape((m,) + (1,) * len(shape)))
+
+
+def step_function(
+    e: Engine, bits: Bits, values: Sequence[torch.Tensor], extra: Sequence[tuple[Value, Bits]] = ()
+) -> tuple[list[Secret], list[Secret]]:
+    """Piecewise-constant public functions of thermometer bits b_j = [x >= tau_j] (tau increasing).
+
+    Each ``values`` entry v (int64 ring values, shape (m + 1,)) defines v[0] below tau_1, v[j] on
+    [tau_j, tau_{j+1}) and v[m] above tau_m, computed as v[0] + sum_j (v[j] - v[j-1]) * b_j. All of
+    them and the ``extra`` (x, bit) products share ONE ``mul_bit`` call (2 rounds). ``bits`` has
+    shape (m, *shape). Returns (one secret of ``shape`` per values entry, the extra products)."""
+    m = int(bits.shape[0])
+    tail = tuple(bits.shape[1:])
+    xs: list[Value] = []
+    for v in values:
+        deltas = (v[1:] - v[:-1]).reshape((m,) + (1,) * len(tail))
+        xs.append(deltas.expand((m, *tail)).contiguous())
+    products = mul_bit_many(e, xs + [x for x, _ in extra], [bits] * len(values) + [b for _, b in extra])
+    totals = [e.add(e.local(lambda t: t.sum(dim=0), p), v[0]) for p, v in zip(products, values, strict=False)]
+    return totals, products[len(values) :]
+
+
+# ---- polynomials ----------------------------------------------------------------------------------
+def fit_chebyshev(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, degree: int) -> np.ndarray:
+    """Chebyshev interpolation coefficients c_0..c_degree of ``fn`` on [lo, hi], in the variable
+    t = (2x - lo - hi) / (hi - lo) in [-1, 1] (numpy ``Chebyshev.interpolate``). Coefficients below
+    1e-13 of the largest are set to 0 (an odd function then has exactly zero even terms, which
+    :func:`eval_poly` skips)."""
+    if not hi > lo:
+        raise ValueError(f"empty interval [{lo}, {hi}]")
+    coef = Chebyshev.interpolate(fn, int(degree), domain=[lo, hi]).coef.astype(np.float64)
+    coef[np.abs(coef) < 1e-13 * np.abs(coef).max()] = 0.0
+    return coef
+
+
+def poly_rounds(degree: int) -> int:
+    """Rounds of :func:`eval_poly` for a polynomial of this degree: 3 per doubling level + 2."""
+    return 3 * max(0, math.ceil(math.log2(degree))) + 2 if degree > 1 else 2
+
+
+def _needed(nonzero: set[int], basis: str) -> set[int]:
+    """Basis indices to compute: the nonzero terms and, recursively, what the doubling formulas
+    T_{m+j} = 2 T_m T_j - T_{m-j} (or t^{m+j} = t^m t^j) need, m the largest power of two < index."""
+    need: set[int] = set()
+    stack = list(nonzero)
+    while stack:
+        k = stack.pop()
+        if k in need:
+            continue
+        need.add(k)
+        if k > 1:
+            m = 1 << ((k - 1).bit_length() - 1)
+            deps = (m, k - m, 2 * m - k) if basis == "chebyshev" else (m, k - m)
+            stack.extend(d for d in deps if d >= 1)
+    return need
+
+
+def eval_poly(
+    e: Engine,
+    x: Secret,
+    coeffs: Sequence[float] | np.ndarray,
+    lo: float,
+    hi: float,
+    basis: str = "chebyshev",
+    x_scale: int | None = None,
+    out_scale: int | None = None,
+) -> Secret:
+    """p(t) = sum_j c_j B_j(t), t = (2x - lo - hi) / (hi - lo), B_j = T_j ("chebyshev") or t^j ("power").
+
+    ``x`` (at ``x_scale``, default f) MUST lie in [lo, hi] (callers clip first): outside, the
+    basis grows without bound and wraps. Returns p at ``out_scale`` (default f).
+
+    Fixed point: t = x * A + B is formed exactly at scale :data:`POLY_SCALE` (30) by a local
+    product with the integer A = floor(a * 2^(30 - x_scale)), a = 2 / (hi - lo); the series is
+    re-expanded (numpy composition) for the encoded map, so the map itself adds no error. The basis
+    is built by doubling: level L computes T_{m+1..2m} (m = 2^(L-1)) from T_1..T_m as
+    2 T_m T_j - T_{m-j}, all products of the level in ONE ``mul``, ONE ``trunc`` by 30. Only basis
+    terms that a nonzero coefficient needs are computed. Coefficients are public integers at a
+    scale chosen to keep sum |c_j| * 2^(30 + scale) < 2^61; one final ``trunc``. Chebyshev
+    coefficients stay O(1) (no monomial blow-up, which is why "chebyshev" is the default basis).
+
+    Cost: ceil(log2 d) levels x (mul 1 + trunc 2) + final trunc 2 = :func:`poly_rounds` (d) rounds.
+    """
+    f = e.frac_bits
+    xs = f if x_scale is None else int(x_scale)
+    os_ = f if out_scale is None else int(out_scale)
+    big = POLY_SCALE
+    if xs > big:
+        raise ValueError(f"x_scale {xs} above the polynomial scale {big}")
+    series_cls = {"chebyshev": Chebyshev, "power": Polynomial}[basis]
+    coef = np.asarray(coeffs, dtype=np.float64)
+    a = 2.0 / (hi - lo)
+    mid = 0.5 * (lo + hi)
+    a_int = math.floor(a * 2.0 ** (big - xs))
+    if a_int < 1:
+        raise ValueError(f"interval [{lo}, {hi}] too wide for x at scale {xs}")
+    b_int = -round(a_int * mid * 2.0**xs)
+    # The encoded map t' = (x_ring * A + B) / 2^30 = a' x + b'. The fitted variable is u = a (x - mid)
+    # = alpha t' + beta: re-expand p(u) as a series in t' (exact polynomial identity).
+    a_enc, b_enc = a_int / 2.0 ** (big - xs), b_int / 2.0**big
+    alpha = a / a_enc
+    beta = -a * (b_enc / a_enc + mid)
+    coef = series_cls(coef)(series_cls([beta, alpha])).coef
+    degree = len(coef) - 1
+    while degree > 0 and coef[degree] == 0.0:
+        degree -= 1
+    scale_max = 1e-13 * np.abs(coef).max()
+    nonzero = {j for j in range(1, degree + 1) if abs(coef[j]) > scale_max}
+
+    basis_vals: dict[int, Secret] = {}
+    if nonzero:
+        basis_vals[1] = e.add(e.mul(x, torch.tensor(a_int)), torch.tensor(b_int))
+    need = _needed(nonzero, basis)
+    one = 1 << big  # T_0 = t^0 = 1 at scale 30
+    m = 1
+    while m < degree:
+        targets = [m + j for j in range(1, m + 1) if m + j in need]
+        if targets:
+            prods = mul_many(e, [(basis_vals[m], basis_vals[k - m]) for k in targets])
+            pre = []
+            for k, p in zip(targets, prods, strict=True):
+                if basis == "chebyshev":
+                    low = 2 * m - k  # T_{m-j}
+                    low_term = one << big if low == 0 else e.mul(basis_vals[low], torch.tensor(one))
+                    pre.append(e.sub(e.mul(p, torch.tensor(2)), low_term))
+                else:
+                    pre.append(p)
+            for k, v in zip(targets, trunc_many(e, pre, big), strict=True):
+                basis_vals[k] = v
+        m *= 2
+
+    total_abs = float(np.abs(coef).sum()) or 1.0
+    c_scale = min(61 - big - math.ceil(math.log2(total_abs) + 1e-12) - 1, 40)
+    shift = big + c_scale - os_
+    if shift < 0:
+        raise ValueError("output scale too large for the coefficient scale")
+    c_ring = [round(float(c) * 2.0**c_scale) for c in coef]
+    terms = [e.mul(basis_vals[j], torch.tensor(c_ring[j])) for j in sorted(nonzero)]
+    const = torch.tensor(c_ring[0] << big)
+    if not terms:  # a constant polynomial: public, but callers expect a secret of x's shape
+        return e.add(e.mul(x, torch.tensor(0)), torch.tensor(round(float(coef[0]) * 2.0**os_)))
+    acc = reduce(e.add, terms)
+    half = (1 << (shift - 1)) if shift else 0  # round to nearest instead of flooring
+    return e.trunc(e.add(acc, const + half), shift)

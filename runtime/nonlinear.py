@@ -1,0 +1,1195 @@
+"""Nonlinear functions on secrets, written once against :class:`runtime.engine.Engine`.
+
+Every function takes and returns secrets at the engine's fixed-point scale f (``e.frac_bits``,
+16 by default) unless it says otherwise, calls only the Engine interface (so the plain, secure and
+cost engines run the same code) and batches independent work into one primitive call per round
+(see :mod:`runtime.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
+mul_bit 2, b2a 2; local operations are free. "ulp" = 2^-f. Errors were measured with the plain
+engine (floor truncation) at f = 16 against float64 references evaluated at the encoded inputs;
+the secure engine's truncation may add 1 ulp per truncation on top.
+
+The registry :data:`IMPLEMENTATIONS` maps ``op -> impl name -> callable(e, *inputs, **attrs)``
+(IR attribute names from :mod:`compiler.ops`; optional tuning keywords such as ``lo``/``hi``
+ranges are accepted too); :data:`DESCRIPTIONS` has one line per implementation. Parameterised
+families ("limit<n>", "newton<k>", "chebyshev<d>") are registered for common values and any other
+value resolves through :func:`get_implementation`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.special import erf as _erf_np
+from scipy.special import expit as _expit_np
+from scipy.special import ndtr as _ndtr_np
+
+from .approx import (
+    eval_poly,
+    fit_chebyshev,
+    ge_bits,
+    msb_many,
+    mul_bit_many,
+    mul_many,
+    poly_rounds,
+    ring_const,
+    step_function,
+    trunc_many,
+)
+from .engine import Bits, Engine, Secret
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "DESCRIPTIONS",
+    "PAD_VALUE",
+    "get_implementation",
+    "relu",
+    "leaky_relu",
+    "prelu",
+    "clip",
+    "hard_sigmoid",
+    "maxpool2d",
+    "reduce_max",
+    "argmax_onehot",
+    "max_and_argmax",
+    "exp",
+    "exp_limit",
+    "exp_steps",
+    "reciprocal",
+    "rsqrt",
+    "sqrt",
+    "log",
+    "softmax",
+    "log_softmax",
+    "sigmoid",
+    "tanh",
+    "erf",
+    "gelu",
+    "softplus",
+    "layer_norm",
+    "lrn",
+    "fit_chebyshev",
+    "eval_poly",
+]
+
+LN2 = math.log(2.0)
+
+#: Public padding value for max pooling and argmax trees (ring units): very negative, yet any
+#: difference with a value |x| < 2^61 stays inside the signed range the comparison needs.
+PAD_VALUE = -(2**61)
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+def _t(v: int) -> torch.Tensor:
+    """A public ring integer as a 0-dim tensor."""
+    return torch.tensor(int(v), dtype=torch.int64)
+
+
+def _rtrunc(e: Engine, x: Secret, bits: int) -> Secret:
+    """trunc(x, bits) rounding to nearest (adds half an output ulp first; free)."""
+    return e.trunc(e.add(x, _t(1 << (bits - 1))), bits) if bits > 0 else x
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for rank {ndim}")
+    return axis % ndim
+
+
+def _clip_ring(e: Engine, x: Secret, lo: int | None, hi: int | None) -> Secret:
+    """min(max(x, lo), hi) for public ring bounds (either may be None): both comparisons in ONE
+    msb call, both corrections in ONE mul_bit call. 10 rounds. Exact."""
+    diffs, terms = [], []
+    if lo is not None:
+        diffs.append(e.sub(x, _t(lo)))  # msb = [x < lo]
+        terms.append(e.sub(_t(lo), x))
+    if hi is not None:
+        diffs.append(e.sub(_t(hi), x))  # msb = [x > hi]
+        terms.append(e.sub(_t(hi), x))
+    if not diffs:
+        return x
+    bits = msb_many(e, diffs)
+    for p in mul_bit_many(e, terms, bits):
+        x = e.add(x, p)
+    return x
+
+
+def _sign_split(
+    e: Engine, x: Secret, bound: int | None, want_sign: bool = False
+) -> tuple[Secret, Secret, Secret | None]:
+    """(min(|x|, bound), relu(x), [x < 0] as arithmetic 0/1 if ``want_sign``) with ONE msb call on
+    (x, bound - x, x + bound) and ONE mul_bit call. 10 rounds. Exact. ``bound`` is a ring value at
+    x's scale (None: no clipping)."""
+    diffs = [x]
+    if bound is not None:
+        diffs += [e.sub(_t(bound), x), e.add(x, _t(bound))]
+    bits = msb_many(e, diffs)
+    terms: list[Any] = [x]
+    bs: list[Bits] = [bits[0]]
+    if bound is not None:
+        terms += [e.sub(_t(bound), x), e.add(x, _t(bound))]
+        bs += [bits[1], bits[2]]
+    if want_sign:
+        terms.append(_t(1))
+        bs.append(bits[0])
+    prods = mul_bit_many(e, terms, bs)
+    x_neg = prods[0]  # x * [x < 0]
+    relu_x = e.sub(x, x_neg)
+    a = e.sub(x, e.mul(x_neg, _t(2)))  # |x|
+    if bound is not None:
+        a = e.add(e.add(a, prods[1]), prods[2])
+    return a, relu_x, (prods[-1] if want_sign else None)
+
+
+# ---- ReLU family, clip ----------------------------------------------------------------------------
+def relu(e: Engine, x: Secret) -> Secret:
+    """max(x, 0) = x * NOT msb(x). Exact (DReLU(0) = 1). Any scale. Cost: msb 8 + mul_bit 2 = 10 rounds."""
+    return e.mul_bit(x, e.bit_not(e.msb(x)))
+
+
+def leaky_relu(e: Engine, x: Secret, alpha: float = 0.01) -> Secret:
+    """x if x >= 0 else alpha * x, as trunc(x * A + (x * (2^f - A)) * [x >= 0], f), A = enc(alpha).
+
+    Exact for x >= 0; for x < 0 the result is alpha * x rounded to the nearest ulp after encoding
+    alpha (|error| <= 0.5 ulp + |x| * 2^-(f+1)). Cost: msb 8 + mul_bit 2 + trunc 2 = 12 rounds."""
+    f = e.frac_bits
+    a_int = int(ring_const(alpha, f))
+    pos = e.bit_not(e.msb(x))
+    y = e.add(e.mul(x, _t(a_int)), e.mul_bit(e.mul(x, _t((1 << f) - a_int)), pos))
+    return _rtrunc(e, y, f)
+
+
+def prelu(e: Engine, x: Secret, slope: Any) -> Secret:
+    """x if x >= 0 else slope * x, with a per-channel ``slope`` (secret at scale f, or a public
+    ring tensor at scale f) broadcastable to x (ONNX PReLU).
+
+    r = relu(x) exactly, then y = r + trunc(slope * (x - r)). Exact for x >= 0 (plain engine);
+    |error| <= 0.5 ulp for x < 0. Cost: msb 8 + mul_bit 2 + mul 1 + trunc 2 = 13 rounds
+    (11 with a public slope)."""
+    r = relu(e, x)
+    neg = e.sub(x, r)
+    return e.add(r, _rtrunc(e, e.mul(neg, slope), e.frac_bits))
+
+
+def clip(e: Engine, x: Secret, min: float | None = None, max: float | None = None) -> Secret:  # noqa: A002
+    """min(max(x, min), max) for public real bounds (either may be None), encoded at scale f.
+
+    Exact. Both comparisons share ONE msb call: 10 rounds (0 if both bounds are None)."""
+    f = e.frac_bits
+    lo = None if min is None else int(ring_const(min, f))
+    hi = None if max is None else int(ring_const(max, f))
+    return _clip_ring(e, x, lo, hi)
+
+
+def hard_sigmoid(e: Engine, x: Secret, alpha: float = 0.2, beta: float = 0.5) -> Secret:
+    """max(0, min(1, alpha * x + beta)): the public affine map (one rounding truncation), then an
+    exact clip to [0, 1]. |error| <= 0.5 ulp + |x| * 2^-(f+1) (encoding of alpha); outputs are
+    exactly 0 and 1 where saturated. Cost: trunc 2 + clip 10 = 12 rounds."""
+    f = e.frac_bits
+    y = e.add(e.mul(x, ring_const(alpha, f)), _t(int(ring_const(beta, f)) << f))
+    return _clip_ring(e, _rtrunc(e, y, f), 0, 1 << f)
+
+
+# ---- max, max pooling, argmax ---------------------------------------------------------------------
+def _tree_max(e: Engine, v: Secret) -> Secret:
+    """Maximum over axis 0 of ``v`` (shape (k, *rest)) by a tree: ceil(log2 k) levels, each ONE
+    msb of (a - b) for all adjacent pairs and ONE mul_bit selecting a + (b - a) [a < b]. An odd
+    element is carried to the next level. 10 rounds per level. Returns shape ``rest``."""
+    k = int(v.shape[0])
+    while k > 1:
+        p = k // 2
+        a = e.local(lambda t, p=p: t[0 : 2 * p : 2], v)
+        b = e.local(lambda t, p=p: t[1 : 2 * p : 2], v)
+        diff = e.sub(b, a)
+        top = e.add(a, e.mul_bit(diff, e.msb(e.neg(diff))))
+        v = e.cat([top, e.local(lambda t, p=p: t[2 * p :], v)], 0) if k % 2 else top
+        k = p + k % 2
+    return e.local(lambda t: t[0], v)
+
+
+def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
+    """(max, one-hot) over axis 0 of ``v`` (shape (k, *rest)); the one-hot (shape (k, *rest)) has
+    2^scale at the first maximal position and 0 elsewhere.
+
+    k is padded to a power of two with :data:`PAD_VALUE` so every level pairs equal-length,
+    contiguous groups (a before b); each group carries its one-hot of length L. Per level: ONE msb
+    of a - b, ONE mul_bit selecting the value and both halves of the new one-hot
+    [mask_a * (1 - c), mask_b * c] with c = [a < b] (ties keep a, i.e. the first index).
+    10 rounds per level, ceil(log2 k) levels."""
+    k = int(v.shape[0])
+    rest = tuple(v.shape[1:])
+    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    if kp > k:
+        v = e.local(lambda t: torch.cat([t, torch.zeros((kp - k, *rest), dtype=t.dtype, device=t.device)], 0), v)
+        pad = torch.zeros((kp, *rest), dtype=torch.int64)
+        pad[k:] = PAD_VALUE
+        v = e.add(v, pad)
+    masks: Any = torch.full((kp, 1, *rest), 1 << scale, dtype=torch.int64)
+    length = 1
+    while kp > 1:
+        h = kp // 2
+        a = e.local(lambda t: t[0::2], v)
+        b = e.local(lambda t: t[1::2], v)
+        ma = e.local(lambda t: t[0::2], masks)
+        mb = e.local(lambda t: t[1::2], masks)
+        diff = e.sub(b, a)
+        c = e.msb(e.neg(diff))  # [a < b]
+        c_wide = e.bit_local(lambda t, h=h, n=length: t.unsqueeze(1).expand((h, n, *rest)).contiguous(), c)
+        sel, pa, pb = mul_bit_many(e, [diff, ma, mb], [c, c_wide, c_wide])
+        v = e.add(a, sel)
+        masks = e.cat([e.sub(ma, pa), pb], 1)
+        kp, length = h, 2 * length
+    top = e.local(lambda t: t[0], v)
+    onehot = e.local(lambda t: t[0, :k], masks)
+    return top, onehot
+
+
+def reduce_max(e: Engine, x: Secret, axis: int = -1, keepdims: bool = False) -> Secret:
+    """Maximum along ``axis``, exact, by a comparison tree. Values must satisfy |x| < 2^62 ring
+    units (differences must not wrap). Cost: 10 * ceil(log2 k) rounds for k = x.shape[axis]."""
+    ax = _norm_axis(axis, len(x.shape))
+    m = _tree_max(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x))
+    return e.local(lambda t: t.unsqueeze(ax), m) if keepdims else m
+
+
+def max_and_argmax(e: Engine, x: Secret, axis: int = -1, scale: int | None = None) -> tuple[Secret, Secret]:
+    """(max along ``axis`` with keepdims, one-hot of the first argmax with x's shape at ``scale``
+    (default f; 0 gives integers 0/1)). Exact; ties go to the first index. Values must satisfy
+    |x| < 2^61 ring units. Cost: 10 * ceil(log2 k) rounds."""
+    ax = _norm_axis(axis, len(x.shape))
+    sc = e.frac_bits if scale is None else int(scale)
+    top, onehot = _tree_argmax(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x), sc)
+    return e.local(lambda t: t.unsqueeze(ax), top), e.local(lambda t: t.movedim(0, ax).contiguous(), onehot)
+
+
+def argmax_onehot(e: Engine, x: Secret, axis: int = -1, scale: int | None = None) -> Secret:
+    """One-hot (arithmetic, value 2^scale, default scale f) of the first maximum along ``axis``;
+    see :func:`max_and_argmax`. Cost: 10 * ceil(log2 k) rounds."""
+    return max_and_argmax(e, x, axis, scale)[1]
+
+
+def maxpool2d(
+    e: Engine,
+    x: Secret,
+    kernel: Sequence[int],
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+) -> Secret:
+    """2-D max pooling of x (N, C, H, W); pads = (top, left, bottom, right) filled with the public
+    :data:`PAD_VALUE`; output (N, C, OH, OW) with OH = (H + top + bottom - dh (kh - 1) - 1) // sh + 1.
+
+    The k = kh * kw window elements are gathered share-wise by strided slices (one ``local``), then
+    reduced by :func:`_tree_max`. Exact (|x| < 2^61 ring units). Cost: 10 * ceil(log2 k) rounds
+    (2x2: 20, 3x3: 40)."""
+    kh, kw = (int(k) for k in kernel)
+    sh, sw = (int(s) for s in (strides if strides is not None else (1, 1)))
+    dh, dw = (int(d) for d in dilations)
+    top, left, bottom, right = (int(p) for p in pads)
+    n, c, h, w = (int(s) for s in x.shape)
+    hp, wp = h + top + bottom, w + left + right
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"maxpool window {kernel} does not fit the padded input {hp}x{wp}")
+    if top or left or bottom or right:
+        x = e.local(lambda t: F.pad(t, (left, right, top, bottom)), x)
+        fill = torch.full((hp, wp), PAD_VALUE, dtype=torch.int64)
+        fill[top : top + h, left : left + w] = 0
+        x = e.add(x, fill)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        parts = [
+            t[:, :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        return torch.stack(parts, 0)
+
+    return _tree_max(e, e.local(windows, x))
+
+
+# ---- exp ------------------------------------------------------------------------------------------
+def _exp_hi_default(f: int) -> float:
+    """Largest x whose e^x keeps the last squaring's product e^(2x) 2^(2f) below 2^60."""
+    return max(0, 60 - 2 * f) * LN2
+
+
+def exp_limit(e: Engine, x: Secret, iterations: int = 8, saturate: bool = True, hi: float | None = None) -> Secret:
+    """e^x by the limit method (1 + x / 2^n)^(2^n), n = ``iterations``.
+
+    The 1/2^n is free: x at scale f *is* x / 2^n at scale f + n, so the base is x + 2^(f+n).
+    Domain: -2^n <= x <= hi (hi default (60 - 2f) ln 2 = 19.4 at f = 16, the overflow limit;
+    below -2^n the base is negative and the power is garbage). With ``saturate`` (default) the
+    base is first clipped to [0, 1 + hi / 2^n] (one msb for both bounds): x < -2^n gives exactly
+    0, x > hi gives e^hi. Without it the caller guarantees the domain (softmax: x = logit - max
+    in [-2^n, 0], hi = 0).
+
+    Fixed point: the i-th square y_i = e^(x / 2^(n-i)) is kept at the largest scale (<= 30) its
+    bound e^(hi / 2^(n-i)) allows, so for hi <= 0 the squarings are essentially exact and only
+    the method's own error remains: about e^x x^2 / 2^(n+1) (e^x underestimated).
+    Measured max |error| (f = 16) on [-16, 0]: n = 4: 1.6e-2, n = 8: 1.1e-3, n = 10: 2.7e-4
+    (with hi = 0); relative 3.3e-2 on [0, 4] for n = 8 with the default hi.
+    Cost: n x (mul 1 + trunc 2) = 3n rounds (+10 with ``saturate``). n = 8: 24 (34)."""
+    f = e.frac_bits
+    n = int(iterations)
+    top = _exp_hi_default(f) if hi is None else float(hi)
+    base = e.add(x, _t(1 << (f + n)))  # 1 + x / 2^n at scale f + n
+    if saturate:
+        base = _clip_ring(e, base, 0, int(ring_const(1.0 + top / 2**n, f + n)))
+    # scale of y_i: y_{i+1} = y_i^2 <= e^(top / 2^(n-i-1)) must fit at twice that scale
+    log_bound = [max(0.0, top / 2 ** (n - i) / LN2) for i in range(n + 1)]
+    scales = [f + n] + [max(f, min(30, math.floor((60 - log_bound[i + 1]) / 2))) for i in range(1, n)] + [f]
+    y = base
+    for i in range(n):
+        y = _rtrunc(e, e.mul(y, y), 2 * scales[i] - scales[i + 1])
+    return y
+
+
+@functools.lru_cache(maxsize=64)
+def _exp_poly(width: float, degree: int) -> np.ndarray:
+    return fit_chebyshev(np.exp, 0.0, width, degree)
+
+
+def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = None, degree: int = 4) -> Secret:
+    """e^x by range reduction with threshold comparisons (the Aly-Smart 2^x idea without A2B).
+
+    Grid tau_k = enc(k ln 2) for k = K_lo..K_hi (K_lo = ceil(lo / ln 2), K_hi = floor(hi / ln 2);
+    defaults lo = -f ln 2, where e^x falls below one ulp, and hi = (60 - 2f) ln 2). ONE msb call
+    gives all b_k = [x >= tau_k] (the integer part as a thermometer code); ONE mul_bit call gives
+    the step values S = e^(tau_k) (exactly the encoded grid point, so no ln 2 rounding error), the
+    grid point tau_k itself and the clip corrections; r = x_c - tau_k in [0, ln 2] exactly;
+    e^r by a degree-``degree`` Chebyshev polynomial; e^x = S * e^r.
+
+    Saturation: x < tau_{K_lo} gives exactly 0 (S = 0), x > tau_{K_hi} gives e^(tau_{K_hi}).
+    Measured max |error| at f = 16, degree 4, on [-12, 0]: 1.7e-5 (about 1 ulp); relative 1e-5 up
+    to e^10. Bytes grow with the number of grid points (K_hi - K_lo + 1).
+    Cost: msb 8 + mul_bit 2 + polynomial (3 ceil(log2 d) + 2) + mul 1 + trunc 2 = 21 rounds (d = 4)."""
+    f = e.frac_bits
+    lo = -f * LN2 if lo is None else float(lo)
+    hi = _exp_hi_default(f) if hi is None else float(hi)
+    k_lo, k_hi = math.ceil(lo / LN2 - 1e-9), math.floor(hi / LN2 + 1e-9)
+    if k_hi < k_lo:
+        raise ValueError(f"exp range [{lo}, {hi}] holds no multiple of ln 2")
+    ks = torch.arange(k_lo, k_hi + 1, dtype=torch.float64)
+    tau = torch.round(ks * LN2 * 2.0**f).to(torch.int64)
+    tau_real = tau.to(torch.float64) / 2.0**f
+    s_scale = max(f, min(40, 59 - f - max(0, math.ceil(float(tau_real[-1]) / LN2))))
+    s_vals = torch.cat(
+        [torch.zeros(1, dtype=torch.int64), torch.round(torch.exp(tau_real) * 2.0**s_scale).to(torch.int64)]
+    )
+    t_vals = torch.cat([tau[:1], tau])
+    (neg,) = msb_many(e, [ge_bits(e, x, tau)])
+    ge = e.bit_not(neg)
+    below = e.bit_local(lambda t: t[0], neg)  # [x < tau_lo]
+    above = e.bit_local(lambda t: t[-1], ge)  # [x >= tau_hi]
+    (s, grid), (p_lo, p_hi) = step_function(
+        e, ge, [s_vals, t_vals], [(e.sub(tau[0], x), below), (e.sub(tau[-1], x), above)]
+    )
+    r = e.sub(e.add(e.add(x, p_lo), p_hi), grid)
+    width = float((tau[1:] - tau[:-1]).max()) / 2.0**f if len(tau) > 1 else LN2
+    poly = eval_poly(e, r, _exp_poly(width, int(degree)), 0.0, width)
+    return _rtrunc(e, e.mul(s, poly), s_scale)
+
+
+def exp(e: Engine, x: Secret, impl: str = "limit8", **params: Any) -> Secret:
+    """e^x. ``impl``: "limit<n>" (:func:`exp_limit`, saturating, 3n + 10 rounds) or "exp2"
+    (:func:`exp_steps`, 21 rounds, about 1 ulp)."""
+    if impl == "exp2":
+        return exp_steps(e, x, **params)
+    n = _impl_number(impl, "limit", "exp")
+    return exp_limit(e, x, iterations=n, **params)
+
+
+# ---- reciprocal, inverse square root, sqrt, log ---------------------------------------------------
+def _impl_number(impl: str, family: str, op: str) -> int:
+    m = re.fullmatch(rf"{family}(\d+)", impl)
+    if not m:
+        raise KeyError(f"unknown {op} implementation {impl!r}")
+    return int(m.group(1))
+
+
+def _iterations_for(eps: float, target: float, step: Callable[[float], float], cap: int = 20) -> int:
+    k = 0
+    while eps > target and k < cap:
+        eps = step(eps)
+        k += 1
+    return k
+
+
+def _recip_linear(lo: float, hi: float) -> tuple[float, float, float]:
+    """(alpha, beta, eps) of the minimax-relative linear guess y0 = alpha - beta x for 1/x on
+    [lo, hi]: x y0 ranges over [1 - eps, 1 + eps]."""
+    beta = 8.0 / ((lo + hi) ** 2 + 4.0 * lo * hi)
+    return beta * (lo + hi), beta, 1.0 - beta * lo * hi
+
+
+def _rsqrt_linear(lo: float, hi: float) -> tuple[float, float, float]:
+    """(alpha, beta, eps) of a linear guess for x^-1/2 on [lo, hi]: the chord through the end
+    points scaled so that x y0^2 spans [1 - eps, 1 + eps]."""
+    if hi <= lo:
+        return 1.0 / math.sqrt(lo), 0.0, 0.0
+    slope = (hi**-0.5 - lo**-0.5) / (hi - lo)
+    grid = np.linspace(lo, hi, 4097)
+    chord = lo**-0.5 + slope * (grid - lo)
+    top = float((grid * chord**2).max())
+    c = math.sqrt(2.0 / (1.0 + top))
+    return c * (lo**-0.5 - slope * lo), -c * slope, (top - 1.0) / (top + 1.0)
+
+
+def _power_grid(lo: float, hi: float, f: int) -> tuple[int, int]:
+    """Exponents (j_lo, j_hi) of power-of-two intervals [2^j, 2^(j+1)) covering [lo, hi]."""
+    j_lo = max(-f, math.floor(math.log2(lo)))
+    j_hi = max(j_lo, math.ceil(math.log2(hi)) - 1)
+    return j_lo, j_hi
+
+
+def _steps_guess(
+    e: Engine, x: Secret, lo: float, hi: float, power: float, scale: int, zero_value: float | None = None
+) -> tuple[Secret, Bits | None]:
+    """Guess c 2^(-power j) for x in [2^j, 2^(j+1)) (c = (2/3)^power: relative error 1/3 of the
+    target x^-power), at ``scale``. One msb + one mul_bit = 10 rounds (none for one interval).
+    With ``zero_value`` an extra lowest threshold of one ulp gives that value to x <= 0; the bit
+    [x >= 1 ulp] is returned second."""
+    f = e.frac_bits
+    j_lo, j_hi = _power_grid(lo, hi, f)
+    js = list(range(j_lo, j_hi + 1))
+    c = (2.0 / 3.0) ** power
+    vals = [c * 2.0 ** (-power * j) for j in js]
+    taus = [2.0**j for j in js[1:]]
+    if zero_value is not None:
+        vals = [zero_value] + vals
+        taus = [2.0**-f] + taus
+    values = torch.tensor([round(v * 2.0**scale) for v in vals], dtype=torch.int64)
+    if not taus:
+        return e.add(e.mul(x, _t(0)), values[0]), None
+    tau = torch.tensor([round(t * 2.0**f) for t in taus], dtype=torch.int64)
+    (neg,) = msb_many(e, [ge_bits(e, x, tau)])
+    ge = e.bit_not(neg)
+    (y,), _ = step_function(e, ge, [values])
+    return y, (e.bit_local(lambda t: t[0], ge) if zero_value is not None else None)
+
+
+def _pick_guess(guess: str, eps_lin: float, eps_steps: float, target: float, step: Callable[[float], float]) -> str:
+    if guess != "auto":
+        return guess
+    lin = 2 + 6 * _iterations_for(eps_lin, target, step)
+    stp = 10 + 6 * _iterations_for(eps_steps, target, step)
+    return "linear" if lin <= stp else "steps"
+
+
+def _recip_newton(
+    e: Engine,
+    x: Secret,
+    lo: float | None,
+    hi: float | None,
+    guess: str = "auto",
+    iterations: int | None = None,
+    out_scale: int | None = None,
+) -> tuple[Secret, int]:
+    """1/x by Newton-Raphson y <- y (2 - x y), y kept at an internal scale fy <= 30 chosen from the
+    range for headroom. Returns (y, its scale): ``out_scale`` if given (folded into the last
+    truncation), else fy. Each iteration: mul 1 + trunc 2 + mul 1 + trunc 2 = 6 rounds."""
+    f = e.frac_bits
+    target = 2.0**-f
+    square = lambda v: v * v  # noqa: E731 - the relative error squares each step
+    if guess == "auto":
+        if lo is None or hi is None:
+            guess = "exp"
+        else:
+            guess = _pick_guess(guess, _recip_linear(lo, hi)[2], 1.0 / 3.0, target, square)
+    if guess == "exp":
+        lo_eff = 2.0**-8 if lo is None else lo
+        eps0 = 1.0
+    elif lo is None or hi is None:
+        raise ValueError(f"guess {guess!r} needs a range (lo, hi)")
+    else:
+        lo_eff = lo
+        eps0 = _recip_linear(lo, hi)[2] if guess == "linear" else 1.0 / 3.0
+    k = _iterations_for(eps0, target, square) if iterations is None else int(iterations)
+    y_max = 2.0 / lo_eff if guess != "exp" else max(8.2, 1.0 / lo_eff)
+    fy = max(f, min(30, math.floor((60 - math.log2(2.0 * y_max)) / 2)))
+    if guess == "linear":
+        alpha, beta, _ = _recip_linear(float(lo), float(hi))  # type: ignore[arg-type]
+        y2 = e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy)))
+        y = _rtrunc(e, y2, f)
+    elif guess == "steps":
+        y, _ = _steps_guess(e, x, float(lo), float(hi), 1.0, fy)  # type: ignore[arg-type]
+    elif guess == "exp":  # CrypTen: 3 exp(1 - 2x) + 0.003 (exp by the limit method, 8 iterations)
+        u = exp_limit(e, e.sub(_t(1 << f), e.mul(x, _t(2))), 8, saturate=False, hi=1.0)
+        y = e.mul(e.add(e.mul(u, _t(3)), ring_const(0.003, f)), _t(1 << (fy - f)))
+    else:
+        raise ValueError(f"unknown reciprocal guess {guess!r}")
+    out = fy if out_scale is None else int(out_scale)
+    if k == 0:
+        return (_rtrunc(e, y, fy - out) if fy > out else y), out
+    for i in range(k):
+        p = _rtrunc(e, e.mul(x, y), f)  # x y at scale fy
+        d = e.sub(_t(2 << fy), p)
+        y = _rtrunc(e, e.mul(y, d), fy + (fy - out if i == k - 1 else 0))
+    return y, out
+
+
+def reciprocal(
+    e: Engine,
+    x: Secret,
+    impl: str = "newton10",
+    lo: float | None = None,
+    hi: float | None = None,
+    guess: str = "auto",
+) -> Secret:
+    """1/x for x > 0 (x <= 0 is outside the domain: garbage), "newton<k>": k Newton-Raphson
+    iterations y <- y (2 - x y).
+
+    Initial guess (``guess``): "exp" = CrypTen's 3 exp(1 - 2x) + 0.003 (limit method, 8
+    iterations; valid for x in about [2^-8, 100] -- the limit method breaks down for 1 - 2x <
+    -256); "linear" = minimax-relative alpha - beta x on [lo, hi] (relative error
+    eps = 1 - 8 lo hi / ((lo + hi)^2 + 4 lo hi); valid for x in (0, lo + hi)); "steps" = threshold
+    comparisons against powers of two in [lo, hi] giving (2/3) 2^-j on [2^j, 2^(j+1)) (eps = 1/3;
+    valid for x < 1.5 * 2^ceil(log2 hi)). "auto": "exp" without a range, otherwise the cheaper in
+    rounds of linear/steps. The relative error after k steps is eps^(2^k).
+    Measured (f = 16, "newton10", exp guess): max relative error 1.5e-5 on [0.01, 100] (1 ulp-level);
+    with lo = 1, hi = 10, 4 iterations (linear guess): 1.6e-5.
+    Cost: guess (exp 24, linear 2, steps 10) + 6 rounds per iteration; newton10 = 84 rounds."""
+    k = _impl_number(impl, "newton", "reciprocal")
+    return _recip_newton(e, x, lo, hi, guess, k, e.frac_bits)[0]
+
+
+def _rsqrt_newton(
+    e: Engine,
+    x: Secret,
+    lo: float,
+    hi: float,
+    iterations: int | None = None,
+    guess: str = "auto",
+    out_scale: int | None = None,
+) -> tuple[Secret, int]:
+    """x^-1/2 by Newton: y <- y (3 - x y^2) / 2 = (3y - (x y)(y^2)) / 2, with y^2 and x y in ONE mul
+    and ONE trunc, then one mul and one trunc (by fy + 1: the /2 is free). 6 rounds per iteration.
+    y at an internal scale fy <= 30 chosen for headroom; returns (y, scale)."""
+    f = e.frac_bits
+    target = 2.0**-f
+    step = lambda v: (3 * v * v + v**3) / 4  # noqa: E731 - e = 1 - x y^2 -> (3e^2 + e^3) / 4
+    g = _pick_guess(guess, _rsqrt_linear(lo, hi)[2], 1.0 / 3.0, target, step)
+    eps0 = _rsqrt_linear(lo, hi)[2] if g == "linear" else 1.0 / 3.0
+    k = _iterations_for(eps0, target, step) if iterations is None else int(iterations)
+    y_max = 1.2 / math.sqrt(max(lo, 2.0**-f)) * 1.5**k  # x below lo: y grows by <= 1.5 per step
+    need = max(y_max * y_max, 1.5 * math.sqrt(hi), 3.0 * y_max)
+    fy = max(f, min(30, math.floor((60 - math.log2(need)) / 2)))
+    if g == "linear":
+        alpha, beta, _ = _rsqrt_linear(lo, hi)
+        y = _rtrunc(e, e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy))), f)
+    elif g == "steps":
+        y, _ = _steps_guess(e, x, lo, hi, 0.5, fy)
+    else:
+        raise ValueError(f"unknown rsqrt guess {g!r}")
+    out = fy if out_scale is None else min(int(out_scale), fy)
+    if k == 0:
+        return (_rtrunc(e, y, fy - out) if fy > out else y), out
+    x_hi = e.mul(x, _t(1 << (fy - f)))  # x at scale fy (exact)
+    for i in range(k):
+        yy, xy = trunc_many(e, mul_many(e, [(y, y), (x_hi, y)]), fy)
+        z = e.sub(e.mul(y, _t(3 << fy)), e.mul(xy, yy))
+        y = _rtrunc(e, z, fy + 1 + (fy - out if i == k - 1 else 0))
+    return y, out
+
+
+_RSQRT_RANGE = (2.0**-12, 2.0**12)
+
+
+def rsqrt(
+    e: Engine,
+    x: Secret,
+    lo: float | None = None,
+    hi: float | None = None,
+    iterations: int | None = None,
+    guess: str = "auto",
+) -> Secret:
+    """x^-1/2 for x in [lo, hi] (default [2^-12, 2^12]), Newton iterations from a range-derived
+    guess: "linear" (chord, good for narrow ranges) or "steps" (powers of two: relative error of
+    x y0^2 is 1/3 whatever the range); "auto" picks the cheaper in rounds. Iterations (default):
+    enough for 2^-f relative. Below lo the result is too small (y grows by 1.5 per step);
+    x <= 0 is outside the domain.
+    Measured (f = 16, default range, steps guess, 3 iterations): max relative error 2.0e-5.
+    Cost: guess (2 or 10) + 6 rounds per iteration; default range: 10 + 18 = 28 rounds."""
+    lo_, hi_ = _RSQRT_RANGE[0] if lo is None else lo, _RSQRT_RANGE[1] if hi is None else hi
+    return _rsqrt_newton(e, x, lo_, hi_, iterations, guess, e.frac_bits)[0]
+
+
+def sqrt(
+    e: Engine,
+    x: Secret,
+    impl: str = "newton_rsqrt",
+    lo: float | None = None,
+    hi: float | None = None,
+    iterations: int | None = None,
+    guess: str = "auto",
+) -> Secret:
+    """sqrt(x) = x * rsqrt(x) for x >= 0 ("newton_rsqrt"; range as :func:`rsqrt`, default
+    [2^-12, 2^12]). For 0 <= x < lo the result tends to 0 (|error| <= sqrt(lo)).
+    Measured (f = 16, default range): max relative error 2.0e-5 on [2^-12, 2^12], absolute 1.5e-5
+    below 1. Cost: rsqrt + mul 1 + trunc 2 = 31 rounds with the default range."""
+    if impl != "newton_rsqrt":
+        raise KeyError(f"unknown sqrt implementation {impl!r}")
+    lo_, hi_ = _RSQRT_RANGE[0] if lo is None else lo, _RSQRT_RANGE[1] if hi is None else hi
+    y, sy = _rsqrt_newton(e, x, lo_, hi_, iterations, guess)
+    return _rtrunc(e, e.mul(x, y), sy)
+
+
+@functools.lru_cache(maxsize=16)
+def _log_poly(degree: int) -> np.ndarray:
+    return fit_chebyshev(np.log, 1.0, 2.0, degree)
+
+
+def log(e: Engine, x: Secret, lo: float = 1.0, hi: float = 2.0, degree: int = 8) -> Secret:
+    """ln x for x in [lo, hi] (x > 0): x = 2^k m with m in [1, 2), ln x = k ln 2 + ln m.
+
+    k comes from ONE msb call against the powers of two inside (lo, hi]; ONE mul_bit call gives
+    both 2^-k (public values at scale 40) and k ln 2; m = x 2^-k by one mul + trunc (kept at scale
+    24 for the polynomial); ln m by a degree-``degree`` Chebyshev polynomial on [1, 2].
+    Outside [lo, hi] the polynomial extrapolates (inaccurate). Measured (f = 16, degree 8):
+    max |error| 1.1e-5 on [1, 1000].
+    Cost: msb 8 + mul_bit 2 + mul 1 + trunc 2 + polynomial 11 = 24 rounds (13 if [lo, hi] lies
+    in one octave: no comparisons, a local product)."""
+    f = e.frac_bits
+    j_lo, j_hi = _power_grid(lo, hi, f)
+    p_scale, m_scale = 40, 24
+    ks = list(range(j_lo, j_hi + 1))
+    p_vals = torch.tensor([1 << (p_scale - k) for k in ks], dtype=torch.int64)
+    l_vals = torch.tensor([round(k * LN2 * 2.0**f) for k in ks], dtype=torch.int64)
+    if len(ks) == 1:
+        m = e.mul(x, p_vals[0])
+        k_ln2: Any = l_vals[0]
+    else:
+        tau = torch.tensor([1 << (f + k) if k >= 0 else 1 << max(0, f + k) for k in ks[1:]], dtype=torch.int64)
+        (neg,) = msb_many(e, [ge_bits(e, x, tau)])
+        (p, k_ln2), _ = step_function(e, e.bit_not(neg), [p_vals, l_vals])
+        m = e.mul(x, p)
+    m = _rtrunc(e, m, f + p_scale - m_scale)
+    return e.add(eval_poly(e, m, _log_poly(int(degree)), 1.0, 2.0, x_scale=m_scale), k_ln2)
+
+
+# ---- softmax family -------------------------------------------------------------------------------
+def _exp_nonpositive(e: Engine, z: Secret, exp_impl: str, saturate: bool) -> Secret:
+    """e^z for z <= 0 (logits minus their max) with the named exp implementation."""
+    if exp_impl == "exp2":
+        return exp_steps(e, z, hi=0.0)
+    n = _impl_number(exp_impl, "limit", "exp")
+    return exp_limit(e, z, n, saturate=saturate, hi=0.0)
+
+
+def softmax(
+    e: Engine,
+    x: Secret,
+    axis: int = -1,
+    impl: str = "max_exp_recip",
+    exp_impl: str | None = None,
+    saturate: bool = False,
+    iterations: int | None = None,
+    hi: float | None = None,
+) -> Secret:
+    """softmax along ``axis`` (K = x.shape[axis] classes). Implementations:
+
+    * "max_exp_recip": z = x - max (exact tree), e^z by ``exp_impl`` (default "limit8"), s = sum
+      in [1, K], 1/s by Newton from the linear guess on [1, K] (iterations for 2^-f relative:
+      4 for K = 10), y = e^z / s. Domain: logit spread max - min <= 2^n (n = 8: 256) unless
+      ``saturate`` (+10 rounds: entries below -2^n become 0). Measured max |error| (K = 10,
+      logits in [-10, 10]): 3.4e-4. Cost K = 10: 40 + 24 + 26 + 3 = 93 rounds.
+    * "crypten": CrypTen's defaults: same structure, exp limit8, reciprocal with 10 Newton
+      iterations from 3 exp(1 - 2s) + 0.003 (needs K <= 128). Measured 3.4e-4. Cost K = 10:
+      40 + 24 + 84 + 3 = 151 rounds.
+    * "exp2": e^z by :func:`exp_steps` on [-f ln 2, 0] (threshold comparisons + degree-4
+      polynomial; entries below -f ln 2 are exactly 0), then as "max_exp_recip". Measured 2.3e-5.
+      Cost K = 10: 40 + 21 + 26 + 3 = 90 rounds.
+    * "piranha": Piranha's approximation: e^z replaced by the clipped linear (z + 2) / 2 for
+      z > -2, 0.001 otherwise, then normalised (the /2 cancels in the ratio, so it is not
+      computed). Faithful to that formula within 3e-5; it is a coarse approximation of softmax
+      (max |error| vs true softmax ~0.3). Cost K = 10: 40 + 10 + (2 + 6k) + 3 = 79 rounds.
+    * "secureml": relu(x) / sum relu(x) (SecureML), not shift-invariant; if every entry is <= 0
+      (sum = 0) the output is uniform 1/K. 1/s by Newton from the threshold guess on
+      [2^-f, ``hi``] (default 2^12), whose lowest threshold (one ulp) doubles as the zero test.
+      Faithful to the formula within 3e-5 (s >= 2^-4). Cost: 10 + 10 + 24 + 3 = 47 rounds.
+
+    Returns y at scale f with x's shape.
+    """
+    f = e.frac_bits
+    ax = _norm_axis(axis, len(x.shape))
+    k_cls = int(x.shape[ax])
+    total = lambda v: e.local(lambda t: t.sum(dim=ax, keepdim=True), v)  # noqa: E731
+
+    if impl == "secureml":
+        r = relu(e, x)
+        s = total(r)
+        s_hi = float(2**12 if hi is None else hi)
+        y0, nonzero = _steps_guess_secure(e, s, s_hi)
+        return _secureml_finish(e, r, s, y0, nonzero, k_cls, s_hi, iterations)
+
+    z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
+    if impl in ("max_exp_recip", "exp2"):
+        ez = _exp_nonpositive(e, z, exp_impl or ("exp2" if impl == "exp2" else "limit8"), saturate)
+        y, sy = _recip_newton(e, total(ez), 1.0, float(k_cls), "linear", iterations)
+    elif impl == "crypten":
+        ez = _exp_nonpositive(e, z, exp_impl or "limit8", saturate)
+        y, sy = _recip_newton(e, total(ez), None, None, "exp", 10 if iterations is None else iterations)
+    elif impl == "piranha":
+        # 2 e^z ~ (z + 2) if z + 2 > 0 else 0.002 (Piranha: (z + 2) / 2, floor 0.001)
+        zp = e.add(z, _t(2 << f))
+        floor_ = int(ring_const(0.002, f))
+        pos = e.bit_not(e.msb(zp))
+        ez = e.add(e.mul_bit(e.sub(zp, _t(floor_)), pos), _t(floor_))
+        y, sy = _recip_newton(e, total(ez), 2.0, 2.0 * k_cls, "linear", iterations)
+    else:
+        raise KeyError(f"unknown softmax implementation {impl!r}")
+    return _rtrunc(e, e.mul(ez, y), sy)
+
+
+def _steps_guess_secure(e: Engine, s: Secret, s_hi: float) -> tuple[Secret, Bits]:
+    """Threshold guess of 1/s on [2^-f, s_hi] plus the bit [s >= 1 ulp] (zero test), 10 rounds;
+    s = 0 gets guess 1 (the fallback denominator below)."""
+    f = e.frac_bits
+    fy = _secureml_scale(f, s_hi)
+    y0, nonzero = _steps_guess(e, s, 2.0**-f, s_hi, 1.0, fy, zero_value=1.0)
+    assert nonzero is not None
+    return y0, nonzero
+
+
+def _secureml_scale(f: int, s_hi: float) -> int:
+    return max(f, min(30, math.floor((60 - math.log2(2.0 * 2.0**f * 2)) / 2)))
+
+
+def _secureml_finish(
+    e: Engine, r: Secret, s: Secret, y0: Secret, nonzero: Bits, k_cls: int, s_hi: float, iterations: int | None
+) -> Secret:
+    """relu / sum with the uniform fallback: where s = 0, use numerator 1/K and denominator 1."""
+    f = e.frac_bits
+    fy = _secureml_scale(f, s_hi)
+    one, share = _t(1 << f), ring_const(1.0 / k_cls, f)
+    # zero = 1 - nonzero; one mul_bit gives nonzero * 1 and nonzero * (1/K)
+    n1, nk = mul_bit_many(e, [one, share], [nonzero, nonzero])
+    s_fix = e.add(s, e.sub(one, n1))  # s + [s == 0]
+    num = e.add(r, e.sub(share, nk))  # r + [s == 0] / K
+    k = _iterations_for(1.0 / 3.0, 2.0**-f, lambda v: v * v) if iterations is None else int(iterations)
+    y = y0
+    for _ in range(k):
+        p = _rtrunc(e, e.mul(s_fix, y), f)
+        y = _rtrunc(e, e.mul(y, e.sub(_t(2 << fy), p)), fy)
+    return _rtrunc(e, e.mul(num, y), fy)
+
+
+def log_softmax(
+    e: Engine,
+    x: Secret,
+    axis: int = -1,
+    impl: str = "max_exp_log",
+    exp_impl: str = "limit8",
+    saturate: bool = False,
+    degree: int = 8,
+) -> Secret:
+    """log softmax along ``axis``: z - ln(sum e^z), z = x - max ("max_exp_log").
+
+    e^z by ``exp_impl`` ("limit8" default, or "exp2"), the sum s lies in [1, K], ln s by
+    :func:`log` on [1, K] (thresholds at powers of two + degree-8 polynomial). Domain as
+    :func:`softmax`. Measured max |error| (K = 10, logits in [-10, 10]): limit8 4.8e-4, exp2 2.7e-5.
+    Cost K = 10: 40 + 24 + 24 = 88 rounds (exp2: 85)."""
+    if impl != "max_exp_log":
+        raise KeyError(f"unknown log_softmax implementation {impl!r}")
+    ax = _norm_axis(axis, len(x.shape))
+    k_cls = int(x.shape[ax])
+    z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
+    s = e.local(lambda t: t.sum(dim=ax, keepdim=True), _exp_nonpositive(e, z, exp_impl, saturate))
+    return e.sub(z, log(e, s, 1.0, float(max(k_cls, 2)), degree))
+
+
+# ---- sigmoid, tanh, erf, gelu, softplus -----------------------------------------------------------
+def _gelu_tanh_gate(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+#: Targets of the clipped Chebyshev fits: (function, symmetric range [-B, B] or half range [0, B],
+#: limit at +infinity used for the saturation error).
+_TARGETS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], bool, float]] = {
+    "sigmoid": (_expit_np, True, 1.0),
+    "tanh": (np.tanh, True, 1.0),
+    "erf": (_erf_np, True, 1.0),
+    "gelu_gate": (_ndtr_np, True, 1.0),  # Phi(x) = (1 + erf(x / sqrt 2)) / 2
+    "gelu_tanh_gate": (_gelu_tanh_gate, True, 1.0),
+    "gelu_rest": (lambda a: -a * _ndtr_np(-a), False, 0.0),  # gelu(x) - relu(x) at a = |x|
+    "gelu_tanh_rest": (lambda a: -a * _gelu_tanh_gate(-a), False, 0.0),
+    "softplus_rest": (lambda a: np.log1p(np.exp(-a)), False, 0.0),  # softplus(x) - relu(x)
+}
+
+
+@functools.lru_cache(maxsize=128)
+def _clipped_fit(name: str, degree: int) -> tuple[float, np.ndarray]:
+    """(B, coefficients): the clip bound B minimising max(fit error on the range, saturation error
+    |fn(inf) - fn(B)|) over a grid of candidates, and the Chebyshev fit on [-B, B] or [0, B]."""
+    fn, symmetric, limit = _TARGETS[name]
+    best: tuple[float, float, np.ndarray] | None = None
+    for b in np.arange(1.0, 16.01, 0.25):
+        lo = -b if symmetric else 0.0
+        coef = fit_chebyshev(fn, lo, b, degree)
+        grid = np.linspace(lo, b, 4001)
+        fit_err = float(np.abs(np.polynomial.chebyshev.chebval((2 * grid - lo - b) / (b - lo), coef) - fn(grid)).max())
+        err = max(fit_err, abs(limit - float(fn(np.array([b]))[0])))
+        if best is None or err < best[0]:
+            best = (err, float(b), coef)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _chebyshev_clipped(e: Engine, x: Secret, name: str, degree: int) -> Secret:
+    """fn(clip(x, -B, B)) by a Chebyshev polynomial (B from :func:`_clipped_fit`).
+    Cost: clip 10 + polynomial."""
+    f = e.frac_bits
+    b, coef = _clipped_fit(name, degree)
+    b_ring = int(ring_const(b, f))
+    return eval_poly(e, _clip_ring(e, x, -b_ring, b_ring), coef, -b, b)
+
+
+def _relu_plus_even(e: Engine, x: Secret, name: str, degree: int) -> Secret:
+    """relu(x) + g(min(|x|, B)) with g a Chebyshev fit on [0, B] (g(B) ~ 0): the sign, |x| and
+    the clip share ONE msb and ONE mul_bit call. Cost: 10 + polynomial rounds."""
+    f = e.frac_bits
+    b, coef = _clipped_fit(name, degree)
+    a, relu_x, _ = _sign_split(e, x, int(ring_const(b, f)))
+    return e.add(relu_x, eval_poly(e, a, coef, 0.0, b))
+
+
+def _cheb_degree(impl: str, op: str, default: int) -> int:
+    return default if impl == "chebyshev" else _impl_number(impl, "chebyshev", op)
+
+
+def sigmoid(
+    e: Engine, x: Secret, impl: str = "exp_recip", exp_impl: str = "limit8", iterations: int | None = None
+) -> Secret:
+    """1 / (1 + e^-x). Implementations:
+
+    * "exp_recip" (CrypTen-style): a = min(|x|, 2^n) and the sign from ONE msb + ONE mul_bit;
+      u = e^-a by ``exp_impl`` ("limit8" default, or "exp2"); r = 1 / (1 + u) with 1 + u in [1, 2]
+      by Newton from the linear guess (2 iterations); sigma = r for x >= 0, 1 - r otherwise (one
+      mul with the arithmetic sign bit). Measured max |error| (f = 16, x in [-300, 300]):
+      limit8 6.4e-4, exp2 2.1e-5. Cost: 10 + 24 + 14 + 1 = 49 rounds (exp2: 46).
+    * "chebyshev<d>": clip to [-B, B] (B chosen per degree to balance fit and saturation error)
+      and a degree-d Chebyshev polynomial. Measured: d = 16: 1.9e-3, d = 32: 8.4e-5.
+      Cost: 10 + 3 ceil(log2 d) + 2 rounds (d = 32: 27).
+    """
+    f = e.frac_bits
+    if impl != "exp_recip":
+        return _chebyshev_clipped(e, x, "sigmoid", _cheb_degree(impl, "sigmoid", 32))
+    bound = None if exp_impl == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
+    a, _, sign = _sign_split(e, x, bound, want_sign=True)
+    u = _exp_nonpositive(e, e.neg(a), exp_impl, saturate=False)
+    r, _ = _recip_newton(e, e.add(u, _t(1 << f)), 1.0, 2.0, "linear", iterations, f)
+    return e.add(r, e.mul(sign, e.sub(_t(1 << f), e.mul(r, _t(2)))))
+
+
+def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
+    """tanh x. "sigmoid": 2 sigma(2x) - 1 with :func:`sigmoid` "exp_recip" (params passed on);
+    error twice sigmoid's (measured 1.3e-3 with limit8, 4.2e-5 with exp2); 49 rounds.
+    "chebyshev<d>": clipped Chebyshev (measured d = 32: 1.3e-4; 27 rounds)."""
+    f = e.frac_bits
+    if impl == "sigmoid":
+        s = sigmoid(e, e.mul(x, _t(2)), "exp_recip", **params)
+        return e.sub(e.mul(s, _t(2)), _t(1 << f))
+    return _chebyshev_clipped(e, x, "tanh", _cheb_degree(impl, "tanh", 32))
+
+
+def erf(e: Engine, x: Secret, impl: str = "chebyshev") -> Secret:
+    """erf x by a Chebyshev polynomial of degree d ("chebyshev<d>", "chebyshev" = 24) on the clipped
+    range [-B, B] (B chosen per degree; saturates to +-erf(B) ~ +-1 outside).
+    Measured max |error| (f = 16): d = 16: 1.2e-4, d = 24: 1.5e-5, d = 32: 8e-6.
+    Cost: clip 10 + 3 ceil(log2 d) + 2 = 27 rounds for d = 24 or 32."""
+    return _chebyshev_clipped(e, x, "erf", _cheb_degree(impl, "erf", 24))
+
+
+def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str = "erf", **params: Any) -> Secret:
+    """GELU x Phi(x) (``approximate`` = "none") or its tanh form 0.5 x (1 + tanh(sqrt(2/pi)
+    (x + 0.044715 x^3))) ("tanh"); each implementation computes the form ``approximate`` asks for.
+
+    * "erf": x * gate(clip(x)), the gate (Phi, or the tanh form's gate) by one clipped Chebyshev
+      polynomial of degree 24 (Phi = (1 + erf(x / sqrt 2)) / 2: erf's fit with the 1/sqrt 2
+      folded in), then one mul + trunc. Measured max |error| on [-8, 8]: 1.3e-4 (grows like
+      |x| * gate error for large |x|). Cost: 10 + 17 + 3 = 30 rounds.
+    * "tanh": the tanh form computed literally: u = sqrt(2/pi) (x + 0.044715 x^3) (x^2 and x^3:
+      two mul+trunc levels), 0.5 (1 + tanh u) = sigma(2u) by :func:`sigmoid` "exp_recip"
+      (``params`` passed on), times x. Measured (tanh-form target, limit8) 4.4e-3 on [-8, 8].
+      Cost: 8 + 49 + 3 = 60 rounds.
+    * "chebyshev<d>" (default d = 16): relu(x) + g(|x|) with g(a) = -a gate(-a) (smooth, even,
+      -> 0), clipped at B: the sign, |x| and the clip share one msb + one mul_bit. Measured
+      d = 16: 1.2e-5 on [-8, 8] (and exact relu beyond B). Cost: 10 + 14 = 24 rounds.
+    """
+    f = e.frac_bits
+    tanh_form = approximate == "tanh"
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate={approximate!r}")
+    if impl == "erf":
+        gate = _chebyshev_clipped(e, x, "gelu_tanh_gate" if tanh_form else "gelu_gate", 24)
+        return _rtrunc(e, e.mul(x, gate), f)
+    if impl == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        x2 = _rtrunc(e, e.mul(x, x), f)
+        inner = _rtrunc(e, e.add(e.mul(x2, ring_const(0.044715 * c, f)), _t(int(ring_const(c, f)) << f)), f)
+        u2 = e.mul(_rtrunc(e, e.mul(x, inner), f), _t(2))  # 2u
+        return _rtrunc(e, e.mul(x, sigmoid(e, u2, "exp_recip", **params)), f)
+    return _relu_plus_even(e, x, "gelu_tanh_rest" if tanh_form else "gelu_rest", _cheb_degree(impl, "gelu", 16))
+
+
+def softplus(e: Engine, x: Secret, impl: str = "exp_log", exp_impl: str = "limit8") -> Secret:
+    """log(1 + e^x) = relu(x) + log(1 + e^-|x|). The sign, |x| and its clip share one msb +
+    one mul_bit (10 rounds); then:
+
+    * "exp_log": u = e^-a by ``exp_impl`` (a = min(|x|, 2^n)), ln(1 + u) with 1 + u in [1, 2] by
+      the degree-8 polynomial of :func:`log` (no comparisons). Measured max |error| (limit8)
+      6.8e-4 on [-30, 30]. Cost: 10 + 24 + 13 = 47 rounds.
+    * "chebyshev<d>" (default 16): g(a) = log(1 + e^-a) by a Chebyshev polynomial on [0, B]
+      (B chosen per degree). Measured d = 16: 1.2e-5. Cost: 10 + 14 = 24 rounds.
+    """
+    f = e.frac_bits
+    if impl != "exp_log":
+        return _relu_plus_even(e, x, "softplus_rest", _cheb_degree(impl, "softplus", 16))
+    bound = None if exp_impl == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
+    a, relu_x, _ = _sign_split(e, x, bound)
+    u = _exp_nonpositive(e, e.neg(a), exp_impl, saturate=False)
+    return e.add(relu_x, log(e, e.add(u, _t(1 << f)), 1.0, 2.0))
+
+
+# ---- normalisation --------------------------------------------------------------------------------
+def layer_norm(
+    e: Engine,
+    x: Secret,
+    scale: Any = None,
+    bias: Any = None,
+    axis: int = -1,
+    epsilon: float = 1e-5,
+    impl: str = "newton_rsqrt",
+    lo: float = 0.0,
+    hi: float = 1024.0,
+    iterations: int | None = None,
+    guess: str = "auto",
+) -> Secret:
+    """(x - mean) / sqrt(var + epsilon) * scale + bias over the axes >= ``axis`` (N elements);
+    ``scale``/``bias`` secret or public, at scale f, broadcastable. The variance must lie in
+    [``lo``, ``hi``] (default [0, 1024]).
+
+    d = x - S/N with 1/N at scale 24 (one trunc); [d*d, d*scale] in one mul; W = sum d^2 + N eps and
+    d*scale in one trunc; r = rsqrt(W) (Newton, guess from W in [N (lo + eps), N (hi + eps)]);
+    out = (d scale) r sqrt(N) (sqrt(N) folded into the last truncation) + bias. Requires
+    |x| < 2^21 and |out| < 2^8 at f = 16 for headroom.
+    Measured max |error| (f = 16, N = 64, x ~ N(0, 3^2), scale in [0.5, 1.5]): 1.5e-4.
+    Cost: trunc 2 + mul 1 + trunc 2 + rsqrt (10 + 6k) + mul 1 + trunc 2; 8 + 28 = 36 rounds with
+    the steps guess and 3 iterations."""
+    if impl != "newton_rsqrt":
+        raise KeyError(f"unknown layer_norm implementation {impl!r}")
+    f = e.frac_bits
+    nd = len(x.shape)
+    ax = _norm_axis(axis, nd)
+    dims = tuple(range(ax, nd))
+    n = int(math.prod(int(s) for s in x.shape[ax:]))
+    c = 24
+    s = e.local(lambda t: t.sum(dim=dims, keepdim=True), x)
+    d = _rtrunc(e, e.sub(e.mul(x, _t(1 << c)), e.mul(s, ring_const(1.0 / n, c))), c)
+    if scale is None:
+        (dd,) = mul_many(e, [(d, d)])
+        dg2: Any = e.mul(d, _t(1 << f))
+    else:
+        dd, dg2 = mul_many(e, [(d, d), (d, scale)])
+    w2 = e.add(e.local(lambda t: t.sum(dim=dims, keepdim=True), dd), ring_const(n * epsilon, 2 * f))
+    w, dg = trunc_many(e, [e.add(w2, _t(1 << (f - 1))), e.add(dg2, _t(1 << (f - 1)))], f)
+    r, sr = _rsqrt_newton(e, w, n * (lo + epsilon), n * (hi + epsilon), iterations, guess, out_scale=24)
+    c4 = max(0, min(16, 61 - f - sr - 8))
+    out = _rtrunc(e, e.mul(e.mul(dg, r), ring_const(math.sqrt(n), c4)), sr + c4)
+    return out if bias is None else e.add(out, bias)
+
+
+_LRN_ROOTS = {0.25: (0, 1), 0.5: (1, 0), 0.75: (1, 1), 1.0: (2, 0)}
+
+
+def lrn(
+    e: Engine,
+    x: Secret,
+    size: int,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    bias: float = 1.0,
+    impl: str = "newton",
+    lo: float | None = None,
+    hi: float | None = None,
+) -> Secret:
+    """ONNX LRN across channels of x (N, C, ...): x / (bias + alpha / size * sum of squares over
+    the ``size`` channels around c) ^ beta. The denominator must lie in [lo, hi] (default
+    [bias, bias + 16]).
+
+    x^2 (mul + trunc), the channel window sum share-wise (zero pad + shifted slices), the
+    denominator D with alpha / size at high precision (one trunc), then D^-beta:
+
+    * "newton" for beta in {0.25, 0.5, 0.75, 1}: r = D^-1/2 by Newton (guess from [lo, hi]);
+      beta = 0.75: [D r, x r] in one mul + trunc, q = rsqrt(D r) = D^-1/4, y = (x r) q; other
+      betas alike (D^-1 = r r). Measured max relative error (beta = 0.75, AlexNet-like
+      alpha = 1e-4, bias = 2, size 5): 6e-5. Cost (beta = 0.75, narrow range): 3 + 2 + (2 + 6k)
+      + 3 + (2 + 6k') + 3 rounds, 37 with k = k' = 2.
+    * "chebyshev<d>": D^-beta by a Chebyshev polynomial on the clipped [lo, hi] (any beta), then
+      one mul + trunc. Cost: 5 + 10 + 3 ceil(log2 d) + 2 + 3 rounds.
+    """
+    f = e.frac_bits
+    lo_ = float(bias) if lo is None else float(lo)
+    hi_ = float(bias) + 16.0 if hi is None else float(hi)
+    ch = int(x.shape[1])
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    sq = _rtrunc(e, e.mul(x, x), f)
+
+    def window(t: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(t.transpose(1, -1), (before, after)).transpose(1, -1)
+        return sum(padded.narrow(1, k, ch) for k in range(size))  # type: ignore[return-value]
+
+    ss = e.local(window, sq)
+    c = max(f, min(40, 60 - f - math.ceil(math.log2(max(hi_, 2.0)))))
+    den = _rtrunc(e, e.add(e.mul(ss, ring_const(alpha / size, c)), _t(int(ring_const(bias, f)) << c)), c)
+    if impl != "newton":
+        degree = _cheb_degree(impl, "lrn", 8)
+        coef = fit_chebyshev(lambda v: v ** (-beta), lo_, hi_, degree)
+        dc = _clip_ring(e, den, int(ring_const(lo_, f)), int(ring_const(hi_, f)))
+        return _rtrunc(e, e.mul(x, eval_poly(e, dc, coef, lo_, hi_)), f)
+    if float(beta) not in _LRN_ROOTS:
+        raise NotImplementedError(f"lrn 'newton' supports beta in {sorted(_LRN_ROOTS)}; use 'chebyshev<d>'")
+    halves, quarters = _LRN_ROOTS[float(beta)]
+    r, sr = _rsqrt_newton(e, den, lo_, hi_, out_scale=24)
+    y: Secret = x
+    if quarters:  # D^-1/4 = rsqrt(D r); x r rides along in the same mul and trunc
+        pairs = [(den, r)] + ([(x, r)] if halves else [])
+        outs = trunc_many(e, mul_many(e, pairs), sr)
+        if halves:
+            y, halves = outs[1], halves - 1
+        q, sq_ = _rsqrt_newton(e, outs[0], math.sqrt(lo_), math.sqrt(hi_), out_scale=24)
+        y = _rtrunc(e, e.mul(y, q), sq_)
+    for _ in range(halves):
+        y = _rtrunc(e, e.mul(y, r), sr)
+    return y
+
+
+# ---- registry -------------------------------------------------------------------------------------
+Impl = Callable[..., Secret]
+
+
+def _with_impl(fn: Callable[..., Secret], impl: str, **fixed: Any) -> Impl:
+    def run(e: Engine, *inputs: Any, **attrs: Any) -> Secret:
+        return fn(e, *inputs, impl=impl, **fixed, **attrs)
+
+    run.__name__ = f"{fn.__name__}[{impl}]"
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _plain(fn: Callable[..., Secret], drop: Sequence[str] = ()) -> Impl:
+    def run(e: Engine, *inputs: Any, **attrs: Any) -> Secret:
+        return fn(e, *inputs, **{k: v for k, v in attrs.items() if k not in drop})
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {}
+DESCRIPTIONS: dict[str, dict[str, str]] = {}
+
+
+def _register(op: str, impl: str, fn: Impl, description: str) -> None:
+    IMPLEMENTATIONS.setdefault(op, {})[impl] = fn
+    DESCRIPTIONS.setdefault(op, {})[impl] = description
+
+
+def _build(op: str, impl: str) -> tuple[Impl, str] | None:
+    """The callable and description for a parameterised implementation name, or None."""
+    m = re.fullmatch(r"(limit|newton|chebyshev)(\d+)", impl)
+    if not m:
+        return None
+    family, num = m.group(1), int(m.group(2))
+    if op == "exp" and family == "limit" and num >= 1:
+        return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]; {3 * num + 10} rounds"
+    if op == "reciprocal" and family == "newton" and num >= 0:
+        return _with_impl(reciprocal, impl), f"{num} Newton iterations; guess exp (CrypTen) or from lo/hi; 6/iteration"
+    if family == "chebyshev" and num >= 2:
+        rounds = 10 + poly_rounds(num)
+        if op in ("sigmoid", "tanh", "erf"):
+            return _with_impl({"sigmoid": sigmoid, "tanh": tanh, "erf": erf}[op], impl), (
+                f"clip to [-B, B] + degree-{num} Chebyshev; {rounds} rounds"
+            )
+        if op in ("gelu", "softplus"):
+            return _with_impl({"gelu": gelu, "softplus": softplus}[op], impl), (
+                f"relu(x) + degree-{num} Chebyshev of the even remainder at min(|x|, B); {rounds} rounds"
+            )
+        if op == "lrn":
+            return _with_impl(lrn, impl), f"D^-beta by clipped degree-{num} Chebyshev; {rounds + 8} rounds"
+    return None
+
+
+def get_implementation(op: str, impl: str) -> Impl:
+    """The callable for (op, impl), resolving parameterised names not pre-registered."""
+    fn = IMPLEMENTATIONS.get(op, {}).get(impl)
+    if fn is not None:
+        return fn
+    built = _build(op, impl)
+    if built is None:
+        raise KeyError(f"op {op!r} has no implementation {impl!r} (known: {sorted(IMPLEMENTATIONS.get(op, {}))})")
+    _register(op, impl, *built)
+    return built[0]
+
+
+def _populate() -> None:
+    exact = "exact"
+    _register("relu", exact, _plain(relu), "x * NOT msb(x); exact; 10 rounds")
+    _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc; 12 rounds")
+    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)); 13 rounds (secret slope)")
+    _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact; 10 rounds")
+    _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]; 12 rounds")
+    _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window; 10 ceil(log2 k) rounds")
+    _register("max", "tree", _plain(reduce_max), "comparison tree; 10 ceil(log2 k) rounds")
+    _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first; 10 ceil(log2 k)")
+    for n in range(4, 11):
+        _register("exp", f"limit{n}", *_build("exp", f"limit{n}"))  # type: ignore[misc]
+    _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r; 21 rounds")
+    for k in range(1, 13):
+        _register("reciprocal", f"newton{k}", *_build("reciprocal", f"newton{k}"))  # type: ignore[misc]
+    _register(
+        "sqrt", "newton_rsqrt", _with_impl(sqrt, "newton_rsqrt"), "x * rsqrt(x), Newton from range guess; 31 rounds"
+    )
+    for name, desc in [
+        ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess); 93 rounds (K=10)"),
+        ("crypten", "exact max, exp limit8, 10 Newton iterations from 3exp(1-2x)+0.003; 151 rounds (K=10)"),
+        ("exp2", "exact max, exp by thresholds + polynomial, Newton on [1, K]; 90 rounds (K=10)"),
+        ("piranha", "exact max, clipped linear (z+2)/2 or 0.001, Newton on [2, 2K]; 79 rounds (K=10)"),
+        ("secureml", "relu / sum relu, uniform if the sum is 0; threshold guess + 4 Newton; 47 rounds"),
+    ]:
+        _register("softmax", name, _with_impl(softmax, name), desc)
+    _register(
+        "log_softmax",
+        "max_exp_log",
+        _with_impl(log_softmax, "max_exp_log"),
+        "z - ln(sum e^z): exp limit8, log by thresholds + degree-8 Chebyshev; 88 rounds (K=10)",
+    )
+    _register(
+        "sigmoid", "exp_recip", _with_impl(sigmoid, "exp_recip"), "1/(1+e^-|x|) (limit8, 2 Newton) + sign; 49 rounds"
+    )
+    _register("tanh", "sigmoid", _with_impl(tanh, "sigmoid"), "2 sigmoid(2x) - 1; 49 rounds")
+    _register("erf", "chebyshev", _with_impl(erf, "chebyshev"), "clip to [-B, B] + degree-24 Chebyshev; 27 rounds")
+    _register("gelu", "erf", _with_impl(gelu, "erf"), "x * Phi(x), Phi by clipped degree-24 Chebyshev; 30 rounds")
+    _register("gelu", "tanh", _with_impl(gelu, "tanh"), "0.5x(1+tanh(u)) = x sigmoid(2u), u cubic; 60 rounds")
+    _register(
+        "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly; 47 rounds"
+    )
+    _register(
+        "layer_norm", "newton_rsqrt", _with_impl(layer_norm, "newton_rsqrt"), "mean, var, rsqrt by Newton; ~36 rounds"
+    )
+    _register(
+        "lrn", "newton", _with_impl(lrn, "newton"), "window sum of squares, D^-beta by rsqrt compositions; ~37 rounds"
+    )
+    for op in ("sigmoid", "tanh", "erf", "gelu", "softplus", "lrn"):
+        for d in (8, 12, 16, 20, 24, 32):
+            _register(op, f"chebyshev{d}", *_build(op, f"chebyshev{d}"))  # type: ignore[misc]
+
+
+_populate()

@@ -1,0 +1,627 @@
+"""3-party replicated secret sharing over Z_2^64 (semi-honest, honest majority): the secure Engine.
+
+Layout (PROTOCOLS §1): x = x0 + x1 + x2 mod 2^64 and server P_i holds (x_i, x_{i+1}) as the
+two slots ``a``, ``b`` of a :class:`Shares`. Component j is held by P_j (slot a) and P_{j-1}
+(slot b). Bits are XOR-shared the same way (:class:`BoolShares`), one bit per element in the
+least significant bit of each share word (every share word is 0 or 1).
+
+One :class:`RSSEngine` per server, each in its own thread or process, all executing the same
+sequence of Engine calls; the client is a :class:`Client`. Every protocol round is exactly one
+:meth:`runtime.transport.Transport.exchange` call at every server (also at a server with
+nothing to send), with at most one message per peer: things that travel to the same peer in the
+same round are concatenated. Costs in the docstrings are per element: rounds, and bytes *sent*
+by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them and the tests check both).
+
+:func:`run_threads` runs the three servers and the client as threads over an
+:class:`runtime.transport.InProcessNetwork`, after the key setup of :func:`runtime.prg.setup_keys`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from compiler.errors import RuntimeFault
+
+from .engine import Engine
+from .prg import PartyKeys, Randomness, setup_keys
+from .ring import SIGN_BIT, rshift_logical
+from .transport import CLIENT, InProcessNetwork, StepStats, Transport, TransportAborted
+
+__all__ = ["Shares", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+
+R = TypeVar("R")
+C = TypeVar("C")
+
+_TWO_62 = 1 << 62
+_LOW63 = (1 << 63) - 1  # every bit but the sign bit
+
+
+def _ring_int(v: int) -> int:
+    """A Python integer reduced mod 2^64 into the signed int64 range (e.g. 2^63 -> -2^63)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _positions_mask(step: int, residue: int) -> int:
+    """The int64 word with bit k set for every k = residue (mod step)."""
+    return _ring_int(sum(1 << k for k in range(residue, 64, step)))
+
+
+# Carry-out tree levels: (distance d, positions 2d-1 mod 2d, positions d-1 mod 2d).
+_CARRY_TREE = tuple((d, _positions_mask(2 * d, 2 * d - 1), _positions_mask(2 * d, d - 1)) for d in (1, 2, 4, 8, 16, 32))
+
+
+class Shares:
+    """Party P_i's replicated shares of an arithmetic secret: ``a`` = x_i, ``b`` = x_{i+1}."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a = a
+        self.b = b
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.a.shape
+
+    def __repr__(self) -> str:
+        return f"Shares(shape={tuple(self.a.shape)})"
+
+
+class BoolShares:
+    """Party P_i's XOR-replicated shares of a bit tensor: ``a`` = b_i, ``b`` = b_{i+1}, each 0/1."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a = a
+        self.b = b
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.a.shape
+
+    def __repr__(self) -> str:
+        return f"BoolShares(shape={tuple(self.a.shape)})"
+
+
+def _public(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.int64:
+            raise TypeError(f"public ring values are int64 tensors, got {x.dtype}")
+        return x
+    return torch.as_tensor(x, dtype=torch.int64)
+
+
+class _Round:
+    """Collects the messages of one round so that each peer gets exactly one tensor.
+
+    Sender and receiver must add the parts for a link in the same order (they run the same code)."""
+
+    __slots__ = ("_send", "_recv")
+
+    def __init__(self) -> None:
+        self._send: dict[int, list[torch.Tensor]] = {}
+        self._recv: dict[int, list[tuple[int, ...]]] = {}
+
+    def send(self, peer: int, tensor: torch.Tensor) -> None:
+        self._send.setdefault(peer, []).append(tensor)
+
+    def recv(self, peer: int, shape: Sequence[int]) -> tuple[int, int]:
+        """Expect a part of ``shape`` from ``peer``; returns the handle for :meth:`run`'s result."""
+        parts = self._recv.setdefault(peer, [])
+        parts.append(tuple(shape))
+        return peer, len(parts) - 1
+
+    def run(self, transport: Transport) -> dict[tuple[int, int], torch.Tensor]:
+        send = {
+            peer: parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
+            for peer, parts in self._send.items()
+        }
+        recv = {
+            peer: shapes[0] if len(shapes) == 1 else (sum(_numel(s) for s in shapes),)
+            for peer, shapes in self._recv.items()
+        }
+        got = transport.exchange(send, recv)
+        out: dict[tuple[int, int], torch.Tensor] = {}
+        for peer, shapes in self._recv.items():
+            if len(shapes) == 1:
+                out[(peer, 0)] = got[peer]
+                continue
+            pieces = torch.split(got[peer], [_numel(s) for s in shapes])
+            for k, (piece, shape) in enumerate(zip(pieces, shapes, strict=True)):
+                out[(peer, k)] = piece.reshape(shape)
+        return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class RSSEngine(Engine):
+    """The secure engine of server P_i (see the module docstring).
+
+    ``party`` in {0, 1, 2}; ``transport`` its endpoint; ``randomness`` its per-session PRF
+    streams (:meth:`runtime.prg.PartyKeys.session`); ``frac_bits`` the fixed-point scale the
+    callers use (the engine itself does not track scales).
+    """
+
+    def __init__(self, party: int, transport: Transport, randomness: Randomness, frac_bits: int = 16):
+        if party not in (0, 1, 2):
+            raise ValueError(f"RSSEngine runs on servers 0, 1, 2, not {party}")
+        if transport.party != party or randomness.party != party:
+            raise ValueError("transport, randomness and engine must belong to the same party")
+        self.party = party
+        self.transport = transport
+        self.rand = randomness
+        self.frac_bits = frac_bits
+        self.prev = (party - 1) % 3
+        self.next = (party + 1) % 3
+
+    # ---- kinds and helpers ------------------------------------------------------------------
+    def is_secret(self, x: Any) -> bool:
+        return isinstance(x, Shares)
+
+    def _public_shares(self, c: torch.Tensor) -> Shares:
+        """The public c as a sharing with only component 0 set (P0 slot a, P2 slot b)."""
+        zero = torch.zeros_like(c)
+        return Shares(c if self.party == 0 else zero, c if self.party == 2 else zero)
+
+    def _reshare(self, z: torch.Tensor) -> Shares:
+        """3-of-3 -> replicated: send z_i (already masked by a zero share) to P_{i-1}, receive
+        z_{i+1} from P_{i+1}. 1 round, 8 B per element from every party."""
+        got = self.transport.exchange({self.prev: z}, {self.next: tuple(z.shape)})
+        return Shares(z, got[self.next])
+
+    def _idle_round(self) -> None:
+        """A round in which this server neither sends nor receives (keeps round counts equal)."""
+        self.transport.exchange({}, {})
+
+    # ---- input and output -------------------------------------------------------------------
+    def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Shares:
+        """Share a ring tensor. 1 round.
+
+        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i; servers send nothing
+          (client: 48 B per element).
+        * ``owner="model"`` (= "P0"), or "P1"/"P2": input by server P_o with x_{o+1} = F_{k_{o+1}},
+          x_{o+2} = 0, x_o = x - x_{o+1}; P_o sends x_o to P_{o+2}. Bytes: 8 from P_o only.
+        """
+        shape = tuple(int(s) for s in shape)
+        if owner == "client":
+            got = self.transport.exchange({}, {CLIENT: (2, *shape)})[CLIENT]
+            return Shares(got[0], got[1])
+        owner_party = {"model": 0, "P0": 0, "P1": 1, "P2": 2}.get(owner)
+        if owner_party is None:
+            raise ValueError(f"unknown input owner {owner!r} (expected 'client', 'model', 'P0', 'P1' or 'P2')")
+        rnd = _Round()
+        finish = self._input_by_server(rnd, owner_party, value, shape)
+        return finish(rnd.run(self.transport))
+
+    def _input_by_server(
+        self, rnd: _Round, owner: int, value: torch.Tensor | None, shape: tuple[int, ...]
+    ) -> Callable[[dict], Shares]:
+        """Add server ``owner``'s input of ``value`` to round ``rnd``; returns the function that
+        builds the shares from the round's result. Draws from k_{owner+1} (at its two holders)."""
+        i, o = self.party, owner
+        zero = torch.zeros(shape, dtype=torch.int64)
+        if i == o:
+            if value is None:
+                raise ValueError(f"P{o} owns this input but was given no value")
+            value = _public(value)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"input shape {tuple(value.shape)} != declared {shape}")
+            x_next = self.rand.key_stream(o + 1, shape)
+            x_own = value - x_next
+            rnd.send((o + 2) % 3, x_own)
+            return lambda got: Shares(x_own, x_next)
+        if i == (o + 1) % 3:
+            x_next = self.rand.key_stream(o + 1, shape)
+            return lambda got: Shares(x_next, zero)
+        handle = rnd.recv(o, shape)
+        return lambda got: Shares(zero, got[handle])
+
+    def reveal(self, x: Shares, to: str = "client") -> torch.Tensor | None:
+        """Open x to one receiver; 1 round. Returns the value at a receiving server, else None.
+
+        * ``to="client"``: every P_i sends x_i to the client (8 B per element each); the client
+          reconstructs with :meth:`Client.receive_output`.
+        * ``to="P<t>"``: P_{t+1} sends x_{t+2} (its slot b) to P_t (8 B from P_{t+1} only);
+          the third server takes part in the round but sends and receives nothing.
+        """
+        if to == "client":
+            self.transport.exchange({CLIENT: x.a}, {})
+            return None
+        target = {"P0": 0, "P1": 1, "P2": 2}.get(to)
+        if target is None:
+            raise ValueError(f"unknown receiver {to!r} (expected 'client', 'P0', 'P1' or 'P2')")
+        if self.party == target:
+            missing = self.transport.exchange({}, {(target + 1) % 3: tuple(x.shape)})[(target + 1) % 3]
+            return x.a + x.b + missing
+        if self.party == (target + 1) % 3:
+            self.transport.exchange({target: x.b}, {})
+        else:
+            self._idle_round()
+        return None
+
+    # ---- local linear algebra ---------------------------------------------------------------
+    def add(self, a: Any, b: Any) -> Any:
+        """a + b; public constants go into component 0. Local."""
+        if isinstance(a, Shares) and isinstance(b, Shares):
+            return Shares(a.a + b.a, a.b + b.b)
+        if isinstance(a, Shares):
+            return self._add_public(a, _public(b))
+        if isinstance(b, Shares):
+            return self._add_public(b, _public(a))
+        return _public(a) + _public(b)
+
+    def _add_public(self, x: Shares, c: torch.Tensor) -> Shares:
+        p = self._public_shares(c)
+        return Shares(x.a + p.a, x.b + p.b)
+
+    def sub(self, a: Any, b: Any) -> Any:
+        """a - b. Local."""
+        if isinstance(a, Shares) and isinstance(b, Shares):
+            return Shares(a.a - b.a, a.b - b.b)
+        if isinstance(a, Shares):
+            return self._add_public(a, -_public(b))
+        if isinstance(b, Shares):
+            return self._add_public(self.neg(b), _public(a))
+        return _public(a) - _public(b)
+
+    def neg(self, a: Any) -> Any:
+        """-a. Local."""
+        if isinstance(a, Shares):
+            return Shares(-a.a, -a.b)
+        return -_public(a)
+
+    def local(self, fn: Callable[..., torch.Tensor], *xs: Any) -> Any:
+        """fn applied to slot a of every secret argument, then to slot b (public arguments passed
+        unchanged). fn must be linear and map 0 to 0 (see :meth:`Engine.local`). Local."""
+        if not any(isinstance(x, Shares) for x in xs):
+            return fn(*xs)
+        return Shares(
+            fn(*[x.a if isinstance(x, Shares) else x for x in xs]),
+            fn(*[x.b if isinstance(x, Shares) else x for x in xs]),
+        )
+
+    def cat(self, xs: Sequence[Any], dim: int) -> Any:
+        """Concatenate; public parts enter as sharings with only component 0 set. Local."""
+        if not any(isinstance(x, Shares) for x in xs):
+            return torch.cat([_public(x) for x in xs], dim=dim)
+        parts = [x if isinstance(x, Shares) else self._public_shares(_public(x)) for x in xs]
+        return Shares(torch.cat([p.a for p in parts], dim=dim), torch.cat([p.b for p in parts], dim=dim))
+
+    # ---- products ---------------------------------------------------------------------------
+    def _product(self, a: Any, b: Any, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
+        """op bilinear: public operand -> local; secret x secret -> cross terms + zero share, reshare:
+        z_i = op(x_i, y_i + y_{i+1}) + op(x_{i+1}, y_i) + alpha_i. 1 round, 8 B per output element."""
+        if isinstance(a, Shares) and isinstance(b, Shares):
+            z = op(a.a, b.a + b.b) + op(a.b, b.a)
+            return self._reshare(z + self.rand.zero_share(z.shape))
+        if isinstance(a, Shares):
+            c = _public(b)
+            return Shares(op(a.a, c), op(a.b, c))
+        if isinstance(b, Shares):
+            c = _public(a)
+            return Shares(op(c, b.a), op(c, b.b))
+        return op(_public(a), _public(b))
+
+    def mul(self, a: Any, b: Any) -> Any:
+        """Elementwise a * b (broadcasting), no truncation. Secret x secret: 1 round, 8 B per output
+        element from every party (z_i = x_i y_i + x_i y_{i+1} + x_{i+1} y_i + alpha_i, sent to
+        P_{i-1}). With a public operand: local."""
+        return self._product(a, b, torch.mul)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """torch.matmul on ring elements: Z_i = X_i @ (Y_i + Y_{i+1}) + X_{i+1} @ Y_i + alpha_i.
+        1 round, 8 B per output element from every party (any inner dimension). Public: local."""
+        return self._product(a, b, torch.matmul)
+
+    def conv2d(
+        self,
+        x: Any,
+        w: Any,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Any:
+        """conv2d (bilinear, so the matmul rule applies): conv(X_i, W_i + W_{i+1}) + conv(X_{i+1}, W_i)
+        + alpha_i. 1 round, 8 B per output element from every party. Public operand: local."""
+        st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
+        return self._product(x, w, lambda u, v: F.conv2d(u, v, None, st, pad, dil, groups))
+
+    def trunc(self, x: Shares, bits: int) -> Shares:
+        """floor(x / 2^d) or that minus 1, for |x| < 2^62. 2 rounds; bytes P0 16, P1 8, P2 8.
+
+        Derivation (d = bits, 1 <= d <= 62; all arithmetic mod 2^64, ``lshr`` logical shift):
+
+        1. x' = x + 2^62 (added to component 0) lies in [0, 2^63) as an unsigned number.
+        2. Two-summand split: A = x0' + x1 (P0 holds both slots), B = x2 (P1 slot b, P2 slot a).
+           As unsigned integers A + B = x' + w 2^64 with w in {0, 1}; since x' < 2^63, w = 1 iff
+           A >= 2^63 or B >= 2^63, i.e. w = mA OR mB = mA + mB - mA mB (mA, mB the top bits).
+        3. floor(x'/2^d) = lshr(A, d) + lshr(B, d) + c - w 2^(64-d) with carry c in {0, 1} from
+           the two dropped fractions; c is ignored, hence the error of -1 at most.
+           floor(x/2^d) = floor(x'/2^d) - 2^(62-d) exactly.
+        4. The product mA mB: r = F_{k0} (known to P0 and P2); round 1: P0 sends u = mA + r to
+           P1 (uniform to P1, which lacks k0). Then mA mB = u mB - r mB, a 2-of-2 sharing
+           between P1 (u mB) and P2 (-r mB).
+        5. Local 3-of-3 additive terms summing to the result:
+           t0 = lshr(A, d) - mA 2^(64-d) - 2^(62-d)        (P0)
+           t1 = lshr(B, d) - mB 2^(64-d) + u mB 2^(64-d)    (P1)
+           t2 = -r mB 2^(64-d)                              (P2)
+           Round 2: z_i = t_i + alpha_i to P_{i-1} (a fresh, uniformly random replicated sharing).
+        """
+        d = int(bits)
+        if d == 0:
+            return x
+        if not 1 <= d <= 62:
+            raise ValueError(f"truncation by {d} bits is outside 1..62")
+        shape = tuple(x.shape)
+        wrap = _ring_int(1 << (64 - d))  # 2^(64-d) as an int64 (d = 1 gives -2^63)
+        i = self.party
+        if i == 0:
+            a_sum = x.a + _TWO_62 + x.b
+            m_a = rshift_logical(a_sum, 63)
+            r = self.rand.key_stream(0, shape)
+            self.transport.exchange({1: m_a + r}, {})
+            t = rshift_logical(a_sum, d) - m_a * wrap - (1 << (62 - d))
+        elif i == 1:
+            m_b = rshift_logical(x.b, 63)
+            u = self.transport.exchange({}, {0: shape})[0]
+            t = rshift_logical(x.b, d) + (u * m_b - m_b) * wrap
+        else:
+            m_b = rshift_logical(x.a, 63)
+            r = self.rand.key_stream(0, shape)
+            self._idle_round()
+            t = -(r * m_b) * wrap
+        return self._reshare(t + self.rand.zero_share(shape))
+
+    # ---- Boolean ----------------------------------------------------------------------------
+    def _and_words(
+        self, x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], low_bit_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """AND of XOR-replicated words: z_i = x_i y_i ^ x_i y_{i+1} ^ x_{i+1} y_i ^ beta_i, sent to
+        P_{i-1}. 1 round, 8 B per word from every party."""
+        z = (x[0] & y[0]) ^ (x[0] & y[1]) ^ (x[1] & y[0])
+        beta = self.rand.zero_share_xor(z.shape)
+        if low_bit_only:
+            beta = beta & 1
+        s = self._reshare(z ^ beta)
+        return s.a, s.b
+
+    def _and_stacked(self, x: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """AND of XOR-replicated words given as stacked slots (2, ...): z_i = x_i y_i ^ x_i y_{i+1}
+        ^ x_{i+1} y_i ^ beta_i, sent to P_{i-1}. 1 round, 8 B per word from every party."""
+        z = (x[0] & (y[0] ^ y[1])) ^ (x[1] & y[0]) ^ beta
+        got = self.transport.exchange({self.prev: z}, {self.next: tuple(z.shape)})[self.next]
+        return torch.stack((z, got))
+
+    def msb(self, x: Shares) -> BoolShares:
+        """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
+
+        A2B-free carry-out (PROTOCOLS §5). Component x_j alone is a Boolean sharing of x_j with only
+        component j non-zero, so P_i's slots (x_i, x_{i+1}) are also its Boolean shares of
+        s = x0 ^ x1 ^ x2.
+
+        1. Full adder (1 round): the carry word is maj(x0, x1, x2) = (x0 & x1) ^ (x1 & x2) ^ (x2 & x0),
+           and P_i knows the term x_i & x_{i+1} (its two slots), so a reshare of these terms
+           (masked by a zero XOR-sharing) is the AND round. Then x = s + c' mod 2^64, c' = carry << 1.
+        2. g = s & c' (1 round), p = s ^ c'. The sign bit of x is p63 ^ (carry into bit 63). With
+           g63 := 0 and p63 := 1 the generate signal of the whole 64-bit group *is* that carry.
+        3. Carry-out tree, 6 levels (1 round each), in place: at distance d = 1, 2, ..., 32 the pairs
+           (hi, lo) = (position k, position k - d) for k = 2d - 1 mod 2d combine as
+           G_k = G_k ^ (P_k & G_{k-d}) (XOR replaces OR: G and P are exclusive), P_k = P_k & P_{k-d}.
+           The two ANDs of a level share one word: P_k & G_{k-d} sits at position k, while
+           P_k & P_{k-d} sits at the unused position k - d; the operand layout is a local
+           XOR-linear map (shifts and masks) of each share. After the last level, bit 63 of G is
+           the carry into bit 63.
+        msb = p63 ^ G63.
+        """
+        shape = tuple(x.shape)
+        beta = self.rand.zero_share_xor((8, *shape))  # one draw per key for the 8 AND rounds
+        s = torch.stack((x.a, x.b))
+        majority = (x.a & x.b) ^ beta[0]
+        got = self.transport.exchange({self.prev: majority}, {self.next: shape})[self.next]
+        c_shift = torch.stack((majority, got)) << 1
+        gen = self._and_stacked(s, c_shift, beta[1]) & _LOW63
+        prop = s ^ c_shift
+        top = rshift_logical(prop, 63)
+        prop = prop & _LOW63
+        if self.party == 0:
+            prop[0] ^= SIGN_BIT
+        elif self.party == 2:
+            prop[1] ^= SIGN_BIT
+        for level, (d, hi, lo) in enumerate(_CARRY_TREE, start=2):
+            lhs = (prop & hi) ^ ((prop >> d) & lo)
+            rhs = ((gen << d) & hi) ^ (prop & lo)
+            z = self._and_stacked(lhs, rhs, beta[level])
+            gen = gen ^ z  # correct at the hi positions, the only ones read later
+            prop = z << d  # P_k & P_{k-d} moves up to position k
+        bit = top ^ rshift_logical(gen, 63)
+        return BoolShares(bit[0], bit[1])
+
+    def _xor_public(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
+        zero = torch.zeros_like(c)
+        return BoolShares(b.a ^ (c if self.party == 0 else zero), b.b ^ (c if self.party == 2 else zero))
+
+    def bit_not(self, b: BoolShares) -> BoolShares:
+        """1 - b: XOR 1 into component 0. Local."""
+        return self._xor_public(b, torch.ones((), dtype=torch.int64))
+
+    def bit_xor(self, a: Any, b: Any) -> Any:
+        """a xor b (either may be a public 0/1 int64 tensor). Local."""
+        if isinstance(a, BoolShares) and isinstance(b, BoolShares):
+            return BoolShares(a.a ^ b.a, a.b ^ b.b)
+        if isinstance(a, BoolShares):
+            return self._xor_public(a, _public(b))
+        if isinstance(b, BoolShares):
+            return self._xor_public(b, _public(a))
+        return _public(a) ^ _public(b)
+
+    def bit_and(self, a: Any, b: Any) -> Any:
+        """a and b. Secret x secret: 1 round, 8 B per element from every party. Public: local."""
+        if isinstance(a, BoolShares) and isinstance(b, BoolShares):
+            return BoolShares(*self._and_words((a.a, a.b), (b.a, b.b), low_bit_only=True))
+        if isinstance(a, BoolShares):
+            c = _public(b)
+            return BoolShares(a.a & c, a.b & c)
+        if isinstance(b, BoolShares):
+            c = _public(a)
+            return BoolShares(b.a & c, b.b & c)
+        return _public(a) & _public(b)
+
+    def bit_cat(self, bs: Sequence[BoolShares], dim: int) -> BoolShares:
+        """Concatenate bit tensors. Local."""
+        return BoolShares(torch.cat([b.a for b in bs], dim=dim), torch.cat([b.b for b in bs], dim=dim))
+
+    def bit_local(self, fn: Callable[[torch.Tensor], torch.Tensor], b: BoolShares) -> BoolShares:
+        """A layout map applied to both shares. Local."""
+        return BoolShares(fn(b.a), fn(b.b))
+
+    # ---- Boolean to arithmetic --------------------------------------------------------------
+    def _bit_parts(self, b: BoolShares, rnd: _Round) -> tuple[Callable[[dict], Shares], Shares]:
+        """Split b = t xor b2 with t = b0 xor b1 (known to P0) and b2 (component 2: P1 slot b, P2
+        slot a). Adds P0's input of t to ``rnd``; returns (finish -> [t], [b2])."""
+        i = self.party
+        t = (b.a ^ b.b) if i == 0 else None
+        finish = self._input_by_server(rnd, 0, t, tuple(b.shape))
+        zero = torch.zeros_like(b.a)
+        b2 = Shares(zero, b.b) if i == 1 else Shares(b.a, zero) if i == 2 else Shares(zero, zero)
+        return finish, b2
+
+    def b2a(self, b: BoolShares) -> Shares:
+        """The bit as an arithmetic 0/1. 2 rounds; bytes P0 16, P1 8, P2 8 per element.
+
+        Round A: P0 inputs t = b0 xor b1. Round B: [t][b2] by RSS mul; b = t + b2 - 2 t b2."""
+        rnd = _Round()
+        finish, b2 = self._bit_parts(b, rnd)
+        t = finish(rnd.run(self.transport))
+        tb2 = self.mul(t, b2)
+        return self.sub(self.add(t, b2), Shares(tb2.a << 1, tb2.b << 1))
+
+    def mul_bit(self, x: Any, b: BoolShares) -> Shares:
+        """x * b for an arithmetic x and a bit b (broadcasting), at x's scale.
+
+        Secret x: 2 rounds; bytes P0 24, P1 16, P2 16 per element (when x and b have the same shape).
+        x(t xor b2) = t (x - 2 x b2) + x b2. Round A carries P0's input of t together with the RSS
+        product v = x [b2] (P0's two words for P2 travel as one message); u = x - 2v; round B:
+        w = u t; result w + v. Public x: x * b2a(b), 2 rounds, bytes P0 16, P1 8, P2 8 (of b's size).
+        """
+        if not isinstance(x, Shares):
+            return self.mul(_public(x), self.b2a(b))
+        rnd = _Round()
+        finish, b2 = self._bit_parts(b, rnd)
+        z = x.a * (b2.a + b2.b) + x.b * b2.a
+        z = z + self.rand.zero_share(z.shape)
+        rnd.send(self.prev, z)
+        handle = rnd.recv(self.next, tuple(z.shape))
+        got = rnd.run(self.transport)
+        t = finish(got)
+        v = Shares(z, got[handle])
+        u = Shares(x.a - (v.a << 1), x.b - (v.b << 1))
+        return self.add(self.mul(u, t), v)
+
+
+class Client:
+    """The client (party 3): shares its input and reconstructs the revealed output.
+
+    Its randomness is private (a fresh OS key unless ``randomness`` is given)."""
+
+    party = CLIENT
+
+    def __init__(self, transport: Transport, randomness: Randomness | None = None):
+        if transport.party != CLIENT:
+            raise ValueError(f"the client is party {CLIENT}, got a transport for party {transport.party}")
+        self.transport = transport
+        self.rand = randomness if randomness is not None else PartyKeys(CLIENT).session(secrets.token_bytes(16))
+
+    def share_input(self, x: torch.Tensor) -> None:
+        """Send (x_i, x_{i+1}) to P_i with x0, x1 uniform and x2 = x - x0 - x1. 1 round; 48 B per
+        element sent by the client (16 to each server)."""
+        x = _public(x)
+        x0, x1 = self.rand.private(x.shape), self.rand.private(x.shape)
+        comps = (x0, x1, x - x0 - x1)
+        self.transport.exchange({i: torch.stack((comps[i], comps[(i + 1) % 3])) for i in range(3)}, {})
+
+    def receive_output(self, shape: Sequence[int]) -> torch.Tensor:
+        """Receive x_i from every P_i and return x0 + x1 + x2. 1 round; the client sends nothing."""
+        shape = tuple(int(s) for s in shape)
+        got = self.transport.exchange({}, {i: shape for i in range(3)})
+        return got[0] + got[1] + got[2]
+
+
+class PartyFailure(RuntimeFault):
+    """A party's thread failed; ``party`` names it (3 = client) and ``__cause__`` holds the error."""
+
+    def __init__(self, party: int, exc: BaseException):
+        who = "the client" if party == CLIENT else f"party P{party}"
+        super().__init__(f"{who} failed: {type(exc).__name__}: {exc}")
+        self.party = party
+
+
+def run_threads(
+    fn_party: Callable[[RSSEngine], R],
+    fn_client: Callable[[Client], C] | None = None,
+    *,
+    frac_bits: int = 16,
+    timeout: float = 30.0,
+    session_id: str | None = None,
+) -> tuple[list[R], C | None, list[dict[str, StepStats]]]:
+    """Run ``fn_party`` on P0, P1, P2 and ``fn_client`` on the client, each in its own thread.
+
+    The servers first agree on keys (:func:`runtime.prg.setup_keys`, step "setup"), then derive
+    the session's PRF streams. Returns (the three servers' results, the client's result or None,
+    the per-step transport statistics of parties 0..3). When a party raises, the network is
+    aborted so nobody waits for it, and the first failure (preferring a root cause over the
+    aborts it triggered) is raised as :class:`PartyFailure` naming the party.
+    """
+    session = session_id if session_id is not None else secrets.token_hex(8)
+    net = InProcessNetwork(4, timeout=timeout, session=session)
+    results: list[Any] = [None, None, None]
+    client_result: list[Any] = [None]
+    failures: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+
+    def guarded(party: int, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            with lock:
+                failures.append((party, exc))
+            net.abort(f"party {party} failed: {type(exc).__name__}: {exc}")
+
+    def server(i: int) -> None:
+        transport = net.transport(i)
+        keys = setup_keys(transport)
+        results[i] = fn_party(RSSEngine(i, transport, keys.session(session), frac_bits))
+
+    def client() -> None:
+        client_result[0] = fn_client(Client(net.transport(CLIENT)))
+
+    threads = [
+        threading.Thread(target=guarded, args=(i, lambda i=i: server(i)), name=f"siguard-P{i}", daemon=True)
+        for i in range(3)
+    ]
+    if fn_client is not None:
+        threads.append(threading.Thread(target=guarded, args=(CLIENT, client), name="siguard-client", daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = [net.transport(p).stats for p in range(4)]
+    net.close()
+    if failures:
+        root = [f for f in failures if not isinstance(f[1], TransportAborted)] or failures
+        party, exc = root[0]
+        raise PartyFailure(party, exc) from exc
+    return results, client_result[0], stats
