@@ -63,7 +63,7 @@ SUPPORTED_ONNX_OPS: list[str] = sorted(
         "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
         "ConstantOfShape", "Conv", "Div", "Dropout", "Erf", "Exp", "Flatten", "Gather", "Gelu", "Gemm",
         "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "Identity", "LRN", "LayerNormalization",
-        "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "PRelu", "Pad", "Reciprocal",
+        "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "PRelu", "Pad", "Pow", "Reciprocal",
         "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Size", "Slice", "Softmax",
         "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
     ]
@@ -73,7 +73,7 @@ SUPPORTED_ONNX_OPS: list[str] = sorted(
 CONSTANT_ONLY_ONNX_OPS: list[str] = sorted(
     [
         "Abs", "And", "CastLike", "Ceil", "Equal", "Expand", "Floor", "Greater", "GreaterOrEqual",
-        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Pow", "Range", "ReduceMax",
+        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Range", "ReduceMax",
         "ReduceMin", "ReduceProd", "Tile", "Where",
     ]
 )  # fmt: skip
@@ -763,6 +763,30 @@ class _Lowering:
                 else "cast of an integer value to float"
             )
         self._unary("identity")
+
+    def _lower_Pow(self) -> None:
+        """x ** c for a constant c in {1, 2, 3, 0.5, -1, -0.5} (decomposed norms write x ** 2, x ** 0.5)."""
+        x = self.node.input[0]
+        c = self.const_input(1, "exponent")
+        if c is None or c.size != 1:
+            raise _Unsupported("exponent is not a constant scalar")
+        e = float(c.reshape(-1)[0])
+        shape, out = self.out_shape(), self.node.output[0]
+        ref = self.ir(x)
+        if e == 1.0:
+            self.emit("identity", [ref], {}, shape, out)
+        elif e in (2.0, 3.0):
+            sq = self.emit("mul", [ref, ref], {}, shape, out if e == 2.0 else None)
+            if e == 3.0:
+                self.emit("mul", [sq, ref], {}, shape, out)
+        elif e == 0.5:
+            self.emit("sqrt", [ref], {}, shape, out)
+        elif e == -1.0:
+            self.emit("reciprocal", [ref], {}, shape, out)
+        elif e == -0.5:
+            self.emit("reciprocal", [self.emit("sqrt", [ref], {}, shape)], {}, shape, out)
+        else:
+            raise _Unsupported(f"exponent {e:g} (supported: 1, 2, 3, 0.5, -1, -0.5)")
 
     def _lower_LeakyRelu(self) -> None:
         self._unary("leaky_relu", {"alpha": float(self.attrs.get("alpha", 0.01))})

@@ -125,8 +125,9 @@ class Executor:
                     if step["op"] == "input":
                         name = step["outputs"][0]
                         value = None if inputs is None else inputs[name]
-                        env[name] = self.engine.input(step["attrs"].get("owner", "client"), value,
-                                                      tuple(self.plan.values[name]["shape"]))
+                        env[name] = self.engine.input(
+                            step["attrs"].get("owner", "client"), value, tuple(self.plan.values[name]["shape"])
+                        )
                     elif step["op"] == "reveal":
                         name = step["inputs"][0]
                         outputs[name] = self.engine.reveal(self._get(env, name), step["attrs"].get("to", "client"))

@@ -65,8 +65,9 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
     return out
 
 
-def run_reference(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray,
-                  weights: dict[str, np.ndarray] | None = None) -> RunResult:
+def run_reference(
+    plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray, weights: dict[str, np.ndarray] | None = None
+) -> RunResult:
     """Execute the plan on cleartext ring values with the secure runtime's arithmetic."""
     xs = check_inputs(plan, inputs)
     w = plan.load_weights() if weights is None else weights
@@ -79,8 +80,13 @@ def run_reference(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray,
     return RunResult(outs, time.perf_counter() - t0)
 
 
-def run_threads(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray,
-                weights: dict[str, np.ndarray] | None = None, *, timeout: float = 60.0) -> RunResult:
+def run_threads(
+    plan: Plan,
+    inputs: dict[str, np.ndarray] | np.ndarray,
+    weights: dict[str, np.ndarray] | None = None,
+    *,
+    timeout: float = 60.0,
+) -> RunResult:
     """Execute the plan between three in-process parties (threads) and an in-process client.
 
     P0 is the model owner's server: it alone reads the weights and secret-shares them. The client

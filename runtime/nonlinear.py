@@ -224,7 +224,9 @@ def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
     10 rounds per level, ceil(log2 k) levels."""
     k = int(v.shape[0])
     rest = tuple(v.shape[1:])
-    kp = 1 << (k - 1).bit_length() if k > 1 else 1
+    if k == 1:  # a secret one-hot all the same (0 * v + 2^scale)
+        return e.local(lambda t: t[0], v), e.add(e.mul(v, _t(0)), _t(1 << scale))
+    kp = 1 << (k - 1).bit_length()
     if kp > k:
         v = e.local(lambda t: torch.cat([t, torch.zeros((kp - k, *rest), dtype=t.dtype, device=t.device)], 0), v)
         pad = torch.zeros((kp, *rest), dtype=torch.int64)
@@ -449,30 +451,19 @@ def _power_grid(lo: float, hi: float, f: int) -> tuple[int, int]:
     return j_lo, j_hi
 
 
-def _steps_guess(
-    e: Engine, x: Secret, lo: float, hi: float, power: float, scale: int, zero_value: float | None = None
-) -> tuple[Secret, Bits | None]:
-    """Guess c 2^(-power j) for x in [2^j, 2^(j+1)) (c = (2/3)^power: relative error 1/3 of the
-    target x^-power), at ``scale``. One msb + one mul_bit = 10 rounds (none for one interval).
-    With ``zero_value`` an extra lowest threshold of one ulp gives that value to x <= 0; the bit
-    [x >= 1 ulp] is returned second."""
+def _steps_guess(e: Engine, x: Secret, lo: float, hi: float, power: float, scale: int) -> Secret:
+    """Guess c 2^(-power j) for x in [2^j, 2^(j+1)) covering [lo, hi] (c = (2/3)^power: x^power y0
+    lies in [2/3, 4/3)), at ``scale``: one msb + one mul_bit = 10 rounds (none for one interval)."""
     f = e.frac_bits
     j_lo, j_hi = _power_grid(lo, hi, f)
-    js = list(range(j_lo, j_hi + 1))
     c = (2.0 / 3.0) ** power
-    vals = [c * 2.0 ** (-power * j) for j in js]
-    taus = [2.0**j for j in js[1:]]
-    if zero_value is not None:
-        vals = [zero_value] + vals
-        taus = [2.0**-f] + taus
-    values = torch.tensor([round(v * 2.0**scale) for v in vals], dtype=torch.int64)
-    if not taus:
-        return e.add(e.mul(x, _t(0)), values[0]), None
-    tau = torch.tensor([round(t * 2.0**f) for t in taus], dtype=torch.int64)
+    values = torch.tensor([round(c * 2.0 ** (scale - power * j)) for j in range(j_lo, j_hi + 1)], dtype=torch.int64)
+    if j_hi == j_lo:
+        return e.add(e.mul(x, _t(0)), values[0])
+    tau = torch.tensor([1 << (f + j) for j in range(j_lo + 1, j_hi + 1)], dtype=torch.int64)
     (neg,) = msb_many(e, [ge_bits(e, x, tau)])
-    ge = e.bit_not(neg)
-    (y,), _ = step_function(e, ge, [values])
-    return y, (e.bit_local(lambda t: t[0], ge) if zero_value is not None else None)
+    (y,), _ = step_function(e, e.bit_not(neg), [values])
+    return y
 
 
 def _pick_guess(guess: str, eps_lin: float, eps_steps: float, target: float, step: Callable[[float], float]) -> str:
@@ -496,7 +487,7 @@ def _recip_newton(
     range for headroom. Returns (y, its scale): ``out_scale`` if given (folded into the last
     truncation), else fy. Each iteration: mul 1 + trunc 2 + mul 1 + trunc 2 = 6 rounds."""
     f = e.frac_bits
-    target = 2.0**-f
+    target = 2.0 ** (1 - f)  # two ulps of relative error
     square = lambda v: v * v  # noqa: E731 - the relative error squares each step
     if guess == "auto":
         if lo is None or hi is None:
@@ -519,7 +510,7 @@ def _recip_newton(
         y2 = e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy)))
         y = _rtrunc(e, y2, f)
     elif guess == "steps":
-        y, _ = _steps_guess(e, x, float(lo), float(hi), 1.0, fy)  # type: ignore[arg-type]
+        y = _steps_guess(e, x, float(lo), float(hi), 1.0, fy)  # type: ignore[arg-type]
     elif guess == "exp":  # CrypTen: 3 exp(1 - 2x) + 0.003 (exp by the limit method, 8 iterations)
         u = exp_limit(e, e.sub(_t(1 << f), e.mul(x, _t(2))), 8, saturate=False, hi=1.0)
         y = e.mul(e.add(e.mul(u, _t(3)), ring_const(0.003, f)), _t(1 << (fy - f)))
@@ -573,7 +564,7 @@ def _rsqrt_newton(
     and ONE trunc, then one mul and one trunc (by fy + 1: the /2 is free). 6 rounds per iteration.
     y at an internal scale fy <= 30 chosen for headroom; returns (y, scale)."""
     f = e.frac_bits
-    target = 2.0**-f
+    target = 2.0 ** (2 - f)  # on e = 1 - x y^2, i.e. two ulps of relative error in y
     step = lambda v: (3 * v * v + v**3) / 4  # noqa: E731 - e = 1 - x y^2 -> (3e^2 + e^3) / 4
     g = _pick_guess(guess, _rsqrt_linear(lo, hi)[2], 1.0 / 3.0, target, step)
     eps0 = _rsqrt_linear(lo, hi)[2] if g == "linear" else 1.0 / 3.0
@@ -585,7 +576,7 @@ def _rsqrt_newton(
         alpha, beta, _ = _rsqrt_linear(lo, hi)
         y = _rtrunc(e, e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy))), f)
     elif g == "steps":
-        y, _ = _steps_guess(e, x, lo, hi, 0.5, fy)
+        y = _steps_guess(e, x, lo, hi, 0.5, fy)
     else:
         raise ValueError(f"unknown rsqrt guess {g!r}")
     out = fy if out_scale is None else min(int(out_scale), fy)
@@ -723,11 +714,7 @@ def softmax(
     total = lambda v: e.local(lambda t: t.sum(dim=ax, keepdim=True), v)  # noqa: E731
 
     if impl == "secureml":
-        r = relu(e, x)
-        s = total(r)
-        s_hi = float(2**12 if hi is None else hi)
-        y0, nonzero = _steps_guess_secure(e, s, s_hi)
-        return _secureml_finish(e, r, s, y0, nonzero, k_cls, s_hi, iterations)
+        return _secureml(e, x, ax, float(2**12 if hi is None else hi), iterations)
 
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
     if impl in ("max_exp_recip", "exp2"):
@@ -748,33 +735,29 @@ def softmax(
     return _rtrunc(e, e.mul(ez, y), sy)
 
 
-def _steps_guess_secure(e: Engine, s: Secret, s_hi: float) -> tuple[Secret, Bits]:
-    """Threshold guess of 1/s on [2^-f, s_hi] plus the bit [s >= 1 ulp] (zero test), 10 rounds;
-    s = 0 gets guess 1 (the fallback denominator below)."""
+def _secureml(e: Engine, x: Secret, ax: int, s_hi: float, iterations: int | None) -> Secret:
+    """relu(x) / sum relu(x) along ``ax``; where the sum is 0, 1/K (uniform).
+
+    The sum s is compared in ONE msb call against one ulp (the zero test, z = [s < 1 ulp]) and the
+    powers of two 2^(j+1) of [2^-f, s_hi]; ONE mul_bit call gives the Newton guess 1/s (z: 1) and
+    z-corrections: s' = s + z, numerator r + z / K. Then Newton on s' and one mul + trunc."""
     f = e.frac_bits
-    fy = _secureml_scale(f, s_hi)
-    y0, nonzero = _steps_guess(e, s, 2.0**-f, s_hi, 1.0, fy, zero_value=1.0)
-    assert nonzero is not None
-    return y0, nonzero
-
-
-def _secureml_scale(f: int, s_hi: float) -> int:
-    return max(f, min(30, math.floor((60 - math.log2(2.0 * 2.0**f * 2)) / 2)))
-
-
-def _secureml_finish(
-    e: Engine, r: Secret, s: Secret, y0: Secret, nonzero: Bits, k_cls: int, s_hi: float, iterations: int | None
-) -> Secret:
-    """relu / sum with the uniform fallback: where s = 0, use numerator 1/K and denominator 1."""
-    f = e.frac_bits
-    fy = _secureml_scale(f, s_hi)
+    k_cls = int(x.shape[ax])
+    r = relu(e, x)
+    s = e.local(lambda t: t.sum(dim=ax, keepdim=True), r)
+    j_lo, j_hi = _power_grid(2.0**-f, s_hi, f)
+    fy = max(f, min(30, math.floor((60 - math.log2(2.0 ** (f + 2))) / 2)))  # y <= 2^f (s = 1 ulp)
+    guesses = [1.0] + [(2.0 / 3.0) * 2.0**-j for j in range(j_lo, j_hi + 1)]
+    values = torch.tensor([round(v * 2.0**fy) for v in guesses], dtype=torch.int64)
+    tau = torch.tensor([1] + [1 << (f + j) for j in range(j_lo + 1, j_hi + 1)], dtype=torch.int64)
+    (neg,) = msb_many(e, [ge_bits(e, s, tau)])
+    ge = e.bit_not(neg)
+    nonzero = e.bit_local(lambda t: t[0], ge)
     one, share = _t(1 << f), ring_const(1.0 / k_cls, f)
-    # zero = 1 - nonzero; one mul_bit gives nonzero * 1 and nonzero * (1/K)
-    n1, nk = mul_bit_many(e, [one, share], [nonzero, nonzero])
+    (y,), (n1, nk) = step_function(e, ge, [values], [(one, nonzero), (share, nonzero)])
     s_fix = e.add(s, e.sub(one, n1))  # s + [s == 0]
     num = e.add(r, e.sub(share, nk))  # r + [s == 0] / K
-    k = _iterations_for(1.0 / 3.0, 2.0**-f, lambda v: v * v) if iterations is None else int(iterations)
-    y = y0
+    k = _iterations_for(1.0 / 3.0, 2.0 ** (1 - f), lambda v: v * v) if iterations is None else int(iterations)
     for _ in range(k):
         p = _rtrunc(e, e.mul(s_fix, y), f)
         y = _rtrunc(e, e.mul(y, e.sub(_t(2 << fy), p)), fy)
@@ -968,13 +951,13 @@ def layer_norm(
     epsilon: float = 1e-5,
     impl: str = "newton_rsqrt",
     lo: float = 0.0,
-    hi: float = 1024.0,
+    hi: float = 16384.0,
     iterations: int | None = None,
     guess: str = "auto",
 ) -> Secret:
     """(x - mean) / sqrt(var + epsilon) * scale + bias over the axes >= ``axis`` (N elements);
     ``scale``/``bias`` secret or public, at scale f, broadcastable. The variance must lie in
-    [``lo``, ``hi``] (default [0, 1024]).
+    [``lo``, ``hi``] (default [0, 2^14]).
 
     d = x - S/N with 1/N at scale 24 (one trunc); [d*d, d*scale] in one mul; W = sum d^2 + N eps and
     d*scale in one trunc; r = rsqrt(W) (Newton, guess from W in [N (lo + eps), N (hi + eps)]);

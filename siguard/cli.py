@@ -66,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_reference(plan, x)
     elif args.mode == "threads":
         result = run_threads(plan, x, timeout=args.timeout)
-    else:
-        raise InputError(f"--mode {args.mode} is not available yet")
+    else:  # argparse restricts the choices
+        raise InputError(f"unknown mode {args.mode}")
     y = result.output
     if args.output:
         np.save(args.output, y.astype(np.float32))
@@ -79,6 +79,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from runtime.stats import format_stats
 
         print(format_stats(result.stats))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from privacy.demo import run_demo
+
+    run_demo(args.dataset, args.out, args.queries)
     return 0
 
 
@@ -107,11 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("plan")
     r.add_argument("--input", required=True, help=".npy input (shape as the plan's input)")
     r.add_argument("--output", default=None, help="write the revealed output to this .npy")
-    r.add_argument("--mode", choices=("reference", "threads", "processes"), default="threads",
+    r.add_argument("--mode", choices=("reference", "threads"), default="threads",
                    help="reference: fixed-point cleartext oracle; threads: three parties in this process")
     r.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a peer (default 60)")
     r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the whole pipeline on bundled real data (no arguments needed)")
+    d.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits")
+    d.add_argument("--out", default="siguard-demo", help="working directory for the model, plan and reports")
+    d.add_argument("--queries", type=int, default=200, help="number of test images to query (default 200)")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -80,7 +80,7 @@ def train_digits_mlp() -> nn.Module:
     torch.manual_seed(_SEED)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     x_train, y_train, x_test, y_test = digits()
-    _train(model, x_train, y_train, epochs=30, batch=64, lr=1e-2)
+    _train(model, x_train, y_train, epochs=20, batch=128, lr=1e-2)
     acc = accuracy(model, x_test, y_test)
     if acc < 0.9:
         raise RuntimeError(f"digits MLP reached only {acc:.3f} test accuracy")
@@ -115,7 +115,7 @@ def train_digits_cnn() -> nn.Module:
     torch.manual_seed(_SEED)
     model = DigitsCNN()
     x_train, y_train, x_test, y_test = digits()
-    _train(model, x_train.reshape(-1, 1, 8, 8), y_train, epochs=15, batch=64, lr=1e-2)
+    _train(model, x_train.reshape(-1, 1, 8, 8), y_train, epochs=10, batch=128, lr=1e-2)
     acc = accuracy(model, x_test.reshape(-1, 1, 8, 8), y_test)
     if acc < 0.9:
         raise RuntimeError(f"digits CNN reached only {acc:.3f} test accuracy")

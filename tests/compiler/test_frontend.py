@@ -248,6 +248,36 @@ def test_unfixable_symbolic_dim():
     assert "features" in _one_line_model_error(lambda: load_model(model))
 
 
+def test_shape_inference_failure():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    c = numpy_helper.from_array(np.zeros((4, 5), np.float32), "c")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"], name="bad_add")], "g", [x], [y], [c])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert "shape inference" in _one_line_model_error(lambda: load_model(model))
+
+
+def test_missing_external_data(tmp_path):
+    path = models.export(models.train_digits_mlp(), tmp_path / "m.onnx", torch.zeros(1, 64), dynamo=True)
+    for p in tmp_path.iterdir():
+        if p.name != "m.onnx":
+            p.unlink()
+    assert "m.onnx" in _one_line_model_error(lambda: load_model(path))
+
+
+def test_unsupported_pow_exponent_is_reported():
+    model, _ = _op_case("Pow", (2, 3), {}, [np.float32(1.7)])
+    with pytest.raises(UnsupportedOpsError, match="pow_node"):
+        load_model(model)
+
+
+def test_intermediate_output_by_name():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])]
+    g = load_model(_make_model(nodes, [x], ["y"]), output="r")
+    assert g.outputs == ["r"] and [n.op for n in g.nodes] == ["relu"]
+
+
 def test_unknown_output_name(tmp_path):
     path = models.sklearn_mlp_onnx(tmp_path / "sk.onnx")
     msg = _one_line_model_error(lambda: load_model(path, output="logits"))
@@ -385,6 +415,7 @@ OP_CASES = {
 POSITIVE_CASES = {
     "sqrt": ("Sqrt", (2, 3), {}, []),
     "reciprocal": ("Reciprocal", (2, 3), {}, []),
+    **{f"pow_{e:g}": ("Pow", (2, 3), {}, [np.float32(e)]) for e in (1, 2, 3, 0.5, -1, -0.5)},
 }
 OPSET_CASES = {  # (opset, case): attribute forms and old semantics
     "softmax_v11_coerce": (11, ("Softmax", (2, 3, 4), {"axis": 1}, [])),

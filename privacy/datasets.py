@@ -1,0 +1,80 @@
+"""Real data that can be had offline: scikit-learn's digits (in the wheel) and Debian's Fashion-MNIST."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import InputError
+
+__all__ = ["Dataset", "load_dataset", "FASHION_MNIST_DIR", "DATASETS"]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass
+class Dataset:
+    """Images as float32 in [0, 1], shape (N, C, H, W), labels int64 (N,)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return Dataset("digits", x, d.target.astype(np.int64), 10)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for cand in sorted(directory.rglob(f"{stem}*")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> Dataset:
+    if not directory.exists():
+        raise InputError(
+            f"Fashion-MNIST not found in {directory}: install Debian's package 'dataset-fashion-mnist' "
+            "(apt-get install dataset-fashion-mnist) or use --dataset digits"
+        )
+    xs, ys = [], []
+    for split in ("train", "t10k"):
+        img, lab = _find(directory, f"{split}-images"), _find(directory, f"{split}-labels")
+        if img is None or lab is None:
+            raise InputError(f"Fashion-MNIST files for split {split!r} are missing in {directory}")
+        xs.append(_read_idx(img))
+        ys.append(_read_idx(lab))
+    x = (np.concatenate(xs).astype(np.float32) / 255.0)[:, None, :, :]
+    return Dataset("fashion-mnist", x, np.concatenate(ys).astype(np.int64), 10)
+
+
+def load_dataset(name: str) -> Dataset:
+    """``digits`` (1797 8x8 images) or ``fashion-mnist`` (70 000 28x28 images, from Debian)."""
+    if name == "digits":
+        return _digits()
+    if name == "fashion-mnist":
+        return _fashion_mnist()
+    raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
