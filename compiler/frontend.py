@@ -171,10 +171,15 @@ def _sanitize(name: str) -> str:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """Attribute name -> Python value; strings decoded, float32 attributes as their shortest repr (1e-05)."""
     out = {}
     for a in node.attribute:
         v = helper.get_attribute_value(a)
-        out[a.name] = v.decode() if isinstance(v, bytes) else v
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, float):
+            v = float(str(np.float32(v)))
+        out[a.name] = v
     return out
 
 
@@ -286,7 +291,6 @@ class _Frontend:
         g.initializer.extend(inits)
         g.input.extend(inputs)
         g.output.append(vi)
-        self.pruned_nodes = len(keep)
 
     # -- 3. op support, first pass (op types) --
     def _reject_unknown_ops(self, model: onnx.ModelProto) -> None:

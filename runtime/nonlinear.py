@@ -4,9 +4,10 @@ Every function takes and returns secrets at the engine's fixed-point scale f (``
 16 by default) unless it says otherwise, calls only the Engine interface (so the plain, secure and
 cost engines run the same code) and batches independent work into one primitive call per round
 (see :mod:`runtime.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
-mul_bit 2, b2a 2; local operations are free. "ulp" = 2^-f. Errors were measured with the plain
-engine (floor truncation) at f = 16 against float64 references evaluated at the encoded inputs;
-the secure engine's truncation may add 1 ulp per truncation on top.
+mul_bit 2, b2a 2; local operations are free. "ulp" = 2^-f. Truncations round to nearest (half
+an ulp is added first, for free). Errors were measured with the plain engine at f = 16 against
+float64 references evaluated at the encoded inputs; the secure engine's truncation may add 1 ulp
+per truncation on top (tests/runtime/test_nonlinear.py checks both).
 
 The registry :data:`IMPLEMENTATIONS` maps ``op -> impl name -> callable(e, *inputs, **attrs)``
 (IR attribute names from :mod:`compiler.ops`; optional tuning keywords such as ``lo``/``hi``
@@ -177,7 +178,7 @@ def prelu(e: Engine, x: Secret, slope: Any) -> Secret:
     return e.add(r, _rtrunc(e, e.mul(neg, slope), e.frac_bits))
 
 
-def clip(e: Engine, x: Secret, min: float | None = None, max: float | None = None) -> Secret:  # noqa: A002
+def clip(e: Engine, x: Secret, min: float | None = None, max: float | None = None) -> Secret:
     """min(max(x, min), max) for public real bounds (either may be None), encoded at scale f.
 
     Exact. Both comparisons share ONE msb call: 10 rounds (0 if both bounds are None)."""
@@ -318,7 +319,7 @@ def maxpool2d(
 
 # ---- exp ------------------------------------------------------------------------------------------
 def _exp_hi_default(f: int) -> float:
-    """Largest x whose e^x keeps the last squaring's product e^(2x) 2^(2f) below 2^60."""
+    """Largest x whose e^x at scale 2f (the last squaring's product) stays below 2^60."""
     return max(0, 60 - 2 * f) * LN2
 
 
@@ -335,8 +336,8 @@ def exp_limit(e: Engine, x: Secret, iterations: int = 8, saturate: bool = True, 
     Fixed point: the i-th square y_i = e^(x / 2^(n-i)) is kept at the largest scale (<= 30) its
     bound e^(hi / 2^(n-i)) allows, so for hi <= 0 the squarings are essentially exact and only
     the method's own error remains: about e^x x^2 / 2^(n+1) (e^x underestimated).
-    Measured max |error| (f = 16) on [-16, 0]: n = 4: 1.6e-2, n = 8: 1.1e-3, n = 10: 2.7e-4
-    (with hi = 0); relative 3.3e-2 on [0, 4] for n = 8 with the default hi.
+    Measured max |error| (f = 16) on [-16, 0]: n = 4: 1.7e-2, n = 6: 4.3e-3, n = 8: 1.1e-3,
+    n = 10: 2.7e-4; relative 3.1e-2 on [0, 4] for n = 8 with the default hi.
     Cost: n x (mul 1 + trunc 2) = 3n rounds (+10 with ``saturate``). n = 8: 24 (34)."""
     f = e.frac_bits
     n = int(iterations)
@@ -369,8 +370,8 @@ def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = 
     e^r by a degree-``degree`` Chebyshev polynomial; e^x = S * e^r.
 
     Saturation: x < tau_{K_lo} gives exactly 0 (S = 0), x > tau_{K_hi} gives e^(tau_{K_hi}).
-    Measured max |error| at f = 16, degree 4, on [-12, 0]: 1.7e-5 (about 1 ulp); relative 1e-5 up
-    to e^10. Bytes grow with the number of grid points (K_hi - K_lo + 1).
+    Measured at f = 16, degree 4: max |error| 1.5e-5 (one ulp) on [-12, 0], relative 1.1e-5 on
+    [0, 19]. Bytes grow with the number of grid points (K_hi - K_lo + 1; 45 by default).
     Cost: msb 8 + mul_bit 2 + polynomial (3 ceil(log2 d) + 2) + mul 1 + trunc 2 = 21 rounds (d = 4)."""
     f = e.frac_bits
     lo = -f * LN2 if lo is None else float(lo)
@@ -446,8 +447,8 @@ def _rsqrt_linear(lo: float, hi: float) -> tuple[float, float, float]:
 
 def _power_grid(lo: float, hi: float, f: int) -> tuple[int, int]:
     """Exponents (j_lo, j_hi) of power-of-two intervals [2^j, 2^(j+1)) covering [lo, hi]."""
-    j_lo = max(-f, math.floor(math.log2(lo)))
-    j_hi = max(j_lo, math.ceil(math.log2(hi)) - 1)
+    j_lo = max(-f, math.floor(math.log2(lo))) if lo > 0 else -f
+    j_hi = max(j_lo, math.ceil(math.log2(hi)) - 1) if hi > 0 else j_lo
     return j_lo, j_hi
 
 
@@ -489,6 +490,8 @@ def _recip_newton(
     f = e.frac_bits
     target = 2.0 ** (1 - f)  # two ulps of relative error
     square = lambda v: v * v  # noqa: E731 - the relative error squares each step
+    if lo is not None:
+        lo = max(float(lo), 2.0**-f)  # x > 0: nothing below one ulp
     if guess == "auto":
         if lo is None or hi is None:
             guess = "exp"
@@ -544,14 +547,14 @@ def reciprocal(
     comparisons against powers of two in [lo, hi] giving (2/3) 2^-j on [2^j, 2^(j+1)) (eps = 1/3;
     valid for x < 1.5 * 2^ceil(log2 hi)). "auto": "exp" without a range, otherwise the cheaper in
     rounds of linear/steps. The relative error after k steps is eps^(2^k).
-    Measured (f = 16, "newton10", exp guess): max relative error 1.5e-5 on [0.01, 100] (1 ulp-level);
-    with lo = 1, hi = 10, 4 iterations (linear guess): 1.6e-5.
+    Measured (f = 16): "newton10" with the exp guess: max |error| 8.6e-6 on [0.01, 100] (relative
+    7.4e-5 on [0.01, 10], i.e. the ulp of y); "newton4" with lo = 1, hi = 10: 2.0e-5.
     Cost: guess (exp 24, linear 2, steps 10) + 6 rounds per iteration; newton10 = 84 rounds."""
     k = _impl_number(impl, "newton", "reciprocal")
     return _recip_newton(e, x, lo, hi, guess, k, e.frac_bits)[0]
 
 
-def _rsqrt_newton(
+def _inv_sqrt(
     e: Engine,
     x: Secret,
     lo: float,
@@ -559,35 +562,48 @@ def _rsqrt_newton(
     iterations: int | None = None,
     guess: str = "auto",
     out_scale: int | None = None,
-) -> tuple[Secret, int]:
-    """x^-1/2 by Newton: y <- y (3 - x y^2) / 2 = (3y - (x y)(y^2)) / 2, with y^2 and x y in ONE mul
-    and ONE trunc, then one mul and one trunc (by fy + 1: the /2 is free). 6 rounds per iteration.
-    y at an internal scale fy <= 30 chosen for headroom; returns (y, scale)."""
+) -> tuple[Secret, Secret, int]:
+    """(x^-1/2, x^1/2, their scale) by Newton's iteration for x^-1/2 in its coupled (Goldschmidt)
+    form: g = x y0 ~ sqrt(x), h = y0 / 2; each step r = 1/2 - g h, then g += g r and h += h r with
+    both products in ONE mul and ONE trunc. Every intermediate is well scaled (g h ~ 1/2, r -> 0),
+    unlike y^2 in y (3 - x y^2) / 2, which loses its bits at fixed point when x is large.
+    e = 1 - x y^2 evolves as (3e^2 + e^3) / 4, as for Newton.
+
+    g, h are kept at an internal scale fy <= 30 chosen for headroom (g <= 1.2 sqrt(hi), h <= y_max);
+    the result is at ``out_scale`` (default fy), folded into the last truncation.
+    Cost: guess (linear 2, steps 10) + mul 1 + trunc 2 + 6 rounds per iteration."""
     f = e.frac_bits
+    lo = max(float(lo), 2.0**-f)  # x > 0: nothing below one ulp
     target = 2.0 ** (2 - f)  # on e = 1 - x y^2, i.e. two ulps of relative error in y
-    step = lambda v: (3 * v * v + v**3) / 4  # noqa: E731 - e = 1 - x y^2 -> (3e^2 + e^3) / 4
-    g = _pick_guess(guess, _rsqrt_linear(lo, hi)[2], 1.0 / 3.0, target, step)
-    eps0 = _rsqrt_linear(lo, hi)[2] if g == "linear" else 1.0 / 3.0
+    step = lambda v: (3 * v * v + v**3) / 4  # noqa: E731
+    g_name = _pick_guess(guess, _rsqrt_linear(lo, hi)[2], 1.0 / 3.0, target, step)
+    eps0 = _rsqrt_linear(lo, hi)[2] if g_name == "linear" else 1.0 / 3.0
     k = _iterations_for(eps0, target, step) if iterations is None else int(iterations)
     y_max = 1.2 / math.sqrt(max(lo, 2.0**-f)) * 1.5**k  # x below lo: y grows by <= 1.5 per step
-    need = max(y_max * y_max, 1.5 * math.sqrt(hi), 3.0 * y_max)
+    need = max(1.2 * math.sqrt(hi), y_max, 1.0)
     fy = max(f, min(30, math.floor((60 - math.log2(need)) / 2)))
-    if g == "linear":
+    if g_name == "linear":
         alpha, beta, _ = _rsqrt_linear(lo, hi)
-        y = _rtrunc(e, e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy))), f)
-    elif g == "steps":
-        y = _steps_guess(e, x, lo, hi, 0.5, fy)
+        y0 = _rtrunc(e, e.sub(_t(int(ring_const(alpha, fy)) << f), e.mul(x, ring_const(beta, fy))), f)
+    elif g_name == "steps":
+        y0 = _steps_guess(e, x, lo, hi, 0.5, fy)
     else:
-        raise ValueError(f"unknown rsqrt guess {g!r}")
+        raise ValueError(f"unknown rsqrt guess {g_name!r}")
     out = fy if out_scale is None else min(int(out_scale), fy)
     if k == 0:
-        return (_rtrunc(e, y, fy - out) if fy > out else y), out
-    x_hi = e.mul(x, _t(1 << (fy - f)))  # x at scale fy (exact)
+        return _rtrunc(e, y0, fy - out), _rtrunc(e, e.mul(x, y0), f + fy - out), out
+    g = _rtrunc(e, e.mul(x, y0), f)  # scale fy
+    h = y0  # y0 / 2 at scale fy + 1
+    half = _t(1 << (2 * fy))  # 1/2 at scale 2fy + 1
     for i in range(k):
-        yy, xy = trunc_many(e, mul_many(e, [(y, y), (x_hi, y)]), fy)
-        z = e.sub(e.mul(y, _t(3 << fy)), e.mul(xy, yy))
-        y = _rtrunc(e, z, fy + 1 + (fy - out if i == k - 1 else 0))
-    return y, out
+        r = _rtrunc(e, e.sub(half, e.mul(g, h)), fy + 1)  # scale fy
+        gr, hr = mul_many(e, [(g, r), (h, r)])
+        shift = fy + (fy - out if i == k - 1 else 0)
+        rnd = _t(1 << (shift - 1))
+        g, h = trunc_many(
+            e, [e.add(e.add(e.mul(g, _t(1 << fy)), gr), rnd), e.add(e.add(e.mul(h, _t(1 << fy)), hr), rnd)], shift
+        )
+    return h, g, out  # h at scale out + 1 is y = 2h at scale out
 
 
 _RSQRT_RANGE = (2.0**-12, 2.0**12)
@@ -606,10 +622,12 @@ def rsqrt(
     x y0^2 is 1/3 whatever the range); "auto" picks the cheaper in rounds. Iterations (default):
     enough for 2^-f relative. Below lo the result is too small (y grows by 1.5 per step);
     x <= 0 is outside the domain.
-    Measured (f = 16, default range, steps guess, 3 iterations): max relative error 2.0e-5.
-    Cost: guess (2 or 10) + 6 rounds per iteration; default range: 10 + 18 = 28 rounds."""
+    Computed with :func:`_inv_sqrt` (the coupled form of Newton's iteration).
+    Measured (f = 16, default range, steps guess, 3 iterations): |error| <= 1 ulp + 1.7e-5 y
+    (relative 2.0e-5 for x <= 1).
+    Cost: guess (2 or 10) + 3 + 6 rounds per iteration; default range: 10 + 3 + 18 = 31 rounds."""
     lo_, hi_ = _RSQRT_RANGE[0] if lo is None else lo, _RSQRT_RANGE[1] if hi is None else hi
-    return _rsqrt_newton(e, x, lo_, hi_, iterations, guess, e.frac_bits)[0]
+    return _inv_sqrt(e, x, lo_, hi_, iterations, guess, e.frac_bits)[0]
 
 
 def sqrt(
@@ -621,15 +639,15 @@ def sqrt(
     iterations: int | None = None,
     guess: str = "auto",
 ) -> Secret:
-    """sqrt(x) = x * rsqrt(x) for x >= 0 ("newton_rsqrt"; range as :func:`rsqrt`, default
+    """sqrt(x) for x >= 0 ("newton_rsqrt": the g = x y ~ sqrt(x) half of :func:`_inv_sqrt`'s
+    coupled Newton iteration, so no extra product; range as :func:`rsqrt`, default
     [2^-12, 2^12]). For 0 <= x < lo the result tends to 0 (|error| <= sqrt(lo)).
-    Measured (f = 16, default range): max relative error 2.0e-5 on [2^-12, 2^12], absolute 1.5e-5
-    below 1. Cost: rsqrt + mul 1 + trunc 2 = 31 rounds with the default range."""
+    Measured (f = 16, default range): max relative error 2.1e-5 for x >= 1, absolute 1.9e-5
+    below 1. Cost: 31 rounds with the default range (as rsqrt)."""
     if impl != "newton_rsqrt":
         raise KeyError(f"unknown sqrt implementation {impl!r}")
     lo_, hi_ = _RSQRT_RANGE[0] if lo is None else lo, _RSQRT_RANGE[1] if hi is None else hi
-    y, sy = _rsqrt_newton(e, x, lo_, hi_, iterations, guess)
-    return _rtrunc(e, e.mul(x, y), sy)
+    return _inv_sqrt(e, x, lo_, hi_, iterations, guess, e.frac_bits)[1]
 
 
 @functools.lru_cache(maxsize=16)
@@ -644,12 +662,14 @@ def log(e: Engine, x: Secret, lo: float = 1.0, hi: float = 2.0, degree: int = 8)
     both 2^-k (public values at scale 40) and k ln 2; m = x 2^-k by one mul + trunc (kept at scale
     24 for the polynomial); ln m by a degree-``degree`` Chebyshev polynomial on [1, 2].
     Outside [lo, hi] the polynomial extrapolates (inaccurate). Measured (f = 16, degree 8):
-    max |error| 1.1e-5 on [1, 1000].
+    max |error| 1.5e-5 on [1, 1000].
     Cost: msb 8 + mul_bit 2 + mul 1 + trunc 2 + polynomial 11 = 24 rounds (13 if [lo, hi] lies
     in one octave: no comparisons, a local product)."""
     f = e.frac_bits
     j_lo, j_hi = _power_grid(lo, hi, f)
     p_scale, m_scale = 40, 24
+    if j_hi > p_scale:
+        raise ValueError(f"log range up to {hi} exceeds 2^{p_scale}")
     ks = list(range(j_lo, j_hi + 1))
     p_vals = torch.tensor([1 << (p_scale - k) for k in ks], dtype=torch.int64)
     l_vals = torch.tensor([round(k * LN2 * 2.0**f) for k in ks], dtype=torch.int64)
@@ -657,7 +677,7 @@ def log(e: Engine, x: Secret, lo: float = 1.0, hi: float = 2.0, degree: int = 8)
         m = e.mul(x, p_vals[0])
         k_ln2: Any = l_vals[0]
     else:
-        tau = torch.tensor([1 << (f + k) if k >= 0 else 1 << max(0, f + k) for k in ks[1:]], dtype=torch.int64)
+        tau = torch.tensor([1 << (f + k) for k in ks[1:]], dtype=torch.int64)  # k >= -f
         (neg,) = msb_many(e, [ge_bits(e, x, tau)])
         (p, k_ln2), _ = step_function(e, e.bit_not(neg), [p_vals, l_vals])
         m = e.mul(x, p)
@@ -690,21 +710,23 @@ def softmax(
       in [1, K], 1/s by Newton from the linear guess on [1, K] (iterations for 2^-f relative:
       4 for K = 10), y = e^z / s. Domain: logit spread max - min <= 2^n (n = 8: 256) unless
       ``saturate`` (+10 rounds: entries below -2^n become 0). Measured max |error| (K = 10,
-      logits in [-10, 10]): 3.4e-4. Cost K = 10: 40 + 24 + 26 + 3 = 93 rounds.
+      logits in [-10, 10]): 3.0e-3 (the limit method's error; use "exp2" for 4e-5).
+      Cost K = 10: 40 + 24 + 26 + 3 = 93 rounds.
     * "crypten": CrypTen's defaults: same structure, exp limit8, reciprocal with 10 Newton
-      iterations from 3 exp(1 - 2s) + 0.003 (needs K <= 128). Measured 3.4e-4. Cost K = 10:
+      iterations from 3 exp(1 - 2s) + 0.003 (needs K <= 128). Measured 3.0e-3. Cost K = 10:
       40 + 24 + 84 + 3 = 151 rounds.
     * "exp2": e^z by :func:`exp_steps` on [-f ln 2, 0] (threshold comparisons + degree-4
-      polynomial; entries below -f ln 2 are exactly 0), then as "max_exp_recip". Measured 2.3e-5.
+      polynomial; entries below -f ln 2 are exactly 0), then as "max_exp_recip". Measured 4.0e-5.
       Cost K = 10: 40 + 21 + 26 + 3 = 90 rounds.
     * "piranha": Piranha's approximation: e^z replaced by the clipped linear (z + 2) / 2 for
       z > -2, 0.001 otherwise, then normalised (the /2 cancels in the ratio, so it is not
-      computed). Faithful to that formula within 3e-5; it is a coarse approximation of softmax
-      (max |error| vs true softmax ~0.3). Cost K = 10: 40 + 10 + (2 + 6k) + 3 = 79 rounds.
+      computed). Faithful to that formula within 1.6e-5; it is a coarse approximation of
+      softmax (max |error| vs true softmax 0.28). Cost K = 10: 40 + 10 + (2 + 6k) + 3 = 79 rounds.
     * "secureml": relu(x) / sum relu(x) (SecureML), not shift-invariant; if every entry is <= 0
       (sum = 0) the output is uniform 1/K. 1/s by Newton from the threshold guess on
       [2^-f, ``hi``] (default 2^12), whose lowest threshold (one ulp) doubles as the zero test.
-      Faithful to the formula within 3e-5 (s >= 2^-4). Cost: 10 + 10 + 24 + 3 = 47 rounds.
+      Faithful to the formula within 1e-5 (vs true softmax: 0.68, a different function).
+      Cost: 10 + 10 + 24 + 3 = 47 rounds.
 
     Returns y at scale f with x's shape.
     """
@@ -746,7 +768,7 @@ def _secureml(e: Engine, x: Secret, ax: int, s_hi: float, iterations: int | None
     r = relu(e, x)
     s = e.local(lambda t: t.sum(dim=ax, keepdim=True), r)
     j_lo, j_hi = _power_grid(2.0**-f, s_hi, f)
-    fy = max(f, min(30, math.floor((60 - math.log2(2.0 ** (f + 2))) / 2)))  # y <= 2^f (s = 1 ulp)
+    fy = max(f, min(30, (58 - f) // 2))  # y <= 2^f (s = 1 ulp) and y (2 - s y) < 2^61 at scale 2 fy
     guesses = [1.0] + [(2.0 / 3.0) * 2.0**-j for j in range(j_lo, j_hi + 1)]
     values = torch.tensor([round(v * 2.0**fy) for v in guesses], dtype=torch.int64)
     tau = torch.tensor([1] + [1 << (f + j) for j in range(j_lo + 1, j_hi + 1)], dtype=torch.int64)
@@ -777,7 +799,7 @@ def log_softmax(
 
     e^z by ``exp_impl`` ("limit8" default, or "exp2"), the sum s lies in [1, K], ln s by
     :func:`log` on [1, K] (thresholds at powers of two + degree-8 polynomial). Domain as
-    :func:`softmax`. Measured max |error| (K = 10, logits in [-10, 10]): limit8 4.8e-4, exp2 2.7e-5.
+    :func:`softmax`. Measured max |error| (K = 10, logits in [-10, 10]): limit8 3.9e-3, exp2 5.3e-5.
     Cost K = 10: 40 + 24 + 24 = 88 rounds (exp2: 85)."""
     if impl != "max_exp_log":
         raise KeyError(f"unknown log_softmax implementation {impl!r}")
@@ -856,9 +878,10 @@ def sigmoid(
       u = e^-a by ``exp_impl`` ("limit8" default, or "exp2"); r = 1 / (1 + u) with 1 + u in [1, 2]
       by Newton from the linear guess (2 iterations); sigma = r for x >= 0, 1 - r otherwise (one
       mul with the arithmetic sign bit). Measured max |error| (f = 16, x in [-300, 300]):
-      limit8 6.4e-4, exp2 2.1e-5. Cost: 10 + 24 + 14 + 1 = 49 rounds (exp2: 46).
+      limit8 8.7e-4, exp2 2.6e-5. Cost: 10 + 24 + 14 + 1 = 49 rounds (exp2: 46).
     * "chebyshev<d>": clip to [-B, B] (B chosen per degree to balance fit and saturation error)
-      and a degree-d Chebyshev polynomial. Measured: d = 16: 1.9e-3, d = 32: 8.4e-5.
+      and a degree-d Chebyshev polynomial. Measured: d = 16: 1.0e-3, d = 24: 2.0e-4,
+      d = 32: 5.4e-5.
       Cost: 10 + 3 ceil(log2 d) + 2 rounds (d = 32: 27).
     """
     f = e.frac_bits
@@ -873,8 +896,8 @@ def sigmoid(
 
 def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
     """tanh x. "sigmoid": 2 sigma(2x) - 1 with :func:`sigmoid` "exp_recip" (params passed on);
-    error twice sigmoid's (measured 1.3e-3 with limit8, 4.2e-5 with exp2); 49 rounds.
-    "chebyshev<d>": clipped Chebyshev (measured d = 32: 1.3e-4; 27 rounds)."""
+    error twice sigmoid's (measured 1.7e-3 with limit8, 5.1e-5 with exp2); 49 rounds.
+    "chebyshev<d>": clipped Chebyshev (measured d = 16: 2.1e-3, d = 32: 1.1e-4; 27 rounds)."""
     f = e.frac_bits
     if impl == "sigmoid":
         s = sigmoid(e, e.mul(x, _t(2)), "exp_recip", **params)
@@ -885,7 +908,7 @@ def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
 def erf(e: Engine, x: Secret, impl: str = "chebyshev") -> Secret:
     """erf x by a Chebyshev polynomial of degree d ("chebyshev<d>", "chebyshev" = 24) on the clipped
     range [-B, B] (B chosen per degree; saturates to +-erf(B) ~ +-1 outside).
-    Measured max |error| (f = 16): d = 16: 1.2e-4, d = 24: 1.5e-5, d = 32: 8e-6.
+    Measured max |error| (f = 16): d = 16: 1.2e-4, d = 24: 9.2e-6, d = 32: 7.7e-6.
     Cost: clip 10 + 3 ceil(log2 d) + 2 = 27 rounds for d = 24 or 32."""
     return _chebyshev_clipped(e, x, "erf", _cheb_degree(impl, "erf", 24))
 
@@ -896,15 +919,15 @@ def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str = "erf", **p
 
     * "erf": x * gate(clip(x)), the gate (Phi, or the tanh form's gate) by one clipped Chebyshev
       polynomial of degree 24 (Phi = (1 + erf(x / sqrt 2)) / 2: erf's fit with the 1/sqrt 2
-      folded in), then one mul + trunc. Measured max |error| on [-8, 8]: 1.3e-4 (grows like
+      folded in), then one mul + trunc. Measured max |error| on [-8, 8]: 3.4e-5 (grows like
       |x| * gate error for large |x|). Cost: 10 + 17 + 3 = 30 rounds.
     * "tanh": the tanh form computed literally: u = sqrt(2/pi) (x + 0.044715 x^3) (x^2 and x^3:
       two mul+trunc levels), 0.5 (1 + tanh u) = sigma(2u) by :func:`sigmoid` "exp_recip"
-      (``params`` passed on), times x. Measured (tanh-form target, limit8) 4.4e-3 on [-8, 8].
+      (``params`` passed on), times x. Measured (tanh-form target, limit8) 1.3e-3 on [-8, 8].
       Cost: 8 + 49 + 3 = 60 rounds.
     * "chebyshev<d>" (default d = 16): relu(x) + g(|x|) with g(a) = -a gate(-a) (smooth, even,
       -> 0), clipped at B: the sign, |x| and the clip share one msb + one mul_bit. Measured
-      d = 16: 1.2e-5 on [-8, 8] (and exact relu beyond B). Cost: 10 + 14 = 24 rounds.
+      d = 12: 1.5e-5, d = 16: 7.7e-6 on [-8, 8] (relu beyond B). Cost: 10 + 14 = 24 rounds.
     """
     f = e.frac_bits
     tanh_form = approximate == "tanh"
@@ -927,10 +950,10 @@ def softplus(e: Engine, x: Secret, impl: str = "exp_log", exp_impl: str = "limit
     one mul_bit (10 rounds); then:
 
     * "exp_log": u = e^-a by ``exp_impl`` (a = min(|x|, 2^n)), ln(1 + u) with 1 + u in [1, 2] by
-      the degree-8 polynomial of :func:`log` (no comparisons). Measured max |error| (limit8)
-      6.8e-4 on [-30, 30]. Cost: 10 + 24 + 13 = 47 rounds.
+      the degree-8 polynomial of :func:`log` (no comparisons). Measured max |error| on
+      [-30, 30]: limit8 9.5e-4, exp2 1.5e-5. Cost: 10 + 24 + 13 = 47 rounds (exp2: 44).
     * "chebyshev<d>" (default 16): g(a) = log(1 + e^-a) by a Chebyshev polynomial on [0, B]
-      (B chosen per degree). Measured d = 16: 1.2e-5. Cost: 10 + 14 = 24 rounds.
+      (B chosen per degree). Measured d = 12: 2.6e-5, d = 16: 9.2e-6. Cost: 10 + 14 = 24 rounds.
     """
     f = e.frac_bits
     if impl != "exp_log":
@@ -960,12 +983,14 @@ def layer_norm(
     [``lo``, ``hi``] (default [0, 2^14]).
 
     d = x - S/N with 1/N at scale 24 (one trunc); [d*d, d*scale] in one mul; W = sum d^2 + N eps and
-    d*scale in one trunc; r = rsqrt(W) (Newton, guess from W in [N (lo + eps), N (hi + eps)]);
-    out = (d scale) r sqrt(N) (sqrt(N) folded into the last truncation) + bias. Requires
-    |x| < 2^21 and |out| < 2^8 at f = 16 for headroom.
-    Measured max |error| (f = 16, N = 64, x ~ N(0, 3^2), scale in [0.5, 1.5]): 1.5e-4.
-    Cost: trunc 2 + mul 1 + trunc 2 + rsqrt (10 + 6k) + mul 1 + trunc 2; 8 + 28 = 36 rounds with
-    the steps guess and 3 iterations."""
+    d*scale in one trunc; r = W^-1/2 by :func:`_inv_sqrt` (guess from W in [N (lo + eps),
+    N (hi + eps)]); out = (d scale) r sqrt(N) (sqrt(N) folded into the last truncation) + bias.
+    Requires |x| < 2^21 and |out| < 2^8 at f = 16 for headroom.
+    Measured max |error| (f = 16, N = 64, x ~ N(0, 3.6^2), scale in [0.5, 1.5]): 4.5e-5. The mean
+    is rounded to 0.5 ulp, so rows with a tiny standard deviation sigma see up to about
+    0.75 ulp * |scale| / sigma more (5e-4 at sigma = 0.03).
+    Cost: trunc 2 + mul 1 + trunc 2 + inverse sqrt (10 + 3 + 6k) + mul 1 + trunc 2:
+    8 + 31 = 39 rounds with the default range (steps guess, k = 3)."""
     if impl != "newton_rsqrt":
         raise KeyError(f"unknown layer_norm implementation {impl!r}")
     f = e.frac_bits
@@ -983,7 +1008,7 @@ def layer_norm(
         dd, dg2 = mul_many(e, [(d, d), (d, scale)])
     w2 = e.add(e.local(lambda t: t.sum(dim=dims, keepdim=True), dd), ring_const(n * epsilon, 2 * f))
     w, dg = trunc_many(e, [e.add(w2, _t(1 << (f - 1))), e.add(dg2, _t(1 << (f - 1)))], f)
-    r, sr = _rsqrt_newton(e, w, n * (lo + epsilon), n * (hi + epsilon), iterations, guess, out_scale=24)
+    r, _, sr = _inv_sqrt(e, w, n * (lo + epsilon), n * (hi + epsilon), iterations, guess, out_scale=24)
     c4 = max(0, min(16, 61 - f - sr - 8))
     out = _rtrunc(e, e.mul(e.mul(dg, r), ring_const(math.sqrt(n), c4)), sr + c4)
     return out if bias is None else e.add(out, bias)
@@ -1012,9 +1037,11 @@ def lrn(
 
     * "newton" for beta in {0.25, 0.5, 0.75, 1}: r = D^-1/2 by Newton (guess from [lo, hi]);
       beta = 0.75: [D r, x r] in one mul + trunc, q = rsqrt(D r) = D^-1/4, y = (x r) q; other
-      betas alike (D^-1 = r r). Measured max relative error (beta = 0.75, AlexNet-like
-      alpha = 1e-4, bias = 2, size 5): 6e-5. Cost (beta = 0.75, narrow range): 3 + 2 + (2 + 6k)
-      + 3 + (2 + 6k') + 3 rounds, 37 with k = k' = 2.
+      betas alike (D^-1 = r r). Both inverse square roots use :func:`_inv_sqrt`, whose second
+      output is D^1/2 for free. Measured max |error| (|x| <= 20, alpha = 1e-4, bias = 2,
+      size 5): beta = 0.75: 7.7e-5, 0.5: 2.8e-5, 1: 4.1e-5, 0.25: 5.3e-5.
+      Cost (beta = 0.75): x^2 3 + D 2 + inverse sqrt + 3 + inverse sqrt + 3: 39 rounds with
+      [lo, hi] = [2, 3], 63 with the default range.
     * "chebyshev<d>": D^-beta by a Chebyshev polynomial on the clipped [lo, hi] (any beta), then
       one mul + trunc. Cost: 5 + 10 + 3 ceil(log2 d) + 2 + 3 rounds.
     """
@@ -1040,14 +1067,15 @@ def lrn(
     if float(beta) not in _LRN_ROOTS:
         raise NotImplementedError(f"lrn 'newton' supports beta in {sorted(_LRN_ROOTS)}; use 'chebyshev<d>'")
     halves, quarters = _LRN_ROOTS[float(beta)]
-    r, sr = _rsqrt_newton(e, den, lo_, hi_, out_scale=24)
+    r, root, sr = _inv_sqrt(e, den, lo_, hi_, out_scale=24)  # D^-1/2, D^1/2
     y: Secret = x
-    if quarters:  # D^-1/4 = rsqrt(D r); x r rides along in the same mul and trunc
-        pairs = [(den, r)] + ([(x, r)] if halves else [])
-        outs = trunc_many(e, mul_many(e, pairs), sr)
+    if quarters:  # D^-1/4 = rsqrt(D^1/2); x D^-1/2 shares the truncation of D^1/2 to scale f
         if halves:
-            y, halves = outs[1], halves - 1
-        q, sq_ = _rsqrt_newton(e, outs[0], math.sqrt(lo_), math.sqrt(hi_), out_scale=24)
+            y, root = trunc_many(e, [e.mul(x, r), root], [sr, sr - f])
+            halves -= 1
+        else:
+            root = _rtrunc(e, root, sr - f)
+        q, _, sq_ = _inv_sqrt(e, root, math.sqrt(lo_), math.sqrt(hi_), out_scale=24)
         y = _rtrunc(e, e.mul(y, q), sq_)
     for _ in range(halves):
         y = _rtrunc(e, e.mul(y, r), sr)
@@ -1138,7 +1166,10 @@ def _populate() -> None:
     for k in range(1, 13):
         _register("reciprocal", f"newton{k}", *_build("reciprocal", f"newton{k}"))  # type: ignore[misc]
     _register(
-        "sqrt", "newton_rsqrt", _with_impl(sqrt, "newton_rsqrt"), "x * rsqrt(x), Newton from range guess; 31 rounds"
+        "sqrt",
+        "newton_rsqrt",
+        _with_impl(sqrt, "newton_rsqrt"),
+        "coupled Newton for x^-1/2, sqrt(x) as its g half; 31 rounds",
     )
     for name, desc in [
         ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess); 93 rounds (K=10)"),
@@ -1165,11 +1196,12 @@ def _populate() -> None:
         "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly; 47 rounds"
     )
     _register(
-        "layer_norm", "newton_rsqrt", _with_impl(layer_norm, "newton_rsqrt"), "mean, var, rsqrt by Newton; ~36 rounds"
+        "layer_norm",
+        "newton_rsqrt",
+        _with_impl(layer_norm, "newton_rsqrt"),
+        "mean, variance, coupled-Newton inverse sqrt; 39 rounds",
     )
-    _register(
-        "lrn", "newton", _with_impl(lrn, "newton"), "window sum of squares, D^-beta by rsqrt compositions; ~37 rounds"
-    )
+    _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts; 39-63 rounds")
     for op in ("sigmoid", "tanh", "erf", "gelu", "softplus", "lrn"):
         for d in (8, 12, 16, 20, 24, 32):
             _register(op, f"chebyshev{d}", *_build(op, f"chebyshev{d}"))  # type: ignore[misc]

@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -65,12 +66,15 @@ class TransportAborted(TransportError):
     """The network was aborted (a party failed or the run was cancelled) while waiting."""
 
 
-@dataclass(frozen=True)
-class FrameHeader:
+_HEADER_FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
+
+
+class FrameHeader(NamedTuple):
     """What precedes every payload on the wire.
 
     ``seq`` numbers the frames of one directed link (sender -> receiver) from 0; the receiver
-    checks it, and checks that two servers agree on ``step``.
+    checks it, and checks that two servers agree on ``step``. (A NamedTuple: it is built twice
+    per message, so it must be cheap.)
     """
 
     session: str
@@ -79,20 +83,18 @@ class FrameHeader:
     seq: int
     shape: tuple[int, ...]
 
-    _FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
-
     def encode(self) -> bytes:
-        """Length-prefixable binary form: fixed fields, shape (uint64 each), session, step (UTF-8)."""
+        """Binary form: fixed fields, shape (uint64 each), session, step (UTF-8)."""
         session, step = self.session.encode(), self.step.encode()
         if len(session) > 0xFFFF or len(step) > 0xFFFF:
             raise ValueError("session and step names are limited to 65535 bytes")
-        fixed = self._FIXED.pack(self.sender, len(step) | len(session) << 16, self.seq, len(self.shape))
+        fixed = _HEADER_FIXED.pack(self.sender, len(step) | len(session) << 16, self.seq, len(self.shape))
         return fixed + struct.pack(f"<{len(self.shape)}Q", *self.shape) + session + step
 
     @classmethod
     def decode(cls, data: bytes) -> FrameHeader:
-        sender, lengths, seq, ndim = cls._FIXED.unpack_from(data)
-        off = cls._FIXED.size
+        sender, lengths, seq, ndim = _HEADER_FIXED.unpack_from(data)
+        off = _HEADER_FIXED.size
         shape = struct.unpack_from(f"<{ndim}Q", data, off)
         off += 8 * ndim
         n_step, n_session = lengths & 0xFFFF, lengths >> 16
@@ -136,10 +138,12 @@ class Transport(ABC):
 
     party: int
     session: str
+    timeout: float
 
-    def __init__(self, party: int, session: str = ""):
+    def __init__(self, party: int, session: str = "", timeout: float = 30.0):
         self.party = party
         self.session = session
+        self.timeout = timeout  # seconds to wait for each round's messages
         self._steps: list[str] = []
         self._stats: dict[str, StepStats] = {}
         self._sent_seq: dict[int, int] = {}
@@ -182,7 +186,7 @@ class Transport(ABC):
         """One round: send ``send[peer]`` to each peer, then receive a tensor of shape
         ``recv[peer]`` from each peer. Raises :class:`TransportError` naming the peer on timeout,
         abort, or a frame that does not match (wrong shape, sequence or step)."""
-        step = self.current_step
+        step = self._steps[-1] if self._steps else DEFAULT_STEP
         st = self._stats.get(step)
         if st is None:
             st = self._stats[step] = StepStats()
@@ -197,18 +201,22 @@ class Transport(ABC):
             header = FrameHeader(self.session, step, self.party, seq, tuple(tensor.shape))
             st.framing_bytes += self._send(peer, header, tensor)
             st.sent[peer] = st.sent.get(peer, 0) + 8 * tensor.numel()
+        if not recv:
+            return {}
         out: dict[int, torch.Tensor] = {}
         deadline = time.monotonic() + self.timeout
         for peer, shape in recv.items():
             seq = self._recv_seq.get(peer, 0)
             self._recv_seq[peer] = seq + 1
             header, tensor = self._recv(peer, deadline)
-            self._check_frame(peer, header, seq, step, tuple(shape))
+            if header[1:4] != (step, peer, seq) or header.shape != tuple(shape) or header.session != self.session:
+                self._check_frame(peer, header, seq, step, tuple(shape))
             st.received[peer] = st.received.get(peer, 0) + 8 * tensor.numel()
             out[peer] = tensor
         return out
 
     def _check_frame(self, peer: int, header: FrameHeader, seq: int, step: str, shape: tuple) -> None:
+        """Raise the error that describes a mismatching frame (steps may differ with the client)."""
         where = f"party {self.party}, step {step!r}: frame from party {peer}"
         if header.sender != peer or header.session != self.session:
             raise TransportError(f"{where} has sender {header.sender}, session {header.session!r}", self.party, peer)
@@ -218,8 +226,6 @@ class Transport(ABC):
             raise TransportError(f"{where} belongs to step {header.step!r} (peers out of step)", self.party, peer)
         if header.shape != shape:
             raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
-
-    timeout: float = 30.0
 
     @abstractmethod
     def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
@@ -278,9 +284,8 @@ class InProcessTransport(Transport):
     so neither side can alias the other's tensors."""
 
     def __init__(self, network: InProcessNetwork, party: int):
-        super().__init__(party, network.session)
+        super().__init__(party, network.session, network.timeout)
         self.network = network
-        self.timeout = network.timeout
 
     def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
         if self.network.abort_reason is not None:

@@ -195,7 +195,8 @@ def test_exp_limit_saturates_outside_its_domain():
     assert y[2] == 0.0  # base exactly 0 at x = -2^n
     assert abs(y[3]) <= 1e-6
     assert y[5] == y[6]  # clipped to hi
-    assert np.abs(y[4:] / np.exp(19.4) - 1).max() < 0.6  # the limit method's error at large x
+    assert abs(y[4] / np.exp(xd[4]) - 1) < 0.55  # the limit method's error at large x: ~x^2 / 512
+    assert abs(y[5] / np.exp(19.4) - 1) < 0.55
     xd, y = run(nl.exp, np.linspace(0, 4, 401), "limit8")
     assert (np.abs(y - np.exp(xd)) / np.exp(xd)).max() <= 3.5e-2
 
@@ -233,8 +234,7 @@ def test_rsqrt_and_sqrt():
     xs = np.exp(np.linspace(math.log(2**-12), math.log(2**12), 6001))
     xd, y = run(nl.rsqrt, xs)
     want = xd**-0.5
-    assert (np.abs(y - want) / want).max() <= 4e-5 + ULP / want.min()
-    assert np.abs(y - want).max() <= 2e-3  # at x = 2^-12: y = 64, relative 2.5e-5
+    assert (np.abs(y - want) - 4e-5 * want).max() <= ULP
     xd, y = run(nl.sqrt, np.concatenate([xs, [0.0]]))
     want = np.sqrt(xd)
     assert (np.abs(y - want) / np.maximum(want, 1e-12))[xd >= 1].max() <= 4e-5
@@ -381,7 +381,10 @@ def test_layer_norm(secret_weights):
     gd, bd = dec(enc(g)), dec(enc(b))
     wg, wb = (enc(g), enc(b)) if secret_weights else (encode(g, FRAC), encode(b, FRAC))
     xd, y = run(nl.layer_norm, x, wg, wb, -1, 1e-5)
-    assert np.abs(y - _layer_norm_ref(xd, gd, bd, 1, 1e-5)).max() <= 4e-4
+    err = np.abs(y - _layer_norm_ref(xd, gd, bd, 1, 1e-5))
+    sigma = xd.std(-1, keepdims=True)
+    # the mean is rounded to 0.5 ulp: that error, divided by sigma, is the floor for tiny variances
+    assert (err - 0.75 * ULP * np.abs(gd) / sigma).max() <= 1e-4
 
 
 def test_layer_norm_over_two_axes_without_weights():
@@ -472,7 +475,7 @@ def _rounds(fn, shape, *args, **kwargs) -> int:
         ("exp2", lambda e, x: nl.exp(e, x, "exp2"), 21),
         ("reciprocal newton10", lambda e, x: nl.reciprocal(e, x), 84),
         ("reciprocal newton4 [1,10]", lambda e, x: nl.reciprocal(e, x, "newton4", lo=1, hi=10), 26),
-        ("rsqrt", lambda e, x: nl.rsqrt(e, x), 28),
+        ("rsqrt", lambda e, x: nl.rsqrt(e, x), 31),
         ("sqrt", lambda e, x: nl.sqrt(e, x), 31),
         ("log [1,1000]", lambda e, x: nl.log(e, x, 1.0, 1000.0), 24),
         ("softmax max_exp_recip", lambda e, x: nl.softmax(e, x, -1), 93),
@@ -503,7 +506,7 @@ def test_maxpool_round_counts(kernel, pads, rounds):
 
 def test_polynomial_round_counts():
     for d in (2, 3, 4, 8, 9, 16, 32):
-        coef = fit_chebyshev(np.exp, 0.0, 1.0, d)
+        coef = np.linspace(1.0, 0.5, d + 1) / (d + 1)
         assert _rounds(lambda e, x, c=coef: eval_poly(e, x, c, 0.0, 1.0), (5,)) == poly_rounds(d)
 
 
@@ -514,40 +517,59 @@ def test_layer_norm_and_prelu_round_counts():
     x, g, b = e.input("client", None, (3, 64)), e.input("model", None, (64,)), e.input("model", None, (64,))
     before = e.total["rounds"]
     nl.layer_norm(e, x, g, b)
-    assert e.total["rounds"] - before == 36
+    assert e.total["rounds"] - before == 39
+    x, s = e.input("client", None, (2, 3)), e.input("model", None, (3,))
     before = e.total["rounds"]
-    nl.prelu(e, e.input("client", None, (2, 3)), e.input("model", None, (3,)))
-    assert e.total["rounds"] - before == 1 + 13  # input + prelu
+    nl.prelu(e, x, s)
+    assert e.total["rounds"] - before == 13
 
 
 # ---- the secure engine gives the plain engine's results -------------------------------------------
 def test_secure_engine_agrees_with_plain():
+    """The same code on three RSS parties: comparison-only functions are identical, the others
+    differ by a few ulps (the secure truncation errs by up to 1 ulp, each)."""
     from runtime.rss import run_threads
 
     logits = encode(_logits(k=5, rows=6), FRAC)
     wide = encode(np.linspace(-8, 8, 12).reshape(3, 4), FRAC)
+    positive = encode(np.linspace(0.5, 60, 12).reshape(3, 4), FRAC)
     image = ring_words((1, 2, 4, 4), 2**30, 11)
 
-    def program(e, lg, w, im):
-        return [
+    def program(e, lg, w, p, im):
+        exact = [
             nl.relu(e, w),
             nl.maxpool2d(e, im, (2, 2), (2, 2), (0, 0, 1, 1)),
             nl.argmax_onehot(e, lg, -1),
             nl.clip(e, w, -2.0, 3.0),
-            nl.softmax(e, lg, -1, "exp2"),
-            nl.sigmoid(e, w, "chebyshev16"),
-            nl.exp(e, w, "limit8"),
         ]
+        approx = [
+            nl.softmax(e, lg, -1, "exp2"),
+            nl.softmax(e, lg, -1),
+            nl.softmax(e, lg, -1, "secureml"),
+            nl.log_softmax(e, lg, -1),
+            nl.sigmoid(e, w),
+            nl.sigmoid(e, w, "chebyshev16"),
+            nl.gelu(e, w, "none", "chebyshev16"),
+            nl.rsqrt(e, p),
+            nl.sqrt(e, p),
+            nl.reciprocal(e, p),
+            nl.layer_norm(e, w, None, None, -1, 1e-5),
+        ]
+        return exact, approx, nl.exp(e, w, "limit8")
 
-    plain = [y.v for y in program(E, Clear(logits), Clear(wide), Clear(image))]
+    plain_exact, plain_approx, plain_exp = program(E, Clear(logits), Clear(wide), Clear(positive), Clear(image))
 
     def party(e):
-        xs = [e.input("model", t if e.party == 0 else None, t.shape) for t in (logits, wide, image)]
-        return [e.reveal(y, "P0") for y in program(e, *xs)]
+        xs = [e.input("model", t if e.party == 0 else None, t.shape) for t in (logits, wide, positive, image)]
+        exact, approx, ex = program(e, *xs)
+        return [e.reveal(y, "P0") for y in exact + approx + [ex]]
 
-    results, _, _ = run_threads(party, timeout=60)
+    results, _, _ = run_threads(party, timeout=120)
     secure = results[0]
-    for i in range(4):  # comparison-only: identical
-        assert torch.equal(secure[i], plain[i]), i
-    for i, tol_ulps in [(4, 20), (5, 30), (6, 200)]:  # a few ulps per truncation (+ their propagation)
-        assert (secure[i] - plain[i]).abs().max().item() <= tol_ulps, i
+    n = len(plain_exact)
+    for i, want in enumerate(plain_exact):
+        assert torch.equal(secure[i], want.v), i
+    for i, want in enumerate(plain_approx):
+        assert (secure[n + i] - want.v).abs().max().item() <= 4, i
+    got, want = secure[-1].to(torch.float64), plain_exp.v.to(torch.float64)
+    assert ((got - want).abs() <= 4 + 1e-5 * want.abs()).all()  # e^8 at scale 16: ulps of a large value
