@@ -102,6 +102,8 @@ class MetaBits:
 
 @dataclass
 class CostTotals:
+    """Accumulated cost: rounds, bytes sent by P0, P1, P2, bytes sent by the client."""
+
     rounds: int = 0
     bytes_per_party: list[int] = field(default_factory=lambda: [0, 0, 0])
     client_bytes: int = 0

@@ -880,8 +880,8 @@ def sigmoid(
       mul with the arithmetic sign bit). Measured max |error| (f = 16, x in [-300, 300]):
       limit8 8.7e-4, exp2 2.6e-5. Cost: 10 + 24 + 14 + 1 = 49 rounds (exp2: 46).
     * "chebyshev<d>": clip to [-B, B] (B chosen per degree to balance fit and saturation error)
-      and a degree-d Chebyshev polynomial. Measured: d = 16: 1.0e-3, d = 24: 2.0e-4,
-      d = 32: 5.4e-5.
+      and a degree-d Chebyshev polynomial ("chebyshev" = 32). Measured: d = 16 (B = 7): 1.0e-3,
+      d = 24 (B = 8.75): 2.0e-4, d = 32 (B = 10): 5.4e-5.
       Cost: 10 + 3 ceil(log2 d) + 2 rounds (d = 32: 27).
     """
     f = e.frac_bits
@@ -897,7 +897,8 @@ def sigmoid(
 def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
     """tanh x. "sigmoid": 2 sigma(2x) - 1 with :func:`sigmoid` "exp_recip" (params passed on);
     error twice sigmoid's (measured 1.7e-3 with limit8, 5.1e-5 with exp2); 49 rounds.
-    "chebyshev<d>": clipped Chebyshev (measured d = 16: 2.1e-3, d = 32: 1.1e-4; 27 rounds)."""
+    "chebyshev<d>": clipped Chebyshev (measured d = 16 (B = 3.5): 2.1e-3, d = 32 (B = 5): 1.1e-4;
+    27 rounds)."""
     f = e.frac_bits
     if impl == "sigmoid":
         s = sigmoid(e, e.mul(x, _t(2)), "exp_recip", **params)
@@ -908,7 +909,8 @@ def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
 def erf(e: Engine, x: Secret, impl: str = "chebyshev") -> Secret:
     """erf x by a Chebyshev polynomial of degree d ("chebyshev<d>", "chebyshev" = 24) on the clipped
     range [-B, B] (B chosen per degree; saturates to +-erf(B) ~ +-1 outside).
-    Measured max |error| (f = 16): d = 16: 1.2e-4, d = 24: 9.2e-6, d = 32: 7.7e-6.
+    Measured max |error| (f = 16): d = 16 (B = 2.75): 1.2e-4, d = 24 (B = 3.5): 9.2e-6,
+    d = 32 (B = 4): 7.7e-6.
     Cost: clip 10 + 3 ceil(log2 d) + 2 = 27 rounds for d = 24 or 32."""
     return _chebyshev_clipped(e, x, "erf", _cheb_degree(impl, "erf", 24))
 
@@ -953,7 +955,8 @@ def softplus(e: Engine, x: Secret, impl: str = "exp_log", exp_impl: str = "limit
       the degree-8 polynomial of :func:`log` (no comparisons). Measured max |error| on
       [-30, 30]: limit8 9.5e-4, exp2 1.5e-5. Cost: 10 + 24 + 13 = 47 rounds (exp2: 44).
     * "chebyshev<d>" (default 16): g(a) = log(1 + e^-a) by a Chebyshev polynomial on [0, B]
-      (B chosen per degree). Measured d = 12: 2.6e-5, d = 16: 9.2e-6. Cost: 10 + 14 = 24 rounds.
+      (B chosen per degree: 14.75 for d = 16). Measured d = 12: 2.6e-5, d = 16: 9.2e-6.
+      Cost: 10 + 14 = 24 rounds.
     """
     f = e.frac_bits
     if impl != "exp_log":

@@ -148,7 +148,10 @@ class PartyKeys:
         self.private = private if private is not None else new_key()
 
     def session(self, session_id: str | bytes) -> Randomness:
-        """Fresh per-session PRF streams (all draw counters at 0)."""
+        """Fresh per-session PRF streams (all draw counters at 0).
+
+        ``session_id`` must be the same at the three servers and must never repeat for the same
+        keys: a repeated id replays every mask of the earlier session."""
         return Randomness(self, session_id)
 
 

@@ -89,6 +89,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: modules with a ``register(subparsers)`` function adding their commands
+_COMMAND_MODULES = ("siguard.cli_net", "siguard.cli_guard", "siguard.cli_audit", "siguard.cli_bench")
+
+
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siguard", description="Compile ONNX models to 3-party MPC plans with an "
@@ -125,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="siguard-demo", help="working directory for the model, plan and reports")
     d.add_argument("--queries", type=int, default=200, help="number of test images to query (default 200)")
     d.set_defaults(func=cmd_demo)
+
+    # command groups that live in their own modules (networked runtime, guard, audit, bench)
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(sub)
     return p
 
 
