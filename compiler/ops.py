@@ -42,6 +42,9 @@ layer_norm          (x - mean) / sqrt(var + epsilon) * scale + bias over axes >=
                     (x, scale[, bias]; axis, epsilon)
 batchnorm           (x - mean) / sqrt(var + eps) * scale + bias, per channel (axis 1)
                     (x, scale, bias, mean, var; epsilon); folded or lowered by canonicalize
+guard               SIGuard: MemGuard noise on the logits with fixed counts, returns the guarded
+                    probabilities (z, W1, b1, W2, b2, w3, b3; rounds, steps, c1, c2, c3, lr,
+                    schedule, validator, margin); see runtime/guard.py
 truncate            fixed-point only: divide by 2^bits (x; bits). Inserted by the fixed-point
                     pass; identity on real numbers.
 ==================  ============================================================================
@@ -63,7 +66,7 @@ class OpSpec:
     """
 
     name: str
-    kind: str  # "linear", "layout", "nonlinear", "fixed-point"
+    kind: str  # "linear", "layout", "nonlinear", "guard", "fixed-point"
     impls: tuple[str, ...] = ("local",)
     doc: str = ""
     attrs: tuple[str, ...] = field(default_factory=tuple)
@@ -115,6 +118,9 @@ OPS: dict[str, OpSpec] = {
         _spec("hard_sigmoid", "nonlinear", ("exact",), ("alpha", "beta")),
         _spec("lrn", "nonlinear", ("newton",), ("size", "alpha", "beta", "bias")),
         _spec("layer_norm", "nonlinear", ("newton_rsqrt",), ("axis", "epsilon")),
+        # the SIGuard guard (inputs: logits, W1, b1, W2, b2, w3, b3 of the defender)
+        _spec("guard", "guard", ("memguard-freeze", "memguard-paper"),
+              ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin")),
         # fixed point
         _spec("truncate", "fixed-point", ("exact",), ("bits",)),
     ]

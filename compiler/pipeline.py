@@ -24,6 +24,8 @@ class CompileOptions:
     batch: int = 1
     output: str | None = None
     frac_bits: int = 16
+    guard: Any = None  # defender ONNX path (or privacy.defender.DefenderWeights); None = no guard
+    guard_config: dict[str, Any] = field(default_factory=dict)  # runtime.guard.GuardConfig fields
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,11 +48,10 @@ def _version() -> str:
 
 def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions | None = None) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) into a plan (not yet written to disk)."""
-    from passes.canonicalize import Canonicalize
-    from passes.cost import CostAnnotation
-
     from compiler.frontend import load_model
     from passes.base import PassContext, PassManager
+    from passes.canonicalize import Canonicalize
+    from passes.cost import CostAnnotation
     from passes.fixedpoint import FixedPoint
 
     opts = options or CompileOptions()
@@ -60,7 +61,18 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         raise InputError(f"--frac-bits must be between 8 and 24 (got {opts.frac_bits})")
     graph = load_model(model, batch=opts.batch, output=opts.output)
     ctx = PassContext(frac_bits=opts.frac_bits, options=dict(opts.extra))
-    pm = PassManager([Canonicalize(), FixedPoint(), CostAnnotation()])
+    passes = [Canonicalize()]
+    if opts.guard is not None:
+        from passes.guard import InsertGuard
+        from runtime.guard import GuardConfig
+
+        try:
+            config = GuardConfig(**opts.guard_config)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid guard option: {exc}") from None
+        passes.append(InsertGuard(opts.guard, config))
+    passes += [FixedPoint(), CostAnnotation()]
+    pm = PassManager(passes)
     pm.run(graph, ctx)
     if isinstance(model, onnx.ModelProto):
         source, digest = graph.name, hashlib.sha256(model.SerializeToString()).hexdigest()

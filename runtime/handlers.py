@@ -250,3 +250,13 @@ def _nonlinear(ctx, step, args):
     params = dict(step["attrs"])
     params.update(step.get("impl_params") or {})
     return [fn(ctx.e, *args, **params)]
+
+
+# ---- the SIGuard guard ---------------------------------------------------------------------------
+@register("guard")
+def _guard(ctx, step, args):
+    from .guard import GuardConfig, secure_guard
+
+    fields = GuardConfig.__dataclass_fields__
+    cfg = GuardConfig(**{k: v for k, v in step["attrs"].items() if k in fields})
+    return [secure_guard(ctx.e, *args, config=cfg)]

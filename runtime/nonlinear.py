@@ -1205,6 +1205,9 @@ def _populate() -> None:
         "mean, variance, coupled-Newton inverse sqrt; 39 rounds",
     )
     _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts; 39-63 rounds")
+    defaults = {"sigmoid": (sigmoid, 32), "tanh": (tanh, 32), "gelu": (gelu, 16), "softplus": (softplus, 16)}
+    for op, (fn, d) in {**defaults, "lrn": (lrn, 8)}.items():
+        _register(op, "chebyshev", _with_impl(fn, "chebyshev"), f"as chebyshev{d}")
     for op in ("sigmoid", "tanh", "erf", "gelu", "softplus", "lrn"):
         for d in (8, 12, 16, 20, 24, 32):
             _register(op, f"chebyshev{d}", *_build(op, f"chebyshev{d}"))  # type: ignore[misc]

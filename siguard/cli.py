@@ -31,7 +31,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
-    opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits)
+    guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
+                                      ("schedule", args.guard_schedule), ("validator", args.guard_validator),
+                                      ("margin", args.guard_margin)) if v is not None}
+    if guard_config and not args.guard:
+        raise InputError("--guard-* options need --guard DEFENDER.onnx")
+    opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits, guard=args.guard,
+                          guard_config=guard_config)
     result = compile_model(args.model, opts)
     out = write_plan(result, args.o)
     t = result.plan.totals
@@ -106,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1, help="fix a symbolic batch dimension to N (default 1)")
     c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
     c.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits (default 16)")
+    g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
+    g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
+                   help="insert the guard with this defender (from `siguard guard train`)")
+    g.add_argument("--guard-rounds", type=int, default=None, help="outer rounds R (default 6)")
+    g.add_argument("--guard-steps", type=int, default=None, help="gradient steps per round T (default 49)")
+    g.add_argument("--guard-lr", type=float, default=None, help="initial step size (default 0.2)")
+    g.add_argument("--guard-schedule", choices=("freeze", "paper"), default=None,
+                   help="freeze: test every step and keep each query's first success (default); "
+                        "paper: test at the end of each round")
+    g.add_argument("--guard-validator", choices=("sign", "margin"), default=None,
+                   help="sign: the defender's decision flipped (default); margin: |h| within --guard-margin")
+    g.add_argument("--guard-margin", type=float, default=None, help="margin of the margin validator (default 0.5)")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")

@@ -1,0 +1,91 @@
+"""Guard pass: insert the SIGuard noise node after the model's logits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import InputError, ModelError
+from compiler.ir import Graph, Node, Value
+from runtime.guard import GuardConfig
+
+from .base import Pass, PassContext
+
+__all__ = ["InsertGuard", "GUARD_OUTPUT"]
+
+GUARD_OUTPUT = "guarded_probs"
+
+
+class InsertGuard(Pass):
+    """Inserts the guard node so that the plan reveals only guarded probabilities.
+
+    Rules:
+
+    1. The logits are the compiled output's value, unless that output is produced by a Softmax
+       over the last axis: then the Softmax's input is the logits and the Softmax is removed
+       (the guard computes the softmax itself, inside MPC).
+    2. The logits must be a (batch, k) matrix whose k equals the defender's input width; any
+       other shape is refused with a message.
+    3. The defender's weights (W1, b1, W2, b2, w3, b3 of the k -> H1 -> H2 -> 1 MLP) become the
+       model owner's secret weights ``guard.*``; the guard's counts and constants are public
+       attributes (part of the plan, so timing reveals nothing).
+    4. The plan's only output becomes ``guarded_probs`` (batch, k); the raw output is no longer
+       revealed. Without a defender the pass is not run and the plan reveals the model's output.
+    """
+
+    name = "guard"
+
+    def __init__(self, defender: str | Path | Any, config: GuardConfig | None = None):
+        self.defender = defender
+        self.config = config or GuardConfig()
+
+    def _weights(self):
+        from privacy.defender import DefenderWeights
+
+        if isinstance(self.defender, DefenderWeights):
+            return self.defender
+        path = Path(self.defender)
+        if not path.exists():
+            raise InputError(f"defender file {path} does not exist")
+        return DefenderWeights.from_onnx(path)
+
+    def run(self, graph: Graph, ctx: PassContext) -> list[str]:
+        d = self._weights()
+        out = graph.outputs[0]
+        producer = graph.producer(out)
+        changes = []
+        logits = out
+        if producer is not None and producer.op == "softmax":
+            rank = len(graph.values[producer.inputs[0]].shape)
+            if int(producer.attrs.get("axis", -1)) in (-1, rank - 1):
+                logits = producer.inputs[0]
+                graph.nodes.remove(producer)
+                changes.append(f"removed final softmax {producer.name}: the guard takes its input {logits!r}")
+        shape = graph.values[logits].shape
+        k = d.W1.shape[1]
+        if len(shape) != 2 or shape[1] != k:
+            raise ModelError(
+                f"the guard needs (batch, {k}) logits to match the defender's input width; output {logits!r} "
+                f"has shape {list(shape)}"
+            )
+        names = []
+        for name, arr in (("W1", d.W1.T), ("b1", d.b1), ("W2", d.W2.T), ("b2", d.b2), ("w3", d.w3.T), ("b3", d.b3)):
+            v = graph.add_value(Value(f"guard.{name}", tuple(arr.shape), owner="model",
+                                      data=np.ascontiguousarray(arr, dtype=np.float64)))
+            names.append(v.name)
+        graph.add_value(Value(GUARD_OUTPUT, tuple(shape)))
+        attrs = {k_: v for k_, v in asdict(self.config).items()}
+        node = Node("guard", "guard", [logits, *names], [GUARD_OUTPUT], attrs,
+                    impl=f"memguard-{self.config.schedule}", source="SIGuard guard")
+        graph.add_node(node)
+        graph.outputs = [GUARD_OUTPUT]
+        graph.remove_unused()
+        c = self.config
+        changes.append(
+            f"inserted guard after {logits!r}: defender {k}->{d.W1.shape[0]}->{d.W2.shape[0]}->1, "
+            f"{c.rounds} rounds x {c.steps} steps, schedule {c.schedule}, validator {c.validator}"
+        )
+        return changes

@@ -1,0 +1,213 @@
+"""Plaintext float64 reference of the guard (MemGuard with fixed iteration counts): the oracle of the secure guard.
+
+Algorithm, per query (vectorised over a batch; z are logits in R^k, h the defender, > 0 = "member"):
+
+    u0 = z - max(z);  p = softmax(u0);  l = one-hot(argmax z) (ties -> lowest index);  a0 = h(p)
+    e* = 0;  accepted = False;  c3 = c3_0;  lr = lr_0
+    for r = 1..R:
+        e = 0;  found = False
+        for t = 1..T, and once more at t = T+1 for evaluation only:
+            u = u0 + e;  q = softmax(u);  a = h(q)
+            viol_j = [u_j > u_l]                       (0 at j = l; the label is kept <=> sum(viol) == 0)
+            ok = sum(viol) == 0  and  valid(a)         valid: "sign"   a0 * a <= 0  (the decision flipped)
+                                                              "margin" |a| <= margin
+            schedule "freeze": if ok and not accepted: e* = e; accepted = found = True   (every t, incl. T+1)
+            schedule "paper":  at t = T+1 only: if ok: e* = e; accepted = found = True   (overwrites e*)
+            if t == T+1: stop
+            gradient of L = c1 |a| + c2 sum_j relu(u_j - u_l) + c3 ||q - p||_1 with respect to e:
+                gq = c1 sgn(a) grad_h(q) + c3 sgn(q - p)        sgn(0) = +1; ReLU masks [pre >= 0]
+                g  = q * gq - q * <q, gq>                       softmax Jacobian-vector product
+                g  = g + c2 (viol - l * sum(viol))              Weston-Watkins hinge (0 when the label is kept)
+                e  = e - lr * g / sqrt(||g||^2 + eps)
+        after the round: found ? c3 = 10 c3 : lr = 1.1 lr
+    phase II (MemGuard's randomised release, plaintext): with probability release_prob output
+    softmax(u0 + e*), otherwise softmax(u0) (a seeded numpy Generator; nothing here is secret-shared).
+
+Every query does the same work (R * (T + 1) forward passes and R * T gradient steps), as in MPC, where
+the acceptance test is an oblivious select.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .defender import DefenderWeights
+
+__all__ = [
+    "SCHEDULES",
+    "VALIDATORS",
+    "GuardResult",
+    "guard_reference",
+    "plaintext_memguard",
+    "guard_loss",
+    "guard_loss_gradient",
+    "softmax",
+]
+
+SCHEDULES = ("freeze", "paper")
+VALIDATORS = ("sign", "margin")
+_EPS = 1e-12
+
+
+def softmax(u: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (B, k), shifted by the row maximum."""
+    ex = np.exp(u - u.max(axis=1, keepdims=True))
+    return ex / ex.sum(axis=1, keepdims=True)
+
+
+def _sgn(x: np.ndarray) -> np.ndarray:
+    """+1 where x >= 0, else -1 (the sign of 0 is +1, as a single comparison gives it in MPC)."""
+    return np.where(x >= 0.0, 1.0, -1.0)
+
+
+@dataclass
+class GuardResult:
+    """Outputs of :func:`guard_reference` for B queries of k classes.
+
+    probs: (B, k) the released vector (softmax(u0 + e*) where ``released``, else softmax(u0)).
+    guarded: (B, k) softmax(u0 + e*), the vector the secure guard reveals (phase I only).
+    noise: (B, k) e*, the accepted noise on the shifted logits (0 where nothing was accepted).
+    plain: (B, k) p = softmax(z), the unguarded output.
+    labels: (B,) argmax z (ties -> lowest index).
+    accepted: (B,) bool, some e passed the test.
+    accept_round, accept_step: (B,) int, 1-based round r and step t at which e* was taken (for "paper" the
+        last overwrite, t = T+1); 0 where nothing was accepted.
+    released: (B,) bool, phase II released the guarded vector.
+    a0: (B,) h(p); a_final: (B,) h(probs), the defender's score of what is released.
+    distortion: (B,) ||probs - p||_1.
+    """
+
+    probs: np.ndarray
+    guarded: np.ndarray
+    noise: np.ndarray
+    plain: np.ndarray
+    labels: np.ndarray
+    accepted: np.ndarray
+    accept_round: np.ndarray
+    accept_step: np.ndarray
+    released: np.ndarray
+    a0: np.ndarray
+    a_final: np.ndarray
+    distortion: np.ndarray
+
+    @property
+    def label_preserved(self) -> np.ndarray:
+        """(B,) bool: the released vector's top-1 is the unguarded one."""
+        return self.probs.argmax(axis=1) == self.labels
+
+    def summary(self) -> dict[str, float]:
+        """Acceptance rate, label-preserved rate, mean/max L1 distortion, flipped-decision rate."""
+        return {
+            "acceptance": float(self.accepted.mean()),
+            "label_preserved": float(self.label_preserved.mean()),
+            "mean_l1": float(self.distortion.mean()),
+            "max_l1": float(self.distortion.max()) if len(self.distortion) else 0.0,
+            "decision_flipped": float((self.a0 * self.a_final <= 0).mean()),
+        }
+
+
+def _hinge_terms(u: np.ndarray, onehot: np.ndarray) -> np.ndarray:
+    """viol (B, k): [u_j > u_l] as 0/1 floats; 0 at the label l itself."""
+    u_l = (u * onehot).sum(axis=1, keepdims=True)
+    return (u > u_l).astype(np.float64)
+
+
+def guard_loss_gradient(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: DefenderWeights, *,
+                        c1: float | np.ndarray = 1.0, c2: float | np.ndarray = 10.0,
+                        c3: float | np.ndarray = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One forward/backward pass of the guard's loss at shifted logits ``u`` (B, k).
+
+    Args:
+        u: (B, k) u0 + e; p: (B, k) the unguarded probabilities; onehot: (B, k) the label l.
+        c1, c2, c3: scalars or (B,) per-query weights.
+
+    Returns:
+        ``(g, q, a, viol)``: dL/de (B, k) for L = c1|a| + c2 sum_j relu(u_j - u_l) + c3 ||q - p||_1 with
+        sgn(a), sgn(q - p) and the ReLU masks taken at this point; q = softmax(u) (B, k); a = h(q) (B,);
+        viol (B, k) the hinge's active set.
+    """
+    c1, c2, c3 = (np.reshape(np.asarray(c, dtype=np.float64), (-1, 1)) for c in (c1, c2, c3))
+    q = softmax(u)
+    a, m1, m2 = defender.forward(q)
+    viol = _hinge_terms(u, onehot)
+    gq = c1 * _sgn(a)[:, None] * defender.input_gradient(m1, m2) + c3 * _sgn(q - p)
+    g = q * gq - q * (q * gq).sum(axis=1, keepdims=True)
+    g = g + c2 * (viol - onehot * viol.sum(axis=1, keepdims=True))
+    return g, q, a, viol
+
+
+def guard_loss(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: DefenderWeights, *,
+               c1: float = 1.0, c2: float = 10.0, c3: float = 0.1) -> np.ndarray:
+    """L (B,) = c1 |h(q)| + c2 sum_j relu(u_j - u_l) + c3 ||q - p||_1 with q = softmax(u) (u, p, onehot (B, k))."""
+    q = softmax(u)
+    u_l = (u * onehot).sum(axis=1, keepdims=True)
+    hinge = np.maximum(u - u_l, 0.0).sum(axis=1)
+    return c1 * np.abs(defender.score(q)) + c2 * hinge + c3 * np.abs(q - p).sum(axis=1)
+
+
+def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: int = 6, steps: int = 49,
+                    c1: float = 1.0, c2: float = 10.0, c3: float = 0.1, lr: float = 0.2, schedule: str = "freeze",
+                    validator: str = "sign", margin: float = 0.5, release_prob: float = 1.0,
+                    seed: int = 0) -> GuardResult:
+    """Run the guard (module docstring) on a batch of logits (B, k) in float64; returns a :class:`GuardResult`.
+
+    ``rounds`` = R, ``steps`` = T, ``schedule`` in :data:`SCHEDULES`, ``validator`` in :data:`VALIDATORS`,
+    ``margin`` for the "margin" validator, ``release_prob`` and ``seed`` for phase II.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != defender.num_classes:
+        raise ValueError(f"logits must be (B, {defender.num_classes}), got {list(z.shape)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if validator not in VALIDATORS:
+        raise ValueError(f"validator must be one of {VALIDATORS}, got {validator!r}")
+    if rounds < 0 or steps < 0 or not 0.0 <= release_prob <= 1.0:
+        raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
+    B, k = z.shape
+    u0 = z - z.max(axis=1, keepdims=True)
+    p = softmax(u0)
+    labels = z.argmax(axis=1)
+    onehot = np.zeros((B, k))
+    onehot[np.arange(B), labels] = 1.0
+    a0 = defender.score(p)
+
+    e_star = np.zeros((B, k))
+    accepted = np.zeros(B, dtype=bool)
+    acc_round = np.zeros(B, dtype=np.int64)
+    acc_step = np.zeros(B, dtype=np.int64)
+    c3_q = np.full(B, float(c3))
+    lr_q = np.full(B, float(lr))
+    for r in range(1, rounds + 1):
+        e = np.zeros((B, k))
+        found = np.zeros(B, dtype=bool)
+        for t in range(1, steps + 2):
+            g, _, a, viol = guard_loss_gradient(u0 + e, p, onehot, defender, c1=c1, c2=c2, c3=c3_q)
+            valid = a0 * a <= 0.0 if validator == "sign" else np.abs(a) <= margin
+            ok = (viol.sum(axis=1) == 0) & valid
+            if schedule == "freeze":
+                take = ok & ~accepted
+            else:
+                take = ok if t == steps + 1 else np.zeros(B, dtype=bool)
+            e_star[take] = e[take]
+            accepted |= take
+            found |= take
+            acc_round[take], acc_step[take] = r, t
+            if t == steps + 1:
+                break
+            e = e - lr_q[:, None] * g / np.sqrt((g * g).sum(axis=1, keepdims=True) + _EPS)
+        c3_q = np.where(found, 10.0 * c3_q, c3_q)
+        lr_q = np.where(found, lr_q, 1.1 * lr_q)
+
+    guarded = softmax(u0 + e_star)
+    released = np.random.default_rng(seed).random(B) < release_prob  # plaintext phase II, not MPC
+    out = np.where(released[:, None], guarded, p)
+    return GuardResult(probs=out, guarded=guarded, noise=e_star, plain=p, labels=labels, accepted=accepted,
+                       accept_round=acc_round, accept_step=acc_step, released=released, a0=a0,
+                       a_final=defender.score(out), distortion=np.abs(out - p).sum(axis=1))
+
+
+def plaintext_memguard(logits: np.ndarray, defender: DefenderWeights, **options) -> GuardResult:
+    """MemGuard without MPC, for the audit: :func:`guard_reference` on plaintext logits (same options)."""
+    return guard_reference(logits, defender, **options)

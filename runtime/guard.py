@@ -1,0 +1,262 @@
+"""The SIGuard guard on secret shares: MemGuard's noise search with fixed iteration counts.
+
+Written once against :class:`runtime.engine.Engine` (so the fixed-point reference, the secure
+parties and the cost model run the same code) from the existing building blocks only: softmax,
+argmax, comparisons (msb), bit selections (mul_bit), products, truncation, polynomials and the
+Newton inverse square root. The float64 oracle of the same algorithm is
+:func:`privacy.memguard.guard_reference`.
+
+Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h > 0 = member)::
+
+    p = softmax(z); l = onehot(argmax z); a0 = h(p); q = p; q* = p; accepted = 0
+    for r in 1..R:                                   # rounds
+        q = p                                        # fresh noise e = 0
+        for t in 1..T+1:                             # T gradient steps, then one more evaluation
+            a = h(q)                                 # keeps the ReLU masks d1, d2 for the backward pass
+            viol_j = [q_j > q_l]; kept = AND_j not viol_j          (softmax is monotone in u = z + e)
+            valid = sign: [sign a != sign a0]  |  margin: [|a| <= margin]
+            freeze: newly = kept & valid & not accepted   (every t)   paper: newly = kept & valid (t = T+1)
+            q* = newly ? q : q*;  accepted |= newly;  found |= newly
+            if t == T+1: break
+            gq = c1 sgn(a) grad_h(q) + c3 sgn(q - p)
+            g  = q * gq - q (q . gq) + c2 (viol - l sum(viol))      (softmax Jacobian; multi-class hinge)
+            delta = -lr g / ||g||
+            q = q * exp(delta) / sum(q * exp(delta))                (= softmax(u + delta), see below)
+        c3 = found ? 10 c3 : c3;  lr = found ? lr : 1.1 lr
+    reveal q*
+
+Why these forms (each keeps rounds down without changing what is computed):
+
+* **Softmax by multiplicative update.** softmax(u + delta) = q * e^delta / sum(q * e^delta).
+  Because |delta_j| <= lr, e^delta is a degree-4 Chebyshev polynomial on a small interval and the
+  denominator lies in [e^-lr, e^lr], so its reciprocal is a short polynomial too: no max tree, no
+  wide-range exponential, no wide-range reciprocal per step. The logits u are never needed again.
+* **Label check without argmax.** argmax(z + e) = l  <=>  no j with q_j > q_l: one comparison per
+  class inside the step's single ``msb`` batch, combined by a tree of ANDs.
+* **Multi-class hinge** (Weston-Watkins): c2 sum_j relu(u_j - u_l) vanishes exactly when the label
+  is kept, like MemGuard's max-hinge, and its gradient comes from the same comparisons.
+* **Oblivious control flow.** Every query does the same work in every step; acceptance is a
+  secret bit that only steers selections (``mul_bit``), never a branch.
+* **c3 is capped** at ``c3_max`` (default 100) so that gradient magnitudes stay inside fixed-point
+  headroom (MemGuard grows it without bound; the reference applies the same cap).
+
+Shapes: z (B, k) secret at scale f; W1 (k, H1), b1 (H1,), W2 (H1, H2), b2 (H2,), w3 (H2, 1),
+b3 (1,) secret at scale f. Returns q* (B, k) at scale f.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, trunc_many
+from .engine import Bits, Engine, Secret
+from .nonlinear import max_and_argmax, rsqrt, softmax
+
+__all__ = ["GuardConfig", "secure_guard", "defender_score"]
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Fixed counts and constants of the guard (all public, part of the plan)."""
+
+    rounds: int = 6
+    steps: int = 49
+    c1: float = 1.0
+    c2: float = 10.0
+    c3: float = 0.1
+    lr: float = 0.2
+    schedule: str = "freeze"  # "freeze" (test every step, keep the first success) or "paper"
+    validator: str = "sign"  # "sign" (defender decision flipped) or "margin" (|h| <= margin)
+    margin: float = 0.5
+    c3_max: float = 100.0
+    softmax_impl: str = "exp2"
+    exp_degree: int = 4
+    recip_degree: int = 5
+    norm_lo: float = 2.0**-12
+    norm_hi: float = 2.0**17
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("freeze", "paper"):
+            raise ValueError(f"unknown guard schedule {self.schedule!r} (freeze or paper)")
+        if self.validator not in ("sign", "margin"):
+            raise ValueError(f"unknown guard validator {self.validator!r} (sign or margin)")
+        if self.rounds < 1 or self.steps < 1:
+            raise ValueError("guard rounds and steps must be >= 1")
+
+    @property
+    def lr_max(self) -> float:
+        """The largest learning rate any round can reach (it grows x1.1 per failed round)."""
+        return self.lr * 1.1 ** (self.rounds - 1)
+
+
+def _t(v: int) -> torch.Tensor:
+    return torch.tensor(int(v), dtype=torch.int64)
+
+
+def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
+    return e.add(x, e.local(lambda t: t.reshape(1, -1), b))
+
+
+def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3) -> tuple[Secret, Bits, Bits]:
+    """h(q) for q (B, k) at scale f: returns (a (B, 1), m1, m2) where m1, m2 are the sign bits of
+    the two hidden pre-activations (ReLU'(x) = not m). Cost: 3 x (matmul 1 + trunc 2) + 2 x
+    (msb 8 + mul_bit 2) = 29 rounds."""
+    f = e.frac_bits
+    x1 = _bias(e, e.trunc(e.matmul(q, W1), f), b1)
+    m1 = e.msb(x1)
+    h1 = e.mul_bit(x1, e.bit_not(m1))
+    x2 = _bias(e, e.trunc(e.matmul(h1, W2), f), b2)
+    m2 = e.msb(x2)
+    h2 = e.mul_bit(x2, e.bit_not(m2))
+    a = _bias(e, e.trunc(e.matmul(h2, w3), f), b3)
+    return a, m1, m2
+
+
+def _zero_bits(e: Engine, b: Bits) -> Bits:
+    """A Boolean sharing of zeros with ``b``'s shape (the zero map applied share-wise)."""
+    return e.bit_local(torch.zeros_like, b)
+
+
+def _and_all(e: Engine, bits: Bits) -> Bits:
+    """AND over the last axis of (B, n) bits by a tree: ceil(log2 n) rounds."""
+    n = bits.shape[-1]
+    while n > 1:
+        half = n // 2
+        lo = e.bit_local(lambda t, h=half: t[..., :h], bits)
+        hi = e.bit_local(lambda t, h=half: t[..., h : 2 * h], bits)
+        both = e.bit_and(lo, hi)
+        if n % 2:
+            rest = e.bit_local(lambda t, h=half: t[..., 2 * h :], bits)
+            both = e.bit_cat([both, rest], -1)
+        bits = both
+        n = bits.shape[-1]
+    return bits
+
+
+def _select(e: Engine, cur: Secret, new: Secret, bit: Bits) -> Secret:
+    """bit ? new : cur, for a (B, 1) bit broadcast over the last axis. 2 rounds."""
+    diff = e.sub(new, cur)
+    wide = e.bit_local(lambda t: t.expand(*diff.shape).contiguous(), bit)
+    return e.add(cur, e.mul_bit(diff, wide))
+
+
+def _update_constants(e: Engine, cfg: GuardConfig, c3: Any, lr: Any, found: Bits) -> tuple[Any, Any]:
+    """c3 <- found ? 10 c3 : c3 (capped at c3_max); lr <- found ? lr : 1.1 lr.
+
+    While c3 is public (before the first update) the cap is checked in the clear; afterwards one
+    comparison decides it obliviously. Cost: (msb 8 + AND 1 when c3 is secret) + trunc 2 for
+    0.1 lr when lr is secret + mul_bit 2."""
+    f = e.frac_bits
+    if e.is_secret(c3):
+        (over,) = msb_many(e, [e.sub(e.public(cfg.c3_max / 10), c3)])  # 1 iff c3 > c3_max / 10
+        grow = e.bit_and(found, e.bit_not(over))
+    else:
+        grow = found if float(c3.item()) * 10 <= cfg.c3_max * 2**f * (1 + 1e-9) else _zero_bits(e, found)
+    inc_lr = e.mul_public_real(lr, 0.1)
+    d_c3, d_lr = mul_bit_many(e, [e.mul(c3, _t(9)), inc_lr], [grow, e.bit_not(found)])
+    return e.add(c3, d_c3), e.add(lr, d_lr)
+
+
+def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConfig | None = None,
+                 **overrides: Any) -> Secret:
+    """Guarded probabilities q* (B, k) for logits z (B, k); see the module docstring."""
+    cfg = config or GuardConfig()
+    if overrides:
+        cfg = GuardConfig(**{**cfg.__dict__, **overrides})
+    f = e.frac_bits
+
+    # ---- once per query --------------------------------------------------------------------------
+    p = softmax(e, z, axis=-1, impl=cfg.softmax_impl)
+    _, onehot = max_and_argmax(e, z, axis=-1, scale=0)  # integers 0/1
+    a0, _, _ = defender_score(e, p, W1, b1, W2, b2, w3, b3)
+    (s0,) = msb_many(e, [a0])  # sign bit of the original decision
+
+    # polynomial pieces of the multiplicative softmax update
+    lmax = cfg.lr_max * 1.02 + 2.0**-f * 8
+    exp_coef = fit_chebyshev(np.exp, -lmax, lmax, cfg.exp_degree)
+    d_lo, d_hi = math.exp(-lmax) * 0.97, math.exp(lmax) * 1.03
+    recip_coef = fit_chebyshev(_np_recip, d_lo, d_hi, cfg.recip_degree)
+    c2_ring = _t(round(cfg.c2 * 2**f))
+    c1_is_one = cfg.c1 == 1.0
+
+    q_star = p
+    accepted = _zero_bits(e, s0)
+    c3: Any = e.public(cfg.c3)
+    lr: Any = e.public(cfg.lr)
+    margin = e.public(cfg.margin)
+
+    batch, width = z.shape[0], w3.shape[0]
+    qshape = tuple(z.shape)
+    for _round in range(cfg.rounds):
+        q = p
+        found = _zero_bits(e, s0)
+        for t in range(cfg.steps + 1):
+            last = t == cfg.steps
+            a, m1, m2 = defender_score(e, q, W1, b1, W2, b2, w3, b3)
+            (q_l,) = mul_many(e, [(onehot, q)])
+            q_l = e.local(lambda v: v.sum(-1, keepdim=True), q_l)
+            checks = [a, e.sub(q, p), e.sub(q_l, q)]
+            if cfg.validator == "margin":
+                checks += [e.sub(margin, a), e.add(a, margin)]
+            bits = msb_many(e, checks)
+            m_a, m_qp, viol = bits[0], bits[1], bits[2]
+            if cfg.validator == "sign":
+                valid = e.bit_xor(m_a, s0)
+            else:  # |a| <= margin  <=>  not [a > margin] and not [a < -margin] (exclusive events)
+                valid = e.bit_not(e.bit_xor(bits[3], bits[4]))
+            test_now = cfg.schedule == "freeze" or last
+            if test_now:
+                parts = [e.bit_not(viol), valid]
+                if cfg.schedule == "freeze":
+                    parts.append(e.bit_not(accepted))
+                newly = _and_all(e, e.bit_cat(parts, -1))
+                q_star = _select(e, q_star, q, newly)
+                if cfg.schedule == "freeze":
+                    accepted = e.bit_xor(accepted, newly)
+                found = e.bit_xor(found, newly) if cfg.schedule == "freeze" else newly
+            if last:
+                break
+
+            # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
+            w3_row = e.local(lambda v: v.reshape(1, -1).expand(batch, width).contiguous(), w3)
+            c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)
+            # ReLU'(x2) * w3 and the violations as integers, in one mul_bit
+            y, viol_a = mul_bit_many(e, [w3_row, _t(1)], [e.bit_not(m2), viol])
+            # sgn(a) * y and sgn(q - p) * c3 as x - 2 x [negative], in one mul_bit
+            m_a_wide = e.bit_local(lambda v: v.expand(batch, width).contiguous(), m_a)
+            y_neg, c3_neg = mul_bit_many(e, [y, c3_wide], [m_a_wide, m_qp])
+            y = e.sub(y, e.mul(y_neg, _t(2)))
+            c3_term = e.sub(c3_wide, e.mul(c3_neg, _t(2)))
+            g1 = e.trunc(e.matmul(y, e.local(lambda v: v.t().contiguous(), W2)), f)
+            g1 = e.mul_bit(g1, e.bit_not(m1))
+            gh = e.trunc(e.matmul(g1, e.local(lambda v: v.t().contiguous(), W1)), f)
+            if not c1_is_one:
+                gh = e.mul_public_real(gh, cfg.c1)
+            gq = e.add(gh, c3_term)
+            cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
+            qg, lc = mul_many(e, [(q, gq), (onehot, cnt)])
+            (qg,) = trunc_many(e, [qg], f)
+            s = e.local(lambda v: v.sum(-1, keepdim=True), qg)
+            g = e.sub(qg, e.trunc(e.mul(q, s), f))
+            g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale f: exact
+            # ---- normalised step and multiplicative softmax update ------------------------------
+            n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g, g)), f)
+            inv = rsqrt(e, n2, lo=cfg.norm_lo, hi=cfg.norm_hi)
+            step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
+            delta = e.neg(e.trunc(e.mul(g, step), f))
+            ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
+            w = e.trunc(e.mul(q, ex), f)
+            d = e.local(lambda v: v.sum(-1, keepdim=True), w)
+            rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
+            q = e.trunc(e.mul(w, rd), f)
+        c3, lr = _update_constants(e, cfg, c3, lr, found)
+    return q_star
+
+
+def _np_recip(x):
+    return 1.0 / x
