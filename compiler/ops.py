@@ -105,7 +105,7 @@ OPS: dict[str, OpSpec] = {
         _spec("prelu", "nonlinear", ("exact",)),
         _spec("clip", "nonlinear", ("exact",), ("min", "max")),
         _spec("maxpool", "nonlinear", ("tree",), ("kernel", "strides", "pads", "dilations")),
-        _spec("softmax", "nonlinear", ("max_exp_recip",), ("axis",)),
+        _spec("softmax", "nonlinear", ("exp2", "max_exp_recip", "crypten", "piranha", "secureml"), ("axis",)),
         _spec("log_softmax", "nonlinear", ("max_exp_log",), ("axis",)),
         _spec("sigmoid", "nonlinear", ("exp_recip",)),
         _spec("tanh", "nonlinear", ("sigmoid",)),

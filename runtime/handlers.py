@@ -243,10 +243,7 @@ NONLINEAR = (
 def _nonlinear(ctx, step, args):
     from . import nonlinear
 
-    impls = nonlinear.IMPLEMENTATIONS.get(step["op"], {})
-    fn = impls.get(step["impl"])
-    if fn is None:
-        raise KeyError(f"op {step['op']!r} has no implementation {step['impl']!r} (known: {sorted(impls)})")
+    fn = nonlinear.get_implementation(step["op"], step["impl"])
     params = dict(step["attrs"])
     params.update(step.get("impl_params") or {})
     return [fn(ctx.e, *args, **params)]
