@@ -76,7 +76,8 @@ class GuardConfig:
     c3_max: float = 100.0
     softmax_impl: str = "exp2"
     exp_degree: int = 4
-    recip_degree: int = 5
+    recip_degree: int = 4
+    norm_iterations: int = 2
     norm_lo: float = 2.0**-12
     norm_hi: float = 2.0**17
 
@@ -102,19 +103,27 @@ def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
     return e.add(x, e.local(lambda t: t.reshape(1, -1), b))
 
 
-def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3) -> tuple[Secret, Bits, Bits]:
-    """h(q) for q (B, k) at scale f: returns (a (B, 1), m1, m2) where m1, m2 are the sign bits of
-    the two hidden pre-activations (ReLU'(x) = not m). Cost: 3 x (matmul 1 + trunc 2) + 2 x
-    (msb 8 + mul_bit 2) = 29 rounds."""
+def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3,
+                   with_backward: bool = False) -> tuple[Secret, Bits, Secret | None]:
+    """h(q) for q (B, k) at scale f. Returns (a (B, 1), m1, y) where m1 is the sign bit of the first
+    hidden pre-activation (ReLU'(x1) = not m1) and, if ``with_backward``, y = ReLU'(x2) * w3^T
+    (B, H2), the start of the backward pass, computed in the same ``mul_bit`` as the second ReLU.
+    Cost: 3 x (matmul 1 + trunc 2) + 2 x (msb 8 + mul_bit 2) = 29 rounds."""
     f = e.frac_bits
     x1 = _bias(e, e.trunc(e.matmul(q, W1), f), b1)
     m1 = e.msb(x1)
     h1 = e.mul_bit(x1, e.bit_not(m1))
     x2 = _bias(e, e.trunc(e.matmul(h1, W2), f), b2)
-    m2 = e.msb(x2)
-    h2 = e.mul_bit(x2, e.bit_not(m2))
+    d2 = e.bit_not(e.msb(x2))
+    y = None
+    if with_backward:
+        batch, width = x2.shape
+        w3_row = e.local(lambda v: v.reshape(1, -1).expand(batch, width).contiguous(), w3)
+        h2, y = mul_bit_many(e, [x2, w3_row], [d2, d2])
+    else:
+        h2 = e.mul_bit(x2, d2)
     a = _bias(e, e.trunc(e.matmul(h2, w3), f), b3)
-    return a, m1, m2
+    return a, m1, y
 
 
 def _zero_bits(e: Engine, b: Bits) -> Bits:
@@ -190,14 +199,13 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     lr: Any = e.public(cfg.lr)
     margin = e.public(cfg.margin)
 
-    batch, width = z.shape[0], w3.shape[0]
     qshape = tuple(z.shape)
     for _round in range(cfg.rounds):
         q = p
         found = _zero_bits(e, s0)
         for t in range(cfg.steps + 1):
             last = t == cfg.steps
-            a, m1, m2 = defender_score(e, q, W1, b1, W2, b2, w3, b3)
+            a, m1, y = defender_score(e, q, W1, b1, W2, b2, w3, b3, with_backward=not last)
             (q_l,) = mul_many(e, [(onehot, q)])
             q_l = e.local(lambda v: v.sum(-1, keepdim=True), q_l)
             checks = [a, e.sub(q, p), e.sub(q_l, q)]
@@ -223,21 +231,17 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
                 break
 
             # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
-            w3_row = e.local(lambda v: v.reshape(1, -1).expand(batch, width).contiguous(), w3)
-            c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)
-            # ReLU'(x2) * w3 and the violations as integers, in one mul_bit
-            y, viol_a = mul_bit_many(e, [w3_row, _t(1)], [e.bit_not(m2), viol])
-            # sgn(a) * y and sgn(q - p) * c3 as x - 2 x [negative], in one mul_bit
-            m_a_wide = e.bit_local(lambda v: v.expand(batch, width).contiguous(), m_a)
-            y_neg, c3_neg = mul_bit_many(e, [y, c3_wide], [m_a_wide, m_qp])
-            y = e.sub(y, e.mul(y_neg, _t(2)))
-            c3_term = e.sub(c3_wide, e.mul(c3_neg, _t(2)))
+            # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
             g1 = e.trunc(e.matmul(y, e.local(lambda v: v.t().contiguous(), W2)), f)
             g1 = e.mul_bit(g1, e.bit_not(m1))
             gh = e.trunc(e.matmul(g1, e.local(lambda v: v.t().contiguous(), W1)), f)
             if not c1_is_one:
                 gh = e.mul_public_real(gh, cfg.c1)
-            gq = e.add(gh, c3_term)
+            # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
+            c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)
+            m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
+            gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
+            gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
             cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
             qg, lc = mul_many(e, [(q, gq), (onehot, cnt)])
             (qg,) = trunc_many(e, [qg], f)
@@ -246,7 +250,7 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
             g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale f: exact
             # ---- normalised step and multiplicative softmax update ------------------------------
             n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g, g)), f)
-            inv = rsqrt(e, n2, lo=cfg.norm_lo, hi=cfg.norm_hi)
+            inv = rsqrt(e, n2, lo=cfg.norm_lo, hi=cfg.norm_hi, iterations=cfg.norm_iterations)
             step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
             delta = e.neg(e.trunc(e.mul(g, step), f))
             ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
