@@ -1,0 +1,108 @@
+"""The secure guard against its float64 oracle (privacy.memguard.guard_reference), end to end.
+
+A small real scenario on scikit-learn's digits: an overfitted target MLP, a defender trained on
+the owner's members against the owner's reference non-members, the guard compiled into the plan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.pipeline import CompileOptions, compile_model, write_plan
+from compiler.plan import Plan
+from privacy.datasets import load_dataset
+from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from privacy.memguard import guard_reference
+from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+from runtime.local import run_reference, run_threads
+
+ACCEPT_L1 = 2e-3  # a revealed vector this far from softmax(z) carries accepted noise
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guard")
+    data = load_dataset("digits")
+    order = np.random.default_rng(1).permutation(len(data.x))  # data split only
+    members, reference, outsiders = order[:500], order[500:800], order[800:1050]
+    model = train_classifier(make_mlp(data.input_shape, 10, hidden=(64, 32)), data.x[members], data.y[members],
+                             epochs=60)
+    target = export_onnx(model, d / "target.onnx", data.input_shape)
+    probs_m = to_probabilities(predict_onnx(target, data.x[members]))
+    probs_r = to_probabilities(predict_onnx(target, data.x[reference]))
+    defender, _ = train_defender(probs_m, probs_r, seed=0)
+    dpath = export_defender(defender, d / "defender.onnx")
+    queries = np.concatenate([members[:250], outsiders[:250]])
+    x = data.x[queries]
+    logits = predict_onnx(target, x)
+    return {"dir": d, "target": target, "defender": dpath, "weights": DefenderWeights.from_onnx(dpath), "x": x,
+            "logits": logits}
+
+
+def _plan(s, batch: int, name: str, **guard_config) -> Plan:
+    res = compile_model(s["target"], CompileOptions(batch=batch, guard=s["defender"], guard_config=guard_config))
+    write_plan(res, s["dir"] / name)
+    return Plan.load(s["dir"] / name)
+
+
+def _accepted(revealed: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    return np.abs(revealed - p).sum(axis=1) > ACCEPT_L1
+
+
+def test_guarded_plan_reveals_only_the_guarded_vector(scenario):
+    plan = _plan(scenario, 2, "plan-small", rounds=1, steps=2)
+    assert [o["name"] for o in plan.outputs] == ["guarded_probs"]
+    assert [s["op"] for s in plan.steps].count("guard") == 1
+    assert not any(s["op"] == "softmax" for s in plan.steps)
+    guard = next(s for s in plan.steps if s["op"] == "guard")
+    assert guard["impl"] == "memguard-freeze" and guard["cost"]["rounds"] > 0
+    assert {w["name"] for w in plan.doc["weights"]} >= {f"guard.{n}" for n in ("W1", "b1", "W2", "b2", "w3", "b3")}
+
+
+@pytest.mark.parametrize("schedule", ["freeze", "paper"])
+def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
+    """500 queries: labels kept for every query, accept decisions agree with the oracle on >= 95 %."""
+    x, logits = scenario["x"], scenario["logits"]
+    plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule)
+    out = run_reference(plan, x).output
+    ref = guard_reference(logits, scenario["weights"], schedule=schedule)
+    assert len(x) >= 500
+    assert (out.argmax(1) == logits.argmax(1)).all(), "the guard changed a label"
+    agree = (_accepted(out, logits) == ref.accepted).mean()
+    assert agree >= 0.95, agree
+    both = _accepted(out, logits) & ref.accepted
+    # where both accepted, the revealed vectors are close to the oracle's
+    assert np.median(np.abs(out[both] - ref.guarded[both]).sum(1)) < 0.05
+    assert np.allclose(out.sum(1), 1.0, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_secure_guard_agrees_with_fixed_point_reference(scenario):
+    """Three parties (threads) on 16 queries with the default schedule give the reference's decisions."""
+    x, logits = scenario["x"][::32][:16], scenario["logits"][::32][:16]
+    plan = _plan(scenario, len(x), "plan-secure")
+    secure = run_threads(plan, x, timeout=900).output
+    ref = run_reference(plan, x).output
+    assert (secure.argmax(1) == logits.argmax(1)).all()
+    assert (_accepted(secure, logits) == _accepted(ref, logits)).mean() >= 15 / 16
+    assert np.abs(secure - ref).max() < 0.05
+
+
+def test_messages_do_not_depend_on_acceptance(scenario):
+    """A query accepted at once and a query never accepted send identical message sizes and counts."""
+    cfg = {"rounds": 1, "steps": 4}
+    ref = guard_reference(scenario["logits"], scenario["weights"], **cfg)
+    early = np.flatnonzero(ref.accepted & (ref.accept_step <= 2))
+    never = np.flatnonzero(~ref.accepted)
+    if len(early) == 0 or len(never) == 0:
+        pytest.fail(f"scenario lacks an early ({len(early)}) or a never ({len(never)}) accepted query")
+    plan = _plan(scenario, 1, "plan-one", **cfg)
+    runs = [run_threads(plan, scenario["x"][i : i + 1], timeout=300) for i in (early[0], never[0])]
+    assert _accepted(runs[0].output, scenario["logits"][early[0] : early[0] + 1])[0]
+    assert not _accepted(runs[1].output, scenario["logits"][never[0] : never[0] + 1])[0]
+    views = [[(s["name"], s["rounds"], s["bytes_per_party"], s["received_per_party"]) for s in r.stats["steps"]]
+             for r in runs]
+    assert views[0] == views[1]
