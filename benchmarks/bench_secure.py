@@ -89,7 +89,8 @@ def main() -> None:
                 ort_t = _ort_time(path, x, args.repeat)
                 t = statistics.median(times)
                 mb = [b / 1e6 for b in stats["totals"]["bytes_per_party"]]
-                row = {"model": name, "batch": batch, "mode": "threads", "seconds": t, "rounds": stats["totals"]["rounds"],
+                row = {"model": name, "batch": batch, "mode": "threads", "seconds": t,
+                       "rounds": stats["totals"]["rounds"],
                        "mb_per_party": mb, "ort_seconds": ort_t, "overhead": t / ort_t,
                        "plan_rounds": plan.totals["rounds"]}
                 rows.append(row)
