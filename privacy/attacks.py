@@ -4,12 +4,13 @@ Every attack is fitted on the attacker's own shadow data and only then evaluated
 the API makes that structural: ``fit(shadow_probs, shadow_membership)`` learns everything (thresholds,
 classifier weights) and ``evaluate(target_probs, membership)`` only reads the fitted state.
 
-Shadow data (:func:`shadow_outputs`): the attacker trains a shadow model with the target's architecture
+Shadow data (:func:`train_shadow`): the attacker trains a shadow model with the target's architecture
 and training recipe on its own shadow members, and queries it on those members and on its own shadow
-non-members. By default these outputs are the shadow model's plain softmax vectors: the attacker
-does not know the defence. ``adaptive=True`` models an attacker that knows it: it trains its own shadow
-defender and runs the public guard algorithm on its shadow logits, so its attack learns what guarded
-outputs of members and non-members look like.
+non-members. A non-adaptive attacker trains on the shadow model's plain softmax vectors
+(:meth:`ShadowData.plain_outputs`): it does not know the defence, and nothing applies the owner's guard
+to shadow data. An adaptive attacker knows the defence (:meth:`ShadowData.adaptive_outputs`): it trains its
+own shadow defender and runs the public guard algorithm on its shadow logits, so its attack learns what
+guarded outputs of members and non-members look like.
 
 Reported per attack (:class:`AttackResult`): accuracy of its decision, AUC of its score, TPR at 1 % FPR,
 and advantage = |AUC - 0.5| (an attacker may invert its decision, so an AUC far below 0.5 leaks too).
@@ -31,7 +32,7 @@ __all__ = [
     "EntropyAttack",
     "NeuralAttack",
     "ShadowData",
-    "shadow_outputs",
+    "train_shadow",
     "label_only_gap",
     "top_k_sorted",
 ]
@@ -200,54 +201,81 @@ def label_only_gap(probs: np.ndarray, labels: np.ndarray, membership: np.ndarray
 
 @dataclass
 class ShadowData:
-    """The attacker's training data for its attacks: outputs (N, k) of its shadow model and membership (N,).
+    """The attacker's shadow world: its shadow model's logits on shadow members and non-members.
 
-    ``guarded`` says whether the outputs went through the attacker's own copy of the guard (adaptive).
+    logits: (N + M, k), members first; membership: (N + M,) bool; reference_logits: (R, k) outputs on a
+    further set of the attacker's non-members (only an adaptive attacker needs them, to train its own
+    shadow defender); input_shape, num_classes, seed: the recipe, for the record.
     """
 
-    probs: np.ndarray
+    logits: np.ndarray
     membership: np.ndarray
-    guarded: bool = False
+    reference_logits: np.ndarray | None = None
+    seed: int = 1
     info: dict[str, Any] = field(default_factory=dict)
+    _defender: Any = field(default=None, repr=False)
+
+    def plain_outputs(self) -> np.ndarray:
+        """(N + M, k) the shadow model's softmax outputs: what a non-adaptive attacker trains on."""
+        from .memguard import softmax
+
+        return softmax(np.asarray(self.logits, dtype=np.float64))
+
+    def shadow_defender(self) -> Any:
+        """The adaptive attacker's own defender (:class:`privacy.defender.DefenderWeights`), trained once on its
+        shadow members against its reference non-members, as the owner trains the real one."""
+        if self._defender is None:
+            from .defender import DefenderWeights, train_defender
+            from .memguard import softmax
+
+            if self.reference_logits is None:
+                raise ValueError("an adaptive attacker needs its own reference non-members (x_reference)")
+            module, report = train_defender(softmax(self.logits[self.membership]), softmax(self.reference_logits),
+                                            seed=self.seed)
+            self._defender = DefenderWeights.from_module(module)
+            self.info["shadow_defender_val_accuracy"] = report.val_accuracy
+        return self._defender
+
+    def adaptive_outputs(self, **guard_options: Any) -> Any:
+        """An adaptive attacker's training outputs: the public guard algorithm run on its shadow logits with its
+        own shadow defender (``guard_options`` as :func:`privacy.memguard.guard_reference` takes them).
+        Returns the :class:`privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits on."""
+        from .memguard import guard_reference
+
+        return guard_reference(self.logits, self.shadow_defender(), **guard_options)
 
 
-def shadow_outputs(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input_shape: tuple[int, ...],
-                   num_classes: int, epochs: int = 150, seed: int = 1, adaptive: bool = False,
-                   x_reference: np.ndarray | None = None, guard_options: dict[str, Any] | None = None) -> ShadowData:
-    """Train a shadow model like the target and collect the attacker's training data.
+def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input_shape: tuple[int, ...],
+                 num_classes: int, epochs: int = 150, seed: int = 1,
+                 x_reference: np.ndarray | None = None) -> ShadowData:
+    """Train a shadow model like the target (:func:`privacy.targets.make_mlp`, same recipe) and query it.
 
     Args:
         x_in, y_in: the attacker's shadow members (N, ...) and labels (N,): the shadow model's training set.
         x_out: the attacker's shadow non-members (M, ...), never seen by the shadow model.
-        input_shape, num_classes: the target's architecture (:func:`privacy.targets.make_mlp`).
-        epochs, seed: the training recipe (the same as the target's, as ML-Leaks assumes).
-        adaptive: the attacker knows the defence: it trains a shadow defender on its shadow members against
-            ``x_reference`` (its own reference non-members, disjoint from ``x_out``) and passes its shadow
-            logits through :func:`privacy.memguard.guard_reference` with ``guard_options``.
+        input_shape, num_classes, epochs, seed: the target's architecture and training recipe (ML-Leaks
+            assumes the attacker knows them).
+        x_reference: optional further non-members (R, ...) of the attacker, disjoint from ``x_out``, for an
+            adaptive attacker's shadow defender.
 
     Returns:
-        :class:`ShadowData` with probs (N + M, k) and membership (N + M,), members first.
+        :class:`ShadowData` with logits (N + M, k) and membership (N + M,), members first.
     """
     import torch
 
+    from .defender import single_threaded
     from .targets import make_mlp, train_classifier
 
-    model = train_classifier(make_mlp(input_shape, num_classes), x_in, y_in, epochs=epochs, seed=seed)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.concatenate([x_in, x_out]).astype(np.float32))).double().numpy()
+    with single_threaded():
+        torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
+        model = train_classifier(make_mlp(input_shape, num_classes), x_in, y_in, epochs=epochs, seed=seed)
+
+    def logits(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).double().numpy()
+
     membership = np.concatenate([np.ones(len(x_in), bool), np.zeros(len(x_out), bool)])
-    from .memguard import softmax
-
-    if not adaptive:
-        return ShadowData(softmax(logits), membership, guarded=False)
-    if x_reference is None:
-        raise ValueError("an adaptive attacker needs its own reference non-members (x_reference)")
-    from .defender import DefenderWeights, train_defender
-    from .memguard import guard_reference
-
-    with torch.no_grad():
-        ref_logits = model(torch.from_numpy(np.asarray(x_reference, np.float32))).double().numpy()
-    module, report = train_defender(softmax(logits[: len(x_in)]), softmax(ref_logits), seed=seed)
-    guard = guard_reference(logits, DefenderWeights.from_module(module), **(guard_options or {}))
-    return ShadowData(guard.probs, membership, guarded=True,
-                      info={"shadow_defender_val_accuracy": report.val_accuracy, **guard.summary()})
+    ref = None if x_reference is None else logits(x_reference)
+    shadow = ShadowData(logits(np.concatenate([x_in, x_out])), membership, ref, seed)
+    shadow.info["shadow_train_accuracy"] = float((shadow.logits[: len(x_in)].argmax(1) == np.asarray(y_in)).mean())
+    return shadow

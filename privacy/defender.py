@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +29,34 @@ __all__ = [
     "train_defender",
     "export_defender",
     "to_probabilities",
+    "single_threaded",
 ]
 
 #: hidden widths of the defender (fixed by the guard protocol: k -> 128 -> 64 -> 1)
 HIDDEN: tuple[int, int] = (128, 64)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch and BLAS on one thread inside the block (restored after).
+
+    The defender, the guard and the small targets multiply matrices of a few hundred columns thousands of
+    times: extra threads only add synchronisation, and on a busy machine make it ~10x slower.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        threadpool_limits = None
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threadpool_limits is None:
+            yield
+        else:
+            with threadpool_limits(limits=1, user_api="blas"):
+                yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_defender(num_classes: int) -> nn.Sequential:
@@ -83,7 +109,7 @@ def _check_probs(name: str, probs: np.ndarray) -> np.ndarray:
 
 
 def train_defender(member_probs: np.ndarray, nonmember_probs: np.ndarray, *, seed: int = 0, epochs: int = 300,
-                   patience: int = 20, lr: float = 1e-3, batch: int = 64,
+                   patience: int = 30, min_epochs: int = 100, lr: float = 1e-3, batch: int = 64,
                    val_fraction: float = 0.2) -> tuple[nn.Sequential, DefenderReport]:
     """Train the defender on members (label 1) against non-members (label 0).
 
@@ -91,8 +117,10 @@ def train_defender(member_probs: np.ndarray, nonmember_probs: np.ndarray, *, see
         member_probs: (N, k) softmax outputs of the target on its training members.
         nonmember_probs: (M, k) softmax outputs on the owner's reference non-members.
         seed: seeds the class balancing, the split, the initialisation and the batch order.
-        epochs, patience: at most ``epochs`` passes; stop after ``patience`` epochs without a lower
-            validation loss and restore the weights of the best epoch.
+        epochs, patience, min_epochs: at most ``epochs`` passes; after ``min_epochs`` passes, stop once
+            ``patience`` epochs went by without a lower validation loss; the weights of the best epoch are
+            restored. The warm-up matters: on near one-hot outputs the validation loss first rises (the
+            network learns per-class priors) and only falls below chance after ~100 epochs.
         lr, batch: Adam's step size and the mini-batch size.
         val_fraction: share of each class held out for validation (stratified).
 
@@ -106,7 +134,6 @@ def train_defender(member_probs: np.ndarray, nonmember_probs: np.ndarray, *, see
     nonmembers = _check_probs("non-member outputs", nonmember_probs)
     if members.shape[1] != nonmembers.shape[1]:
         raise InputError(f"members have {members.shape[1]} classes but non-members {nonmembers.shape[1]}")
-    k = members.shape[1]
     rng = np.random.default_rng(seed)  # sampling and splitting only; never used for shares or masks
     n = min(len(members), len(nonmembers))
     if n < 5:
@@ -119,6 +146,16 @@ def train_defender(member_probs: np.ndarray, nonmember_probs: np.ndarray, *, see
     x_val = np.concatenate([members[:n_val], nonmembers[:n_val]])
     y_val = np.concatenate([np.ones(n_val), np.zeros(n_val)])
 
+    with single_threaded():
+        return _fit(x_train, y_train, x_val, y_val, n=n, seed=seed, epochs=epochs, patience=patience,
+                    min_epochs=min_epochs, lr=lr, batch=batch)
+
+
+def _fit(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, n: int, seed: int,
+         epochs: int, patience: int, min_epochs: int, lr: float,
+         batch: int) -> tuple[nn.Sequential, DefenderReport]:
+    """Adam with early stopping on the validation loss (the loop of :func:`train_defender`)."""
+    k = x_train.shape[1]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = make_defender(k)
@@ -140,7 +177,7 @@ def train_defender(member_probs: np.ndarray, nonmember_probs: np.ndarray, *, see
             val_loss = float(loss_fn(model(xv)[:, 0], yv))
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= patience:
+        elif epoch >= min_epochs and epoch - best_epoch >= patience:
             break
     model.load_state_dict(best_state)
     model.eval()

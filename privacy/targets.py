@@ -11,8 +11,10 @@ from torch import nn
 __all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx"]
 
 
-def make_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128, 64)) -> nn.Module:
-    """Flatten -> (Linear -> ReLU)* -> Linear producing logits."""
+def make_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128, 64),
+             seed: int = 0) -> nn.Module:
+    """Flatten -> (Linear -> ReLU)* -> Linear producing logits, initialised from ``seed``."""
+    torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     width = int(np.prod(input_shape))
     for h in hidden:

@@ -1,0 +1,118 @@
+"""Membership-inference attacks: metrics, inverted signals, and fitting on shadow data only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privacy.attacks import (
+    EntropyAttack,
+    MaxProbabilityAttack,
+    NeuralAttack,
+    label_only_gap,
+    membership_metrics,
+    top_k_sorted,
+    train_shadow,
+)
+
+
+def outputs(n: int, confident: bool, rng: np.random.Generator, k: int = 10) -> np.ndarray:
+    """(n, k) probability vectors: peaked (top-1 in [0.9, 1)) or flat (top-1 in [0.2, 0.5))."""
+    top = rng.uniform(0.9, 0.999, n) if confident else rng.uniform(0.2, 0.5, n)
+    rest = rng.dirichlet(np.ones(k - 1), n) * (1 - top)[:, None]
+    out = np.concatenate([top[:, None], rest], axis=1)
+    return np.take_along_axis(out, rng.permuted(np.tile(np.arange(k), (n, 1)), axis=1), axis=1)
+
+
+def separable(n: int, seed: int, inverted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Members confident and non-members flat (or the other way round): a perfectly separating signal."""
+    rng = np.random.default_rng(seed)
+    probs = np.concatenate([outputs(n, not inverted, rng), outputs(n, inverted, rng)])
+    return probs, np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
+
+
+ATTACKS = [MaxProbabilityAttack, EntropyAttack, NeuralAttack]
+
+
+@pytest.mark.parametrize("attack_cls", ATTACKS)
+def test_perfect_signal_gives_auc_one(attack_cls):
+    attack = attack_cls().fit(*separable(200, 0))
+    res = attack.evaluate(*separable(200, 1))
+    assert res.auc > 0.99 and res.advantage > 0.49 and res.accuracy > 0.97 and res.tpr_at_1pct_fpr > 0.95
+
+
+@pytest.mark.parametrize("attack_cls", ATTACKS)
+def test_inverted_signal_still_has_full_advantage(attack_cls):
+    attack = attack_cls().fit(*separable(200, 0))  # the attacker learned "confident = member"
+    res = attack.evaluate(*separable(200, 1, inverted=True))
+    assert res.auc < 0.01 and res.advantage > 0.49 and res.accuracy < 0.03
+
+
+def test_no_signal_has_no_advantage():
+    rng = np.random.default_rng(3)
+    probs = outputs(2000, True, rng)
+    membership = rng.random(2000) < 0.5
+    res = MaxProbabilityAttack().fit(*separable(200, 0)).evaluate(probs, membership)
+    assert res.advantage < 0.05
+
+
+def test_threshold_inversion_is_learned_on_shadow_data():
+    attack = MaxProbabilityAttack().fit(*separable(200, 0, inverted=True))
+    assert attack.direction == -1.0
+    assert attack.evaluate(*separable(200, 1, inverted=True)).auc > 0.99
+    assert MaxProbabilityAttack(allow_inversion=False).fit(*separable(200, 0, inverted=True)).direction == 1.0
+
+
+@pytest.mark.parametrize("attack_cls", [MaxProbabilityAttack, EntropyAttack])
+def test_thresholds_are_fitted_on_shadow_data_only(attack_cls):
+    attack = attack_cls().fit(*separable(200, 0))
+    threshold, direction = attack.threshold, attack.direction
+    probs, membership = separable(200, 1)
+    for seed in range(3):
+        shuffled = np.random.default_rng(seed).permutation(membership)
+        attack.evaluate(probs, shuffled)
+        assert attack.threshold == threshold and attack.direction == direction
+    # and a fresh fit on other shadow data does move it: the threshold really comes from fit()
+    assert attack_cls().fit(*separable(200, 0, inverted=True)).direction != direction
+
+
+def test_neural_classifier_is_not_refitted_by_evaluate():
+    attack = NeuralAttack().fit(*separable(200, 0))
+    probe = separable(50, 5)[0]
+    before = attack.classifier.predict_proba(top_k_sorted(probe))
+    probs, membership = separable(200, 1)
+    attack.evaluate(probs, np.random.default_rng(0).permutation(membership))
+    np.testing.assert_array_equal(attack.classifier.predict_proba(top_k_sorted(probe)), before)
+
+
+def test_evaluate_before_fit_and_one_class_fail():
+    with pytest.raises(RuntimeError, match="fit"):
+        MaxProbabilityAttack().evaluate(*separable(10, 0))
+    with pytest.raises(ValueError, match="both"):
+        MaxProbabilityAttack().fit(np.full((4, 3), 1 / 3), np.ones(4, bool))
+
+
+def test_metrics_and_features():
+    res = membership_metrics("x", np.array([0.9, 0.8, 0.2, 0.1]), np.array([1, 1, 0, 0]), np.array([1, 1, 0, 0]))
+    assert (res.auc, res.accuracy, res.tpr_at_1pct_fpr, res.advantage) == (1.0, 1.0, 1.0, 0.5)
+    np.testing.assert_array_equal(top_k_sorted(np.array([[0.1, 0.6, 0.3, 0.0]])), [[0.6, 0.3, 0.1]])
+    gap = label_only_gap(np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 0, 1]), np.array([1, 1, 0, 0]))
+    assert gap.accuracy == 1.0 and gap.auc == 1.0
+
+
+def test_shadow_models_and_the_adaptive_attacker(digits):
+    x_train, y_train, x_test, _ = digits
+    shadow = train_shadow(x_train[:200], y_train[:200], x_test[:200], input_shape=(64,), num_classes=10, epochs=30,
+                          seed=1, x_reference=x_test[200:400])
+    assert shadow.logits.shape == (400, 10) and shadow.membership.sum() == 200
+    plain = shadow.plain_outputs()
+    np.testing.assert_allclose(plain.sum(1), 1.0)
+    assert shadow.info["shadow_train_accuracy"] > 0.8
+    guarded = shadow.adaptive_outputs(rounds=1, steps=20)  # its own defender, the public algorithm
+    assert "shadow_defender_val_accuracy" in shadow.info
+    assert guarded.label_preserved.all() and guarded.probs.shape == plain.shape
+    res = NeuralAttack().fit(guarded.probs, shadow.membership).evaluate(plain, shadow.membership)
+    assert 0.0 <= res.advantage <= 0.5
+    no_ref = train_shadow(x_train[:50], y_train[:50], x_test[:50], input_shape=(64,), num_classes=10, epochs=1)
+    with pytest.raises(ValueError, match="reference"):
+        no_ref.adaptive_outputs()

@@ -1,0 +1,187 @@
+"""The plaintext guard reference: labels kept, acceptance sound, gradient exact, schedules as specified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privacy.defender import DefenderWeights
+from privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, softmax
+
+K = 10
+
+
+def random_defender(k: int = K, seed: int = 0) -> DefenderWeights:
+    """A defender with random weights (He-scaled), so its scores straddle 0 on probability vectors."""
+    rng = np.random.default_rng(seed)
+    return DefenderWeights(W1=rng.normal(0, np.sqrt(2 / k), (128, k)) * 4, b1=rng.normal(0, 0.5, 128),
+                           W2=rng.normal(0, np.sqrt(2 / 128), (64, 128)), b2=rng.normal(0, 0.1, 64),
+                           w3=rng.normal(0, np.sqrt(2 / 64), (1, 64)), b3=np.array([0.0]))
+
+
+@pytest.fixture(scope="module")
+def defender() -> DefenderWeights:
+    return random_defender()
+
+
+@pytest.fixture(scope="module")
+def logits() -> np.ndarray:
+    """300 queries: confident, unsure and nearly tied logit vectors."""
+    rng = np.random.default_rng(1)
+    return rng.normal(0, 1, (300, K)) * rng.choice([0.3, 2.0, 6.0], size=(300, 1))
+
+
+def literal_guard(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int, c1: float, c2: float, c3: float,
+                  lr: float, schedule: str, validator: str, margin: float) -> tuple[np.ndarray, bool]:
+    """The algorithm written out for one query with scalar loops: an independent check of the vectorised one."""
+    k = len(z)
+    u0 = z - z.max()
+    p = np.exp(u0) / np.exp(u0).sum()
+    lab = int(np.argmax(z))
+    a0 = float(h.score(p[None])[0])
+    e_star, accepted = np.zeros(k), False
+    for _ in range(rounds):
+        e, found = np.zeros(k), False
+        for t in range(1, steps + 2):
+            u = u0 + e
+            q = np.exp(u - u.max()) / np.exp(u - u.max()).sum()
+            pre1 = h.W1 @ q + h.b1
+            r1 = np.maximum(pre1, 0)
+            pre2 = h.W2 @ r1 + h.b2
+            a = float(h.w3[0] @ np.maximum(pre2, 0) + h.b3[0])
+            viol = np.array([1.0 if (j != lab and u[j] > u[lab]) else 0.0 for j in range(k)])
+            valid = (a0 * a <= 0) if validator == "sign" else (abs(a) <= margin)
+            ok = viol.sum() == 0 and valid
+            if schedule == "freeze" and ok and not accepted:
+                e_star, accepted, found = e.copy(), True, True
+            if schedule == "paper" and t == steps + 1 and ok:
+                e_star, accepted, found = e.copy(), True, True
+            if t == steps + 1:
+                break
+            grad_h = h.W1.T @ ((pre1 >= 0) * (h.W2.T @ ((pre2 >= 0) * h.w3[0])))
+            gq = c1 * (1.0 if a >= 0 else -1.0) * grad_h + c3 * np.where(q - p >= 0, 1.0, -1.0)
+            g = np.array([q[j] * gq[j] - q[j] * float(q @ gq) for j in range(k)])
+            g = g + c2 * (viol - (np.arange(k) == lab) * viol.sum())
+            e = e - lr * g / np.sqrt(float(g @ g) + 1e-12)
+        if found:
+            c3 *= 10
+        else:
+            lr *= 1.1
+    return e_star, accepted
+
+
+@pytest.mark.parametrize("schedule,validator", [("freeze", "sign"), ("paper", "sign"), ("freeze", "margin")])
+def test_vectorised_equals_literal_algorithm(defender, logits, schedule, validator):
+    opts = dict(rounds=3, steps=7, c1=1.0, c2=10.0, c3=0.1, lr=0.4, schedule=schedule, validator=validator,
+                margin=0.3)
+    res = guard_reference(logits[:40], defender, **opts)
+    for i in range(40):
+        e_star, accepted = literal_guard(logits[i], defender, **opts)
+        assert res.accepted[i] == accepted
+        np.testing.assert_allclose(res.noise[i], e_star, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [{}, {"schedule": "paper"}, {"validator": "margin"}, {"rounds": 1, "steps": 300},
+                                     {"lr": 2.0, "c2": 0.1}])
+def test_labels_are_preserved_and_acceptance_is_sound(defender, logits, options):
+    res = guard_reference(logits, defender, **options)
+    assert res.label_preserved.all()
+    assert res.accepted.mean() > 0.2  # the test is not vacuous
+    # every accepted noise keeps the label and passes the validator; unaccepted queries get no noise
+    u = logits - logits.max(1, keepdims=True) + res.noise
+    assert (u.argmax(1) == res.labels).all()
+    a = defender.score(softmax(u))
+    if options.get("validator", "sign") == "sign":
+        assert (res.a0[res.accepted] * a[res.accepted] <= 0).all()
+    else:
+        assert (np.abs(a[res.accepted]) <= 0.5).all()
+    assert not res.noise[~res.accepted].any()
+    np.testing.assert_allclose(res.probs, res.guarded)  # release_prob = 1
+    np.testing.assert_allclose(res.distortion, np.abs(res.probs - res.plain).sum(1))
+    np.testing.assert_allclose(res.a_final, defender.score(res.probs))
+
+
+def _fixed_sign_loss(u, p, onehot, h, s_a, s_qp, m1, m2, c1, c2, c3):
+    """L with sgn(a), sgn(q - p) and the ReLU masks frozen: the function whose exact gradient the guard uses."""
+    q = softmax(u)
+    r1 = m1 * (q @ h.W1.T + h.b1)
+    a = (m2 * (r1 @ h.W2.T + h.b2)) @ h.w3[0] + h.b3[0]
+    u_l = (u * onehot).sum(1, keepdims=True)
+    return c1 * s_a * a + c2 * np.maximum(u - u_l, 0).sum(1) + c3 * (s_qp * (q - p)).sum(1)
+
+
+def test_gradient_matches_finite_differences(defender):
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 2, (50, K))
+    u0 = z - z.max(1, keepdims=True)
+    p = softmax(u0)
+    onehot = np.eye(K)[z.argmax(1)]
+    e = rng.normal(0, 1.5, (50, K))  # some labels violated, so the hinge is active
+    u = u0 + e
+    c1, c2, c3 = 1.3, 10.0, np.linspace(0.05, 5, 50)  # per-query c3, as the schedule makes it
+    g, q, a, viol = guard_loss_gradient(u, p, onehot, defender, c1=c1, c2=c2, c3=c3)
+    assert viol.sum() > 0 and (viol.sum(1) == 0).any()
+    _, m1, m2 = defender.forward(q)
+    frozen = (defender, np.where(a >= 0, 1.0, -1.0), np.where(q - p >= 0, 1.0, -1.0), m1, m2, c1, c2, c3)
+    # at the point itself, the loss with frozen signs and masks is the guard's loss
+    np.testing.assert_allclose(_fixed_sign_loss(u, p, onehot, *frozen),
+                               guard_loss(u, p, onehot, defender, c1=c1, c2=c2, c3=c3), rtol=1e-12)
+    h = 1e-6
+    fd = np.zeros_like(u)
+    for j in range(K):
+        d = np.zeros_like(u)
+        d[:, j] = h
+        fd[:, j] = (_fixed_sign_loss(u + d, p, onehot, *frozen) - _fixed_sign_loss(u - d, p, onehot, *frozen)) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_keeps_the_first_success(defender, logits):
+    one = guard_reference(logits, defender, rounds=1)
+    six = guard_reference(logits, defender, rounds=6)
+    first = one.accepted
+    assert first.any() and (six.accepted >= first).all()
+    np.testing.assert_array_equal(six.noise[first], one.noise[first])
+    assert (six.accept_round[first] == 1).all()
+    # acceptance may happen at any step, including at t = 1 (e = 0) only if a0 already passes
+    assert six.accept_step[six.accepted].min() >= 1 and six.accept_step.max() <= 50
+
+
+def test_paper_overwrites_with_the_last_success(defender, logits):
+    runs = {r: guard_reference(logits, defender, rounds=r, schedule="paper") for r in range(1, 7)}
+    six = runs[6]
+    assert set(np.unique(six.accept_step)) <= {0, 50}  # tested only after the inner loop
+    for i in np.flatnonzero(six.accepted):
+        r = six.accept_round[i]
+        np.testing.assert_array_equal(six.noise[i], runs[r].noise[i])  # e* is the iterate of its last success
+    overwritten = runs[1].accepted & (six.accept_round > 1)
+    assert overwritten.any()
+    assert not np.allclose(six.noise[overwritten], runs[1].noise[overwritten])
+
+
+def test_freeze_accepts_at_least_what_paper_does_at_the_same_step(defender, logits):
+    paper = guard_reference(logits, defender, schedule="paper")
+    freeze = guard_reference(logits, defender, schedule="freeze")
+    assert freeze.accepted.sum() >= paper.accepted[paper.accept_round == 1].sum()
+
+
+def test_release_probability_is_seeded_phase_two(defender, logits):
+    full = guard_reference(logits, defender)
+    none = guard_reference(logits, defender, release_prob=0.0)
+    np.testing.assert_array_equal(none.probs, none.plain)
+    assert not none.released.any() and (none.distortion == 0).all()
+    half = guard_reference(logits, defender, release_prob=0.5, seed=3)
+    assert 0.35 < half.released.mean() < 0.65
+    np.testing.assert_array_equal(half.probs[half.released], full.guarded[half.released])
+    np.testing.assert_array_equal(half.probs[~half.released], full.plain[~half.released])
+    np.testing.assert_array_equal(half.released, guard_reference(logits, defender, release_prob=0.5, seed=3).released)
+
+
+def test_ties_take_the_lowest_index_and_bad_options_fail(defender):
+    res = guard_reference(np.array([[1.0, 3.0, 3.0] + [0.0] * (K - 3)]), defender, rounds=1, steps=3)
+    assert res.labels[0] == 1 and res.label_preserved[0]
+    with pytest.raises(ValueError, match="schedule"):
+        guard_reference(np.zeros((1, K)), defender, schedule="eager")
+    with pytest.raises(ValueError, match="validator"):
+        guard_reference(np.zeros((1, K)), defender, validator="both")
+    with pytest.raises(ValueError, match=r"\(B, 10\)"):
+        guard_reference(np.zeros((2, 3)), defender)
