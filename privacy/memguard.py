@@ -161,7 +161,8 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
     """Run the guard (module docstring) on a batch of logits (B, k) in float64; returns a :class:`GuardResult`.
 
     ``rounds`` = R, ``steps`` = T, ``schedule`` in :data:`SCHEDULES`, ``validator`` in :data:`VALIDATORS`,
-    ``margin`` for the "margin" validator, ``release_prob`` and ``seed`` for phase II.
+    ``margin`` for the "margin" validator, ``release_prob`` and ``seed`` for phase II. ``c3_max`` caps c3's
+    growth (the secure guard needs it for fixed-point headroom; MemGuard itself lets c3 grow).
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != defender.num_classes:
@@ -174,11 +175,12 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
         raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
     with single_threaded():
         return _guard(z, defender, rounds=rounds, steps=steps, c1=c1, c2=c2, c3=c3, lr=lr, schedule=schedule,
-                      validator=validator, margin=margin, release_prob=release_prob, seed=seed)
+                      validator=validator, margin=margin, release_prob=release_prob, seed=seed, c3_max=c3_max)
 
 
 def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int, c1: float, c2: float, c3: float,
-           lr: float, schedule: str, validator: str, margin: float, release_prob: float, seed: int) -> GuardResult:
+           lr: float, schedule: str, validator: str, margin: float, release_prob: float, seed: int,
+           c3_max: float) -> GuardResult:
     """The body of :func:`guard_reference` on validated float64 logits z (B, k)."""
     B, k = z.shape
     u0 = z - z.max(axis=1, keepdims=True)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import reduce
+from functools import lru_cache, reduce
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +53,18 @@ POLY_SCALE = 30
 
 # ---- small utilities ------------------------------------------------------------------------------
 def ring_const(value: float, scale: int) -> torch.Tensor:
-    """round(value * 2^scale) as a 0-dim int64 tensor (exact for |value * 2^scale| < 2^53)."""
+    """round(value * 2^scale) as a 0-dim int64 tensor (exact for |value * 2^scale| < 2^53).
+
+    Cached (building a tensor costs more than the arithmetic it feeds): the result is shared, so
+    it must never be modified in place -- no engine modifies a public operand."""
+    try:
+        return _ring_const(value, scale)
+    except TypeError:  # an unhashable value (a 0-dim array): not cached
+        return torch.tensor(round(value * 2.0**scale), dtype=torch.int64)
+
+
+@lru_cache(maxsize=4096)
+def _ring_const(value: float, scale: int) -> torch.Tensor:
     return torch.tensor(round(value * 2.0**scale), dtype=torch.int64)
 
 
@@ -64,16 +76,53 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
 
 
+@lru_cache(maxsize=4096)
+def _broadcast_shapes(s1: torch.Size, s2: torch.Size) -> torch.Size:
+    """torch.broadcast_shapes, cached; in plain Python (torch's imports sympy on first use)."""
+    if s1 == s2:
+        return s1
+    n = max(len(s1), len(s2))
+    p1, p2 = (1,) * (n - len(s1)) + tuple(s1), (1,) * (n - len(s2)) + tuple(s2)
+    out = []
+    for u, v in zip(p1, p2, strict=True):
+        if u != v and u != 1 and v != 1:
+            raise RuntimeError(f"shapes {tuple(s1)} and {tuple(s2)} cannot be broadcast together")
+        out.append(v if u == 1 else u)
+    return torch.Size(out)
+
+
+def _cat_flat(*ts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
 def pack(e: Engine, xs: Sequence[Value]) -> tuple[Value, list[torch.Size]]:
     """Flatten and concatenate values (secret or public) into one 1-D value; returns it with the
     shapes that :func:`unpack` needs."""
     shapes = [torch.Size(e.shape(x)) for x in xs]
-    flats = [e.local(_flat, x) for x in xs]
-    return (flats[0] if len(flats) == 1 else e.cat(flats, 0)), shapes
+    if len(xs) == 1:
+        return e.local(_flat, xs[0]), shapes
+    if all(e.is_secret(x) for x in xs):  # flatten-and-concatenate is additive in each argument
+        return e.local(_cat_flat, *xs), shapes
+    return e.cat([e.local(_flat, x) for x in xs], 0), shapes
+
+
+def _strides(shape: torch.Size) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(out))
 
 
 def _slicer(start: int, n: int, shape: torch.Size) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t[start : start + n].reshape(shape)
+    strides = _strides(shape)
+
+    def piece(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 1 and t.is_contiguous() and t.numel() >= start + n:  # one view op, not slice + reshape
+            return t.as_strided(shape, strides, t.storage_offset() + start)
+        return t[start : start + n].reshape(shape)
+
+    return piece
 
 
 def unpack(e: Engine, y: Value, shapes: Sequence[torch.Size]) -> list[Value]:
@@ -109,6 +158,8 @@ def _expand(e: Engine, x: Value, shape: torch.Size) -> Value:
 # ---- batched primitives ---------------------------------------------------------------------------
 def msb_many(e: Engine, xs: Sequence[Secret]) -> list[Bits]:
     """msb of every secret in ``xs`` with ONE ``msb`` call (8 rounds)."""
+    if len(xs) == 1:  # nothing to batch (same words; only the message keeps x's shape)
+        return [e.msb(xs[0])]
     y, shapes = pack(e, xs)
     return _unpack_bits(e, e.msb(y), shapes)
 
@@ -116,13 +167,15 @@ def msb_many(e: Engine, xs: Sequence[Secret]) -> list[Bits]:
 def mul_many(e: Engine, pairs: Sequence[tuple[Value, Value]]) -> list[Secret]:
     """Products a*b (broadcasting within each pair, no truncation) with ONE ``mul`` call (1 round).
     Pairs with a public operand are computed locally and do not join the call."""
+    if len(pairs) == 1:  # nothing to batch: the engine broadcasts
+        return [e.mul(*pairs[0])]
     out: list[Secret | None] = [None] * len(pairs)
     lefts, rights, where = [], [], []
     for i, (a, b) in enumerate(pairs):
         if not (e.is_secret(a) and e.is_secret(b)):
             out[i] = e.mul(a, b)
             continue
-        shape = torch.broadcast_shapes(e.shape(a), e.shape(b))
+        shape = _broadcast_shapes(torch.Size(e.shape(a)), torch.Size(e.shape(b)))
         lefts.append(_expand(e, a, shape))
         rights.append(_expand(e, b, shape))
         where.append(i)
@@ -137,6 +190,8 @@ def mul_many(e: Engine, pairs: Sequence[tuple[Value, Value]]) -> list[Secret]:
 def mul_bit_many(e: Engine, xs: Sequence[Value], bits: Sequence[Bits]) -> list[Secret]:
     """x_i * b_i for arithmetic x_i (secret or public, broadcast to b_i's shape) and Boolean b_i,
     with ONE ``mul_bit`` call (2 rounds). No truncation: the result keeps x_i's scale."""
+    if len(xs) == 1:  # nothing to batch: mul_bit broadcasts x to b's shape
+        return [e.mul_bit(xs[0], bits[0])]
     shapes = [torch.Size(b.shape) for b in bits]
     x, _ = pack(e, [_expand(e, x, s) for x, s in zip(xs, shapes, strict=True)])
     return unpack(e, e.mul_bit(x, _pack_bits(e, bits)), shapes)
@@ -148,7 +203,9 @@ def trunc_many(e: Engine, xs: Sequence[Secret], bits: int | Sequence[int]) -> li
     below 2^62."""
     shifts = [int(bits)] * len(xs) if isinstance(bits, int) else [int(b) for b in bits]
     top = max(shifts)
-    scaled = [x if s == top else e.mul(x, torch.tensor(1 << (top - s))) for x, s in zip(xs, shifts, strict=True)]
+    scaled = [x if s == top else e.mul(x, _ring(1 << (top - s))) for x, s in zip(xs, shifts, strict=True)]
+    if len(scaled) == 1:
+        return [e.trunc(scaled[0], top)]
     y, shapes = pack(e, scaled)
     return unpack(e, e.trunc(y, top), shapes)
 
@@ -245,15 +302,66 @@ def eval_poly(
     coefficients stay O(1) (no monomial blow-up, which is why "chebyshev" is the default basis).
 
     Cost: ceil(log2 d) levels x (mul 1 + trunc 2) + final trunc 2 = :func:`poly_rounds` (d) rounds.
+
+    Everything that depends only on public parameters (the re-expanded series, the integer
+    coefficients, which basis terms each level builds) is computed once per (coefficients,
+    interval, basis, scales) and cached (:func:`_poly_plan`).
     """
     f = e.frac_bits
     xs = f if x_scale is None else int(x_scale)
     os_ = f if out_scale is None else int(out_scale)
+    coef = np.ascontiguousarray(coeffs, dtype=np.float64)
+    plan = _poly_plan(coef.tobytes(), float(lo), float(hi), basis, xs, os_)
+    if plan.constant is not None:  # a constant polynomial: public, but callers expect a secret of x's shape
+        return e.add(e.mul(x, _ZERO), plan.constant)
+
+    basis_vals: dict[int, Secret] = {1: e.add(e.mul(x, plan.a_int), plan.b_int)}
+    for m, targets in plan.levels:
+        prods = mul_many(e, [(basis_vals[m], basis_vals[k - m]) for k, _ in targets])
+        pre = []
+        for (_, low), p in zip(targets, prods, strict=True):
+            if low is None:  # power basis
+                pre.append(p)
+            else:  # T_{m+j} = 2 T_m T_j - T_{m-j}
+                low_term = plan.one_sq if low == 0 else e.mul(basis_vals[low], plan.one)
+                pre.append(e.sub(e.mul(p, _TWO), low_term))
+        for (k, _), v in zip(targets, trunc_many(e, pre, POLY_SCALE), strict=True):
+            basis_vals[k] = v
+    acc = reduce(e.add, [e.mul(basis_vals[j], c) for j, c in plan.terms])
+    return e.trunc(e.add(acc, plan.const), plan.shift)
+
+
+class _PolyPlan(NamedTuple):
+    """Everything :func:`eval_poly` derives from public parameters alone (cached per parameters).
+
+    ``constant``: the public result for a constant polynomial (else None); ``a_int``, ``b_int``:
+    the encoded affine map to t; ``levels``: per doubling level m, the (target k, T_{m-j} index
+    or None for the power basis) pairs; ``terms``: (j, integer coefficient) for the nonzero
+    terms; ``const``: the constant term plus the rounding half, both at the final scale before
+    the ``shift`` truncation. The tensors are shared: engines never modify public operands."""
+
+    constant: torch.Tensor | None
+    a_int: torch.Tensor | None
+    b_int: torch.Tensor | None
+    levels: tuple[tuple[int, tuple[tuple[int, int | None], ...]], ...]
+    one: torch.Tensor
+    one_sq: torch.Tensor
+    terms: tuple[tuple[int, torch.Tensor], ...]
+    const: torch.Tensor | None
+    shift: int
+
+
+_ZERO = torch.tensor(0, dtype=torch.int64)
+_TWO = torch.tensor(2, dtype=torch.int64)
+
+
+@lru_cache(maxsize=512)
+def _poly_plan(coef_bytes: bytes, lo: float, hi: float, basis: str, xs: int, os_: int) -> _PolyPlan:
     big = POLY_SCALE
     if xs > big:
         raise ValueError(f"x_scale {xs} above the polynomial scale {big}")
     series_cls = {"chebyshev": Chebyshev, "power": Polynomial}[basis]
-    coef = np.asarray(coeffs, dtype=np.float64)
+    coef = np.frombuffer(coef_bytes, dtype=np.float64)
     a = 2.0 / (hi - lo)
     mid = 0.5 * (lo + hi)
     a_int = math.floor(a * 2.0 ** (big - xs))
@@ -271,39 +379,33 @@ def eval_poly(
         degree -= 1
     scale_max = 1e-13 * np.abs(coef).max()
     nonzero = {j for j in range(1, degree + 1) if abs(coef[j]) > scale_max}
-
-    basis_vals: dict[int, Secret] = {}
-    if nonzero:
-        basis_vals[1] = e.add(e.mul(x, torch.tensor(a_int)), torch.tensor(b_int))
-    need = _needed(nonzero, basis)
-    one = 1 << big  # T_0 = t^0 = 1 at scale 30
-    m = 1
-    while m < degree:
-        targets = [m + j for j in range(1, m + 1) if m + j in need]
-        if targets:
-            prods = mul_many(e, [(basis_vals[m], basis_vals[k - m]) for k in targets])
-            pre = []
-            for k, p in zip(targets, prods, strict=True):
-                if basis == "chebyshev":
-                    low = 2 * m - k  # T_{m-j}
-                    low_term = one << big if low == 0 else e.mul(basis_vals[low], torch.tensor(one))
-                    pre.append(e.sub(e.mul(p, torch.tensor(2)), low_term))
-                else:
-                    pre.append(p)
-            for k, v in zip(targets, trunc_many(e, pre, big), strict=True):
-                basis_vals[k] = v
-        m *= 2
-
     total_abs = float(np.abs(coef).sum()) or 1.0
     c_scale = min(61 - big - math.ceil(math.log2(total_abs) + 1e-12) - 1, 40)
     shift = big + c_scale - os_
     if shift < 0:
         raise ValueError("output scale too large for the coefficient scale")
+    one = 1 << big  # T_0 = t^0 = 1 at scale 30
+    if not nonzero:
+        return _PolyPlan(_ring(round(float(coef[0]) * 2.0**os_)), None, None, (), _ring(one), _ring(one << big), (),
+                         None, 0)
+    need = _needed(nonzero, basis)
+    levels = []
+    m = 1
+    while m < degree:
+        cheb = basis == "chebyshev"
+        targets = tuple((k, 2 * m - k if cheb else None) for k in range(m + 1, 2 * m + 1) if k in need)
+        if targets:
+            levels.append((m, targets))
+        m *= 2
     c_ring = [round(float(c) * 2.0**c_scale) for c in coef]
-    terms = [e.mul(basis_vals[j], torch.tensor(c_ring[j])) for j in sorted(nonzero)]
-    const = torch.tensor(c_ring[0] << big)
-    if not terms:  # a constant polynomial: public, but callers expect a secret of x's shape
-        return e.add(e.mul(x, torch.tensor(0)), torch.tensor(round(float(coef[0]) * 2.0**os_)))
-    acc = reduce(e.add, terms)
     half = (1 << (shift - 1)) if shift else 0  # round to nearest instead of flooring
-    return e.trunc(e.add(acc, const + half), shift)
+    return _PolyPlan(
+        None, _ring(a_int), _ring(b_int), tuple(levels), _ring(one), _ring(one << big),
+        tuple((j, _ring(c_ring[j])) for j in sorted(nonzero)), _ring((c_ring[0] << big) + half), shift,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _ring(v: int) -> torch.Tensor:
+    """The ring integer v as a shared 0-dim int64 tensor (never modified in place)."""
+    return torch.tensor(v, dtype=torch.int64)

@@ -46,6 +46,7 @@ b3 (1,) secret at scale f. Returns q* (B, k) at scale f.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +54,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, trunc_many
+from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, step_function
 from .engine import Bits, Engine, Secret
-from .nonlinear import max_and_argmax, rsqrt, softmax
+from .nonlinear import exp_steps, max_and_argmax, reciprocal, rsqrt
 
 __all__ = ["GuardConfig", "secure_guard", "defender_score"]
 
@@ -71,15 +72,13 @@ class GuardConfig:
     c3: float = 0.1
     lr: float = 0.2
     schedule: str = "freeze"  # "freeze" (test every step, keep the first success) or "paper"
-    validator: str = "sign"  # "sign" (defender decision flipped) or "margin" (|h| <= margin)
-    margin: float = 0.5
+    validator: str = "margin"  # "margin" (|h| <= margin, default) or "sign" (defender decision flipped)
+    margin: float = 0.1
     c3_max: float = 100.0
-    softmax_impl: str = "exp2"
     exp_degree: int = 4
     recip_degree: int = 4
     norm_iterations: int = 2
-    norm_lo: float = 2.0**-12
-    norm_hi: float = 2.0**17
+    grad_bits_hi: int = 12  # gradients up to 2^12 in magnitude are bucketed exactly
 
     def __post_init__(self) -> None:
         if self.schedule not in ("freeze", "paper"):
@@ -96,34 +95,47 @@ class GuardConfig:
 
 
 def _t(v: int) -> torch.Tensor:
-    return torch.tensor(int(v), dtype=torch.int64)
+    """A public ring integer as a shared 0-dim tensor (cached; never modified in place)."""
+    return _ring_int(int(v))
+
+
+@functools.lru_cache(maxsize=256)
+def _ring_int(v: int) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int64)
 
 
 def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
     return e.add(x, e.local(lambda t: t.reshape(1, -1), b))
 
 
-def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3,
-                   with_backward: bool = False) -> tuple[Secret, Bits, Secret | None]:
+def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3, with_backward: bool = False,
+                   w3_row: Secret | None = None, q_scale: int | None = None) -> tuple[Secret, Bits, Secret | None]:
     """h(q) for q (B, k) at scale f. Returns (a (B, 1), m1, y) where m1 is the sign bit of the first
     hidden pre-activation (ReLU'(x1) = not m1) and, if ``with_backward``, y = ReLU'(x2) * w3^T
     (B, H2), the start of the backward pass, computed in the same ``mul_bit`` as the second ReLU.
+    ``w3_row``: w3^T broadcast to (B, H2), if the caller has it already (it is only a layout of w3).
+    ``q_scale``: the scale of q if not f (the guard keeps probabilities at about 2f).
     Cost: 3 x (matmul 1 + trunc 2) + 2 x (msb 8 + mul_bit 2) = 29 rounds."""
     f = e.frac_bits
-    x1 = _bias(e, e.trunc(e.matmul(q, W1), f), b1)
+    x1 = _bias(e, e.trunc(e.matmul(q, W1), f if q_scale is None else q_scale), b1)
     m1 = e.msb(x1)
     h1 = e.mul_bit(x1, e.bit_not(m1))
     x2 = _bias(e, e.trunc(e.matmul(h1, W2), f), b2)
     d2 = e.bit_not(e.msb(x2))
     y = None
     if with_backward:
-        batch, width = x2.shape
-        w3_row = e.local(lambda v: v.reshape(1, -1).expand(batch, width).contiguous(), w3)
+        if w3_row is None:
+            w3_row = _w3_row(e, w3, tuple(x2.shape))
         h2, y = mul_bit_many(e, [x2, w3_row], [d2, d2])
     else:
         h2 = e.mul_bit(x2, d2)
     a = _bias(e, e.trunc(e.matmul(h2, w3), f), b3)
     return a, m1, y
+
+
+def _w3_row(e: Engine, w3: Secret, shape: tuple[int, int]) -> Secret:
+    """w3 (H2, 1) laid out as rows of shape (B, H2)."""
+    return e.local(lambda v: v.reshape(1, -1).expand(*shape).contiguous(), w3)
 
 
 def _zero_bits(e: Engine, b: Bits) -> Bits:
@@ -162,7 +174,7 @@ def _update_constants(e: Engine, cfg: GuardConfig, c3: Any, lr: Any, found: Bits
     0.1 lr when lr is secret + mul_bit 2."""
     f = e.frac_bits
     if e.is_secret(c3):
-        (over,) = msb_many(e, [e.sub(e.public(cfg.c3_max / 10), c3)])  # 1 iff c3 > c3_max / 10
+        (over,) = msb_many(e, [e.sub(e.public(cfg.c3_max / 10 * 1.001), c3)])  # 1 iff c3 > c3_max / 10
         grow = e.bit_and(found, e.bit_not(over))
     else:
         grow = found if float(c3.item()) * 10 <= cfg.c3_max * 2**f * (1 + 1e-9) else _zero_bits(e, found)
@@ -171,18 +183,64 @@ def _update_constants(e: Engine, cfg: GuardConfig, c3: Any, lr: Any, found: Bits
     return e.add(c3, d_c3), e.add(lr, d_lr)
 
 
+def _prob_scale(f: int) -> int:
+    """Scale of probabilities inside the guard: about 2f, so that a class 22 logits below the top
+    (e^-22 ~ 2^-32) keeps its value and its gradient; capped so q * gradient products stay < 2^62."""
+    return max(f, min(2 * f, 54 - f))
+
+
+def _softmax_wide(e: Engine, z: Secret, qs: int) -> tuple[Secret, Secret]:
+    """(softmax(z) at scale qs, one-hot of argmax z as integers). Entries down to e^(-qs ln 2) keep
+    relative precision. Cost: max tree 40 (k = 10) + exp 21 + reciprocal on [1, k] 26 + mul 3."""
+    f = e.frac_bits
+    k = int(z.shape[-1])
+    top, onehot = max_and_argmax(e, z, axis=-1, scale=0)
+    u0 = e.sub(z, top)  # <= 0, the top entry exactly 0
+    ex = exp_steps(e, u0, lo=-(qs - 1) * math.log(2), hi=0.0, out_scale=qs)
+    total = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), ex), qs - f)  # in [1, k] at scale f
+    inv = reciprocal(e, total, impl="newton4", lo=1.0, hi=float(k))
+    return e.trunc(e.mul(ex, inv), f), onehot
+
+
+def _power_of_two_scale(e: Engine, g: Secret, gs: int, top: int) -> Secret:
+    """g * 2^-j (result at scale f) where 2^j <= max_i |g_i| < 2^(j+1), j in [-gs, top]: the gradient's
+    magnitude bucket, from ONE msb over all thresholds (|g| >= 2^j  <=>  g >= 2^j or -g >= 2^j), an OR
+    over the classes (AND tree of negations) and ONE mul_bit for the piecewise-constant factor.
+    All-zero g stays 0. Cost: msb 8 + ceil(log2 k) + mul_bit 2 + mul 1 + trunc 2."""
+    f = e.frac_bits
+    js = list(range(-gs, top + 1))
+    thr = torch.tensor([1 << (gs + j) for j in js], dtype=torch.int64).reshape(-1, 1, 1)
+    wide = e.local(lambda v: v.unsqueeze(0).expand(len(js), *v.shape).contiguous(), g)
+    pos = e.sub(wide, thr)
+    neg = e.sub(e.neg(wide), thr)
+    m_pos, m_neg = msb_many(e, [pos, neg])
+    big = e.bit_xor(e.bit_not(m_pos), e.bit_not(m_neg))  # exclusive: g >= T and -g >= T cannot both hold
+    # [max_i |g_i| >= 2^j] = NOT AND_i NOT big_ij  -> bits (J, B, 1)
+    anybig = e.bit_not(_and_all(e, e.bit_not(big)))
+    factors = torch.tensor([0] + [1 << (f - j) if j <= f else 0 for j in js], dtype=torch.int64)
+    (scale_f,), _ = step_function(e, anybig, [factors])
+    # g (scale gs) * 2^(f - j) (scale f) / 2^gs -> scale f with max |.| in [1, 2)
+    return e.trunc(e.mul(g, scale_f), gs)
+
+
 def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConfig | None = None,
                  **overrides: Any) -> Secret:
-    """Guarded probabilities q* (B, k) for logits z (B, k); see the module docstring."""
+    """Guarded probabilities q* (B, k) at scale f for logits z (B, k); see the module docstring.
+
+    Probabilities live at scale qs (about 2f) inside the guard, so that confident queries (a top-2
+    logit gap up to ~22) keep non-zero runner-up probabilities and hence a gradient; the gradient is
+    brought to [1, 2) by its power-of-two magnitude before the L2 normalisation, so that the tiny
+    gradients of such queries are normalised like large ones (as in floating point)."""
     cfg = config or GuardConfig()
     if overrides:
         cfg = GuardConfig(**{**cfg.__dict__, **overrides})
     f = e.frac_bits
+    qs = _prob_scale(f)
+    k = int(z.shape[-1])
 
     # ---- once per query --------------------------------------------------------------------------
-    p = softmax(e, z, axis=-1, impl=cfg.softmax_impl)
-    _, onehot = max_and_argmax(e, z, axis=-1, scale=0)  # integers 0/1
-    a0, _, _ = defender_score(e, p, W1, b1, W2, b2, w3, b3)
+    p, onehot = _softmax_wide(e, z, qs)
+    a0, _, _ = defender_score(e, p, W1, b1, W2, b2, w3, b3, q_scale=qs)
     (s0,) = msb_many(e, [a0])  # sign bit of the original decision
 
     # polynomial pieces of the multiplicative softmax update
@@ -190,7 +248,7 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     exp_coef = fit_chebyshev(np.exp, -lmax, lmax, cfg.exp_degree)
     d_lo, d_hi = math.exp(-lmax) * 0.97, math.exp(lmax) * 1.03
     recip_coef = fit_chebyshev(_np_recip, d_lo, d_hi, cfg.recip_degree)
-    c2_ring = _t(round(cfg.c2 * 2**f))
+    c2_ring = _t(round(cfg.c2 * 2**qs))
     c1_is_one = cfg.c1 == 1.0
 
     q_star = p
@@ -200,12 +258,18 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     margin = e.public(cfg.margin)
 
     qshape = tuple(z.shape)
+    # layouts of public-shape constants, hoisted out of the loops (local maps of the weights)
+    w2_t = e.local(lambda v: v.t().contiguous(), W2)
+    w1_t = e.local(lambda v: v.t().contiguous(), W1)
+    w3_row = _w3_row(e, w3, (qshape[0], int(W2.shape[1])))
     for _round in range(cfg.rounds):
         q = p
         found = _zero_bits(e, s0)
+        c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)  # c3 changes once per round
         for t in range(cfg.steps + 1):
             last = t == cfg.steps
-            a, m1, y = defender_score(e, q, W1, b1, W2, b2, w3, b3, with_backward=not last)
+            a, m1, y = defender_score(e, q, W1, b1, W2, b2, w3, b3, with_backward=not last, w3_row=w3_row,
+                                      q_scale=qs)
             (q_l,) = mul_many(e, [(onehot, q)])
             q_l = e.local(lambda v: v.sum(-1, keepdim=True), q_l)
             checks = [a, e.sub(q, p), e.sub(q_l, q)]
@@ -232,34 +296,35 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
 
             # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
             # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
-            g1 = e.trunc(e.matmul(y, e.local(lambda v: v.t().contiguous(), W2)), f)
+            g1 = e.trunc(e.matmul(y, w2_t), f)
             g1 = e.mul_bit(g1, e.bit_not(m1))
-            gh = e.trunc(e.matmul(g1, e.local(lambda v: v.t().contiguous(), W1)), f)
+            gh = e.trunc(e.matmul(g1, w1_t), f)
             if not c1_is_one:
                 gh = e.mul_public_real(gh, cfg.c1)
             # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
-            c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)
             m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
             gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
             gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
             cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
+            # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive)
+            # g_j = q_j (gq_j - q . gq), kept at scale qs
             qg, lc = mul_many(e, [(q, gq), (onehot, cnt)])
-            (qg,) = trunc_many(e, [qg], f)
-            s = e.local(lambda v: v.sum(-1, keepdim=True), qg)
-            g = e.sub(qg, e.trunc(e.mul(q, s), f))
-            g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale f: exact
+            s = e.local(lambda v: v.sum(-1, keepdim=True), e.trunc(qg, qs))  # q . gq at scale f
+            g = e.trunc(e.mul(q, e.sub(gq, s)), f)
+            g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
             # ---- normalised step and multiplicative softmax update ------------------------------
-            n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g, g)), f)
-            inv = rsqrt(e, n2, lo=cfg.norm_lo, hi=cfg.norm_hi, iterations=cfg.norm_iterations)
+            gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
+            n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
+            inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
             step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
-            delta = e.neg(e.trunc(e.mul(g, step), f))
+            delta = e.neg(e.trunc(e.mul(gn, step), f))
             ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
-            w = e.trunc(e.mul(q, ex), f)
-            d = e.local(lambda v: v.sum(-1, keepdim=True), w)
+            w = e.trunc(e.mul(q, ex), f)  # scale qs
+            d = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), w), qs - f)
             rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
-            q = e.trunc(e.mul(w, rd), f)
+            q = e.trunc(e.mul(w, rd), f)  # scale qs
         c3, lr = _update_constants(e, cfg, c3, lr, found)
-    return q_star
+    return e.trunc(q_star, qs - f) if qs > f else q_star
 
 
 def _np_recip(x):

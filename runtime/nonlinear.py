@@ -88,8 +88,13 @@ PAD_VALUE = -(2**61)
 
 # ---- small helpers --------------------------------------------------------------------------------
 def _t(v: int) -> torch.Tensor:
-    """A public ring integer as a 0-dim tensor."""
-    return torch.tensor(int(v), dtype=torch.int64)
+    """A public ring integer as a 0-dim tensor (cached and shared: never modify it in place)."""
+    return _ring_int_tensor(int(v))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ring_int_tensor(v: int) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int64)
 
 
 def _rtrunc(e: Engine, x: Secret, bits: int) -> Secret:
@@ -359,7 +364,8 @@ def _exp_poly(width: float, degree: int) -> np.ndarray:
     return fit_chebyshev(np.exp, 0.0, width, degree)
 
 
-def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = None, degree: int = 4) -> Secret:
+def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = None, degree: int = 4,
+              out_scale: int | None = None) -> Secret:
     """e^x by range reduction with threshold comparisons (the Aly-Smart 2^x idea without A2B).
 
     Grid tau_k = enc(k ln 2) for k = K_lo..K_hi (K_lo = ceil(lo / ln 2), K_hi = floor(hi / ln 2);
@@ -370,6 +376,8 @@ def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = 
     e^r by a degree-``degree`` Chebyshev polynomial; e^x = S * e^r.
 
     Saturation: x < tau_{K_lo} gives exactly 0 (S = 0), x > tau_{K_hi} gives e^(tau_{K_hi}).
+    The result is at ``out_scale`` (default f); a larger one keeps tiny values (x down to
+    -out_scale ln 2) with relative precision.
     Measured at f = 16, degree 4: max |error| 1.5e-5 (one ulp) on [-12, 0], relative 1.1e-5 on
     [0, 19]. Bytes grow with the number of grid points (K_hi - K_lo + 1; 45 by default).
     Cost: msb 8 + mul_bit 2 + polynomial (3 ceil(log2 d) + 2) + mul 1 + trunc 2 = 21 rounds (d = 4)."""
@@ -397,7 +405,11 @@ def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = 
     r = e.sub(e.add(e.add(x, p_lo), p_hi), grid)
     width = float((tau[1:] - tau[:-1]).max()) / 2.0**f if len(tau) > 1 else LN2
     poly = eval_poly(e, r, _exp_poly(width, int(degree)), 0.0, width)
-    return _rtrunc(e, e.mul(s, poly), s_scale)
+    # ``out_scale`` > f keeps small results with relative precision (the guard's probabilities)
+    out = f if out_scale is None else int(out_scale)
+    if not f <= out < s_scale + f:
+        raise ValueError(f"out_scale {out} outside [{f}, {s_scale + f})")
+    return _rtrunc(e, e.mul(s, poly), s_scale + f - out)
 
 
 def exp(e: Engine, x: Secret, impl: str = "limit8", **params: Any) -> Secret:
@@ -425,6 +437,7 @@ def _iterations_for(eps: float, target: float, step: Callable[[float], float], c
     return k
 
 
+@functools.lru_cache(maxsize=256)
 def _recip_linear(lo: float, hi: float) -> tuple[float, float, float]:
     """(alpha, beta, eps) of the minimax-relative linear guess y0 = alpha - beta x for 1/x on
     [lo, hi]: x y0 ranges over [1 - eps, 1 + eps]."""
@@ -432,6 +445,7 @@ def _recip_linear(lo: float, hi: float) -> tuple[float, float, float]:
     return beta * (lo + hi), beta, 1.0 - beta * lo * hi
 
 
+@functools.lru_cache(maxsize=256)
 def _rsqrt_linear(lo: float, hi: float) -> tuple[float, float, float]:
     """(alpha, beta, eps) of a linear guess for x^-1/2 on [lo, hi]: the chord through the end
     points scaled so that x y0^2 spans [1 - eps, 1 + eps]."""
@@ -455,16 +469,23 @@ def _power_grid(lo: float, hi: float, f: int) -> tuple[int, int]:
 def _steps_guess(e: Engine, x: Secret, lo: float, hi: float, power: float, scale: int) -> Secret:
     """Guess c 2^(-power j) for x in [2^j, 2^(j+1)) covering [lo, hi] (c = (2/3)^power: x^power y0
     lies in [2/3, 4/3)), at ``scale``: one msb + one mul_bit = 10 rounds (none for one interval)."""
-    f = e.frac_bits
+    values, tau = _steps_tables(e.frac_bits, lo, hi, power, scale)
+    if tau is None:
+        return e.add(e.mul(x, _t(0)), values[0])
+    (neg,) = msb_many(e, [ge_bits(e, x, tau)])
+    (y,), _ = step_function(e, e.bit_not(neg), [values])
+    return y
+
+
+@functools.lru_cache(maxsize=256)
+def _steps_tables(f: int, lo: float, hi: float, power: float, scale: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(guess values, thresholds or None for one interval) of :func:`_steps_guess` (shared tensors)."""
     j_lo, j_hi = _power_grid(lo, hi, f)
     c = (2.0 / 3.0) ** power
     values = torch.tensor([round(c * 2.0 ** (scale - power * j)) for j in range(j_lo, j_hi + 1)], dtype=torch.int64)
     if j_hi == j_lo:
-        return e.add(e.mul(x, _t(0)), values[0])
-    tau = torch.tensor([1 << (f + j) for j in range(j_lo + 1, j_hi + 1)], dtype=torch.int64)
-    (neg,) = msb_many(e, [ge_bits(e, x, tau)])
-    (y,), _ = step_function(e, e.bit_not(neg), [values])
-    return y
+        return values, None
+    return values, torch.tensor([1 << (f + j) for j in range(j_lo + 1, j_hi + 1)], dtype=torch.int64)
 
 
 def _pick_guess(guess: str, eps_lin: float, eps_steps: float, target: float, step: Callable[[float], float]) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,13 +79,28 @@ def prf_words(key: bytes, stream: int, n: int) -> torch.Tensor:
     return _words_from_bytes(enc.update(bytes(8 * n)), (n,))
 
 
+_NATIVE_LE = sys.byteorder == "little"
+_PIECE = 1 << 17  # words encrypted per AES call (1 MiB)
+_ZERO_PLAIN = memoryview(bytes(8 * _PIECE))  # the keystream is the encryption of zeros
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 class WordStream:
     """One AES-128-CTR keystream read forward as int64 words; ``drawn`` counts the words read.
 
     ``words(shape)`` returns keystream words [drawn, drawn + n) whatever the buffering, so two
     objects built from the same key return identical words for identical sequences of draws.
-    Small draws are served from a pre-generated chunk (one AES call and one tensor per chunk
-    instead of per draw: the protocols draw a few words per round).
+    Small draws are served from a pre-generated chunk (one AES call per chunk instead of per
+    draw: the protocols draw a few words per round). The keystream is written straight into a
+    fresh buffer (``update_into``), viewed as a numpy int64 array, and handed out as zero-copy
+    slices: a chunk is never written again once generated, and no word is handed out twice.
     """
 
     __slots__ = ("_enc", "_buf", "_pos", "drawn")
@@ -95,35 +111,44 @@ class WordStream:
         if len(key) != KEY_BYTES:
             raise ValueError(f"PRF keys are {KEY_BYTES} bytes, got {len(key)}")
         self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-        self._buf = torch.empty(0, dtype=torch.int64)
+        self._buf = _EMPTY
         self._pos = 0
         self.drawn = 0
 
-    def _generate(self, n: int) -> torch.Tensor:
-        return _words_from_bytes(self._enc.update(bytes(8 * n)), (n,))
+    def _generate(self, n: int) -> np.ndarray:
+        """The next n keystream words as a fresh, writable native int64 array."""
+        out = np.empty(n + 2, dtype=np.int64)  # update_into wants room for one block beyond the data
+        buf = memoryview(out).cast("B")
+        done = 0
+        while done < n:
+            k = min(n - done, _PIECE)
+            if self._enc.update_into(_ZERO_PLAIN[: 8 * k], buf[8 * done :]) != 8 * k:  # never hand out unwritten memory
+                raise RuntimeError("AES-CTR produced a short keystream")
+            done += k
+        return out[:n] if _NATIVE_LE else out[:n].view("<i8").astype(np.int64)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n words as a 1-D numpy int64 array (a view into a chunk, or fresh)."""
+        pos = self._pos
+        end = pos + n
+        self.drawn += n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        rest = self._buf[pos:]
+        need = end - len(self._buf)
+        if need <= self.CHUNK:
+            self._buf, self._pos = self._generate(self.CHUNK), need
+            fresh = self._buf[:need]
+        else:
+            self._buf, self._pos = _EMPTY, 0
+            fresh = self._generate(need)
+        return np.concatenate((rest, fresh)) if len(rest) else fresh
 
     def words(self, shape: Sequence[int]) -> torch.Tensor:
         """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
         shape = tuple(int(s) for s in shape)
-        n = 1
-        for s in shape:
-            n *= s
-        avail = self._buf.numel() - self._pos
-        if n <= avail:
-            out = self._buf[self._pos : self._pos + n]
-            self._pos += n
-        else:
-            rest = self._buf[self._pos :]
-            if n - avail <= self.CHUNK:
-                self._buf, self._pos = self._generate(self.CHUNK), n - avail
-                fresh = self._buf[: n - avail]
-            else:
-                self._buf, self._pos = torch.empty(0, dtype=torch.int64), 0
-                fresh = self._generate(n - avail)
-            out = torch.cat((rest, fresh)) if avail else fresh
-        self.drawn += n
-        # Slices of a chunk are never handed out twice, so returning views is safe.
-        return out.view(shape)
+        return torch.from_numpy(self.take(_numel(shape)).reshape(shape))
 
 
 class PartyKeys:
@@ -186,6 +211,15 @@ class Randomness:
             raise ValueError(f"party {self.party} does not hold key k{j % 3}") from None
         return stream.words(shape)
 
+    def key_stream_np(self, j: int, n: int) -> np.ndarray:
+        """:meth:`key_stream` of n words as a 1-D numpy int64 array (read-only use: it may be a
+        view of the stream's chunk)."""
+        try:
+            stream = self._streams[j % 3]
+        except KeyError:
+            raise ValueError(f"party {self.party} does not hold key k{j % 3}") from None
+        return stream.take(n)
+
     def common(self, shape: Sequence[int]) -> torch.Tensor:
         """Words known to all three servers (never to the client)."""
         if self._common is None:
@@ -206,15 +240,29 @@ class Randomness:
         i = self.party
         return self.key_stream(i, shape), self.key_stream(i + 1, shape)
 
+    def _pair_np(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        i = self.party
+        return self.key_stream_np(i, n), self.key_stream_np(i + 1, n)
+
+    def zero_share_np(self, n: int) -> np.ndarray:
+        """:meth:`zero_share` of n words as a fresh 1-D numpy int64 array (the same draws)."""
+        own, nxt = self._pair_np(n)
+        return np.subtract(own, nxt)
+
+    def zero_share_xor_np(self, n: int) -> np.ndarray:
+        """:meth:`zero_share_xor` of n words as a fresh 1-D numpy int64 array (the same draws)."""
+        own, nxt = self._pair_np(n)
+        return np.bitwise_xor(own, nxt)
+
     def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
         """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
-        own, nxt = self.pair(shape)
-        return own - nxt
+        shape = tuple(int(s) for s in shape)
+        return torch.from_numpy(self.zero_share_np(_numel(shape)).reshape(shape))
 
     def zero_share_xor(self, shape: Sequence[int]) -> torch.Tensor:
         """beta_i = F_{k_i} xor F_{k_{i+1}}; the three parties' betas XOR to 0."""
-        own, nxt = self.pair(shape)
-        return own ^ nxt
+        shape = tuple(int(s) for s in shape)
+        return torch.from_numpy(self.zero_share_xor_np(_numel(shape)).reshape(shape))
 
 
 def setup_keys(transport: Transport) -> PartyKeys:

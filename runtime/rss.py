@@ -14,15 +14,25 @@ by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them and the tests check
 
 :func:`run_threads` runs the three servers and the client as threads over an
 :class:`runtime.transport.InProcessNetwork`, after the key setup of :func:`runtime.prg.setup_keys`.
+
+Speed. With small tensors a round costs Python and per-op overhead, not arithmetic: the
+elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
+of the share tensors (a numpy op on a few words costs about a third of a torch op and, unlike a
+torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
+and drop the terms of known-zero slots; matmul and conv2d stay in torch. Share tensors are never
+modified in place (several values may share storage). The words sent and the results are the
+same as computing the textbook formulas in the docstrings.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +40,7 @@ from compiler.errors import RuntimeFault
 
 from .engine import Engine
 from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT, rshift_logical
+from .ring import SIGN_BIT
 from .transport import CLIENT, InProcessNetwork, StepStats, Transport, TransportAborted
 
 __all__ = ["Shares", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
@@ -39,6 +49,7 @@ R = TypeVar("R")
 C = TypeVar("C")
 
 _TWO_62 = 1 << 62
+_ONE = torch.ones((), dtype=torch.int64)
 _LOW63 = (1 << 63) - 1  # every bit but the sign bit
 
 
@@ -55,6 +66,47 @@ def _positions_mask(step: int, residue: int) -> int:
 
 # Carry-out tree levels: (distance d, positions 2d-1 mod 2d, positions d-1 mod 2d).
 _CARRY_TREE = tuple((d, _positions_mask(2 * d, 2 * d - 1), _positions_mask(2 * d, d - 1)) for d in (1, 2, 4, 8, 16, 32))
+_NP_LOW63 = np.int64(_LOW63)
+_NP_SIGN = np.int64(SIGN_BIT)
+_NP_CARRY_TREE = tuple((d, np.int64(hi), np.int64(lo)) for d, hi, lo in _CARRY_TREE)
+
+# Elementwise protocol arithmetic runs on numpy views of the share tensors: on the small tensors
+# of a protocol round a numpy op costs about a third of a torch op (and keeps the GIL), and the
+# conversions both ways are zero-copy. Shapes: a 0-dim tensor is handled as shape (1,) (numpy
+# turns 0-dim results into scalars) and every result is reshaped back before it leaves.
+
+
+def _arr(t: torch.Tensor) -> np.ndarray:
+    """The words of an int64 tensor as a numpy array sharing its memory (0-dim as shape (1,))."""
+    a = t.numpy()
+    return a if a.ndim else a.reshape(1)
+
+
+def _nshape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The numpy working shape of a tensor shape (0-dim -> (1,))."""
+    return shape if shape else (1,)
+
+
+def _bshape(s1: tuple[int, ...], s2: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast shape of two shapes."""
+    return s1 if s1 == s2 else _broadcast_shapes(s1, s2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _broadcast_shapes(s1: tuple[int, ...], s2: tuple[int, ...]) -> tuple[int, ...]:
+    # Plain Python on purpose: torch.broadcast_shapes imports sympy on first use (about a second).
+    n = max(len(s1), len(s2))
+    p1, p2 = (1,) * (n - len(s1)) + tuple(s1), (1,) * (n - len(s2)) + tuple(s2)
+    out = []
+    for u, v in zip(p1, p2, strict=True):
+        if u != v and u != 1 and v != 1:
+            raise RuntimeError(f"shapes {tuple(s1)} and {tuple(s2)} cannot be broadcast together")
+        out.append(v if u == 1 else u)
+    return tuple(out)
+
+
+def _tensor(a: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(a.reshape(shape))
 
 
 class Shares:
@@ -182,6 +234,17 @@ class RSSEngine(Engine):
         got = self.transport.exchange({self.prev: z}, {self.next: tuple(z.shape)})
         return Shares(z, got[self.next])
 
+    def _reshare_np(self, z: np.ndarray, shape: tuple[int, ...]) -> Shares:
+        """:meth:`_reshare` of a numpy word array, sent and kept as a tensor of ``shape``."""
+        zt = _tensor(z, shape)
+        got = self.transport.exchange({self.prev: zt}, {self.next: shape})
+        return Shares(zt, got[self.next])
+
+    def _rotate_np(self, z: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The reshare round on numpy words: z to P_{i-1}; returns z_{i+1} from P_{i+1} (flat)."""
+        got = self.transport.exchange({self.prev: _tensor(z, shape)}, {self.next: shape})[self.next]
+        return got.numpy().reshape(-1)
+
     def _idle_round(self) -> None:
         """A round in which this server neither sends nor receives (keeps round counts equal)."""
         self.transport.exchange({}, {})
@@ -264,6 +327,12 @@ class RSSEngine(Engine):
         return _public(a) + _public(b)
 
     def _add_public(self, x: Shares, c: torch.Tensor) -> Shares:
+        if c.dim() == 0 or c.shape == x.a.shape:  # no broadcasting beyond x: touch component 0 only
+            if self.party == 0:
+                return Shares(x.a + c, x.b)
+            if self.party == 2:
+                return Shares(x.a, x.b + c)
+            return Shares(x.a, x.b)
         p = self._public_shares(c)
         return Shares(x.a + p.a, x.b + p.b)
 
@@ -286,6 +355,9 @@ class RSSEngine(Engine):
     def local(self, fn: Callable[..., torch.Tensor], *xs: Any) -> Any:
         """fn applied to slot a of every secret argument, then to slot b (public arguments passed
         unchanged). fn must be linear and map 0 to 0 (see :meth:`Engine.local`). Local."""
+        if len(xs) == 1:
+            x = xs[0]
+            return Shares(fn(x.a), fn(x.b)) if isinstance(x, Shares) else fn(x)
         if not any(isinstance(x, Shares) for x in xs):
             return fn(*xs)
         return Shares(
@@ -305,8 +377,10 @@ class RSSEngine(Engine):
         """op bilinear: public operand -> local; secret x secret -> cross terms + zero share, reshare:
         z_i = op(x_i, y_i + y_{i+1}) + op(x_{i+1}, y_i) + alpha_i. 1 round, 8 B per output element."""
         if isinstance(a, Shares) and isinstance(b, Shares):
-            z = op(a.a, b.a + b.b) + op(a.b, b.a)
-            return self._reshare(z + self.rand.zero_share(z.shape))
+            z = op(a.a, b.a + b.b)
+            z += op(a.b, b.a)
+            z += self.rand.zero_share(z.shape)
+            return self._reshare(z)
         if isinstance(a, Shares):
             c = _public(b)
             return Shares(op(a.a, c), op(a.b, c))
@@ -319,6 +393,13 @@ class RSSEngine(Engine):
         """Elementwise a * b (broadcasting), no truncation. Secret x secret: 1 round, 8 B per output
         element from every party (z_i = x_i y_i + x_i y_{i+1} + x_{i+1} y_i + alpha_i, sent to
         P_{i-1}). With a public operand: local."""
+        if isinstance(a, Shares) and isinstance(b, Shares):
+            shape = _bshape(tuple(a.shape), tuple(b.shape))
+            xa, ya = _arr(a.a), _arr(b.a)
+            z = xa * (ya + _arr(b.b))
+            z += _arr(a.b) * ya
+            z += self.rand.zero_share_np(_numel(shape)).reshape(_nshape(shape))
+            return self._reshare_np(z, shape)
         return self._product(a, b, torch.mul)
 
     def matmul(self, a: Any, b: Any) -> Any:
@@ -367,44 +448,45 @@ class RSSEngine(Engine):
         if not 1 <= d <= 62:
             raise ValueError(f"truncation by {d} bits is outside 1..62")
         shape = tuple(x.shape)
+        n, ns = _numel(shape), _nshape(shape)
         wrap = _ring_int(1 << (64 - d))  # 2^(64-d) as an int64 (d = 1 gives -2^63)
+        # With arithmetic shifts: lshr(v, d) - lshr(v, 63) 2^(64-d) = v >> d, and m v' = v' & (v >> 63)
+        # for m = lshr(v, 63); so t0 = (A >> d) - 2^(62-d), u = r - (A >> 63),
+        # t1 = (B >> d) + (u 2^(64-d) & (B >> 63)), t2 = -(r 2^(64-d) & (B >> 63)): the same words.
         i = self.party
         if i == 0:
-            a_sum = x.a + _TWO_62 + x.b
-            m_a = rshift_logical(a_sum, 63)
-            r = self.rand.key_stream(0, shape)
-            self.transport.exchange({1: m_a + r}, {})
-            t = rshift_logical(a_sum, d) - m_a * wrap - (1 << (62 - d))
+            a_sum = _arr(x.a) + _arr(x.b)
+            a_sum += _TWO_62
+            r = self.rand.key_stream_np(0, n).reshape(ns)
+            self.transport.exchange({1: _tensor(r - (a_sum >> 63), shape)}, {})
+            t = a_sum >> d
+            t -= 1 << (62 - d)
         elif i == 1:
-            m_b = rshift_logical(x.b, 63)
-            u = self.transport.exchange({}, {0: shape})[0]
-            t = rshift_logical(x.b, d) + (u * m_b - m_b) * wrap
+            xb = _arr(x.b)
+            u = _arr(self.transport.exchange({}, {0: shape})[0])
+            t = xb >> d
+            t += (u * wrap) & (xb >> 63)
         else:
-            m_b = rshift_logical(x.a, 63)
-            r = self.rand.key_stream(0, shape)
+            r = self.rand.key_stream_np(0, n).reshape(ns)
             self._idle_round()
-            t = -(r * m_b) * wrap
-        return self._reshare(t + self.rand.zero_share(shape))
+            t = (r * wrap) & (_arr(x.a) >> 63)
+            np.negative(t, out=t)
+        t += self.rand.zero_share_np(n).reshape(ns)
+        return self._reshare_np(t, shape)
 
     # ---- Boolean ----------------------------------------------------------------------------
-    def _and_words(
-        self, x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], low_bit_only: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """AND of XOR-replicated words: z_i = x_i y_i ^ x_i y_{i+1} ^ x_{i+1} y_i ^ beta_i, sent to
-        P_{i-1}. 1 round, 8 B per word from every party."""
-        z = (x[0] & y[0]) ^ (x[0] & y[1]) ^ (x[1] & y[0])
-        beta = self.rand.zero_share_xor(z.shape)
-        if low_bit_only:
-            beta = beta & 1
-        s = self._reshare(z ^ beta)
-        return s.a, s.b
-
-    def _and_stacked(self, x: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """AND of XOR-replicated words given as stacked slots (2, ...): z_i = x_i y_i ^ x_i y_{i+1}
-        ^ x_{i+1} y_i ^ beta_i, sent to P_{i-1}. 1 round, 8 B per word from every party."""
-        z = (x[0] & (y[0] ^ y[1])) ^ (x[1] & y[0]) ^ beta
-        got = self.transport.exchange({self.prev: z}, {self.next: tuple(z.shape)})[self.next]
-        return torch.stack((z, got))
+    def _and_np(self, x: np.ndarray, y: np.ndarray, beta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """AND of XOR-replicated words given as stacked numpy slots (2, n): z_i = x_i y_i ^ x_i y_{i+1}
+        ^ x_{i+1} y_i ^ beta_i (= x_i (y_i ^ y_{i+1}) ^ x_{i+1} y_i ^ beta_i), sent to P_{i-1}; returns
+        the stacked (z_i, z_{i+1}). 1 round, 8 B per word from every party."""
+        out = np.empty_like(x)
+        z = out[0]
+        np.bitwise_xor(y[0], y[1], out=z)
+        z &= x[0]
+        z ^= x[1] & y[0]
+        z ^= beta
+        out[1] = self._rotate_np(z, shape)
+        return out
 
     def msb(self, x: Shares) -> BoolShares:
         """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
@@ -426,37 +508,56 @@ class RSSEngine(Engine):
            XOR-linear map (shifts and masks) of each share. After the last level, bit 63 of G is
            the carry into bit 63.
         msb = p63 ^ G63.
+
+        The local word arithmetic runs on stacked numpy slots (2, n) (see :func:`_arr`).
         """
         shape = tuple(x.shape)
-        beta = self.rand.zero_share_xor((8, *shape))  # one draw per key for the 8 AND rounds
-        s = torch.stack((x.a, x.b))
-        majority = (x.a & x.b) ^ beta[0]
-        got = self.transport.exchange({self.prev: majority}, {self.next: shape})[self.next]
-        c_shift = torch.stack((majority, got)) << 1
-        gen = self._and_stacked(s, c_shift, beta[1]) & _LOW63
+        n = _numel(shape)
+        beta = self.rand.zero_share_xor_np(8 * n).reshape(8, n)  # one draw per key for the 8 AND rounds
+        s = np.empty((2, n), dtype=np.int64)
+        s[0] = _arr(x.a).reshape(-1)
+        s[1] = _arr(x.b).reshape(-1)
+        c_shift = np.empty_like(s)
+        majority = c_shift[0]
+        np.bitwise_and(s[0], s[1], out=majority)
+        majority ^= beta[0]
+        c_shift[1] = self._rotate_np(majority, shape)
+        c_shift <<= 1
+        gen = self._and_np(s, c_shift, beta[1], shape)
+        gen &= _NP_LOW63
         prop = s ^ c_shift
-        top = rshift_logical(prop, 63)
-        prop = prop & _LOW63
+        top = (prop.view(np.uint64) >> 63).view(np.int64)
+        prop &= _NP_LOW63
         if self.party == 0:
-            prop[0] ^= SIGN_BIT
+            prop[0] ^= _NP_SIGN
         elif self.party == 2:
-            prop[1] ^= SIGN_BIT
-        for level, (d, hi, lo) in enumerate(_CARRY_TREE, start=2):
-            lhs = (prop & hi) ^ ((prop >> d) & lo)
-            rhs = ((gen << d) & hi) ^ (prop & lo)
-            z = self._and_stacked(lhs, rhs, beta[level])
-            gen = gen ^ z  # correct at the hi positions, the only ones read later
-            prop = z << d  # P_k & P_{k-d} moves up to position k
-        bit = top ^ rshift_logical(gen, 63)
-        return BoolShares(bit[0], bit[1])
+            prop[1] ^= _NP_SIGN
+        for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE, start=2):
+            lhs = prop & hi
+            lhs ^= (prop >> d) & lo
+            rhs = gen << d
+            rhs &= hi
+            rhs ^= prop & lo
+            z = self._and_np(lhs, rhs, beta[level], shape)
+            gen ^= z  # correct at the hi positions, the only ones read later
+            z <<= d  # P_k & P_{k-d} moves up to position k
+            prop = z
+        top ^= (gen.view(np.uint64) >> 63).view(np.int64)
+        return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
 
     def _xor_public(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
+        if c.dim() == 0 or c.shape == b.a.shape:  # no broadcasting beyond b: touch component 0 only
+            if self.party == 0:
+                return BoolShares(b.a ^ c, b.b)
+            if self.party == 2:
+                return BoolShares(b.a, b.b ^ c)
+            return BoolShares(b.a, b.b)
         zero = torch.zeros_like(c)
         return BoolShares(b.a ^ (c if self.party == 0 else zero), b.b ^ (c if self.party == 2 else zero))
 
     def bit_not(self, b: BoolShares) -> BoolShares:
         """1 - b: XOR 1 into component 0. Local."""
-        return self._xor_public(b, torch.ones((), dtype=torch.int64))
+        return self._xor_public(b, _ONE)
 
     def bit_xor(self, a: Any, b: Any) -> Any:
         """a xor b (either may be a public 0/1 int64 tensor). Local."""
@@ -471,7 +572,16 @@ class RSSEngine(Engine):
     def bit_and(self, a: Any, b: Any) -> Any:
         """a and b. Secret x secret: 1 round, 8 B per element from every party. Public: local."""
         if isinstance(a, BoolShares) and isinstance(b, BoolShares):
-            return BoolShares(*self._and_words((a.a, a.b), (b.a, b.b), low_bit_only=True))
+            # z_i = a_i b_i ^ a_i b_{i+1} ^ a_{i+1} b_i ^ beta_i = a_i (b_i ^ b_{i+1}) ^ a_{i+1} b_i ^ beta_i
+            shape = _bshape(tuple(a.shape), tuple(b.shape))
+            ba = _arr(b.a)
+            z = _arr(a.a) & (ba ^ _arr(b.b))
+            z ^= _arr(a.b) & ba
+            beta = self.rand.zero_share_xor_np(_numel(shape))
+            beta &= 1
+            z ^= beta.reshape(_nshape(shape))
+            s = self._reshare_np(z, shape)
+            return BoolShares(s.a, s.b)
         if isinstance(a, BoolShares):
             c = _public(b)
             return BoolShares(a.a & c, a.b & c)
@@ -489,25 +599,41 @@ class RSSEngine(Engine):
         return BoolShares(fn(b.a), fn(b.b))
 
     # ---- Boolean to arithmetic --------------------------------------------------------------
-    def _bit_parts(self, b: BoolShares, rnd: _Round) -> tuple[Callable[[dict], Shares], Shares]:
-        """Split b = t xor b2 with t = b0 xor b1 (known to P0) and b2 (component 2: P1 slot b, P2
-        slot a). Adds P0's input of t to ``rnd``; returns (finish -> [t], [b2])."""
-        i = self.party
-        t = (b.a ^ b.b) if i == 0 else None
-        finish = self._input_by_server(rnd, 0, t, tuple(b.shape))
-        zero = torch.zeros_like(b.a)
-        b2 = Shares(zero, b.b) if i == 1 else Shares(b.a, zero) if i == 2 else Shares(zero, zero)
-        return finish, b2
+    # b = t xor b2 with t = b0 xor b1 (known to P0) and b2 (component 2: P1 slot b, P2 slot a).
+    # P0 inputs t (x_{o+1} = F_{k1} at P0 and P1, x_o = t - F_{k1} sent to P2), so the sharing of t
+    # is (t - F, F) at P0, (F, 0) at P1, (0, t - F) at P2, and that of b2 is (0, 0), (0, b2), (b2, 0):
+    # the protocols below are the RSS products of these sharings with their zero slots dropped.
 
     def b2a(self, b: BoolShares) -> Shares:
         """The bit as an arithmetic 0/1. 2 rounds; bytes P0 16, P1 8, P2 8 per element.
 
         Round A: P0 inputs t = b0 xor b1. Round B: [t][b2] by RSS mul; b = t + b2 - 2 t b2."""
-        rnd = _Round()
-        finish, b2 = self._bit_parts(b, rnd)
-        t = finish(rnd.run(self.transport))
-        tb2 = self.mul(t, b2)
-        return self.sub(self.add(t, b2), Shares(tb2.a << 1, tb2.b << 1))
+        i = self.party
+        shape = tuple(b.shape)
+        n, ns = _numel(shape), _nshape(shape)
+        if i == 0:
+            x_next = self.rand.key_stream_np(1, n).reshape(ns)
+            t_own = (_arr(b.a) ^ _arr(b.b)) - x_next
+            self.transport.exchange({2: _tensor(t_own, shape)}, {})
+            z = self.rand.zero_share_np(n).reshape(ns)  # t b2 has no local terms at P0
+            got = self._rotate_np(z, shape).reshape(ns)
+            out_a, out_b = t_own - (z << 1), x_next - (got << 1)
+        elif i == 1:
+            x_next = self.rand.key_stream_np(1, n).reshape(ns)
+            self._idle_round()
+            bb = _arr(b.b)
+            z = x_next * bb
+            z += self.rand.zero_share_np(n).reshape(ns)
+            got = self._rotate_np(z, shape).reshape(ns)
+            out_a, out_b = x_next - (z << 1), bb - (got << 1)
+        else:
+            t_in = _arr(self.transport.exchange({}, {0: shape})[0])
+            ba = _arr(b.a)
+            z = t_in * ba
+            z += self.rand.zero_share_np(n).reshape(ns)
+            got = self._rotate_np(z, shape).reshape(ns)
+            out_a, out_b = ba - (z << 1), t_in - (got << 1)
+        return Shares(_tensor(out_a, shape), _tensor(out_b, shape))
 
     def mul_bit(self, x: Any, b: BoolShares) -> Shares:
         """x * b for an arithmetic x and a bit b (broadcasting), at x's scale.
@@ -519,17 +645,40 @@ class RSSEngine(Engine):
         """
         if not isinstance(x, Shares):
             return self.mul(_public(x), self.b2a(b))
-        rnd = _Round()
-        finish, b2 = self._bit_parts(b, rnd)
-        z = x.a * (b2.a + b2.b) + x.b * b2.a
-        z = z + self.rand.zero_share(z.shape)
-        rnd.send(self.prev, z)
-        handle = rnd.recv(self.next, tuple(z.shape))
-        got = rnd.run(self.transport)
-        t = finish(got)
-        v = Shares(z, got[handle])
-        u = Shares(x.a - (v.a << 1), x.b - (v.b << 1))
-        return self.add(self.mul(u, t), v)
+        i = self.party
+        bshape = tuple(b.shape)
+        shape = _bshape(tuple(x.shape), bshape)
+        nb, n, ns = _numel(bshape), _numel(shape), _nshape(shape)
+        xa, xb = _arr(x.a), _arr(x.b)
+        if i == 0:
+            x_next = self.rand.key_stream_np(1, nb)
+            t_own = (_arr(b.a) ^ _arr(b.b)).reshape(-1) - x_next
+            va = self.rand.zero_share_np(n)  # x [b2] has no local terms at P0
+            msg = np.concatenate((t_own, va))
+            vb = _arr(self.transport.exchange({2: torch.from_numpy(msg)}, {1: shape})[1])
+            va = va.reshape(ns)
+            ta, tb = t_own.reshape(_nshape(bshape)), x_next.reshape(_nshape(bshape))
+            w = (xa - (va << 1)) * (ta + tb)  # u_a (t_a + t_b) + u_b t_a
+            w += (xb - (vb << 1)) * ta
+        elif i == 1:
+            x_next = self.rand.key_stream_np(1, nb).reshape(_nshape(bshape))
+            va = xa * _arr(b.b)
+            va += self.rand.zero_share_np(n).reshape(ns)
+            vb = _arr(self.transport.exchange({0: _tensor(va, shape)}, {2: shape})[2])
+            w = (xa + xb) - ((va + vb) << 1)
+            w *= x_next  # (u_a + u_b) t_a
+        else:
+            va = (xa + xb) * _arr(b.a)
+            va += self.rand.zero_share_np(n).reshape(ns)
+            got = self.transport.exchange({1: _tensor(va, shape)}, {0: (nb + n,)})
+            msg = got[0].numpy()
+            t_in, vb = msg[:nb].reshape(_nshape(bshape)), msg[nb:].reshape(ns)
+            w = xa - (va << 1)
+            w *= t_in  # u_a t_b
+        w += self.rand.zero_share_np(n).reshape(ns)
+        wa = _tensor(w, shape)
+        wb = _arr(self.transport.exchange({self.prev: wa}, {self.next: shape})[self.next])
+        return Shares(_tensor(w + va, shape), _tensor(wb + vb, shape))
 
 
 class Client:

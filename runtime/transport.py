@@ -67,6 +67,9 @@ class TransportAborted(TransportError):
 
 
 _HEADER_FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
+_INT64 = torch.int64
+_new_header = tuple.__new__  # builds a FrameHeader without NamedTuple's keyword-handling __new__
+_CONTIGUOUS = torch.contiguous_format
 
 
 class FrameHeader(NamedTuple):
@@ -186,32 +189,37 @@ class Transport(ABC):
         """One round: send ``send[peer]`` to each peer, then receive a tensor of shape
         ``recv[peer]`` from each peer. Raises :class:`TransportError` naming the peer on timeout,
         abort, or a frame that does not match (wrong shape, sequence or step)."""
-        step = self._steps[-1] if self._steps else DEFAULT_STEP
+        steps = self._steps
+        step = steps[-1] if steps else DEFAULT_STEP
         st = self._stats.get(step)
         if st is None:
             st = self._stats[step] = StepStats()
         st.rounds += 1
-        for peer, tensor in send.items():
-            if peer == self.party:
-                raise ValueError(f"party {self.party} cannot send to itself")
-            if tensor.dtype != torch.int64:
-                raise TypeError(f"party {self.party}: payloads are int64 tensors, got {tensor.dtype}")
-            seq = self._sent_seq.get(peer, 0)
-            self._sent_seq[peer] = seq + 1
-            header = FrameHeader(self.session, step, self.party, seq, tuple(tensor.shape))
-            st.framing_bytes += self._send(peer, header, tensor)
-            st.sent[peer] = st.sent.get(peer, 0) + 8 * tensor.numel()
+        party = self.party
+        if send:
+            sent, sent_seq, session = st.sent, self._sent_seq, self.session
+            for peer, tensor in send.items():
+                if peer == party:
+                    raise ValueError(f"party {party} cannot send to itself")
+                if tensor.dtype is not _INT64:
+                    raise TypeError(f"party {party}: payloads are int64 tensors, got {tensor.dtype}")
+                seq = sent_seq.get(peer, 0)
+                sent_seq[peer] = seq + 1
+                header = _new_header(FrameHeader, (session, step, party, seq, tuple(tensor.shape)))
+                st.framing_bytes += self._send(peer, header, tensor)
+                sent[peer] = sent.get(peer, 0) + 8 * tensor.numel()
         if not recv:
             return {}
         out: dict[int, torch.Tensor] = {}
+        received, recv_seq, session = st.received, self._recv_seq, self.session
         deadline = time.monotonic() + self.timeout
         for peer, shape in recv.items():
-            seq = self._recv_seq.get(peer, 0)
-            self._recv_seq[peer] = seq + 1
+            seq = recv_seq.get(peer, 0)
+            recv_seq[peer] = seq + 1
             header, tensor = self._recv(peer, deadline)
-            if header[1:4] != (step, peer, seq) or header.shape != tuple(shape) or header.session != self.session:
+            if header[3] != seq or header[1] != step or header[2] != peer or header[4] != shape or header[0] != session:
                 self._check_frame(peer, header, seq, step, tuple(shape))
-            st.received[peer] = st.received.get(peer, 0) + 8 * tensor.numel()
+            received[peer] = received.get(peer, 0) + 8 * tensor.numel()
             out[peer] = tensor
         return out
 
@@ -288,15 +296,19 @@ class InProcessTransport(Transport):
         self.network = network
 
     def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
-        if self.network.abort_reason is not None:
+        network = self.network
+        if network.abort_reason is not None:
             raise TransportAborted(
-                f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
+                f"party {self.party}: cannot send to party {peer}: {network.abort_reason}", self.party, peer
             )
-        self.network._links[(self.party, peer)].put((header, payload.clone(memory_format=torch.contiguous_format)))
+        # The copy: the sender may reuse its tensor after the round; the receiver owns its copy.
+        copy = payload.clone() if payload.is_contiguous() else payload.clone(memory_format=_CONTIGUOUS)
+        network._links[(self.party, peer)].put((header, copy))
         return 0
 
     def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
-        link = self.network._links[(peer, self.party)]
+        network = self.network
+        link = network._links[(peer, self.party)]
         try:
             item = link.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
@@ -309,7 +321,7 @@ class InProcessTransport(Transport):
         if item is _ABORT:
             link.put(_ABORT)  # leave it for any later receive on this link
             raise TransportAborted(
-                f"party {self.party}: aborted while waiting for party {peer}: {self.network.abort_reason}",
+                f"party {self.party}: aborted while waiting for party {peer}: {network.abort_reason}",
                 self.party,
                 peer,
             )

@@ -72,6 +72,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_reference(plan, x)
     elif args.mode == "threads":
         result = run_threads(plan, x, timeout=args.timeout)
+    elif args.mode == "processes":
+        from runtime.processes import run_processes
+
+        result = run_processes(args.plan, x, timeout=args.timeout)
     else:  # argparse restricts the choices
         raise InputError(f"unknown mode {args.mode}")
     y = result.output
@@ -136,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("plan")
     r.add_argument("--input", required=True, help=".npy input (shape as the plan's input)")
     r.add_argument("--output", default=None, help="write the revealed output to this .npy")
-    r.add_argument("--mode", choices=("reference", "threads"), default="threads",
-                   help="reference: fixed-point cleartext oracle; threads: three parties in this process")
+    r.add_argument("--mode", choices=("reference", "threads", "processes"), default="threads",
+                   help="reference: fixed-point cleartext oracle; threads: three parties in this process; "
+                        "processes: three server processes and a client process over TLS on loopback")
     r.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
     r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a peer (default 60)")
     r.set_defaults(func=cmd_run)

@@ -1,0 +1,176 @@
+"""CLI commands of the networked runtime: ``party``, ``query``, ``certs`` (thin: logic in runtime/)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import InputError
+
+__all__ = ["register", "cmd_party", "cmd_query", "cmd_certs"]
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise InputError(f"--threads must be at least 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _timeout(args: argparse.Namespace, config: Any) -> float:
+    t = args.timeout if args.timeout is not None else (config.timeout or 30.0)
+    if t <= 0:
+        raise InputError(f"--timeout must be positive, got {t}")
+    return float(t)
+
+
+def cmd_party(args: argparse.Namespace) -> int:
+    """A long-running compute server; exits 0 on SIGTERM/SIGINT, 3 when a peer fails."""
+    from compiler.plan import Plan
+    from runtime.config import load_config
+    from runtime.server import PartyServer, ServerStopped
+
+    config = load_config(args.config)
+    plan = Plan.load(args.plan)
+    weights = plan.load_weights(args.weights) if args.id == 0 else None
+    _set_threads(args.threads)
+    if args.connect_timeout is not None and args.connect_timeout <= 0:
+        raise InputError(f"--connect-timeout must be positive, got {args.connect_timeout}")
+    server = PartyServer(plan, args.id, config, weights=weights, timeout=_timeout(args, config),
+                         connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
+                         step_delay=args.step_delay)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        server.stop(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+        server.serve_forever()
+    except ServerStopped:
+        pass
+    print(f"P{args.id}: stopped ({server.sessions_done} queries served, {server.sessions_failed} failed)", flush=True)
+    return 0
+
+
+def _load_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input file {p} does not exist")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npy/.npz array ({exc})") from None
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            return {k: data[k] for k in data.files}
+    return data
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """One query: share the input, reconstruct the output, write it."""
+    from runtime.config import load_config
+    from runtime.netclient import QueryClient
+
+    config = load_config(args.config)
+    x = _load_input(args.input)
+    _set_threads(args.threads)
+    timeout = _timeout(args, config)
+    client = QueryClient(config, timeout=timeout, query_timeout=args.query_timeout or max(3600.0, timeout),
+                         expected_hash=args.plan_hash)
+    result = client.run(x)
+    y = result.output
+    if args.output:
+        if args.output.endswith(".npz"):
+            np.savez(args.output, **result.outputs)
+        else:
+            np.save(args.output, y.astype(np.float32))
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(
+            {"session": result.session, "seconds": result.seconds, "plan_hash": result.plan_hash,
+             "stats": result.stats}))
+    print(f"query {result.session}: output {next(iter(result.outputs))} {list(y.shape)} in {result.seconds:.3f} s"
+          + (f" -> {args.output}" if args.output else ""))
+    if y.ndim == 2:
+        print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
+    if args.stats and result.stats:
+        from runtime.stats import format_stats
+
+        print(format_stats(result.stats))
+    return 0
+
+
+def _hosts(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, addr = pair.partition("=")
+        if not sep or not addr:
+            raise InputError(f"--host expects NAME=ADDRESS (e.g. P0=10.0.0.1), got {pair!r}")
+        out[name] = addr
+    return out
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """A local CA and certificates for P0, P1, P2 and the client, plus a parties.toml."""
+    from runtime.certs import make_certs
+
+    written = make_certs(args.out, _hosts(args.host), port_base=args.port_base, days=args.days, force=args.force)
+    names = ", ".join(p.name for k, p in written.items() if not k.endswith("_key"))
+    print(f"wrote {names} and the private keys to {args.out} (keep ca.key offline; give each party only its key)")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``party``, ``query`` and ``certs`` to the CLI's subparsers."""
+    p = sub.add_parser("party", help="run one compute server of the trio (P0 secret-shares the weights)")
+    p.add_argument("plan", help="plan directory (P0 also reads its weights.npz)")
+    p.add_argument("--id", type=int, choices=(0, 1, 2), required=True, help="which server this is")
+    p.add_argument("--config", required=True, help="parties.toml (hosts, ports, certificates)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each round's message and before a silent peer counts as dead "
+                        "(default: the config's, else 30)")
+    p.add_argument("--connect-timeout", type=float, default=None,
+                   help="seconds to wait at start for the other servers (default: the larger of --timeout and 60)")
+    p.add_argument("--max-sessions", type=int, default=8, help="queries served at once (default 8)")
+    p.add_argument("--weights", default=None, help="P0: the weights file (default PLAN/weights.npz)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # testing aid
+    p.set_defaults(func=cmd_party)
+
+    q = sub.add_parser("query", help="secret-share an input to the servers and reconstruct the output")
+    q.add_argument("--config", required=True, help="parties.toml (hosts, ports, certificates)")
+    q.add_argument("--input", required=True, help=".npy input (or .npz with one array per plan input)")
+    q.add_argument("--output", default=None, help="write the output here (.npy: first output as float32; "
+                                                  ".npz: every output as float64)")
+    q.add_argument("--timeout", type=float, default=None,
+                   help="seconds for connecting and before a silent server counts as dead (default 30)")
+    q.add_argument("--query-timeout", type=float, default=None,
+                   help="longest wait for the output once the input is sent (default 3600)")
+    q.add_argument("--plan-hash", default=None, help="insist on this plan hash (default: the config's plan_hash)")
+    q.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
+    q.add_argument("--stats-json", default=None, help="write session, seconds and statistics as JSON")
+    q.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_query)
+
+    c = sub.add_parser("certs", help="create a local CA, certificates for P0, P1, P2 and the client, parties.toml")
+    c.add_argument("--out", required=True, help="directory to write into")
+    c.add_argument("--host", action="append", default=[], metavar="NAME=ADDRESS",
+                   help="address of a party (P0, P1, P2, client), added to its certificate and parties.toml; "
+                        "repeatable (default 127.0.0.1)")
+    c.add_argument("--port-base", type=int, default=7400, help="P<i> listens on PORT_BASE + i (default 7400)")
+    c.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    c.add_argument("--force", action="store_true", help="replace existing files")
+    c.set_defaults(func=cmd_certs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: siguard party|query|certs ...")
