@@ -148,6 +148,7 @@ class PartyServer:
         self._sessions: dict[str, _Session] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
+        self._announce_lock = threading.Lock()
         self._mesh_ready = threading.Event()
         self._ready = threading.Event()
         self._stop = threading.Event()
@@ -293,6 +294,7 @@ class PartyServer:
             self._heartbeat.add(link)
             if len(self._mesh) == 2:
                 self._mesh_ready.set()
+        self._log(f"{self.name}: {them} connected (handshake ok)")
 
     def _on_mesh_data(self, link: TLSLink, header: FrameHeader, tensor) -> None:
         if header.sender != link.peer:
@@ -431,19 +433,21 @@ class PartyServer:
         return hello_message("welcome", self.party, self.plan.plan_hash, self.plan.frac_bits, **extra)
 
     def _new_session(self, link: TLSLink) -> _Session | None:
-        with self._lock:
-            n = self._next_session
-            self._next_session += 1
-        sid, token = f"q{n}", secrets.token_hex(16)
-        s = self._session(sid)
-        if s is None:
-            self._refuse_client(link, f"{self.name} is shutting down")
-            return None
-        s.token = token
-        s.announced.set()
+        token = secrets.token_hex(16)
         try:
-            for peer in list(self._mesh.values()):
-                peer.send_control({"kind": "new_session", "session": sid, "token": token})
+            # numbering and announcing under one lock: P1 and P2 must see the numbers in order
+            with self._announce_lock:
+                n = self._next_session
+                self._next_session += 1
+                sid = f"q{n}"
+                s = self._session(sid)
+                if s is None:
+                    self._refuse_client(link, f"{self.name} is shutting down")
+                    return None
+                s.token = token
+                s.announced.set()
+                for peer in list(self._mesh.values()):
+                    peer.send_control({"kind": "new_session", "session": sid, "token": token})
             link.send_control(self._welcome(sid, token))
         except LinkError as exc:
             self._abort_session(s, f"could not start the session: {exc}", notify_peers=True)

@@ -38,13 +38,14 @@ def digit_inputs(digits) -> np.ndarray:
 
 @pytest.fixture
 def start_trio(tmp_path, net_certs):
-    """Factory ``start_trio(plans, **Trio kwargs) -> Trio`` on fresh loopback ports (not yet
-    ready: call ``wait_ready``). Every trio started is stopped at teardown."""
+    """Factory ``start_trio(plans, config=None, **Trio kwargs) -> Trio`` on fresh loopback ports
+    (or ``config``'s); not yet ready: call ``wait_ready``. Every trio started is stopped at teardown."""
     trios: list[Trio] = []
 
-    def start(plans, *, name: str = "trio", **kwargs) -> Trio:
+    def start(plans, *, name: str = "trio", config=None, **kwargs) -> Trio:
         work = tmp_path / f"{name}-{len(trios)}"
-        config = write_loopback_config(work, cert_dir=net_certs)
+        if config is None:
+            config = write_loopback_config(work, cert_dir=net_certs)
         trio = Trio(plans, config, work / "logs", **kwargs)
         trios.append(trio)
         return trio.start()
