@@ -6,8 +6,9 @@
 Each primitive runs ``--iters`` times back to back between the three server threads of
 :func:`runtime.rss.run_threads` (after a warm-up), on a secret of shape (batch, 10) -- the guard's
 logits shape; the table gives wall microseconds per protocol round at P0 (best of ``--repeat``
-runs: the machine is shared, so the minimum is the stable statistic). "ping" is the transport
-alone (every server passes a (batch, 10) tensor around the ring once per round). The guard row
+runs: on a shared machine the minimum is the stable statistic; the JSON records the load average
+before and after, as other processes on the cores change the numbers by 2-3x). "ping" is the
+transport alone (every server passes a (batch, 10) tensor around the ring once per round). The guard row
 runs :func:`runtime.guard.secure_guard` with one outer round of ``--guard-steps`` inner steps on
 the defender shape of the design (k = 10 -> 128 -> 64 -> 1); "guard step" is the cost of one
 inner step, from the difference between ``--guard-steps`` and 2 steps.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rounds.json")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()
     rows = []
     print(f"{'op':<12}{'batch':>6}{'rounds':>8}{'us/round':>10}{'ms/call':>10}")
     for batch in args.batches:
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<12}{batch:>6}{per_call:>8}{us:>10.1f}{1e3 * seconds / args.iters:>10.3f}")
     doc = {
         "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-                 "threads": torch.get_num_threads()},
+                 "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                 "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "repeat": args.repeat,
         "rows": rows,
     }

@@ -115,20 +115,26 @@ class WordStream:
         self._pos = 0
         self.drawn = 0
 
-    def _generate(self, n: int) -> np.ndarray:
-        """The next n keystream words as a fresh, writable native int64 array."""
-        out = np.empty(n + 2, dtype=np.int64)  # update_into wants room for one block beyond the data
+    def _generate(self, n: int, prefix: np.ndarray = _EMPTY) -> np.ndarray:
+        """``prefix`` followed by the next n keystream words, as a fresh, writable native int64 array
+        (the keystream is written in place after the copied prefix: no second copy of a big draw)."""
+        m = len(prefix)
+        out = np.empty(m + n + 2, dtype=np.int64)  # update_into wants room for one block beyond the data
+        out[:m] = prefix
         buf = memoryview(out).cast("B")
         done = 0
         while done < n:
             k = min(n - done, _PIECE)
-            if self._enc.update_into(_ZERO_PLAIN[: 8 * k], buf[8 * done :]) != 8 * k:  # never hand out unwritten memory
-                raise RuntimeError("AES-CTR produced a short keystream")
+            if self._enc.update_into(_ZERO_PLAIN[: 8 * k], buf[8 * (m + done) :]) != 8 * k:
+                raise RuntimeError("AES-CTR produced a short keystream")  # never hand out unwritten memory
             done += k
-        return out[:n] if _NATIVE_LE else out[:n].view("<i8").astype(np.int64)
+        if not _NATIVE_LE:
+            out[m : m + n] = out[m : m + n].view("<i8").astype(np.int64)
+        return out[: m + n]
 
     def take(self, n: int) -> np.ndarray:
-        """The next n words as a 1-D numpy int64 array (a view into a chunk, or fresh)."""
+        """The next n words as a 1-D numpy int64 array: a view into a chunk, or fresh. The words are
+        never handed out again, so the caller may overwrite them (nothing else reads them)."""
         pos = self._pos
         end = pos + n
         self.drawn += n
@@ -140,10 +146,9 @@ class WordStream:
         if need <= self.CHUNK:
             self._buf, self._pos = self._generate(self.CHUNK), need
             fresh = self._buf[:need]
-        else:
-            self._buf, self._pos = _EMPTY, 0
-            fresh = self._generate(need)
-        return np.concatenate((rest, fresh)) if len(rest) else fresh
+            return np.concatenate((rest, fresh)) if len(rest) else fresh
+        self._buf, self._pos = _EMPTY, 0
+        return self._generate(need, rest)
 
     def words(self, shape: Sequence[int]) -> torch.Tensor:
         """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
@@ -245,14 +250,14 @@ class Randomness:
         return self.key_stream_np(i, n), self.key_stream_np(i + 1, n)
 
     def zero_share_np(self, n: int) -> np.ndarray:
-        """:meth:`zero_share` of n words as a fresh 1-D numpy int64 array (the same draws)."""
+        """:meth:`zero_share` of n words as a 1-D numpy int64 array (the same draws; the caller owns it)."""
         own, nxt = self._pair_np(n)
-        return np.subtract(own, nxt)
+        return np.subtract(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
     def zero_share_xor_np(self, n: int) -> np.ndarray:
-        """:meth:`zero_share_xor` of n words as a fresh 1-D numpy int64 array (the same draws)."""
+        """:meth:`zero_share_xor` of n words as a 1-D numpy int64 array (the same draws; the caller owns it)."""
         own, nxt = self._pair_np(n)
-        return np.bitwise_xor(own, nxt)
+        return np.bitwise_xor(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
     def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
         """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
