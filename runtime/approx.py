@@ -31,6 +31,7 @@ from numpy.polynomial import Chebyshev, Polynomial
 from .engine import Bits, Engine, Secret, Value
 
 __all__ = [
+    "ring_int",
     "POLY_SCALE",
     "pack",
     "unpack",
@@ -203,7 +204,7 @@ def trunc_many(e: Engine, xs: Sequence[Secret], bits: int | Sequence[int]) -> li
     below 2^62."""
     shifts = [int(bits)] * len(xs) if isinstance(bits, int) else [int(b) for b in bits]
     top = max(shifts)
-    scaled = [x if s == top else e.mul(x, _ring(1 << (top - s))) for x, s in zip(xs, shifts, strict=True)]
+    scaled = [x if s == top else e.mul(x, ring_int(1 << (top - s))) for x, s in zip(xs, shifts, strict=True)]
     if len(scaled) == 1:
         return [e.trunc(scaled[0], top)]
     y, shapes = pack(e, scaled)
@@ -386,8 +387,8 @@ def _poly_plan(coef_bytes: bytes, lo: float, hi: float, basis: str, xs: int, os_
         raise ValueError("output scale too large for the coefficient scale")
     one = 1 << big  # T_0 = t^0 = 1 at scale 30
     if not nonzero:
-        return _PolyPlan(_ring(round(float(coef[0]) * 2.0**os_)), None, None, (), _ring(one), _ring(one << big), (),
-                         None, 0)
+        return _PolyPlan(ring_int(round(float(coef[0]) * 2.0**os_)), None, None, (), ring_int(one),
+                         ring_int(one << big), (), None, 0)
     need = _needed(nonzero, basis)
     levels = []
     m = 1
@@ -400,12 +401,12 @@ def _poly_plan(coef_bytes: bytes, lo: float, hi: float, basis: str, xs: int, os_
     c_ring = [round(float(c) * 2.0**c_scale) for c in coef]
     half = (1 << (shift - 1)) if shift else 0  # round to nearest instead of flooring
     return _PolyPlan(
-        None, _ring(a_int), _ring(b_int), tuple(levels), _ring(one), _ring(one << big),
-        tuple((j, _ring(c_ring[j])) for j in sorted(nonzero)), _ring((c_ring[0] << big) + half), shift,
+        None, ring_int(a_int), ring_int(b_int), tuple(levels), ring_int(one), ring_int(one << big),
+        tuple((j, ring_int(c_ring[j])) for j in sorted(nonzero)), ring_int((c_ring[0] << big) + half), shift,
     )
 
 
 @lru_cache(maxsize=4096)
-def _ring(v: int) -> torch.Tensor:
-    """The ring integer v as a shared 0-dim int64 tensor (never modified in place)."""
-    return torch.tensor(v, dtype=torch.int64)
+def ring_int(v: int) -> torch.Tensor:
+    """The ring integer v as a shared 0-dim int64 tensor (cached: never modify it in place)."""
+    return torch.tensor(int(v), dtype=torch.int64)

@@ -46,7 +46,6 @@ b3 (1,) secret at scale f. Returns q* (B, k) at scale f.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, step_function
+from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp_steps, max_and_argmax, reciprocal, rsqrt
 
@@ -94,15 +93,7 @@ class GuardConfig:
         return self.lr * 1.1 ** (self.rounds - 1)
 
 
-def _t(v: int) -> torch.Tensor:
-    """A public ring integer as a shared 0-dim tensor (cached; never modified in place)."""
-    return _ring_int(int(v))
-
-
-@functools.lru_cache(maxsize=256)
-def _ring_int(v: int) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.int64)
-
+_t = ring_int  # a public ring integer as a shared 0-dim tensor
 
 def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
     return e.add(x, e.local(lambda t: t.reshape(1, -1), b))

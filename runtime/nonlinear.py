@@ -40,6 +40,7 @@ from .approx import (
     mul_many,
     poly_rounds,
     ring_const,
+    ring_int,
     step_function,
     trunc_many,
 )
@@ -87,15 +88,7 @@ PAD_VALUE = -(2**61)
 
 
 # ---- small helpers --------------------------------------------------------------------------------
-def _t(v: int) -> torch.Tensor:
-    """A public ring integer as a 0-dim tensor (cached and shared: never modify it in place)."""
-    return _ring_int_tensor(int(v))
-
-
-@functools.lru_cache(maxsize=4096)
-def _ring_int_tensor(v: int) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.int64)
-
+_t = ring_int  # a public ring integer as a shared 0-dim tensor
 
 def _rtrunc(e: Engine, x: Secret, bits: int) -> Secret:
     """trunc(x, bits) rounding to nearest (adds half an output ulp first; free)."""

@@ -81,15 +81,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     y = result.output
     if args.output:
         np.save(args.output, y.astype(np.float32))
-    print(f"{args.mode}: output {plan.outputs[0]['name']} {list(y.shape)} in {result.seconds:.3f} s"
-          + (f" -> {args.output}" if args.output else ""))
+    print_result(args.mode, plan.outputs[0]["name"], y, result.seconds, args.output,
+                 result.stats if args.stats else None)
+    return 0
+
+
+def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: str | None,
+                 stats: dict | None) -> None:
+    """The summary every command that runs a plan prints: output, time, top-1 labels, statistics."""
+    print(f"{label}: output {name} {list(y.shape)} in {seconds:.3f} s" + (f" -> {output}" if output else ""))
     if y.ndim == 2:
         print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
-    if args.stats and result.stats:
+    if stats:
         from runtime.stats import format_stats
 
-        print(format_stats(result.stats))
-    return 0
+        print(format_stats(stats))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -98,14 +98,10 @@ def cmd_query(args: argparse.Namespace) -> int:
         Path(args.stats_json).write_text(json.dumps(
             {"session": result.session, "seconds": result.seconds, "plan_hash": result.plan_hash,
              "stats": result.stats}))
-    print(f"query {result.session}: output {next(iter(result.outputs))} {list(y.shape)} in {result.seconds:.3f} s"
-          + (f" -> {args.output}" if args.output else ""))
-    if y.ndim == 2:
-        print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
-    if args.stats and result.stats:
-        from runtime.stats import format_stats
+    from siguard.cli import print_result
 
-        print(format_stats(result.stats))
+    print_result(f"query {result.session}", next(iter(result.outputs)), y, result.seconds, args.output,
+                 result.stats if args.stats else None)
     return 0
 
 
