@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function
+from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function, trunc_many
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp_steps, max_and_argmax, reciprocal, rsqrt
 
@@ -298,10 +298,18 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
             gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
             cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
             # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive)
-            # g_j = q_j (gq_j - q . gq), kept at scale qs
-            qg, lc = mul_many(e, [(q, gq), (onehot, cnt)])
-            s = e.local(lambda v: v.sum(-1, keepdim=True), e.trunc(qg, qs))  # q . gq at scale f
-            g = e.trunc(e.mul(q, e.sub(gq, s)), f)
+            # softmax Jacobian-vector product g_i = q_i S_i with S_i = sum_j q_j (gq_i - gq_j): the pairwise form
+            # is exact for a normalised q and keeps S_i precise when it is tiny (the top class of a confident
+            # query), where gq_i - q . gq would cancel catastrophically at fixed point
+            diffs = e.local(lambda v: v.unsqueeze(-1) - v.unsqueeze(-2), gq)  # (B, k, k): gq_i - gq_j, scale f
+            q_j = e.local(lambda v: v.unsqueeze(-2).expand(*qshape, k).contiguous(), q)
+            prod, lc = mul_many(e, [(q_j, diffs), (onehot, cnt)])
+            # S at scale qs; q split as A 2^(qs - f) + B_lo with A = q at scale f, so that both products fit
+            s_full, q_hi = trunc_many(e, [e.local(lambda v: v.sum(-1), prod), q], [f, qs - f])
+            q_lo = e.sub(q, e.mul(q_hi, _t(1 << (qs - f))))
+            p_hi, p_lo = mul_many(e, [(q_hi, s_full), (q_lo, s_full)])
+            g_hi, p_lo = trunc_many(e, [p_hi, p_lo], f)
+            g = e.add(g_hi, e.trunc(p_lo, qs - f))  # scale qs
             g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
             # ---- normalised step and multiplicative softmax update ------------------------------
             gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
