@@ -29,6 +29,7 @@ import torch
 from numpy.polynomial import Chebyshev, Polynomial
 
 from .engine import Bits, Engine, Secret, Value
+from .ring import broadcast_shape
 
 __all__ = [
     "ring_int",
@@ -75,21 +76,6 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1)
-
-
-@lru_cache(maxsize=4096)
-def _broadcast_shapes(s1: torch.Size, s2: torch.Size) -> torch.Size:
-    """torch.broadcast_shapes, cached; in plain Python (torch's imports sympy on first use)."""
-    if s1 == s2:
-        return s1
-    n = max(len(s1), len(s2))
-    p1, p2 = (1,) * (n - len(s1)) + tuple(s1), (1,) * (n - len(s2)) + tuple(s2)
-    out = []
-    for u, v in zip(p1, p2, strict=True):
-        if u != v and u != 1 and v != 1:
-            raise RuntimeError(f"shapes {tuple(s1)} and {tuple(s2)} cannot be broadcast together")
-        out.append(v if u == 1 else u)
-    return torch.Size(out)
 
 
 def _cat_flat(*ts: torch.Tensor) -> torch.Tensor:
@@ -176,7 +162,7 @@ def mul_many(e: Engine, pairs: Sequence[tuple[Value, Value]]) -> list[Secret]:
         if not (e.is_secret(a) and e.is_secret(b)):
             out[i] = e.mul(a, b)
             continue
-        shape = _broadcast_shapes(torch.Size(e.shape(a)), torch.Size(e.shape(b)))
+        shape = torch.Size(broadcast_shape(tuple(e.shape(a)), tuple(e.shape(b))))
         lefts.append(_expand(e, a, shape))
         rights.append(_expand(e, b, shape))
         where.append(i)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .engine import Engine
+from .engine import Engine, TensorBox
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -71,33 +71,16 @@ PRIMITIVE_COSTS: dict[str, PrimitiveCost] = {
 }
 
 
-class MetaShares:
+class MetaShares(TensorBox):
     """A secret of the cost engine: only its shape (a meta tensor ``v``)."""
 
-    __slots__ = ("v",)
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.v.shape
-
-    def __repr__(self) -> str:
-        return f"MetaShares(shape={tuple(self.v.shape)})"
+    __slots__ = ()
 
 
-class MetaBits:
+class MetaBits(TensorBox):
     """A bit tensor of the cost engine: only its shape (a meta tensor ``v``)."""
 
-    __slots__ = ("v",)
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.v.shape
+    __slots__ = ()
 
 
 @dataclass

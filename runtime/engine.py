@@ -32,11 +32,46 @@ from typing import Any
 
 import torch
 
-__all__ = ["Engine", "Secret", "Bits", "Value"]
+__all__ = ["Engine", "Secret", "Bits", "Value", "TensorBox", "SharePair"]
 
 Secret = Any  # engine-specific secret arithmetic value
 Bits = Any  # engine-specific secret Boolean bit tensor
 Value = Any  # Secret or public torch.int64 tensor
+
+
+class TensorBox:
+    """A value an engine holds as one tensor ``v`` (the plain engine's cleartext, the cost engine's
+    shape-only meta tensor). Engines subclass it once per kind (arithmetic, bits) so that type
+    tests keep the kinds apart."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: torch.Tensor):
+        self.v = v
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.v.shape
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.v.shape)})"
+
+
+class SharePair:
+    """A party's two replicated shares ``a`` = x_i and ``b`` = x_{i+1}; subclassed per kind."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a = a
+        self.b = b
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.a.shape
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={tuple(self.a.shape)})"
 
 
 class Engine(ABC):

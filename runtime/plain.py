@@ -13,38 +13,21 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .engine import Engine
+from .engine import Engine, TensorBox
 
 __all__ = ["PlainEngine", "Clear", "ClearBits"]
 
 
-class Clear:
+class Clear(TensorBox):
     """A 'secret' value of the plain engine: the ring tensor itself."""
 
-    __slots__ = ("v",)
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.v.shape
-
-    def __repr__(self) -> str:
-        return f"Clear(shape={tuple(self.v.shape)})"
+    __slots__ = ()
 
 
-class ClearBits:
+class ClearBits(TensorBox):
     """A Boolean bit tensor of the plain engine (int64 0/1)."""
 
-    __slots__ = ("v",)
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.v.shape
+    __slots__ = ()
 
 
 def _raw(x):

@@ -9,6 +9,8 @@ lost): only encoding of real inputs and decoding of opened, small values touch f
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ __all__ = [
     "to_ring",
     "from_numpy_ring",
     "MAX_ABS_REAL",
+    "broadcast_shape",
 ]
 
 RING_BITS = 64
@@ -71,3 +74,19 @@ def to_ring(x: np.ndarray) -> torch.Tensor:
 
 def from_numpy_ring(x: np.ndarray) -> torch.Tensor:
     return to_ring(x)
+
+
+@functools.lru_cache(maxsize=4096)
+def broadcast_shape(s1: tuple[int, ...], s2: tuple[int, ...]) -> tuple[int, ...]:
+    """numpy's broadcast shape of two shapes, cached. Plain Python on purpose: torch.broadcast_shapes
+    imports sympy on first use (about a second), and this sits on hot paths of every engine."""
+    if s1 == s2:
+        return tuple(s1)
+    n = max(len(s1), len(s2))
+    p1, p2 = (1,) * (n - len(s1)) + tuple(s1), (1,) * (n - len(s2)) + tuple(s2)
+    out = []
+    for u, v in zip(p1, p2, strict=True):
+        if u != v and u != 1 and v != 1:
+            raise RuntimeError(f"shapes {tuple(s1)} and {tuple(s2)} cannot be broadcast together")
+        out.append(v if u == 1 else u)
+    return tuple(out)

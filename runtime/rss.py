@@ -26,7 +26,6 @@ same as computing the textbook formulas in the docstrings.
 
 from __future__ import annotations
 
-import functools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -38,9 +37,9 @@ import torch.nn.functional as F
 
 from compiler.errors import RuntimeFault
 
-from .engine import Engine
+from .engine import Engine, SharePair
 from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT
+from .ring import SIGN_BIT, broadcast_shape
 from .transport import CLIENT, InProcessNetwork, StepStats, Transport, TransportAborted
 
 __all__ = ["Shares", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
@@ -87,60 +86,20 @@ def _nshape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape if shape else (1,)
 
 
-def _bshape(s1: tuple[int, ...], s2: tuple[int, ...]) -> tuple[int, ...]:
-    """The broadcast shape of two shapes."""
-    return s1 if s1 == s2 else _broadcast_shapes(s1, s2)
-
-
-@functools.lru_cache(maxsize=4096)
-def _broadcast_shapes(s1: tuple[int, ...], s2: tuple[int, ...]) -> tuple[int, ...]:
-    # Plain Python on purpose: torch.broadcast_shapes imports sympy on first use (about a second).
-    n = max(len(s1), len(s2))
-    p1, p2 = (1,) * (n - len(s1)) + tuple(s1), (1,) * (n - len(s2)) + tuple(s2)
-    out = []
-    for u, v in zip(p1, p2, strict=True):
-        if u != v and u != 1 and v != 1:
-            raise RuntimeError(f"shapes {tuple(s1)} and {tuple(s2)} cannot be broadcast together")
-        out.append(v if u == 1 else u)
-    return tuple(out)
-
-
 def _tensor(a: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(a.reshape(shape))
 
 
-class Shares:
+class Shares(SharePair):
     """Party P_i's replicated shares of an arithmetic secret: ``a`` = x_i, ``b`` = x_{i+1}."""
 
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self.a = a
-        self.b = b
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.a.shape
-
-    def __repr__(self) -> str:
-        return f"Shares(shape={tuple(self.a.shape)})"
+    __slots__ = ()
 
 
-class BoolShares:
+class BoolShares(SharePair):
     """Party P_i's XOR-replicated shares of a bit tensor: ``a`` = b_i, ``b`` = b_{i+1}, each 0/1."""
 
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor):
-        self.a = a
-        self.b = b
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.a.shape
-
-    def __repr__(self) -> str:
-        return f"BoolShares(shape={tuple(self.a.shape)})"
+    __slots__ = ()
 
 
 def _public(x: Any) -> torch.Tensor:
@@ -394,7 +353,7 @@ class RSSEngine(Engine):
         element from every party (z_i = x_i y_i + x_i y_{i+1} + x_{i+1} y_i + alpha_i, sent to
         P_{i-1}). With a public operand: local."""
         if isinstance(a, Shares) and isinstance(b, Shares):
-            shape = _bshape(tuple(a.shape), tuple(b.shape))
+            shape = broadcast_shape(tuple(a.shape), tuple(b.shape))
             xa, ya = _arr(a.a), _arr(b.a)
             z = xa * (ya + _arr(b.b))
             z += _arr(a.b) * ya
@@ -573,7 +532,7 @@ class RSSEngine(Engine):
         """a and b. Secret x secret: 1 round, 8 B per element from every party. Public: local."""
         if isinstance(a, BoolShares) and isinstance(b, BoolShares):
             # z_i = a_i b_i ^ a_i b_{i+1} ^ a_{i+1} b_i ^ beta_i = a_i (b_i ^ b_{i+1}) ^ a_{i+1} b_i ^ beta_i
-            shape = _bshape(tuple(a.shape), tuple(b.shape))
+            shape = broadcast_shape(tuple(a.shape), tuple(b.shape))
             ba = _arr(b.a)
             z = _arr(a.a) & (ba ^ _arr(b.b))
             z ^= _arr(a.b) & ba
@@ -647,7 +606,7 @@ class RSSEngine(Engine):
             return self.mul(_public(x), self.b2a(b))
         i = self.party
         bshape = tuple(b.shape)
-        shape = _bshape(tuple(x.shape), bshape)
+        shape = broadcast_shape(tuple(x.shape), bshape)
         nb, n, ns = _numel(bshape), _numel(shape), _nshape(shape)
         xa, xb = _arr(x.a), _arr(x.b)
         if i == 0:
