@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .backend import build_plan
-from .errors import InputError
+from .errors import InputError, SiguardError
 from .plan import Plan
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan"]
@@ -26,6 +26,11 @@ class CompileOptions:
     frac_bits: int = 16
     guard: Any = None  # defender ONNX path (or privacy.defender.DefenderWeights); None = no guard
     guard_config: dict[str, Any] = field(default_factory=dict)  # runtime.guard.GuardConfig fields
+    calibration: Any = None  # calibration inputs: an array (N, ...) or a .npy path; None = default ranges
+    approx: str = "auto"  # auto | exact | crypten | default (see passes.approx.Approximate)
+    overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
+    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or passes.approx.AccuracyBudget; None = default
+    objective: str = "rounds"  # rounds | bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,9 +51,63 @@ def _version() -> str:
         return "siguard (source tree)"
 
 
+def _calibration_array(data: Any) -> np.ndarray | None:
+    if data is None:
+        return None
+    if isinstance(data, (str, Path)):
+        p = Path(data)
+        if not p.exists():
+            raise InputError(f"calibration file {p} does not exist")
+        try:
+            return np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+    return np.asarray(data)
+
+
+def _onnx_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        return onnx.load(str(model))
+    except Exception as exc:
+        raise InputError(f"{model}: cannot read the ONNX model for calibration ({exc})") from None
+
+
+def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str, tuple[float, float]]):
+    """The model at a batch of up to 256 calibration inputs (or the plan's batch if its batch axis is
+    fixed), canonicalized and in fixed point: what the approximation pass runs candidates on."""
+    from compiler.frontend import load_model
+    from passes.base import PassContext, PassManager
+    from passes.canonicalize import Canonicalize
+    from passes.fixedpoint import FixedPoint
+
+    try:
+        g = load_model(model, batch=min(n, 256), output=opts.output)
+    except SiguardError:  # a fixed batch axis
+        g = load_model(model, batch=opts.batch, output=opts.output)
+    PassManager([Canonicalize()]).run(g, PassContext(frac_bits=opts.frac_bits))
+    for name, rng in ranges.items():
+        if name in g.values:
+            g.values[name].range = rng
+    PassManager([FixedPoint()]).run(g, PassContext(frac_bits=opts.frac_bits))
+    return g
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v
+
+
 def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions | None = None) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) into a plan (not yet written to disk)."""
     from compiler.frontend import load_model
+    from passes.approx import Approximate, Calibrate, parse_budget
     from passes.base import PassContext, PassManager
     from passes.canonicalize import Canonicalize
     from passes.cost import CostAnnotation
@@ -59,9 +118,16 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         raise InputError(f"--batch must be >= 1 (got {opts.batch})")
     if not 8 <= opts.frac_bits <= 24:
         raise InputError(f"--frac-bits must be between 8 and 24 (got {opts.frac_bits})")
+    budget = opts.accuracy_budget if not isinstance(opts.accuracy_budget, (str, type(None))) else \
+        parse_budget(opts.accuracy_budget)
     graph = load_model(model, batch=opts.batch, output=opts.output)
     ctx = PassContext(frac_bits=opts.frac_bits, options=dict(opts.extra))
     passes = [Canonicalize()]
+    x_cal = _calibration_array(opts.calibration)
+    calibrate = None
+    if x_cal is not None:
+        calibrate = Calibrate(_onnx_model(model), x_cal)
+        passes.append(calibrate)
     if opts.guard is not None:
         from passes.guard import InsertGuard
         from runtime.guard import GuardConfig
@@ -71,9 +137,15 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid guard option: {exc}") from None
         passes.append(InsertGuard(opts.guard, config))
-    passes += [FixedPoint(), CostAnnotation()]
+    approximate = Approximate(None, None, opts.approx, opts.overrides, budget, opts.objective)
+    passes += [FixedPoint(), approximate, CostAnnotation()]
     pm = PassManager(passes)
-    pm.run(graph, ctx)
+    for p in passes:  # the approximation pass needs what calibration measured
+        if p is approximate and calibrate is not None and calibrate.result is not None:
+            cal = calibrate.result
+            approximate.calibration, approximate.x = cal, calibrate.x
+            approximate.eval_graph = lambda c=cal: _evaluation_graph(model, opts, c.n, c.ranges)
+        pm.records.append(p(graph, ctx))
     if isinstance(model, onnx.ModelProto):
         source, digest = graph.name, hashlib.sha256(model.SerializeToString()).hexdigest()
     else:
@@ -83,6 +155,18 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     plan, weights = build_plan(graph, frac_bits=opts.frac_bits, model_info=info,
                                passes=[r.to_json() for r in pm.records], warnings=ctx.warnings,
                                version_string=_version())
+    records = graph.meta.get("approx", {})
+    for step in plan.doc["steps"]:
+        if step["name"] in records:
+            step["approx"] = _json_safe(records[step["name"]])
+    plan.doc["approximation"] = {
+        "mode": opts.approx,
+        "objective": opts.objective,
+        "budget": {"top1": budget.top1, "prob": budget.prob},
+        "calibration_inputs": 0 if calibrate is None or calibrate.result is None else calibrate.result.n,
+        "overrides": dict(opts.overrides),
+        "measured": _json_safe(graph.meta.get("approx_measured")),
+    }
     return CompileResult(plan, weights, graph, ctx.warnings)
 
 

@@ -82,8 +82,39 @@ def _rows(plan: Plan) -> list[dict[str, Any]]:
             "bytes": s["cost"]["bytes"],
             "mb": _mb(s["cost"]["bytes"]),
             "source": s.get("source") or "",
+            "approx": _approx_row(s.get("approx")),
         })
     return rows
+
+
+def _fmt_range(r: Any) -> str:
+    return "" if not r else f"[{r[0]:.4g}, {r[1]:.4g}]"
+
+
+def _approx_row(a: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Display fields of a step's approximation record (see passes.approx.Approximate)."""
+    if not a:
+        return None
+    err = a.get("error") or {}
+    knob = (f"degree {a['degree']}" if a.get("degree") is not None else "") + (
+        (", " if a.get("degree") is not None and a.get("iterations") is not None else "")
+        + (f"{a['iterations']} iterations" if a.get("iterations") is not None else ""))
+    ma = a.get("most_accurate") or {}
+    return {
+        "impl": a.get("impl", ""),
+        "how": a.get("how", ""),
+        "knob": knob or "-",
+        "range": _fmt_range(a.get("range")) or "-",
+        "top1": "-" if err.get("top1") is None else f"{err['top1']:.4f}",
+        "max_abs": "-" if err.get("max_abs") is None else f"{err['max_abs']:.3g}",
+        "local": "-" if err.get("local_max_abs") is None else f"{err['local_max_abs']:.3g}",
+        "rounds": a.get("cost", {}).get("rounds", 0),
+        "bytes": a.get("cost", {}).get("bytes", 0),
+        "best_impl": ma.get("impl", ""),
+        "best_rounds": ma.get("rounds", 0),
+        "best_bytes": ma.get("bytes", 0),
+        "candidates": a.get("candidates", 0),
+    }
 
 
 def inspect_json(plan: Plan) -> dict[str, Any]:
@@ -103,9 +134,11 @@ def inspect_json(plan: Plan) -> dict[str, Any]:
             {"name": s["name"], "op": s["op"], "impl": s["impl"], "impl_params": s.get("impl_params") or {},
              "inputs": s["inputs"], "outputs": s["outputs"], "source": s.get("source"),
              "rounds": s["cost"]["rounds"], "bytes": s["cost"]["bytes"],
-             "bytes_per_party": s["cost"]["bytes_per_party"]}
+             "bytes_per_party": s["cost"]["bytes_per_party"],
+             **({"approx": s["approx"]} if s.get("approx") else {})}
             for s in d["steps"]
         ],
+        "approximation": d.get("approximation"),
         "totals": {**d["totals"], "critical_path_rounds": crit},
         "setup": d["setup"],
         "passes": d.get("passes", []),
@@ -147,5 +180,6 @@ def render(plan: Plan, fmt: str = "text") -> str:
         "critical_rounds": crit,
         "critical_path": set(path),
         "edges": list(dataflow_graph(plan).edges()),
+        "approximation": plan.doc.get("approximation"),
     }
     return _env().get_template(f"plan.{ 'txt' if fmt == 'text' else fmt }.j2").render(**ctx)

@@ -53,7 +53,8 @@ def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
         else:
             args.append(_secret(v.shape))
     step = {"name": node.name, "op": node.op, "impl": node.impl, "inputs": node.inputs, "outputs": node.outputs,
-            "attrs": node.attrs, "impl_params": node.attrs.get("_impl_params")}
+            "attrs": {k: v for k, v in node.attrs.items() if k != "_impl_params"},
+            "impl_params": node.attrs.get("_impl_params")}  # as the plan stores them (compiler/backend.py)
     outs = handler_for(node.op)(ctx, step, args)
     for name, out in zip(node.outputs, outs, strict=True):
         want = tuple(graph.values[name].shape)

@@ -78,6 +78,11 @@ __all__ = [
     "lrn",
     "fit_chebyshev",
     "eval_poly",
+    "fitted",
+    "fitted_coefficients",
+    "fitted_reference",
+    "FIT_TARGETS",
+    "FIT_DEFAULT_RANGES",
 ]
 
 LN2 = math.log(2.0)
@@ -700,10 +705,15 @@ def log(e: Engine, x: Secret, lo: float = 1.0, hi: float = 2.0, degree: int = 8)
 
 
 # ---- softmax family -------------------------------------------------------------------------------
-def _exp_nonpositive(e: Engine, z: Secret, exp_impl: str, saturate: bool) -> Secret:
-    """e^z for z <= 0 (logits minus their max) with the named exp implementation."""
+def _exp_nonpositive(e: Engine, z: Secret, exp_impl: str, saturate: bool, lo: float | None = None) -> Secret:
+    """e^z for z <= 0 (logits minus their max) with the named exp implementation: "limit<n>",
+    "exp2", or "fit<d>" (z clipped below at ``lo``, default -f ln 2, then a degree-d Chebyshev
+    interpolant of e^z on [lo, 0]; see :func:`fitted`)."""
     if exp_impl == "exp2":
         return exp_steps(e, z, hi=0.0)
+    if exp_impl.startswith("fit"):
+        lo_ = -e.frac_bits * LN2 if lo is None else float(lo)
+        return fitted(e, z, "exp", lo_, 0.0, _impl_number(exp_impl, "fit", "exp"), clip_hi=False)
     n = _impl_number(exp_impl, "limit", "exp")
     return exp_limit(e, z, n, saturate=saturate, hi=0.0)
 
@@ -717,6 +727,9 @@ def softmax(
     saturate: bool = False,
     iterations: int | None = None,
     hi: float | None = None,
+    exp_lo: float | None = None,
+    recip_lo: float | None = None,
+    recip_hi: float | None = None,
 ) -> Secret:
     """softmax along ``axis`` (K = x.shape[axis] classes). Implementations:
 
@@ -742,6 +755,13 @@ def softmax(
       Faithful to the formula within 1e-5 (vs true softmax: 0.68, a different function).
       Cost: 10 + 10 + 24 + 3 = 47 rounds.
 
+    Tuning keywords (set per node by the approximation pass from calibration data):
+    ``exp_impl`` "limit<n>" | "exp2" | "fit<d>" (degree-d Chebyshev of e^z on [``exp_lo``, 0],
+    z clipped below at ``exp_lo``; 10 + :func:`poly_rounds` (d) rounds), ``iterations`` of
+    Newton, and [``recip_lo``, ``recip_hi``] (default [1, K]): the range of the sum of e^z that
+    the linear Newton guess is fitted on ("max_exp_recip", "exp2"; valid for sums below
+    recip_lo + recip_hi).
+
     Returns y at scale f with x's shape.
     """
     f = e.frac_bits
@@ -754,10 +774,12 @@ def softmax(
 
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
     if impl in ("max_exp_recip", "exp2"):
-        ez = _exp_nonpositive(e, z, exp_impl or ("exp2" if impl == "exp2" else "limit8"), saturate)
-        y, sy = _recip_newton(e, total(ez), 1.0, float(k_cls), "linear", iterations)
+        ez = _exp_nonpositive(e, z, exp_impl or ("exp2" if impl == "exp2" else "limit8"), saturate, exp_lo)
+        r_lo = 1.0 if recip_lo is None else float(recip_lo)
+        r_hi = float(k_cls) if recip_hi is None else float(recip_hi)
+        y, sy = _recip_newton(e, total(ez), r_lo, max(r_hi, r_lo), "linear", iterations)
     elif impl == "crypten":
-        ez = _exp_nonpositive(e, z, exp_impl or "limit8", saturate)
+        ez = _exp_nonpositive(e, z, exp_impl or "limit8", saturate, exp_lo)
         y, sy = _recip_newton(e, total(ez), None, None, "exp", 10 if iterations is None else iterations)
     elif impl == "piranha":
         # 2 e^z ~ (z + 2) if z + 2 > 0 else 0.002 (Piranha: (z + 2) / 2, floor 0.001)
@@ -1099,6 +1121,82 @@ def lrn(
     return y
 
 
+# ---- range-fitted polynomials (chosen per node by the approximation pass) --------------------------
+def _relu_np(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+#: Functions a "fit<d>" implementation interpolates, by op.
+FIT_TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "exp": np.exp,
+    "sigmoid": _expit_np,
+    "tanh": np.tanh,
+    "erf": _erf_np,
+    "relu": _relu_np,
+}
+
+#: The range [lo, hi] a "fit<d>" implementation is fitted on when the plan gives none (a plan
+#: compiled without calibration data). Inputs outside are clipped to it.
+FIT_DEFAULT_RANGES: dict[str, tuple[float, float]] = {
+    "exp": (-16.0, 4.0),
+    "sigmoid": (-8.0, 8.0),
+    "tanh": (-4.0, 4.0),
+    "erf": (-3.5, 3.5),
+    "relu": (-8.0, 8.0),
+}
+
+
+@functools.lru_cache(maxsize=512)
+def fitted_coefficients(op: str, lo: float, hi: float, degree: int) -> np.ndarray:
+    """Chebyshev coefficients (variable t in [-1, 1] over [lo, hi]) of :data:`FIT_TARGETS` [op]."""
+    return fit_chebyshev(FIT_TARGETS[op], float(lo), float(hi), int(degree))
+
+
+def fitted_reference(op: str, x: np.ndarray, lo: float, hi: float, degree: int) -> np.ndarray:
+    """What :func:`fitted` computes, in float64: the interpolant at clip(x, lo, hi)."""
+    t = (2.0 * np.clip(x, lo, hi) - lo - hi) / (hi - lo)
+    return np.polynomial.chebyshev.chebval(t, fitted_coefficients(op, lo, hi, degree))
+
+
+def fitted(
+    e: Engine,
+    x: Secret,
+    op: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    degree: int = 8,
+    clip_lo: bool = True,
+    clip_hi: bool = True,
+) -> Secret:
+    """fn(clip(x, lo, hi)) for fn = :data:`FIT_TARGETS` [op], by its degree-``degree`` Chebyshev
+    interpolant on [lo, hi] (default :data:`FIT_DEFAULT_RANGES` [op]).
+
+    Out-of-range inputs are clipped to the range first (both bounds in ONE msb call), so they get
+    fn(lo) or fn(hi): exp saturates at e^hi and at e^lo (about 0 for a calibrated softmax), sigmoid,
+    tanh and erf at their values at the range's ends, relu becomes min(max(x, 0), hi) above hi.
+    ``clip_lo``/``clip_hi`` = False drops a bound the caller guarantees (softmax: z <= 0).
+    The error on the range is the interpolation error (checked against numpy in
+    tests/runtime/test_fits.py) plus about 2 ulp of fixed point.
+    Cost: clip 10 (0 with no bound) + :func:`poly_rounds` (degree) rounds."""
+    f = e.frac_bits
+    d_lo, d_hi = FIT_DEFAULT_RANGES[op]
+    lo_ = d_lo if lo is None else float(lo)
+    hi_ = d_hi if hi is None else float(hi)
+    if not hi_ > lo_:
+        raise ValueError(f"{op} fit range [{lo_}, {hi_}] is empty")
+    xc = _clip_ring(e, x, int(ring_const(lo_, f)) if clip_lo else None, int(ring_const(hi_, f)) if clip_hi else None)
+    return eval_poly(e, xc, fitted_coefficients(op, lo_, hi_, int(degree)), lo_, hi_)
+
+
+def _with_fit(op: str, degree: int) -> Callable[..., Secret]:
+    def run(e: Engine, x: Secret, lo: float | None = None, hi: float | None = None, **attrs: Any) -> Secret:
+        return fitted(e, x, op, lo, hi, degree)
+
+    run.__name__ = f"fitted[{op}, {degree}]"
+    run.__doc__ = fitted.__doc__
+    return run
+
+
 # ---- registry -------------------------------------------------------------------------------------
 Impl = Callable[..., Secret]
 
@@ -1132,10 +1230,14 @@ def _register(op: str, impl: str, fn: Impl, description: str) -> None:
 
 def _build(op: str, impl: str) -> tuple[Impl, str] | None:
     """The callable and description for a parameterised implementation name, or None."""
-    m = re.fullmatch(r"(limit|newton|chebyshev)(\d+)", impl)
+    m = re.fullmatch(r"(limit|newton|chebyshev|fit)(\d+)", impl)
     if not m:
         return None
     family, num = m.group(1), int(m.group(2))
+    if family == "fit" and op in FIT_TARGETS and num >= 1:
+        return _with_fit(op, num), (
+            f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant; {10 + poly_rounds(num)} rounds"
+        )
     if op == "exp" and family == "limit" and num >= 1:
         return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]; {3 * num + 10} rounds"
     if op == "reciprocal" and family == "newton" and num >= 0:

@@ -23,9 +23,20 @@ MODES = ("reference", "threads")
 
 
 def compile(model: Any, out_dir: str | Path | None = None, *, batch: int = 1, output: str | None = None,
-            frac_bits: int = 16, **extra: Any) -> Plan:
-    """Compile an ONNX model (path or ``onnx.ModelProto``) into a plan; write it if ``out_dir``."""
-    result = compile_model(model, CompileOptions(batch=batch, output=output, frac_bits=frac_bits, extra=extra))
+            frac_bits: int = 16, guard: Any = None, guard_config: dict[str, Any] | None = None,
+            calibration: Any = None, approx: str = "auto", overrides: dict[str, str] | None = None,
+            accuracy_budget: Any = None, objective: str = "rounds", **extra: Any) -> Plan:
+    """Compile an ONNX model (path or ``onnx.ModelProto``) into a plan; write it if ``out_dir``.
+
+    ``guard``: the defender ONNX (``siguard guard train``) to insert the guard with, ``guard_config``
+    its GuardConfig fields; ``calibration``: inputs (N, ...) or a .npy path; ``approx``: auto | exact |
+    crypten | default; ``overrides``: node name -> implementation; ``accuracy_budget``:
+    "top1=0.995,prob=0.01"; ``objective``: rounds | bytes (see the README's Approximations section)."""
+    opts = CompileOptions(batch=batch, output=output, frac_bits=frac_bits, guard=guard,
+                          guard_config=dict(guard_config or {}), calibration=calibration, approx=approx,
+                          overrides=dict(overrides or {}), accuracy_budget=accuracy_budget, objective=objective,
+                          extra=extra)
+    result = compile_model(model, opts)
     if out_dir is not None:
         write_plan(result, out_dir)
     else:

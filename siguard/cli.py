@@ -36,8 +36,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                       ("margin", args.guard_margin)) if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
+    from passes.approx import parse_budget, parse_overrides
+
+    mode, overrides = parse_overrides(args.approx)
+    if args.calibration is not None and not Path(args.calibration).exists():
+        raise InputError(f"calibration file {args.calibration} does not exist")
     opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits, guard=args.guard,
-                          guard_config=guard_config)
+                          guard_config=guard_config, calibration=args.calibration, approx=mode, overrides=overrides,
+                          accuracy_budget=parse_budget(args.accuracy_budget), objective=args.objective)
     result = compile_model(args.model, opts)
     out = write_plan(result, args.o)
     t = result.plan.totals
@@ -101,7 +107,8 @@ def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: s
 def cmd_demo(args: argparse.Namespace) -> int:
     from privacy.demo import run_demo
 
-    run_demo(args.dataset, args.out, args.queries)
+    run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed,
+             progress=not args.no_progress and sys.stderr.isatty())
     return 0
 
 
@@ -122,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1, help="fix a symbolic batch dimension to N (default 1)")
     c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
     c.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits (default 16)")
+    a = c.add_argument_group("approximations (see the README's Approximations section)")
+    a.add_argument("--calibration", metavar="X.npy", default=None,
+                   help="calibration inputs (N, ...): onnxruntime records every value's range on them and the "
+                        "approximation pass measures candidates on them (without: default ranges and implementations)")
+    a.add_argument("--accuracy-budget", metavar="top1=F,prob=F", default=None,
+                   help="end-to-end budget on the calibration data against onnxruntime: top-1 agreement >= top1 and "
+                        "max absolute change of the revealed output <= prob (default top1=0.995,prob=0.01)")
+    a.add_argument("--approx", action="append", metavar="MODE|NODE=IMPL", default=None,
+                   help="auto (default: cheapest within the budget), exact (most accurate), crypten (CrypTen's "
+                        "defaults), default (the ops' defaults); NODE=IMPL (repeatable) overrides one node")
+    a.add_argument("--objective", choices=("rounds", "bytes"), default="rounds",
+                   help="what the approximation pass minimises (default rounds)")
     g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
     g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
                    help="insert the guard with this defender (from `siguard guard train`)")
@@ -153,10 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a peer (default 60)")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the whole pipeline on bundled real data (no arguments needed)")
-    d.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits")
-    d.add_argument("--out", default="siguard-demo", help="working directory for the model, plan and reports")
-    d.add_argument("--queries", type=int, default=200, help="number of test images to query (default 200)")
+    d = sub.add_parser("demo", help="the whole story on bundled real data: train, guard, compile, run, audit",
+                       description="Train an overfitting target and the guard's defender, compile with and without "
+                                   "the guard, run secure inference between three parties and audit membership "
+                                   "leakage of plaintext, secure and guarded outputs. No arguments needed.")
+    d.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits",
+                   help="digits (scikit-learn, default) or fashion-mnist (Debian's dataset-fashion-mnist)")
+    d.add_argument("--out", default="siguard-demo", help="working directory for models, data, plans and the report")
+    d.add_argument("--mode", choices=("threads", "processes", "reference"), default="threads",
+                   help="how the plans run (default threads)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data split and training (default 0)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
     # command groups that live in their own modules (networked runtime, guard, audit, bench)
