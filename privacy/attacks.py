@@ -30,7 +30,11 @@ __all__ = [
     "ThresholdAttack",
     "MaxProbabilityAttack",
     "EntropyAttack",
+    "ModifiedEntropyAttack",
+    "ConfidenceAttack",
+    "LossAttack",
     "NeuralAttack",
+    "standard_attacks",
     "ShadowData",
     "train_shadow",
     "label_only_gap",
@@ -40,16 +44,21 @@ __all__ = [
 
 @dataclass
 class AttackResult:
-    """One attack on one set of outputs: accuracy, AUC, TPR at 1 % FPR and advantage = |AUC - 0.5|."""
+    """One attack on one set of outputs: accuracy, AUC, TPR at 1 % FPR and advantage = |AUC - 0.5|.
+
+    ``roc``: the ROC curve (fpr, tpr) for plots; not part of :meth:`to_dict`."""
 
     name: str
     accuracy: float
     auc: float
     tpr_at_1pct_fpr: float
     advantage: float
+    roc: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("roc")
+        return d
 
 
 def _check(probs: np.ndarray, membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +82,8 @@ def membership_metrics(name: str, score: np.ndarray, decision: np.ndarray, membe
     fpr, tpr, _ = roc_curve(m, s)
     tpr_low = float(tpr[fpr <= 0.01].max()) if np.any(fpr <= 0.01) else 0.0
     acc = float((np.asarray(decision).astype(bool) == m).mean())
-    return AttackResult(name=name, accuracy=acc, auc=auc, tpr_at_1pct_fpr=tpr_low, advantage=abs(auc - 0.5))
+    return AttackResult(name=name, accuracy=acc, auc=auc, tpr_at_1pct_fpr=tpr_low, advantage=abs(auc - 0.5),
+                        roc=(fpr, tpr))
 
 
 def top_k_sorted(probs: np.ndarray, k: int = 3) -> np.ndarray:
@@ -86,60 +96,112 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=1)
 
 
+def _labels(labels: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if labels is None:
+        raise ValueError(f"{name} is label-aware: pass the true labels")
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != (n,):
+        raise ValueError(f"{name}: expected labels ({n},), got {list(y.shape)}")
+    return y
+
+
+def _true_label_prob(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.take_along_axis(probs, labels[:, None], axis=1)[:, 0]
+
+
+def _best_threshold(stat: np.ndarray, m: np.ndarray, directions: tuple[float, ...]) -> tuple[float, float, float]:
+    """(accuracy, threshold, direction) of the best rule ``direction * stat >= threshold`` on (stat, m)."""
+    best = (-1.0, 0.0, 1.0)
+    for direction in directions:
+        s = direction * stat
+        order = np.argsort(-s, kind="stable")
+        s_sorted, m_sorted = s[order], m[order]
+        # predicting "member" for the top i scores: correct = members among them + non-members below
+        tp = np.concatenate([[0], np.cumsum(m_sorted)])
+        fp = np.concatenate([[0], np.cumsum(~m_sorted)])
+        correct = tp + ((~m).sum() - fp)
+        # only cut between distinct scores
+        cut_ok = np.concatenate([[True], s_sorted[:-1] != s_sorted[1:], [True]])
+        correct = np.where(cut_ok, correct, -1)
+        i = int(np.argmax(correct))
+        if i == 0:
+            thr = float(s_sorted[0]) + 1.0
+        elif i == len(s_sorted):
+            thr = float(s_sorted[-1])
+        else:
+            thr = float(0.5 * (s_sorted[i - 1] + s_sorted[i]))
+        acc = correct[i] / len(m)
+        if acc > best[0]:
+            best = (acc, thr, direction)
+    return best
+
+
 class ThresholdAttack:
-    """A metric attack: member iff ``direction * statistic(probs) >= threshold``.
+    """A metric attack: member iff ``direction * statistic(probs[, labels]) >= threshold``.
 
     :meth:`fit` chooses the threshold and the direction (+1 / -1) with the best accuracy on the shadow
-    data; :meth:`evaluate` applies them unchanged (the AUC uses ``direction * statistic`` as the score).
+    data; :meth:`evaluate` applies them unchanged (the AUC uses ``direction * statistic - threshold`` as the
+    score). ``label_aware`` statistics take the true labels too; ``per_class`` fits one threshold per true
+    label (Song & Mittal's class-dependent thresholds) in the globally chosen direction, falling back to the
+    global threshold for a class with no shadow members or non-members.
     """
 
     name = "threshold"
+    label_aware = False
 
-    def __init__(self, statistic: Callable[[np.ndarray], np.ndarray], name: str | None = None,
-                 allow_inversion: bool = True):
+    def __init__(self, statistic: Callable[..., np.ndarray], name: str | None = None,
+                 allow_inversion: bool = True, label_aware: bool = False, per_class: bool = False):
         self.statistic = statistic
         if name is not None:
             self.name = name
         self.allow_inversion = allow_inversion
+        self.label_aware = label_aware or per_class
+        self.per_class = per_class
         self.threshold: float | None = None
+        self.class_thresholds: dict[int, float] = {}
         self.direction: float = 1.0
 
-    def fit(self, shadow_probs: np.ndarray, shadow_membership: np.ndarray) -> ThresholdAttack:
-        """Fit on shadow outputs (N, k) and shadow membership (N,); returns self."""
+    def _stat(self, x: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.label_aware:
+            return self.statistic(x), None
+        y = _labels(labels, len(x), self.name)
+        if y.min() < 0 or y.max() >= x.shape[1]:
+            raise ValueError(f"{self.name}: labels must be in [0, {x.shape[1]})")
+        return self.statistic(x, y), y
+
+    def fit(self, shadow_probs: np.ndarray, shadow_membership: np.ndarray,
+            shadow_labels: np.ndarray | None = None) -> ThresholdAttack:
+        """Fit on shadow outputs (N, k), shadow membership (N,) and, for label-aware attacks, the shadow
+        records' true labels (N,); returns self."""
         x, m = _check(shadow_probs, shadow_membership)
-        stat = self.statistic(x)
-        best = (-1.0, 0.0, 1.0)  # (accuracy, threshold, direction)
-        for direction in (1.0, -1.0) if self.allow_inversion else (1.0,):
-            s = direction * stat
-            order = np.argsort(-s, kind="stable")
-            s_sorted, m_sorted = s[order], m[order]
-            # predicting "member" for the top i scores: correct = members among them + non-members below
-            tp = np.concatenate([[0], np.cumsum(m_sorted)])
-            fp = np.concatenate([[0], np.cumsum(~m_sorted)])
-            correct = tp + ((~m).sum() - fp)
-            # only cut between distinct scores
-            cut_ok = np.concatenate([[True], s_sorted[:-1] != s_sorted[1:], [True]])
-            correct = np.where(cut_ok, correct, -1)
-            i = int(np.argmax(correct))
-            if i == 0:
-                thr = float(s_sorted[0]) + 1.0
-            elif i == len(s_sorted):
-                thr = float(s_sorted[-1])
-            else:
-                thr = float(0.5 * (s_sorted[i - 1] + s_sorted[i]))
-            acc = correct[i] / len(m)
-            if acc > best[0]:
-                best = (acc, thr, direction)
-        _, self.threshold, self.direction = best
+        stat, y = self._stat(x, shadow_labels)
+        _, self.threshold, self.direction = _best_threshold(stat, m, (1.0, -1.0) if self.allow_inversion else (1.0,))
+        self.class_thresholds = {}
+        if self.per_class:
+            assert y is not None
+            for c in np.unique(y):
+                sel = y == c
+                if m[sel].any() and not m[sel].all():
+                    self.class_thresholds[int(c)] = _best_threshold(stat[sel], m[sel], (self.direction,))[1]
         return self
 
-    def evaluate(self, probs: np.ndarray, membership: np.ndarray) -> AttackResult:
-        """Metrics on the target's outputs (N, k) with the true membership (N,); the fit is not touched."""
+    def _thresholds(self, y: np.ndarray | None, n: int) -> np.ndarray:
+        assert self.threshold is not None
+        thr = np.full(n, self.threshold)
+        if self.per_class and y is not None:
+            for c, t in self.class_thresholds.items():
+                thr[y == c] = t
+        return thr
+
+    def evaluate(self, probs: np.ndarray, membership: np.ndarray, labels: np.ndarray | None = None) -> AttackResult:
+        """Metrics on the target's outputs (N, k) with the true membership (N,) (and true labels (N,) for a
+        label-aware attack); the fit is not touched."""
         if self.threshold is None:
             raise RuntimeError(f"{self.name}: fit() on shadow data before evaluate()")
         x, m = _check(probs, membership)
-        score = self.direction * self.statistic(x)
-        return membership_metrics(self.name, score, score >= self.threshold, m)
+        stat, y = self._stat(x, labels)
+        score = self.direction * stat - self._thresholds(y, len(x))
+        return membership_metrics(self.name, score, score >= 0, m)
 
 
 class MaxProbabilityAttack(ThresholdAttack):
@@ -156,10 +218,42 @@ class EntropyAttack(ThresholdAttack):
         super().__init__(lambda p: -_entropy(p), "entropy", allow_inversion)
 
 
+def modified_entropy(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Song & Mittal's modified prediction entropy (N,): -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i).
+    Low for a confident, correct prediction; high for a confident, wrong one."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-30, 1 - 1e-16)
+    py = _true_label_prob(p, labels)
+    others = -(p * np.log(1 - p)).sum(axis=1) + py * np.log(1 - py)
+    return -(1 - py) * np.log(py) + others
+
+
+class ModifiedEntropyAttack(ThresholdAttack):
+    """Member iff the modified entropy is below its true class's threshold (Song & Mittal 2021)."""
+
+    def __init__(self, allow_inversion: bool = True):
+        super().__init__(lambda p, y: -modified_entropy(p, y), "modified entropy", allow_inversion, per_class=True)
+
+
+class ConfidenceAttack(ThresholdAttack):
+    """Member iff the true label's probability is above its class's threshold (Song & Mittal 2021)."""
+
+    def __init__(self, allow_inversion: bool = True):
+        super().__init__(_true_label_prob, "true-label confidence", allow_inversion, per_class=True)
+
+
+class LossAttack(ThresholdAttack):
+    """Member iff the cross-entropy loss -log p_y is below a global threshold (Yeom et al. 2018)."""
+
+    def __init__(self, allow_inversion: bool = True):
+        super().__init__(lambda p, y: np.log(np.clip(_true_label_prob(p, y), 1e-30, 1.0)), "loss", allow_inversion,
+                         label_aware=True)
+
+
 class NeuralAttack:
     """ML-Leaks' attack classifier: an MLP on the sorted top-3 probabilities, trained on shadow outputs."""
 
     name = "neural (ML-Leaks)"
+    label_aware = False
 
     def __init__(self, top_k: int = 3, hidden: tuple[int, ...] = (64,), seed: int = 0):
         self.top_k = top_k
@@ -170,8 +264,10 @@ class NeuralAttack:
     def _features(self, probs: np.ndarray) -> np.ndarray:
         return top_k_sorted(probs, self.top_k)
 
-    def fit(self, shadow_probs: np.ndarray, shadow_membership: np.ndarray) -> NeuralAttack:
-        """Train the classifier on shadow outputs (N, k) and shadow membership (N,); returns self."""
+    def fit(self, shadow_probs: np.ndarray, shadow_membership: np.ndarray,
+            shadow_labels: np.ndarray | None = None) -> NeuralAttack:
+        """Train the classifier on shadow outputs (N, k) and shadow membership (N,); returns self.
+        (Labels are accepted for a uniform interface and not used: ML-Leaks' attack is label-free.)"""
         from sklearn.neural_network import MLPClassifier
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -182,13 +278,28 @@ class NeuralAttack:
         self.classifier = clf.fit(self._features(x), m.astype(int))
         return self
 
-    def evaluate(self, probs: np.ndarray, membership: np.ndarray) -> AttackResult:
+    def evaluate(self, probs: np.ndarray, membership: np.ndarray, labels: np.ndarray | None = None) -> AttackResult:
         """Metrics on the target's outputs (N, k) with the true membership (N,); the classifier is not touched."""
         if self.classifier is None:
             raise RuntimeError(f"{self.name}: fit() on shadow data before evaluate()")
         x, m = _check(probs, membership)
         score = self.classifier.predict_proba(self._features(x))[:, 1]
         return membership_metrics(self.name, score, score >= 0.5, m)
+
+
+def standard_attacks(seed: int = 0) -> dict[str, ThresholdAttack | NeuralAttack]:
+    """The audit's attacks, keyed by a short id: ML-Leaks' shadow neural attack, the label-free metric attacks
+    (max probability, entropy) and the label-aware ones (modified entropy and true-label confidence with
+    class-dependent thresholds, loss). All unfitted; the label-only gap attack needs no fitting and is
+    reported separately as the floor (:func:`label_only_gap`)."""
+    return {
+        "neural": NeuralAttack(seed=seed),
+        "max_prob": MaxProbabilityAttack(),
+        "entropy": EntropyAttack(),
+        "modified_entropy": ModifiedEntropyAttack(),
+        "confidence": ConfidenceAttack(),
+        "loss": LossAttack(),
+    }
 
 
 def label_only_gap(probs: np.ndarray, labels: np.ndarray, membership: np.ndarray) -> AttackResult:
@@ -205,12 +316,14 @@ class ShadowData:
 
     logits: (N + M, k), members first; membership: (N + M,) bool; reference_logits: (R, k) outputs on a
     further set of the attacker's non-members (only an adaptive attacker needs them, to train its own
-    shadow defender); input_shape, num_classes, seed: the recipe, for the record.
+    shadow defender); labels: (N + M,) the shadow records' true labels (label-aware attacks fit on them,
+    None if the attacker did not pass ``y_out``); seed, info: the recipe and its measurements, for the record.
     """
 
     logits: np.ndarray
     membership: np.ndarray
     reference_logits: np.ndarray | None = None
+    labels: np.ndarray | None = None
     seed: int = 1
     info: dict[str, Any] = field(default_factory=dict)
     _defender: Any = field(default=None, repr=False)
@@ -247,7 +360,7 @@ class ShadowData:
 
 def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input_shape: tuple[int, ...],
                  num_classes: int, epochs: int = 150, seed: int = 1,
-                 x_reference: np.ndarray | None = None) -> ShadowData:
+                 x_reference: np.ndarray | None = None, y_out: np.ndarray | None = None) -> ShadowData:
     """Train a shadow model like the target (:func:`privacy.targets.make_mlp`, same recipe) and query it.
 
     Args:
@@ -257,6 +370,8 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
             assumes the attacker knows them).
         x_reference: optional further non-members (R, ...) of the attacker, disjoint from ``x_out``, for an
             adaptive attacker's shadow defender.
+        y_out: optional labels (M,) of the shadow non-members; with them the shadow data carries labels for
+            the label-aware attacks.
 
     Returns:
         :class:`ShadowData` with logits (N + M, k) and membership (N + M,), members first.
@@ -276,6 +391,9 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
 
     membership = np.concatenate([np.ones(len(x_in), bool), np.zeros(len(x_out), bool)])
     ref = None if x_reference is None else logits(x_reference)
-    shadow = ShadowData(logits(np.concatenate([x_in, x_out])), membership, ref, seed)
+    labels = None if y_out is None else np.concatenate([np.asarray(y_in), np.asarray(y_out)]).astype(np.int64)
+    shadow = ShadowData(logits(np.concatenate([x_in, x_out])), membership, ref, labels, seed)
     shadow.info["shadow_train_accuracy"] = float((shadow.logits[: len(x_in)].argmax(1) == np.asarray(y_in)).mean())
+    if y_out is not None:
+        shadow.info["shadow_test_accuracy"] = float((shadow.logits[len(x_in):].argmax(1) == np.asarray(y_out)).mean())
     return shadow

@@ -10,7 +10,7 @@ import numpy as np
 
 from compiler.errors import InputError
 
-__all__ = ["Dataset", "load_dataset", "FASHION_MNIST_DIR", "DATASETS"]
+__all__ = ["Dataset", "load_dataset", "load_npz", "save_npz", "FASHION_MNIST_DIR", "DATASETS"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("digits", "fashion-mnist")
@@ -78,3 +78,42 @@ def load_dataset(name: str) -> Dataset:
     if name == "fashion-mnist":
         return _fashion_mnist()
     raise InputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def load_npz(path: str | Path, what: str, labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` of an ``.npz`` data file (arrays ``x`` (N, ...) and ``y`` (N,)), checked for presence, size,
+    finiteness and, with ``labels``, integer labels. ``what`` names the file's role in error messages."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            if "x" not in npz.files or "y" not in npz.files:
+                raise InputError(f"{p}: a data file holds arrays 'x' and 'y', found {sorted(npz.files)}")
+            x, y = npz["x"], npz["y"]
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npz file ({type(exc).__name__})") from None
+    if x.ndim < 2 or len(x) == 0:
+        raise InputError(f"{p}: 'x' must be a non-empty batch (N, ...), got shape {list(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise InputError(f"{p}: 'x' has {len(x)} rows but 'y' has shape {list(y.shape)} (expected ({len(x)},))")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise InputError(f"{p}: 'x' must be finite numbers (dtype {x.dtype})")
+    if labels:
+        if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and
+                                                      np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+            raise InputError(f"{p}: 'y' must hold integer class labels (dtype {y.dtype})")
+        if y.min() < 0:
+            raise InputError(f"{p}: 'y' holds a negative class label ({int(y.min())})")
+        y = y.astype(np.int64)
+    return x.astype(np.float32), y
+
+
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """Write a data file that :func:`load_npz` reads (``x`` float32, ``y`` int64)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(p, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))
+    return p

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx"]
+__all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx", "model_outputs"]
 
 
 def make_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128, 64),
@@ -66,3 +66,25 @@ def predict_onnx(path: str | Path, x: np.ndarray, batch: int = 1024) -> np.ndarr
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
+
+
+def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
+    """The model's outputs on ``x`` through onnxruntime, with a clear error when the model does not load or
+    ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
+    import onnxruntime as ort
+
+    from compiler.errors import InputError
+
+    try:
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InputError(f"{model}: onnxruntime cannot load the model ({type(exc).__name__})") from None
+    expected = sess.get_inputs()[0].shape
+    fixed = [d if isinstance(d, int) else None for d in expected[1:]]
+    if len(fixed) != x.ndim - 1 or any(f is not None and f != s for f, s in zip(fixed, x.shape[1:], strict=True)):
+        raise InputError(f"{what}: 'x' has per-sample shape {list(x.shape[1:])} but the model takes "
+                         f"{['?' if f is None else f for f in fixed]}")
+    try:
+        return predict_onnx(model, x)
+    except Exception as exc:
+        raise InputError(f"{what}: the model fails on 'x' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

@@ -47,6 +47,8 @@ b3 (1,) secret at scale f. Returns q* (B, k) at scale f.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +59,29 @@ from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, 
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp_steps, max_and_argmax, reciprocal, rsqrt
 
-__all__ = ["GuardConfig", "secure_guard", "defender_score"]
+__all__ = ["GuardConfig", "secure_guard", "defender_score", "guard_progress"]
+
+#: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
+#: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
+_PROGRESS: Callable[[int, int], None] | None = None
+
+
+@contextmanager
+def guard_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
+    """Report the guard's progress to ``callback(done, total)`` while the block runs (in this process: threads
+    and reference mode; a progress bar for a long guarded run). The counts are public (part of the plan)."""
+    global _PROGRESS
+    previous, _PROGRESS = _PROGRESS, callback
+    try:
+        yield
+    finally:
+        _PROGRESS = previous
+
+
+def _report(e: Engine, done: int, total: int) -> None:
+    hook = _PROGRESS
+    if hook is not None and getattr(e, "party", 0) == 0:
+        hook(done, total)
 
 
 @dataclass(frozen=True)
@@ -259,6 +283,7 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
         c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)  # c3 changes once per round
         for t in range(cfg.steps + 1):
             last = t == cfg.steps
+            _report(e, _round * (cfg.steps + 1) + t, cfg.rounds * (cfg.steps + 1))
             a, m1, y = defender_score(e, q, W1, b1, W2, b2, w3, b3, with_backward=not last, w3_row=w3_row,
                                       q_scale=qs)
             (q_l,) = mul_many(e, [(onehot, q)])

@@ -1,0 +1,54 @@
+"""The guard and the audit from Python (the CLI's ``guard train`` and ``audit``).
+
+    >>> import siguard
+    >>> report = siguard.train_defender("model.onnx", "members.npz", "reference.npz", "defender.onnx")
+    >>> plan = siguard.compile("model.onnx", "plan-guarded", batch=64, guard="defender.onnx")
+    >>> doc = siguard.audit("model.onnx", "plan", "plan-guarded", members="members.npz",
+    ...                     nonmembers="nonmembers.npz", shadow="shadow.npz", report_dir="report")
+    >>> print(siguard.format_audit(doc))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_defender", "audit", "format_audit"]
+
+
+def train_defender(model: str | Path, members: str | Path, nonmembers: str | Path, out: str | Path, *,
+                   seed: int = 0, epochs: int = 300) -> Any:
+    """Train the guard's defender on ``model``'s outputs (onnxruntime) for the records of the ``members`` .npz
+    against the ``nonmembers`` .npz (the owner's reference set) and export it to ONNX at ``out``.
+    Returns the training report (``val_accuracy``, ``train_accuracy``, ``best_epoch`` …)."""
+    from privacy.datasets import load_npz
+    from privacy.defender import export_defender, to_probabilities
+    from privacy.defender import train_defender as fit
+    from privacy.targets import model_outputs
+
+    x_in, _ = load_npz(members, "members", labels=False)
+    x_out, _ = load_npz(nonmembers, "non-members", labels=False)
+    p_in = to_probabilities(model_outputs(model, x_in, str(members)))
+    p_out = to_probabilities(model_outputs(model, x_out, str(nonmembers)))
+    module, report = fit(p_in, p_out, seed=seed, epochs=epochs)
+    export_defender(module, out)
+    return report
+
+
+def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, members: str | Path,
+          nonmembers: str | Path, shadow: str | Path, report_dir: str | Path | None = None, mode: str = "threads",
+          shadow_epochs: int = 150, seed: int = 0, progress: bool = False, **kw: Any) -> dict[str, Any]:
+    """Run the membership-inference audit (``siguard audit``); returns the ``audit.json`` document."""
+    from privacy.audit import AuditData, run_audit
+
+    data = AuditData.from_files(members, nonmembers, shadow)
+    kw.setdefault("log", lambda _m: None)
+    return run_audit(model, plan, guarded_plan, data, report_dir=report_dir, mode=mode, shadow_epochs=shadow_epochs,
+                     seed=seed, progress=progress, **kw)
+
+
+def format_audit(doc: dict[str, Any]) -> str:
+    """The audit's terminal table."""
+    from privacy.audit import format_table
+
+    return format_table(doc)
