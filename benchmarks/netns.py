@@ -1,7 +1,10 @@
 """Secure inference with every party in its own network namespace, over emulated LAN and WAN links.
 
-    sudo python benchmarks/netns.py [--model resnet18|mlp] [--settings lan wan] [--queries 3]
+    sudo python benchmarks/netns.py [--model resnet18|mlp] [--settings lan wan] [--queries 3] [--guard]
                                     [--emulator auto|netem|tun] [--out benchmarks/results/netns.json]
+
+``--guard`` compiles the model with the guard (default counts, 6 x 49 steps) and a defender of random
+weights: the guard's cost does not depend on the defender's values (its control flow is fixed).
 
 Four namespaces ``sgbench-p0``, ``-p1``, ``-p2`` (the servers) and ``-c`` (the client) get the
 addresses 10.77.0.10 .. 10.77.0.13 -- the project's own test hosts; nothing else is contacted.
@@ -246,7 +249,7 @@ def measure_link(rtt_ms: float, rate_mbit: float) -> dict[str, float]:
         srv.wait()
 
 
-def build_plan(model: str, work: Path):
+def build_plan(model: str, work: Path, guard: bool = False):
     import torch
 
     from compiler.pipeline import CompileOptions, compile_model, write_plan
@@ -260,7 +263,13 @@ def build_plan(model: str, work: Path):
     else:
         export(train_digits_mlp(), onnx, torch.zeros(1, 64), opset=17, dynamic_batch=True)
         shape = (1, 64)
-    write_plan(compile_model(onnx, CompileOptions(batch=1)), work / "plan")
+    defender = None
+    if guard:
+        from privacy.defender import DefenderWeights, make_defender
+
+        torch.manual_seed(0)
+        defender = DefenderWeights.from_module(make_defender(10))
+    write_plan(compile_model(onnx, CompileOptions(batch=1, guard=defender)), work / "plan")
     return Plan.load(work / "plan"), shape
 
 
@@ -318,6 +327,7 @@ def main() -> int:
     ap.add_argument("--model", choices=("resnet18", "mlp"), default="resnet18")
     ap.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["lan", "wan"])
     ap.add_argument("--queries", type=int, default=3)
+    ap.add_argument("--guard", action="store_true", help="compile with the guard (random defender weights)")
     ap.add_argument("--emulator", choices=("auto", "netem", "tun"), default="auto")
     ap.add_argument("--timeout", type=float, default=300.0, help="the parties' --timeout (default 300)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "netns.json"))
@@ -352,7 +362,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="siguard-netns-") as tmp:
         work = Path(tmp)
-        plan, shape = build_plan(args.model, work)
+        plan, shape = build_plan(args.model, work, args.guard)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         if args.model == "mlp":
             x = np.abs(x) / 4
@@ -361,13 +371,15 @@ def main() -> int:
         make_certs(certs, {f"P{i}": HOSTS[f"p{i}"] for i in range(3)} | {"client": HOSTS["c"]}, write_config=False)
         config = work / "parties.toml"
         config.write_text(render_config({f"P{i}": (HOSTS[f"p{i}"], PORT + i) for i in range(3)}, cert_dir=certs))
-        print(f"plan {plan.plan_hash[:16]} ({args.model}): {plan.totals['rounds']} rounds, "
+        print(f"plan {plan.plan_hash[:16]} ({args.model}{' + guard' if args.guard else ''}): "
+              f"{plan.totals['rounds']} rounds, "
               f"{max(plan.totals['bytes_per_party']) / 1e6:.1f} MB per party per query", flush=True)
         with Network(emulator) as net:
             for name in args.settings:
                 results.append(run_setting(name, net, plan.directory, config, work / "x.npy", work, args.queries,
                                            args.timeout))
-    doc = {"model": args.model, "emulator": emulator, "machine": platform.platform(), "cpus": os.cpu_count(),
+    doc = {"model": args.model, "guard": args.guard, "emulator": emulator, "machine": platform.platform(),
+           "cpus": os.cpu_count(),
            "results": results}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -604,6 +604,8 @@ class Approximate(Pass):
             chosen, how = parse_guard_label(self.overrides[node.name], node.name), "override"
         elif self.mode == "exact":
             how = "exact"
+        elif self.mode == "crypten":
+            how = "crypten"  # CrypTen's defaults inside the same algorithm (GuardConfig.internals)
         cal = self.calibration
         logits = cal.samples.get(node.inputs[0]) if cal is not None else None
         costs: dict[tuple[int, ...], dict[str, Any]] = {}
@@ -642,9 +644,12 @@ class Approximate(Pass):
         for k, v in chosen.items():
             node.attrs[k] = int(v)
         cost, best = cost_of(chosen), cost_of(accurate)
+        if how == "crypten":
+            node.attrs["internals"] = "crypten"
+            cost = node_cost(graph, node, ctx.frac_bits)
         record = {
             "op": "guard",
-            "impl": guard_label(chosen),
+            "impl": "crypten" if how == "crypten" else guard_label(chosen),
             "how": how,
             "degree": int(chosen["exp_degree"]),
             "iterations": int(chosen["norm_iterations"]),

@@ -57,7 +57,7 @@ import torch
 
 from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function, trunc_many
 from .engine import Bits, Engine, Secret
-from .nonlinear import exp_steps, max_and_argmax, reciprocal, rsqrt
+from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
 __all__ = ["GuardConfig", "secure_guard", "defender_score", "guard_progress"]
 
@@ -102,8 +102,16 @@ class GuardConfig:
     recip_degree: int = 4
     norm_iterations: int = 2
     grad_bits_hi: int = 12  # gradients up to 2^12 in magnitude are bucketed exactly
+    #: "siguard" (default: multiplicative softmax update by two low-degree polynomials, coupled-Newton inverse
+    #: square root from a range-derived guess) or "crypten": the same algorithm with CrypTen's default
+    #: approximations inside (a fresh softmax of u + delta per step by exp with 8 squarings and 10 Newton
+    #: steps; inverse square root from CrypTen's exp-based guess and 3 Newton steps) -- the baseline the
+    #: approximation pass is measured against (``--approx crypten``).
+    internals: str = "siguard"
 
     def __post_init__(self) -> None:
+        if self.internals not in ("siguard", "crypten"):
+            raise ValueError(f"unknown guard internals {self.internals!r} (siguard or crypten)")
         if self.schedule not in ("freeze", "paper"):
             raise ValueError(f"unknown guard schedule {self.schedule!r} (freeze or paper)")
         if self.validator not in ("sign", "margin"):
@@ -217,6 +225,27 @@ def _softmax_wide(e: Engine, z: Secret, qs: int) -> tuple[Secret, Secret]:
     return e.trunc(e.mul(ex, inv), f), onehot
 
 
+def _rsqrt_crypten(e: Engine, x: Secret, iterations: int = 3) -> Secret:
+    """CrypTen's default inverse square root (scale f): y0 = 2.2 exp(-(x/2 + 0.2)) + 0.2 - x/1024 (exp by 8
+    squarings), then ``iterations`` Newton steps y <- y (3 - x y^2) / 2. Cost: 2 + 34 + 2 + 2 + 9 per step."""
+    f = e.frac_bits
+    arg = e.neg(e.add(e.mul_public_real(x, 0.5), e.public(0.2)))
+    y = e.add(e.mul_public_real(exp(e, arg, impl="limit8"), 2.2), e.public(0.2))
+    y = e.sub(y, e.mul_public_real(x, 1 / 1024))
+    for _ in range(iterations):
+        xy2 = e.trunc(e.mul(x, e.trunc(e.mul(y, y), f)), f)
+        y = e.trunc(e.mul(y, e.sub(e.public(3.0), xy2)), f + 1)
+    return y
+
+
+def _softmax_crypten(e: Engine, u: Secret, qs: int) -> Secret:
+    """CrypTen's default softmax of u (exact max, exp by 8 squarings, 10 Newton steps) at scale f, brought to
+    the guard's probability scale qs (a public power of two: exact)."""
+    f = e.frac_bits
+    q = softmax(e, u, axis=-1, impl="crypten")
+    return e.mul(q, _t(1 << (qs - f))) if qs > f else q
+
+
 def _power_of_two_scale(e: Engine, g: Secret, gs: int, top: int) -> Secret:
     """g * 2^-j (result at scale f) where 2^j <= max_i |g_i| < 2^(j+1), j in [-gs, top]: the gradient's
     magnitude bucket, from ONE msb over all thresholds (|g| >= 2^j  <=>  g >= 2^j or -g >= 2^j), an OR
@@ -254,7 +283,12 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     k = int(z.shape[-1])
 
     # ---- once per query --------------------------------------------------------------------------
-    p, onehot = _softmax_wide(e, z, qs)
+    crypten = cfg.internals == "crypten"
+    if crypten:
+        _, onehot = max_and_argmax(e, z, axis=-1, scale=0)
+        p = _softmax_crypten(e, z, qs)
+    else:
+        p, onehot = _softmax_wide(e, z, qs)
     a0, _, _ = defender_score(e, p, W1, b1, W2, b2, w3, b3, q_scale=qs)
     (s0,) = msb_many(e, [a0])  # sign bit of the original decision
 
@@ -279,6 +313,7 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     w3_row = _w3_row(e, w3, (qshape[0], int(W2.shape[1])))
     for _round in range(cfg.rounds):
         q = p
+        u = z  # the noised logits (scale f), kept by the CrypTen-style update only
         found = _zero_bits(e, s0)
         c3_wide = e.local(lambda v: v.expand(*qshape).contiguous(), c3)  # c3 changes once per round
         for t in range(cfg.steps + 1):
@@ -339,9 +374,16 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
             # ---- normalised step and multiplicative softmax update ------------------------------
             gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
             n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
-            inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
+            if crypten:
+                inv = _rsqrt_crypten(e, n2)
+            else:
+                inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
             step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
             delta = e.neg(e.trunc(e.mul(gn, step), f))
+            if crypten:
+                u = e.add(u, delta)
+                q = _softmax_crypten(e, u, qs)
+                continue
             ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
             w = e.trunc(e.mul(q, ex), f)  # scale qs
             d = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), w), qs - f)
