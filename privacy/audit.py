@@ -42,8 +42,8 @@ import numpy as np
 
 from compiler.errors import InputError
 
-__all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "validate_audit", "AuditData",
-           "write_report"]
+__all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
+           "AuditData", "write_report"]
 
 AUDIT_FORMAT = "siguard-audit/1"
 #: the output sets the audit attacks, in table order
@@ -437,4 +437,29 @@ def format_table(doc: dict[str, Any]) -> str:
     lines.append(f"floor: label-only gap attack AUC {gap['auc']:.3f} (adv {gap['advantage']:.3f}) -- no "
                  "label-preserving guard can go below it.  * = label-aware attack (class-dependent thresholds "
                  "where marked in the README); adv = |AUC - 0.5|.")
+    return "\n".join(lines)
+
+
+def format_markdown(doc: dict[str, Any]) -> str:
+    """The audit as a Markdown table (attacks' AUC / advantage per output set, then utility and cost), as the
+    README quotes it."""
+    outs = doc["outputs"]
+    lines = ["| | " + " | ".join(outs[o]["title"] for o in OUTPUT_KINDS) + " |",
+             "|---|" + "---|" * len(OUTPUT_KINDS)]
+    for key, row in outs["plaintext"]["attacks"].items():
+        cells = []
+        for o in OUTPUT_KINDS:
+            a = outs[o]["attacks"][key]
+            cell = f"{a['auc']:.3f} / {a['advantage']:.3f}"
+            cells.append(f"**{cell}**" if outs[o]["best_attack"]["id"] == key else cell)
+        lines.append(f"| {row['name']}{' *' if row['label_aware'] else ''} AUC / adv | " + " | ".join(cells) + " |")
+    gap = doc["floor"]["label_only_gap"]
+    lines.append(f"| label-only gap (floor) AUC / adv | {gap['auc']:.3f} / {gap['advantage']:.3f} | | | |")
+    lines.append("| label accuracy | " + " | ".join(f"{outs[o]['label_accuracy']:.3f}" for o in OUTPUT_KINDS) + " |")
+    lines.append("| labels equal to plaintext | " + " | ".join(f"{outs[o]['top1_agreement']:.3f}" for o in OUTPUT_KINDS)
+                 + " |")
+    lines.append("| mean L1 distortion | " + " | ".join(f"{outs[o]['mean_l1']:.4f}" for o in OUTPUT_KINDS) + " |")
+    lines.append("| time (s) | " + " | ".join(f"{outs[o]['seconds']:.2f}" for o in OUTPUT_KINDS) + " |")
+    lines.append("| MB sent per party (max) | " + " | ".join(
+        f"{max(outs[o]['mb_per_party']):.1f}" if outs[o]["mb_per_party"] else "–" for o in OUTPUT_KINDS) + " |")
     return "\n".join(lines)

@@ -108,6 +108,12 @@ def test_terminal_table_shows_every_attack_and_output(audited):
     for title in ("plaintext (onnxruntime)", "secure, no guard", "secure + guard", "plaintext MemGuard"):
         assert title in table
     assert "label-only gap" in table
+    from privacy.audit import format_markdown
+
+    md = format_markdown(doc).splitlines()
+    assert len(md) == 2 + 6 + 1 + 5 and all(line.count("|") == 6 for line in md)
+    best = doc["outputs"]["guarded"]["best_attack"]
+    assert f"**{best['auc']:.3f} / {best['advantage']:.3f}**" in "\n".join(md)
 
 
 def test_cli_audit_runs_and_rejects_mismatched_inputs(world, tmp_path):
