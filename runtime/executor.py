@@ -17,6 +17,7 @@ The same executor runs the fixed-point reference (``PlainEngine``), each secure 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,8 @@ class Executor:
         self.progress = progress
         self.constants = encode_public_constants(plan)
         self.weights: dict[str, Any] = {}
+        #: wall seconds this party spent in each step of the last :meth:`run` (communication included)
+        self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -117,9 +120,12 @@ class Executor:
         env: dict[str, Any] = {}
         outputs: dict[str, torch.Tensor | None] = {}
         steps = self.plan.steps
+        timings = self.step_seconds = {}
+        clock = time.perf_counter
         for i, step in enumerate(steps):
             if self.progress is not None:
                 self.progress(i, len(steps), step)
+            t0 = clock()
             with self._step_scope(step["name"]):
                 try:
                     if step["op"] == "input":
@@ -140,6 +146,7 @@ class Executor:
                 except Exception as exc:
                     raise RuntimeFault(self._where(i, step) + f": {type(exc).__name__}: {exc}") from exc
             self._free(env, i, step)
+            timings[step["name"]] = clock() - t0
         return outputs
 
     def run_step(self, step: dict[str, Any], env: dict[str, Any]) -> None:

@@ -21,7 +21,11 @@ of the share tensors (a numpy op on a few words costs about a third of a torch o
 torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
 and drop the terms of known-zero slots; matmul and conv2d stay in torch. Share tensors are never
 modified in place (several values may share storage). The words sent and the results are the
-same as computing the textbook formulas in the docstrings.
+same as computing the textbook formulas in the docstrings, except for products with a server's
+input (:class:`ServerInput`, e.g. the weights: one of its components is 0), whose cross terms are
+split so that each party computes one convolution or matmul instead of two (6 -> 3 products in
+all, none on the critical path twice); convolutions with small output planes run as one im2col
+matmul (:func:`runtime.ring.conv2d_ring`) with the weight matrix prepared once per engine.
 """
 
 from __future__ import annotations
@@ -33,16 +37,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from compiler.errors import RuntimeFault
 
 from .engine import Engine, SharePair
 from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT, broadcast_shape
+from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, StepStats, Transport, TransportAborted
 
-__all__ = ["Shares", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
 
 R = TypeVar("R")
 C = TypeVar("C")
@@ -96,10 +99,38 @@ class Shares(SharePair):
     __slots__ = ()
 
 
+class ServerInput(Shares):
+    """Shares of a value input by a server (e.g. the weights): component ``zero`` (= owner + 2) is 0,
+    a fact every party knows from the plan. The party holding that component has it as a broadcast
+    zero view (:func:`_zero_slot`). Products with such a value use a cheaper split of the cross
+    terms (:meth:`RSSEngine._product`); single-argument local maps keep the marker."""
+
+    __slots__ = ("zero",)
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, zero: int):
+        super().__init__(a, b)
+        self.zero = zero
+
+
 class BoolShares(SharePair):
     """Party P_i's XOR-replicated shares of a bit tensor: ``a`` = b_i, ``b`` = b_{i+1}, each 0/1."""
 
     __slots__ = ()
+
+
+_ZERO = torch.zeros((), dtype=torch.int64)
+_MATRIX_CACHE = 256  # prepared weight matrices kept per engine (ResNet-34 uses 7 per slot)
+
+
+def _slot_sum(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _zero_slot(t: torch.Tensor) -> bool:
+    """True iff t is a broadcast view of the single zero word (a slot known to be all zeros)."""
+    if t.dim() == 0 or any(t.stride()) or t.numel() < 2 or t.untyped_storage().nbytes() != 8:
+        return False
+    return not t.view(-1)[0]
 
 
 def _public(x: Any) -> torch.Tensor:
@@ -177,6 +208,7 @@ class RSSEngine(Engine):
         self.frac_bits = frac_bits
         self.prev = (party - 1) % 3
         self.next = (party + 1) % 3
+        self._matrices: dict[tuple[int, ...], tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
 
     # ---- kinds and helpers ------------------------------------------------------------------
     def is_secret(self, x: Any) -> bool:
@@ -234,7 +266,7 @@ class RSSEngine(Engine):
         """Add server ``owner``'s input of ``value`` to round ``rnd``; returns the function that
         builds the shares from the round's result. Draws from k_{owner+1} (at its two holders)."""
         i, o = self.party, owner
-        zero = torch.zeros(shape, dtype=torch.int64)
+        zero = _ZERO.expand(shape)  # component o+2: recognised by _zero_slot, stored as one word
         if i == o:
             if value is None:
                 raise ValueError(f"P{o} owns this input but was given no value")
@@ -244,12 +276,12 @@ class RSSEngine(Engine):
             x_next = self.rand.key_stream(o + 1, shape)
             x_own = value - x_next
             rnd.send((o + 2) % 3, x_own)
-            return lambda got: Shares(x_own, x_next)
+            return lambda got: ServerInput(x_own, x_next, (o + 2) % 3)
         if i == (o + 1) % 3:
             x_next = self.rand.key_stream(o + 1, shape)
-            return lambda got: Shares(x_next, zero)
+            return lambda got: ServerInput(x_next, zero, (o + 2) % 3)
         handle = rnd.recv(o, shape)
-        return lambda got: Shares(zero, got[handle])
+        return lambda got: ServerInput(zero, got[handle], (o + 2) % 3)
 
     def reveal(self, x: Shares, to: str = "client") -> torch.Tensor | None:
         """Open x to one receiver; 1 round. Returns the value at a receiving server, else None.
@@ -316,6 +348,13 @@ class RSSEngine(Engine):
         unchanged). fn must be linear and map 0 to 0 (see :meth:`Engine.local`). Local."""
         if len(xs) == 1:
             x = xs[0]
+            if isinstance(x, ServerInput):  # fn(0) = 0: the zero component stays a broadcast zero
+                a, b = fn(x.a), fn(x.b)
+                if self.party == x.zero:
+                    a = _ZERO.expand(a.shape)
+                elif self.party == (x.zero + 2) % 3:
+                    b = _ZERO.expand(b.shape)
+                return ServerInput(a, b, x.zero)
             return Shares(fn(x.a), fn(x.b)) if isinstance(x, Shares) else fn(x)
         if not any(isinstance(x, Shares) for x in xs):
             return fn(*xs)
@@ -332,12 +371,56 @@ class RSSEngine(Engine):
         return Shares(torch.cat([p.a for p in parts], dim=dim), torch.cat([p.b for p in parts], dim=dim))
 
     # ---- products ---------------------------------------------------------------------------
-    def _product(self, a: Any, b: Any, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
+    def _product(
+        self,
+        a: Any,
+        b: Any,
+        op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        rhs: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
+    ) -> Any:
         """op bilinear: public operand -> local; secret x secret -> cross terms + zero share, reshare:
-        z_i = op(x_i, y_i + y_{i+1}) + op(x_{i+1}, y_i) + alpha_i. 1 round, 8 B per output element."""
+        z_i = op(x_i, y_i + y_{i+1}) + op(x_{i+1}, y_i) + alpha_i. 1 round, 8 B per output element.
+
+        When one operand is a :class:`ServerInput` y (e.g. the weights) its component c is 0, so the
+        six remaining cross terms split as one product per party:
+        z_c = x_c y_{c+1}, z_{c+2} = x_c y_{c+2}, z_{c+1} = (x_{c+1} + x_{c+2})(y_{c+1} + y_{c+2})
+        (each party holds what it multiplies; sum = x y). Every party knows y's provenance, so the
+        three use the same split; z_i + alpha_i is still a fresh replicated sharing (the zero share
+        alpha masks every message as in the textbook split). Otherwise a slot that is known to be
+        zero (:func:`_zero_slot`) drops its terms from the textbook z_i, which leaves z_i unchanged.
+        Either way 1 round, 8 B per output element from every party. ``rhs`` (optional) turns the
+        right operand's slots (a tuple to be summed) into the form ``op`` takes (e.g. a cached
+        weight matrix)."""
         if isinstance(a, Shares) and isinstance(b, Shares):
-            z = op(a.a, b.a + b.b)
-            z += op(a.b, b.a)
+            right = rhs if rhs is not None else _slot_sum
+            i = self.party
+            if isinstance(b, ServerInput):  # component c = b.zero of y is 0: one product per party
+                c = b.zero
+                if i == c:
+                    z = op(a.a, right((b.b,)))  # x_c y_{c+1}
+                elif i == (c + 2) % 3:
+                    z = op(a.b, right((b.a,)))  # x_c y_{c+2}
+                else:
+                    z = op(a.a + a.b, right((b.a, b.b)))  # (x_{c+1} + x_{c+2}) (y_{c+1} + y_{c+2})
+            elif isinstance(a, ServerInput):  # the same with the server's input on the left
+                c = a.zero
+                if i == c:
+                    z = op(a.b, right((b.a,)))  # x_{c+1} y_c
+                elif i == (c + 2) % 3:
+                    z = op(a.a, right((b.b,)))  # x_{c+2} y_c
+                else:
+                    z = op(a.a + a.b, right((b.a, b.b)))
+            elif _zero_slot(b.b):
+                z = op(a.a + a.b, right((b.a,)))
+            elif _zero_slot(b.a):
+                z = op(a.a, right((b.b,)))
+            elif _zero_slot(a.b):
+                z = op(a.a, right((b.a, b.b)))
+            elif _zero_slot(a.a):
+                z = op(a.b, right((b.a,)))
+            else:
+                z = op(a.a, right((b.a, b.b)))
+                z += op(a.b, right((b.a,)))
             z += self.rand.zero_share(z.shape)
             return self._reshare(z)
         if isinstance(a, Shares):
@@ -347,6 +430,19 @@ class RSSEngine(Engine):
             c = _public(a)
             return Shares(op(c, b.a), op(c, b.b))
         return op(_public(a), _public(b))
+
+    def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """conv_weight_matrix of the sum of ``parts``, cached by the identity of the parts: weight shares
+        live as long as the engine, so the transposed copy is made once per server start, not per query."""
+        key = tuple(id(p) for p in parts)
+        hit = self._matrices.get(key)
+        if hit is not None and all(p is q for p, q in zip(hit[0], parts, strict=True)):
+            return hit[1]
+        m = conv_weight_matrix(_slot_sum(parts))
+        if len(self._matrices) >= _MATRIX_CACHE:
+            self._matrices.pop(next(iter(self._matrices)))
+        self._matrices[key] = (parts, m)
+        return m
 
     def mul(self, a: Any, b: Any) -> Any:
         """Elementwise a * b (broadcasting), no truncation. Secret x secret: 1 round, 8 B per output
@@ -378,7 +474,10 @@ class RSSEngine(Engine):
         """conv2d (bilinear, so the matmul rule applies): conv(X_i, W_i + W_{i+1}) + conv(X_{i+1}, W_i)
         + alpha_i. 1 round, 8 B per output element from every party. Public operand: local."""
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
-        return self._product(x, w, lambda u, v: F.conv2d(u, v, None, st, pad, dil, groups))
+        if isinstance(x, Shares) and isinstance(w, Shares) and conv_uses_matmul(x.shape, w.shape, st, pad, dil, groups):
+            kernel = tuple(w.shape[2:])
+            return self._product(x, w, lambda u, m: conv2d_by_matmul(u, m, kernel, st, pad), self._conv_matrix)
+        return self._product(x, w, lambda u, v: conv2d_ring(u, v, st, pad, dil, groups))
 
     def trunc(self, x: Shares, bits: int) -> Shares:
         """floor(x / 2^d) or that minus 1, for |x| < 2^62. 2 rounds; bytes P0 16, P1 8, P2 8.

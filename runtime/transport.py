@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -69,7 +70,6 @@ class TransportAborted(TransportError):
 _HEADER_FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
 _INT64 = torch.int64
 _new_header = tuple.__new__  # builds a FrameHeader without NamedTuple's keyword-handling __new__
-_CONTIGUOUS = torch.contiguous_format
 
 
 class FrameHeader(NamedTuple):
@@ -179,8 +179,14 @@ class Transport(ABC):
                 out.merge(s)
         return out
 
-    def reset_stats(self) -> None:
-        self._stats.clear()
+    def reset_stats(self, keep_prefix: str | None = None) -> None:
+        """Forget the counters (of every step, or of the steps whose name does not start with
+        ``keep_prefix``, e.g. "setup" to keep the once-per-start costs)."""
+        if keep_prefix is None:
+            self._stats.clear()
+            return
+        for name in [n for n in self._stats if not n.startswith(keep_prefix)]:
+            del self._stats[name]
 
     # ---- one round --------------------------------------------------------------------------
     def exchange(
@@ -294,23 +300,26 @@ class InProcessTransport(Transport):
     def __init__(self, network: InProcessNetwork, party: int):
         super().__init__(party, network.session, network.timeout)
         self.network = network
+        # this party's ends of the links, looked up once (a round is a few microseconds of Python)
+        self._put = {d: q.put for (s, d), q in network._links.items() if s == party}
+        self._get = {s: q.get for (s, d), q in network._links.items() if d == party}
 
     def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
-        network = self.network
-        if network.abort_reason is not None:
+        if self.network.abort_reason is not None:
             raise TransportAborted(
-                f"party {self.party}: cannot send to party {peer}: {network.abort_reason}", self.party, peer
+                f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
             )
-        # The copy: the sender may reuse its tensor after the round; the receiver owns its copy.
-        copy = payload.clone() if payload.is_contiguous() else payload.clone(memory_format=_CONTIGUOUS)
-        network._links[(self.party, peer)].put((header, copy))
+        # The copy: the sender may reuse its tensor after the round; the receiver owns its copy. It is
+        # made by numpy, which keeps the GIL: torch's clone releases it, and a party thread that lets
+        # go of the GIL in the middle of a round waits for another party's Python to give it back.
+        copy = torch.from_numpy(np.array(payload.numpy(), order="C", copy=True))
+        self._put[peer]((header, copy))
         return 0
 
     def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
         network = self.network
-        link = network._links[(peer, self.party)]
         try:
-            item = link.get(timeout=max(deadline - time.monotonic(), 0.0))
+            item = self._get[peer](timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
             raise TransportTimeout(
                 f"party {self.party}: no message from party {peer} within {self.timeout} s "
@@ -319,7 +328,7 @@ class InProcessTransport(Transport):
                 peer,
             ) from None
         if item is _ABORT:
-            link.put(_ABORT)  # leave it for any later receive on this link
+            network._links[(peer, self.party)].put(_ABORT)  # leave it for any later receive on this link
             raise TransportAborted(
                 f"party {self.party}: aborted while waiting for party {peer}: {network.abort_reason}",
                 self.party,

@@ -1,0 +1,96 @@
+"""``siguard bench`` and the benchmark runner's report writers (no timing asserts: speed is measured only
+in benchmarks/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.cli.test_cli import ROOT, _assert_one_line_error, siguard
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def plan_dir(mlp_onnx, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench") / "plan"
+    siguard("compile", mlp_onnx, "-o", d, "--batch", "2", check=True)
+    return d
+
+
+def test_bench_prints_the_breakdown_and_writes_json(plan_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = siguard("bench", plan_dir, "--repeat", "2", "--json", out, check=True)
+    assert "query (threads, median of 2 warm)" in proc.stdout
+    doc = json.loads(out.read_text())
+    plan = json.loads((plan_dir / "plan.json").read_text())
+    assert len(doc["seconds_all"]) == 2 and doc["seconds"] > 0
+    assert sum(r["steps"] for r in doc["breakdown"]) == len(plan["steps"])
+    assert doc["rounds"] == plan["totals"]["rounds"]  # measured rounds == the plan's cost model
+    for row in doc["breakdown"]:
+        assert row["op"] in proc.stdout
+
+
+def test_bench_rejects_bad_arguments(plan_dir, tmp_path):
+    assert "--repeat" in _assert_one_line_error(siguard("bench", plan_dir, "--repeat", "0"))
+    _assert_one_line_error(siguard("bench", tmp_path / "missing"))
+
+
+def _doc():
+    row = {"model": "resnet34", "batch": 1, "guard": "off", "mode": "threads", "seconds": 2.0, "rounds": 445,
+           "bytes_per_party": [110e6, 94e6, 94e6], "peak_rss_mb": {"process": 900.0}, "ort_ms": 50.0,
+           "crypten": {"seconds": 8.0, "rounds": 335, "bytes_per_party": [806e6, 806e6]},
+           "vs_crypten": {"time": 0.25, "bytes": 110 / 806, "rounds": 445 / 335},
+           "breakdown": [{"op": "conv", "impl": "auto", "steps": 36, "seconds": 1.0, "share": 0.5, "rounds": 36,
+                          "bytes": 8e6}]}
+    meta = {"date": "2026-11-28", "machine": "Linux x86_64", "cpus": 2, "python": "3.11", "torch": "2.13",
+            "onnxruntime": "1.x", "siguard": "0.1", "crypten": "0.4.1", "repeat": 3}
+    return {"meta": meta, "rows": [row], "guard_shares": [], "paper": {}}
+
+
+def test_markdown_table_has_the_ratios_and_versions():
+    md = _runner().markdown(_doc())
+    assert "| resnet34 | 1 | off | threads | 2.000 | 445 | 110.00 |" in md
+    assert "0.25 / 0.14 / 1.33" in md
+    assert "2026-11-28" in md and "torch 2.13" in md and "CrypTen 0.4.1" in md
+
+
+def test_readme_table_goes_between_the_markers_only(tmp_path):
+    run = _runner()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\nbefore\n{run.BEGIN}\nold table\n{run.END}\nafter\n")
+    run.update_readme(_doc(), readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\nbefore\n") and text.endswith(f"{run.END}\nafter\n")
+    assert "old table" not in text and "| resnet34 | 1 | off | threads |" in text
+    run.update_readme(_doc(), readme)  # idempotent
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_fails_clearly(tmp_path):
+    run = _runner()
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="perf-table:begin"):
+        run.update_readme(_doc(), readme)
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_runner_help_lists_the_modes():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--modes", "--crypten-python", "--readme", "--guard-batch", "--batches"):
+        assert flag in proc.stdout
+    assert Path(ROOT / "benchmarks" / "README.md").exists()
