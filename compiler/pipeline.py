@@ -14,7 +14,7 @@ from .backend import build_plan
 from .errors import InputError, SiguardError
 from .plan import Plan
 
-__all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan"]
+__all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan", "load_npy"]
 
 
 @dataclass
@@ -51,17 +51,22 @@ def _version() -> str:
         return "siguard (source tree)"
 
 
+def load_npy(path: str | Path, what: str = "input") -> np.ndarray:
+    """An ``.npy`` array from a user's file, or one clear InputError (``what`` names the file's role)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} file {p} does not exist")
+    try:
+        return np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+
+
 def _calibration_array(data: Any) -> np.ndarray | None:
     if data is None:
         return None
     if isinstance(data, (str, Path)):
-        p = Path(data)
-        if not p.exists():
-            raise InputError(f"calibration file {p} does not exist")
-        try:
-            return np.load(p, allow_pickle=False)
-        except Exception as exc:
-            raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+        return load_npy(data, "calibration")
     return np.asarray(data)
 
 

@@ -16,13 +16,9 @@ __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"input file {p} does not exist")
-    try:
-        return np.load(p, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"{p}: not a readable .npy array ({exc})") from None
+    from compiler.pipeline import load_npy
+
+    return load_npy(path, "input")
 
 
 # ---- commands ---------------------------------------------------------------------------------
