@@ -265,7 +265,10 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
     log("[audit 4/5] plaintext MemGuard (float64 reference of the same guard) …")
     gstep = _guard_step(gplan)
     assert gstep is not None
-    logits = np.log(np.clip(probs["plaintext"], 1e-300, None))  # softmax(log p) = p: logits up to a shift
+    if softmax_head:  # softmax(log p) = p: the logits up to a shift, which the guard ignores
+        logits = np.log(np.clip(probs["plaintext"], 1e-300, None))
+    else:
+        logits = np.asarray(plain_out, dtype=np.float64)
     t0 = time.perf_counter()
     oracle = guard_reference(logits, _defender_from_plan(gplan), **_oracle_options(gstep))
     probs["memguard"] = oracle.guarded
