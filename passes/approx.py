@@ -396,7 +396,9 @@ class Approximate(Pass):
     6. A guard node's internal approximations (GuardConfig ``exp_degree``, ``recip_degree``,
        ``norm_iterations``; label ``exp4,recip4,norm2``) are chosen by :meth:`_choose_guard` in
        ``auto`` mode with calibration data, against the float oracle ``privacy.memguard``; the
-       configured values are its most accurate setting and are kept in every other mode.
+       configured values are its most accurate setting and are kept in ``exact`` and ``default``
+       mode. ``crypten`` mode runs the same guard with CrypTen's default approximations inside
+       (``GuardConfig.internals = "crypten"``), the baseline the pass is measured against.
     """
 
     name = "approximate"
