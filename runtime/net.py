@@ -204,7 +204,14 @@ class TLSLink:
 
     # ---- TLS ----------------------------------------------------------------------------------
     def handshake(self, deadline: float) -> None:
-        """Run the TLS handshake (raises :class:`LinkError` with a readable reason)."""
+        """Run the TLS handshake (raises :class:`LinkError` with a readable reason, after closing the link)."""
+        try:
+            self._handshake(deadline)
+        except LinkError:
+            self.close()
+            raise
+
+    def _handshake(self, deadline: float) -> None:
         while True:
             err: ssl.SSLError | None = None
             done = False
@@ -483,11 +490,7 @@ def dial(host: str, port: int, ctx: ssl.SSLContext, *, local: int, peer: int, de
                 raise LinkError(f"{party_name(peer)} unreachable at {host}:{port} ({last})", local, peer) from None
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
     link = TLSLink(sock, ctx, server_side=False, local=local, peer=peer, address=f"{host}:{port}")
-    try:
-        link.handshake(deadline)
-    except LinkError:
-        link.close()
-        raise
+    link.handshake(deadline)
     return link
 
 
@@ -497,11 +500,7 @@ def accept(sock: socket.socket, addr: Any, ctx: ssl.SSLContext, *, local: int, d
     address = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
     link = TLSLink(sock, ctx, server_side=True, local=local, peer=None, address=address)
     link.max_payload = 0  # no data frames from an unidentified peer (the owner raises the limit)
-    try:
-        link.handshake(deadline)
-    except LinkError:
-        link.close()
-        raise
+    link.handshake(deadline)
     return link
 
 

@@ -386,11 +386,9 @@ class RSSEngine(Engine):
         z_c = x_c y_{c+1}, z_{c+2} = x_c y_{c+2}, z_{c+1} = (x_{c+1} + x_{c+2})(y_{c+1} + y_{c+2})
         (each party holds what it multiplies; sum = x y). Every party knows y's provenance, so the
         three use the same split; z_i + alpha_i is still a fresh replicated sharing (the zero share
-        alpha masks every message as in the textbook split). Otherwise a slot that is known to be
-        zero (:func:`_zero_slot`) drops its terms from the textbook z_i, which leaves z_i unchanged.
-        Either way 1 round, 8 B per output element from every party. ``rhs`` (optional) turns the
-        right operand's slots (a tuple to be summed) into the form ``op`` takes (e.g. a cached
-        weight matrix)."""
+        alpha masks every message as in the textbook split). Either way 1 round, 8 B per output
+        element from every party. ``rhs`` (optional) turns the right operand's slots (a tuple to be
+        summed) into the form ``op`` takes (e.g. a cached weight matrix)."""
         if isinstance(a, Shares) and isinstance(b, Shares):
             right = rhs if rhs is not None else _slot_sum
             i = self.party
@@ -410,14 +408,6 @@ class RSSEngine(Engine):
                     z = op(a.a, right((b.b,)))  # x_{c+2} y_c
                 else:
                     z = op(a.a + a.b, right((b.a, b.b)))
-            elif _zero_slot(b.b):
-                z = op(a.a + a.b, right((b.a,)))
-            elif _zero_slot(b.a):
-                z = op(a.a, right((b.b,)))
-            elif _zero_slot(a.b):
-                z = op(a.a, right((b.a, b.b)))
-            elif _zero_slot(a.a):
-                z = op(a.b, right((b.a,)))
             else:
                 z = op(a.a, right((b.a, b.b)))
                 z += op(a.b, right((b.a,)))
