@@ -117,6 +117,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     from passes.canonicalize import Canonicalize
     from passes.cost import CostAnnotation
     from passes.fixedpoint import FixedPoint
+    from passes.fuse import FuseTruncation
 
     opts = options or CompileOptions()
     if opts.batch < 1:
@@ -143,7 +144,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
             raise InputError(f"invalid guard option: {exc}") from None
         passes.append(InsertGuard(opts.guard, config))
     approximate = Approximate(None, None, opts.approx, opts.overrides, budget, opts.objective)
-    passes += [FixedPoint(), approximate, CostAnnotation()]
+    passes += [FixedPoint(), approximate, FuseTruncation(), CostAnnotation()]
     pm = PassManager(passes)
     for p in passes:  # the approximation pass needs what calibration measured
         if p is approximate and calibrate is not None and calibrate.result is not None:

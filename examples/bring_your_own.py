@@ -1,6 +1,6 @@
 """Bring your own model and defender: a torch CNN of yours, guarded and audited with SIGuard's Python API.
 
-    python examples/bring_your_own.py [--out byo-example] [--mode threads|reference]
+    python examples/bring_your_own.py [--out byo-example] [--mode threads|lockstep|reference]
 
 Replace the three marked parts with your own: the model (any torch module exported to ONNX, ending in
 logits or a softmax), its training records (the members the guard protects) and records it never saw
@@ -53,7 +53,9 @@ def my_training(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 20
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="byo-example")
-    ap.add_argument("--mode", choices=("threads", "reference"), default="threads")
+    ap.add_argument("--mode", choices=("threads", "lockstep", "reference"), default="threads",
+                    help="threads: the parties in threads; lockstep: in one thread, faster when rounds dominate; "
+                         "reference: fixed-point cleartext, quick")
     ap.add_argument("--epochs", type=int, default=200)
     args = ap.parse_args()
     out = Path(args.out)

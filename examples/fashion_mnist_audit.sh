@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the plain / secure / guarded table on Fashion-MNIST (1000 members, 1000 non-members).
 #
-#   bash examples/fashion_mnist_audit.sh [OUT_DIR] [MODE]      # MODE: threads (default), processes, reference
+#   bash examples/fashion_mnist_audit.sh [OUT_DIR] [MODE]      # MODE: threads (default), lockstep, processes, reference
 #
 # Needs Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist). Part 1 is one command; part 2 redoes
 # the same audit step by step with the CLI, from the model and data files part 1 left behind. With MODE

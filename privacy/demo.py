@@ -39,7 +39,9 @@ SPLITS = {
 
 def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode: str = "threads",
              seed: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo into ``out_dir`` (models, data files, plans, report); returns the audit document."""
+    """Run the demo into ``out_dir`` (models, data files, plans, report); returns the audit document.
+
+    ``mode``: how the plans run, one of :data:`privacy.audit.MODES` (see :func:`privacy.audit.run_audit`)."""
     from compiler.pipeline import CompileOptions, compile_model, write_plan
 
     from .audit import AuditData, run_audit

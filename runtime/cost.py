@@ -154,6 +154,24 @@ class CostEngine(Engine):
                 t.bytes_per_party[p] += bytes3[p]
             t.client_bytes += client
 
+    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
+        """Branches' rounds overlap (the longest counts), their bytes add (see Engine.parallel).
+        Branches charge the enclosing step (they open no steps of their own)."""
+        targets = [self._total]
+        if self._step_names:
+            targets.append(self._steps.setdefault(self._step_names[-1], CostTotals()))
+        start = [t.rounds for t in targets]
+        results, longest = [], 0
+        for b in branches:
+            before = self._total.rounds
+            results.append(b())
+            longest = max(longest, self._total.rounds - before)
+            for t, r0 in zip(targets, start, strict=True):
+                t.rounds = r0
+        for t in targets:
+            t.rounds += longest
+        return results
+
     def _charge(self, primitive: str, n: int) -> None:
         c = PRIMITIVE_COSTS[primitive]
         self._charge_raw(c.rounds, [b * n for b in c.bytes], c.client * n)

@@ -187,6 +187,16 @@ class Engine(ABC):
     def b2a(self, b: Bits) -> Secret:
         """The bit as an arithmetic secret 0/1 at scale 0. Secure: 2 rounds, 16 B per element."""
 
+    # ---- composition --------------------------------------------------------------------------
+    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
+        """Run independent computations and return their results in order.
+
+        The secure engine interleaves them so that their k-th rounds travel together (one
+        exchange, messages to the same peer concatenated): rounds = the longest branch's, bytes
+        add up. The branches must not use each other's results; every party must run the same
+        branches (the round structure is public, as everywhere). Here: one after the other."""
+        return [b() for b in branches]
+
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
         return x.shape

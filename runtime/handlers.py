@@ -45,7 +45,13 @@ def handler_for(op: str) -> Handler:
 # ---- elementwise linear ------------------------------------------------------------------------
 @register("add")
 def _add(ctx, step, args):
-    return [ctx.e.add(args[0], args[1])]
+    """a + b; with attribute ``shift_b`` d, a + b * 2^d (b brought to a's scale: a fused truncation's
+    residual sum, see :class:`passes.fuse.FuseTruncation`). Local."""
+    b = args[1]
+    shift = int(step["attrs"].get("shift_b", 0))
+    if shift:
+        b = ctx.e.mul(b, torch.tensor(1 << shift, dtype=torch.int64))
+    return [ctx.e.add(args[0], b)]
 
 
 @register("sub")

@@ -152,8 +152,18 @@ def _sign_split(
 
 
 # ---- ReLU family, clip ----------------------------------------------------------------------------
-def relu(e: Engine, x: Secret) -> Secret:
-    """max(x, 0) = x * NOT msb(x). Exact (DReLU(0) = 1). Any scale. Cost: msb 8 + mul_bit 2 = 10 rounds."""
+def relu(e: Engine, x: Secret, shift: int = 0) -> Secret:
+    """max(x, 0) = x * NOT msb(x). Exact (DReLU(0) = 1). Any scale. Cost: msb 8 + mul_bit 2 = 10 rounds.
+
+    ``shift`` d > 0: x is a product at scale f + d whose truncation was fused into the ReLU
+    (:class:`passes.fuse.FuseTruncation`): the sign of x and trunc(x, d) are computed in the same
+    rounds (:meth:`Engine.parallel`: msb 8 rounds || trunc 2 rounds), then the select. Cost 10
+    rounds instead of trunc 2 + 10; bytes are those of the two (trunc 16/8/8 B + msb 64 B per
+    element, mul_bit). The result is relu(trunc(x, d)) except that for 0 <= x < 2^d the secure
+    truncation's -1 ulp is not clipped (|error| <= 1 ulp, like the truncation's own)."""
+    if shift:
+        sign, x = e.parallel(lambda: e.msb(x), lambda: e.trunc(x, int(shift)))
+        return e.mul_bit(x, e.bit_not(sign))
     return e.mul_bit(x, e.bit_not(e.msb(x)))
 
 

@@ -12,8 +12,9 @@ nothing to send), with at most one message per peer: things that travel to the s
 same round are concatenated. Costs in the docstrings are per element: rounds, and bytes *sent*
 by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them and the tests check both).
 
-:func:`run_threads` runs the three servers and the client as threads over an
-:class:`runtime.transport.InProcessNetwork`, after the key setup of :func:`runtime.prg.setup_keys`.
+:func:`run_threads` runs the three servers and the client in this process, after the key setup of
+:func:`runtime.prg.setup_keys`: as threads over an :class:`runtime.transport.InProcessNetwork`, or as
+greenlets in one thread over a :class:`runtime.transport.LockstepNetwork` (``scheduler="lockstep"``).
 
 Speed. With small tensors a round costs Python and per-op overhead, not arithmetic: the
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,7 +44,7 @@ from compiler.errors import RuntimeFault
 from .engine import Engine, SharePair
 from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
-from .transport import CLIENT, InProcessNetwork, StepStats, Transport, TransportAborted
+from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
 __all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
 
@@ -235,6 +236,44 @@ class RSSEngine(Engine):
         """The reshare round on numpy words: z to P_{i-1}; returns z_{i+1} from P_{i+1} (flat)."""
         got = self.transport.exchange({self.prev: _tensor(z, shape)}, {self.next: shape})[self.next]
         return got.numpy().reshape(-1)
+
+    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
+        """Run independent protocol sequences with their rounds merged (see Engine.parallel).
+
+        Each branch runs as a greenlet; its ``exchange`` calls post (send, recv) and switch back
+        here. Once every live branch has posted (or finished), ONE exchange carries them all:
+        per peer, the branches' payloads flattened and concatenated in branch order; the reply is
+        split the same way. All servers run the same branches in the same order with the same
+        per-round message sizes (public), so the concatenations agree. The branches also draw
+        their PRF words in this interleaved order at every server: each protocol draws a key's
+        words in the same round at both parties that hold the key, so pairs stay in step."""
+        if len(branches) < 2:
+            return [b() for b in branches]
+        import greenlet
+
+        outer = self.transport
+        here = greenlet.getcurrent()
+        self.transport = _BranchTransport(outer, here)
+        try:
+            lets = [greenlet.greenlet(b, parent=here) for b in branches]
+            results: list[Any] = [None] * len(lets)
+            reply: dict[int, Any] = {i: () for i in range(len(lets))}
+            live = list(range(len(lets)))
+            while live:
+                posted: list[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]] = []
+                for i in list(live):
+                    args = reply[i]
+                    got = lets[i].switch(*args) if isinstance(args, tuple) else lets[i].switch(args)
+                    if lets[i].dead:
+                        results[i] = got
+                        live.remove(i)
+                    else:
+                        posted.append((i, got[0], got[1]))
+                if posted:
+                    reply = _merged_exchange(outer, posted)
+            return results
+        finally:
+            self.transport = outer
 
     def _idle_round(self) -> None:
         """A round in which this server neither sends nor receives (keeps round counts equal)."""
@@ -729,6 +768,48 @@ class RSSEngine(Engine):
         return Shares(_tensor(w + va, shape), _tensor(wb + vb, shape))
 
 
+class _BranchTransport:
+    """The transport a branch of :meth:`RSSEngine.parallel` sees: ``exchange`` hands (send, recv) to the
+    coordinating greenlet and returns what it delivers; everything else is the real transport's."""
+
+    def __init__(self, outer: Transport, coordinator: Any):
+        self._outer = outer
+        self._coordinator = coordinator
+
+    def exchange(self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+        return self._coordinator.switch((send, recv))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outer, name)
+
+
+def _merged_exchange(
+    outer: Transport, posted: Sequence[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]]
+) -> dict[int, dict[int, torch.Tensor]]:
+    """One real round for the branches' posted exchanges; returns each branch's received messages."""
+    if len(posted) == 1:
+        i, send, recv = posted[0]
+        return {i: outer.exchange(send, recv)}
+    send_parts: dict[int, list[torch.Tensor]] = {}
+    recv_parts: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+    for i, send, recv in posted:
+        for peer, t in send.items():
+            send_parts.setdefault(peer, []).append(t.reshape(-1))
+        for peer, shape in recv.items():
+            recv_parts.setdefault(peer, []).append((i, tuple(shape)))
+    merged_send = {peer: (ts[0] if len(ts) == 1 else torch.cat(ts)) for peer, ts in send_parts.items()}
+    merged_recv = {peer: (sum(_numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
+    got = outer.exchange(merged_send, merged_recv)
+    out: dict[int, dict[int, torch.Tensor]] = {i: {} for i, _, _ in posted}
+    for peer, parts in recv_parts.items():
+        flat, start = got[peer], 0
+        for i, shape in parts:
+            n = _numel(shape)
+            out[i][peer] = flat[start : start + n].reshape(shape)
+            start += n
+    return out
+
+
 class Client:
     """The client (party 3): shares its input and reconstructs the revealed output.
 
@@ -773,8 +854,15 @@ def run_threads(
     frac_bits: int = 16,
     timeout: float = 30.0,
     session_id: str | None = None,
+    scheduler: str = "threads",
 ) -> tuple[list[R], C | None, list[dict[str, StepStats]]]:
-    """Run ``fn_party`` on P0, P1, P2 and ``fn_client`` on the client, each in its own thread.
+    """Run ``fn_party`` on P0, P1, P2 and ``fn_client`` on the client, all in this process.
+
+    ``scheduler``: ``"threads"`` gives each party its own OS thread (big tensor products of
+    different parties overlap on several cores); ``"lockstep"`` runs them as greenlets in this
+    thread, switching at every wait (:class:`runtime.transport.LockstepNetwork`: a round costs
+    less than half as much, which round-bound plans such as the guard feel). The protocol, the
+    messages and the statistics are the same.
 
     The servers first agree on keys (:func:`runtime.prg.setup_keys`, step "setup"), then derive
     the session's PRF streams. Returns (the three servers' results, the client's result or None,
@@ -782,20 +870,16 @@ def run_threads(
     aborted so nobody waits for it, and the first failure (preferring a root cause over the
     aborts it triggered) is raised as :class:`PartyFailure` naming the party.
     """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(SCHEDULERS)})")
     session = session_id if session_id is not None else secrets.token_hex(8)
-    net = InProcessNetwork(4, timeout=timeout, session=session)
+    net: InProcessNetwork | LockstepNetwork
+    if scheduler == "lockstep":
+        net = LockstepNetwork(4, session=session, timeout=timeout)
+    else:
+        net = InProcessNetwork(4, timeout=timeout, session=session)
     results: list[Any] = [None, None, None]
     client_result: list[Any] = [None]
-    failures: list[tuple[int, BaseException]] = []
-    lock = threading.Lock()
-
-    def guarded(party: int, body: Callable[[], None]) -> None:
-        try:
-            body()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-            with lock:
-                failures.append((party, exc))
-            net.abort(f"party {party} failed: {type(exc).__name__}: {exc}")
 
     def server(i: int) -> None:
         transport = net.transport(i)
@@ -805,16 +889,13 @@ def run_threads(
     def client() -> None:
         client_result[0] = fn_client(Client(net.transport(CLIENT)))
 
-    threads = [
-        threading.Thread(target=guarded, args=(i, lambda i=i: server(i)), name=f"siguard-P{i}", daemon=True)
-        for i in range(3)
-    ]
+    bodies: dict[int, Callable[[], None]] = {i: (lambda i=i: server(i)) for i in range(3)}
     if fn_client is not None:
-        threads.append(threading.Thread(target=guarded, args=(CLIENT, client), name="siguard-client", daemon=True))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        bodies[CLIENT] = client
+    if isinstance(net, LockstepNetwork):
+        failures = net.run(bodies)
+    else:
+        failures = _run_in_threads(net, bodies)
     stats = [net.transport(p).stats for p in range(4)]
     net.close()
     if failures:
@@ -822,3 +903,31 @@ def run_threads(
         party, exc = root[0]
         raise PartyFailure(party, exc) from exc
     return results, client_result[0], stats
+
+
+#: how :func:`run_threads` runs the parties of one process
+SCHEDULERS = ("threads", "lockstep")
+
+
+def _run_in_threads(net: InProcessNetwork, bodies: dict[int, Callable[[], None]]) -> list[tuple[int, BaseException]]:
+    """Each body in its own thread; returns the failures (party, exception) in the order they happened,
+    aborting the network at the first so nobody waits for a dead party."""
+    failures: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+
+    def guarded(party: int, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            with lock:
+                failures.append((party, exc))
+            net.abort(f"party {party} failed: {type(exc).__name__}: {exc}")
+
+    names = {CLIENT: "siguard-client"}
+    threads = [threading.Thread(target=guarded, args=(p, body), name=names.get(p, f"siguard-P{p}"), daemon=True)
+               for p, body in bodies.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures

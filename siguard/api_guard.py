@@ -38,7 +38,9 @@ def train_defender(model: str | Path, members: str | Path, nonmembers: str | Pat
 def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, members: str | Path,
           nonmembers: str | Path, shadow: str | Path, report_dir: str | Path | None = None, mode: str = "threads",
           shadow_epochs: int = 150, seed: int = 0, progress: bool = False, **kw: Any) -> dict[str, Any]:
-    """Run the membership-inference audit (``siguard audit``); returns the ``audit.json`` document."""
+    """Run the membership-inference audit (``siguard audit``); returns the ``audit.json`` document.
+
+    ``mode``: ``threads``, ``lockstep``, ``processes`` or ``reference`` (see :func:`privacy.audit.run_audit`)."""
     from privacy.audit import AuditData, run_audit
 
     data = AuditData.from_files(members, nonmembers, shadow)

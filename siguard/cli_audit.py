@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--shadow", required=True, help=".npz with x, y (optional bool 'member'): the attacker's own data; "
                    "without 'member' the first half are shadow members")
     a.add_argument("--report", metavar="DIR", help="write audit.json, ROC PNGs and index.html into DIR")
-    a.add_argument("--mode", choices=("threads", "processes", "reference"), default="threads",
-                   help="how the plans run (default threads; reference = fixed-point cleartext, for quick trials)")
+    a.add_argument("--mode", choices=("threads", "lockstep", "processes", "reference"), default="threads",
+                   help="how the plans run (default threads; lockstep = the parties in one thread, faster when rounds "
+                        "dominate; reference = fixed-point cleartext, for quick trials)")
     a.add_argument("--shadow-epochs", type=int, default=150, help="training epochs of the shadow model (default 150, "
                    "the recipe of privacy.targets)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacker's training (default 0)")

@@ -78,7 +78,17 @@ def test_only_the_client_receives_the_output(digits_runs):
 
 def test_resnet18_runs_end_to_end(resnet18_onnx, tmp_path):
     plan = _plan(resnet18_onnx, tmp_path, batch=1)
+    # every ReLU reads an untruncated product: 9 directly, 8 through a residual add (fused truncations)
+    relus = [s for s in plan.steps if s["op"] == "relu"]
+    assert len(relus) == 17 and all(s["attrs"].get("shift") == 16 for s in relus)
+    assert sum(1 for s in plan.steps if s["op"] == "add" and s["attrs"].get("shift_b") == 16) == 8
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    got = run_threads(plan, x, timeout=300).output
+    run = run_threads(plan, x, timeout=300)
     want = ort_run(resnet18_onnx, x)
-    assert np.abs(got - want).max() <= 0.05
+    assert np.abs(run.output - want).max() <= 0.05
+    # the merged rounds of the fused ReLUs are what the plan's cost model says, step by step
+    measured = {s["name"]: s for s in run.stats["steps"]}
+    for step in plan.steps:
+        got = measured.get(step["name"], {"rounds": 0, "bytes_per_party": [0, 0, 0]})
+        assert got["rounds"] == step["cost"]["rounds"], step["name"]
+        assert got["bytes_per_party"] == step["cost"]["bytes_per_party"], step["name"]
