@@ -134,7 +134,8 @@ def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler:
     Path(out).write_text(json.dumps(row))
 
 
-def measure_threads(plan_dir: Path, x: np.ndarray, repeat: int, work: Path, scheduler: str = "threads") -> dict[str, Any]:
+def measure_threads(plan_dir: Path, x: np.ndarray, repeat: int, work: Path,
+                    scheduler: str = "threads") -> dict[str, Any]:
     x_path, out = work / "x.npy", work / f"{scheduler}.json"
     np.save(x_path, x)
     cmd = [sys.executable, __file__, "--worker-threads", str(plan_dir), str(x_path), str(repeat), str(out), scheduler]
@@ -374,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guard-rounds", type=int, default=None)
     ap.add_argument("--guard-steps", type=int, default=None)
     ap.add_argument("--guard-batch", type=int, default=32, help="batch of the guard-alone cost (0 = skip)")
-    ap.add_argument("--modes", nargs="+", default=["threads"], choices=("threads", "lockstep", "processes", "lan", "wan"))
+    ap.add_argument("--modes", nargs="+", default=["threads"],
+                    choices=("threads", "lockstep", "processes", "lan", "wan"))
     ap.add_argument("--repeat", type=int, default=3, help="warm queries per configuration (median)")
     ap.add_argument("--crypten-python", default=os.environ.get(CRYPTEN_ENV),
                     help=f"python of a CrypTen 0.4.1 environment (default ${CRYPTEN_ENV}; none = no CrypTen column)")
@@ -385,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=str(RESULTS / "bench.md"))
     ap.add_argument("--readme", action="store_true", help="only write --json's table into README.md and exit")
     ap.add_argument("--readme-path", default=str(ROOT / "README.md"))
-    ap.add_argument("--worker-threads", nargs=5, metavar=("PLAN", "X", "REPEAT", "OUT", "SCHEDULER"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-threads", nargs=5, metavar=("PLAN", "X", "REPEAT", "OUT", "SCHEDULER"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker_threads:

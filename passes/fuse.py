@@ -43,7 +43,8 @@ class FuseTruncation(Pass):
                 reader.inputs = [raw]
                 reader.attrs = {**reader.attrs, "shift": bits}
                 graph.nodes.remove(t)
-                changes.append(f"{reader.name}: truncation {t.name} (by {bits}) fused; sign and truncation share rounds")
+                changes.append(f"{reader.name}: truncation {t.name} (by {bits}) fused; "
+                               "sign and truncation share rounds")
                 continue
             if reader.op != "add" or reader.attrs.get("shift_b") or reader.inputs.count(tv) != 1:
                 continue

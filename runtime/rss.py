@@ -776,7 +776,9 @@ class _BranchTransport:
         self._outer = outer
         self._coordinator = coordinator
 
-    def exchange(self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+    def exchange(
+        self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, torch.Tensor]:
         return self._coordinator.switch((send, recv))
 
     def __getattr__(self, name: str) -> Any:
