@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .engine import Engine, TensorBox
+from .engine import Engine, TensorBox, _check_call
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -154,17 +154,16 @@ class CostEngine(Engine):
                 t.bytes_per_party[p] += bytes3[p]
             t.client_bytes += client
 
-    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
-        """Branches' rounds overlap (the longest counts), their bytes add (see Engine.parallel).
-        Branches charge the enclosing step (they open no steps of their own)."""
+    def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
+        """The calls' rounds overlap (the longest counts), their bytes add (see Engine.parallel)."""
         targets = [self._total]
         if self._step_names:
             targets.append(self._steps.setdefault(self._step_names[-1], CostTotals()))
         start = [t.rounds for t in targets]
         results, longest = [], 0
-        for b in branches:
+        for c in calls:
             before = self._total.rounds
-            results.append(b())
+            results.append(_check_call(self, c)(*c[1:]))
             longest = max(longest, self._total.rounds - before)
             for t, r0 in zip(targets, start, strict=True):
                 t.rounds = r0

@@ -188,14 +188,15 @@ class Engine(ABC):
         """The bit as an arithmetic secret 0/1 at scale 0. Secure: 2 rounds, 16 B per element."""
 
     # ---- composition --------------------------------------------------------------------------
-    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
-        """Run independent computations and return their results in order.
+    def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
+        """Independent primitive calls ``(method, *args)`` -- ``method`` this engine's ``msb`` or
+        ``trunc`` (:data:`PARALLEL_PRIMITIVES`) -- returning their results in order.
 
-        The secure engine interleaves them so that their k-th rounds travel together (one
-        exchange, messages to the same peer concatenated): rounds = the longest branch's, bytes
-        add up. The branches must not use each other's results; every party must run the same
-        branches (the round structure is public, as everywhere). Here: one after the other."""
-        return [b() for b in branches]
+        The secure engine runs them so that their k-th rounds travel together (one exchange,
+        messages to the same peer concatenated): rounds = the longest call's, bytes add up. E.g. a
+        ReLU after a product: the sign of the untruncated product and its truncation,
+        ``e.parallel((e.msb, x), (e.trunc, x, d))``, in 8 rounds instead of 10. Here: in order."""
+        return [_check_call(self, c)(*c[1:]) for c in calls]
 
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
@@ -213,6 +214,18 @@ class Engine(ABC):
         """A public real constant encoded at ``scale`` (default: the engine's fractional bits)."""
         scale = self.frac_bits if scale is None else scale
         return torch.round(torch.as_tensor(value, dtype=torch.float64) * float(2**scale)).to(torch.int64)
+
+
+#: the primitives :meth:`Engine.parallel` merges (the secure engine has a stepwise form of each)
+PARALLEL_PRIMITIVES = ("msb", "trunc")
+
+
+def _check_call(engine: Engine, call: tuple[Any, ...]) -> Callable[..., Any]:
+    method = call[0]
+    name = getattr(method, "__name__", None)
+    if name not in PARALLEL_PRIMITIVES or getattr(method, "__self__", None) is not engine:
+        raise ValueError(f"parallel takes calls of this engine's {', '.join(PARALLEL_PRIMITIVES)}, got {method!r}")
+    return method
 
 
 def _floor_shift(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -131,6 +131,11 @@ def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
     return e.add(x, e.local(lambda t: t.reshape(1, -1), b))
 
 
+def _layer(e: Engine, x: Secret, W: Secret, b: Secret, shift: int) -> Secret:
+    """x @ W + b before truncation: b (scale f) brought to the product's scale by a left shift. 1 round."""
+    return e.add(e.matmul(x, W), e.mul(e.local(lambda t: t.reshape(1, -1), b), _t(1 << shift)))
+
+
 def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3, with_backward: bool = False,
                    w3_row: Secret | None = None, q_scale: int | None = None) -> tuple[Secret, Bits, Secret | None]:
     """h(q) for q (B, k) at scale f. Returns (a (B, 1), m1, y) where m1 is the sign bit of the first
@@ -138,13 +143,19 @@ def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3, with_backward: 
     (B, H2), the start of the backward pass, computed in the same ``mul_bit`` as the second ReLU.
     ``w3_row``: w3^T broadcast to (B, H2), if the caller has it already (it is only a layout of w3).
     ``q_scale``: the scale of q if not f (the guard keeps probabilities at about 2f).
-    Cost: 3 x (matmul 1 + trunc 2) + 2 x (msb 8 + mul_bit 2) = 29 rounds."""
+
+    a is returned UNTRUNCATED, at scale 2f: the guard only ever uses its sign. Each hidden layer's
+    truncation runs in the rounds of its ReLU's sign test, which reads the untruncated sum
+    (:meth:`Engine.parallel`). Cost: 3 x matmul 1 + 2 x (msb 8 || trunc 2) + 2 x mul_bit 2 = 23 rounds
+    (29 with the truncations in sequence and a truncated score)."""
     f = e.frac_bits
-    x1 = _bias(e, e.trunc(e.matmul(q, W1), f if q_scale is None else q_scale), b1)
-    m1 = e.msb(x1)
+    s1 = f if q_scale is None else q_scale
+    pre1 = _layer(e, q, W1, b1, s1)
+    m1, x1 = e.parallel((e.msb, pre1), (e.trunc, pre1, s1))
     h1 = e.mul_bit(x1, e.bit_not(m1))
-    x2 = _bias(e, e.trunc(e.matmul(h1, W2), f), b2)
-    d2 = e.bit_not(e.msb(x2))
+    pre2 = _layer(e, h1, W2, b2, f)
+    m2, x2 = e.parallel((e.msb, pre2), (e.trunc, pre2, f))
+    d2 = e.bit_not(m2)
     y = None
     if with_backward:
         if w3_row is None:
@@ -152,8 +163,7 @@ def defender_score(e: Engine, q: Secret, W1, b1, W2, b2, w3, b3, with_backward: 
         h2, y = mul_bit_many(e, [x2, w3_row], [d2, d2])
     else:
         h2 = e.mul_bit(x2, d2)
-    a = _bias(e, e.trunc(e.matmul(h2, w3), f), b3)
-    return a, m1, y
+    return _layer(e, h2, w3, b3, f), m1, y
 
 
 def _w3_row(e: Engine, w3: Secret, shape: tuple[int, int]) -> Secret:
@@ -304,7 +314,7 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
     accepted = _zero_bits(e, s0)
     c3: Any = e.public(cfg.c3)
     lr: Any = e.public(cfg.lr)
-    margin = e.public(cfg.margin)
+    margin = e.public(cfg.margin, 2 * f)  # at the score's scale (defender_score leaves it untruncated)
 
     qshape = tuple(z.shape)
     # layouts of public-shape constants, hoisted out of the loops (local maps of the weights)
@@ -333,62 +343,71 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
             else:  # |a| <= margin  <=>  not [a > margin] and not [a < -margin] (exclusive events)
                 valid = e.bit_not(e.bit_xor(bits[3], bits[4]))
             test_now = cfg.schedule == "freeze" or last
-            if test_now:
+
+            def check(q=q, viol=viol, valid=valid, q_star=q_star, accepted=accepted):
+                """The acceptance test and the oblivious keep: AND tree 2 + select 2 rounds."""
                 parts = [e.bit_not(viol), valid]
                 if cfg.schedule == "freeze":
                     parts.append(e.bit_not(accepted))
                 newly = _and_all(e, e.bit_cat(parts, -1))
-                q_star = _select(e, q_star, q, newly)
+                return newly, _select(e, q_star, q, newly)
+
+            def update(q=q, u=u, y=y, m1=m1, m_a=m_a, m_qp=m_qp, viol=viol, c3_wide=c3_wide, lr=lr):
+                """One normalised gradient step: the new q (and u, for the CrypTen-style update)."""
+                # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
+                # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
+                g1 = e.trunc(e.matmul(y, w2_t), f)
+                g1 = e.mul_bit(g1, e.bit_not(m1))
+                gh = e.trunc(e.matmul(g1, w1_t), f)
+                if not c1_is_one:
+                    gh = e.mul_public_real(gh, cfg.c1)
+                # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
+                m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
+                gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
+                gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
+                cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
+                # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive):
+                # g_i = q_i S_i with S_i = sum_j q_j (gq_i - gq_j): the pairwise form is exact for a normalised q
+                # and keeps S_i precise when it is tiny (the top class of a confident query), where
+                # gq_i - q . gq would cancel catastrophically at fixed point
+                diffs = e.local(lambda v: v.unsqueeze(-1) - v.unsqueeze(-2), gq)  # (B, k, k): gq_i - gq_j, scale f
+                q_j = e.local(lambda v: v.unsqueeze(-2).expand(*qshape, k).contiguous(), q)
+                prod, lc = mul_many(e, [(q_j, diffs), (onehot, cnt)])
+                # S at scale qs; q split as A 2^(qs - f) + B_lo with A = q at scale f, so that both products fit
+                s_full, q_hi = trunc_many(e, [e.local(lambda v: v.sum(-1), prod), q], [f, qs - f])
+                q_lo = e.sub(q, e.mul(q_hi, _t(1 << (qs - f))))
+                p_hi, p_lo = mul_many(e, [(q_hi, s_full), (q_lo, s_full)])
+                # q_hi S (scale qs + f) down by f, q_lo S (scale 2 qs) down by qs, in the same rounds
+                g_hi, g_lo = e.parallel((e.trunc, p_hi, f), (e.trunc, p_lo, qs))
+                g = e.add(g_hi, g_lo)  # scale qs
+                g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
+                # ---- normalised step and multiplicative softmax update ------------------------------
+                gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
+                n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
+                if crypten:
+                    inv = _rsqrt_crypten(e, n2)
+                else:
+                    inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
+                step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
+                delta = e.neg(e.trunc(e.mul(gn, step), f))
+                if crypten:
+                    u = e.add(u, delta)
+                    return _softmax_crypten(e, u, qs), u
+                ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
+                # w = q e^delta (scale qs) and its row sum d (scale f) truncated from the same products at once
+                wr = e.mul(q, ex)  # scale qs + f
+                w, d = e.parallel((e.trunc, wr, f), (e.trunc, e.local(lambda v: v.sum(-1, keepdim=True), wr), qs))
+                rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
+                return e.trunc(e.mul(w, rd), f), u  # scale qs
+
+            if test_now:
+                newly, q_star = check()
                 if cfg.schedule == "freeze":
                     accepted = e.bit_xor(accepted, newly)
                 found = e.bit_xor(found, newly) if cfg.schedule == "freeze" else newly
             if last:
                 break
-
-            # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
-            # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
-            g1 = e.trunc(e.matmul(y, w2_t), f)
-            g1 = e.mul_bit(g1, e.bit_not(m1))
-            gh = e.trunc(e.matmul(g1, w1_t), f)
-            if not c1_is_one:
-                gh = e.mul_public_real(gh, cfg.c1)
-            # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
-            m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
-            gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
-            gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
-            cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
-            # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive)
-            # softmax Jacobian-vector product g_i = q_i S_i with S_i = sum_j q_j (gq_i - gq_j): the pairwise form
-            # is exact for a normalised q and keeps S_i precise when it is tiny (the top class of a confident
-            # query), where gq_i - q . gq would cancel catastrophically at fixed point
-            diffs = e.local(lambda v: v.unsqueeze(-1) - v.unsqueeze(-2), gq)  # (B, k, k): gq_i - gq_j, scale f
-            q_j = e.local(lambda v: v.unsqueeze(-2).expand(*qshape, k).contiguous(), q)
-            prod, lc = mul_many(e, [(q_j, diffs), (onehot, cnt)])
-            # S at scale qs; q split as A 2^(qs - f) + B_lo with A = q at scale f, so that both products fit
-            s_full, q_hi = trunc_many(e, [e.local(lambda v: v.sum(-1), prod), q], [f, qs - f])
-            q_lo = e.sub(q, e.mul(q_hi, _t(1 << (qs - f))))
-            p_hi, p_lo = mul_many(e, [(q_hi, s_full), (q_lo, s_full)])
-            g_hi, p_lo = trunc_many(e, [p_hi, p_lo], f)
-            g = e.add(g_hi, e.trunc(p_lo, qs - f))  # scale qs
-            g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
-            # ---- normalised step and multiplicative softmax update ------------------------------
-            gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
-            n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
-            if crypten:
-                inv = _rsqrt_crypten(e, n2)
-            else:
-                inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
-            step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
-            delta = e.neg(e.trunc(e.mul(gn, step), f))
-            if crypten:
-                u = e.add(u, delta)
-                q = _softmax_crypten(e, u, qs)
-                continue
-            ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
-            w = e.trunc(e.mul(q, ex), f)  # scale qs
-            d = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), w), qs - f)
-            rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
-            q = e.trunc(e.mul(w, rd), f)  # scale qs
+            q, u = update()
         c3, lr = _update_constants(e, cfg, c3, lr, found)
     return e.trunc(q_star, qs - f) if qs > f else q_star
 

@@ -162,7 +162,7 @@ def relu(e: Engine, x: Secret, shift: int = 0) -> Secret:
     element, mul_bit). The result is relu(trunc(x, d)) except that for 0 <= x < 2^d the secure
     truncation's -1 ulp is not clipped (|error| <= 1 ulp, like the truncation's own)."""
     if shift:
-        sign, x = e.parallel(lambda: e.msb(x), lambda: e.trunc(x, int(shift)))
+        sign, x = e.parallel((e.msb, x), (e.trunc, x, int(shift)))
         return e.mul_bit(x, e.bit_not(sign))
     return e.mul_bit(x, e.bit_not(e.msb(x)))
 

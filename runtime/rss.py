@@ -41,7 +41,7 @@ import torch
 
 from compiler.errors import RuntimeFault
 
-from .engine import Engine, SharePair
+from .engine import Engine, SharePair, _check_call
 from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
@@ -237,43 +237,48 @@ class RSSEngine(Engine):
         got = self.transport.exchange({self.prev: _tensor(z, shape)}, {self.next: shape})[self.next]
         return got.numpy().reshape(-1)
 
-    def parallel(self, *branches: Callable[[], Any]) -> list[Any]:
-        """Run independent protocol sequences with their rounds merged (see Engine.parallel).
+    def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
+        """Run independent primitive calls with their rounds merged (see Engine.parallel).
 
-        Each branch runs as a greenlet; its ``exchange`` calls post (send, recv) and switch back
-        here. Once every live branch has posted (or finished), ONE exchange carries them all:
-        per peer, the branches' payloads flattened and concatenated in branch order; the reply is
-        split the same way. All servers run the same branches in the same order with the same
-        per-round message sizes (public), so the concatenations agree. The branches also draw
-        their PRF words in this interleaved order at every server: each protocol draws a key's
-        words in the same round at both parties that hold the key, so pairs stay in step."""
-        if len(branches) < 2:
-            return [b() for b in branches]
-        import greenlet
+        Each call is ``(method, *args)`` with ``method`` this engine's ``msb`` or ``trunc``
+        (:data:`runtime.engine.PARALLEL_PRIMITIVES`). Their stepwise forms (generators that yield one
+        round's (send, recv) and receive what arrived) advance together: ONE exchange per round
+        carries every live call's messages, per peer flattened and concatenated in call order, and
+        the reply is split the same way.
+        All servers make the same calls in the same order with the same message sizes (public), so
+        the concatenations agree. The calls draw their PRF words in this interleaved order at every
+        server: each protocol draws a key's words in the same round at both parties holding the
+        key, so pairs stay in step. Overhead: a generator resume per call and round (~1 us)."""
+        gens = [self._stepwise(c) for c in calls]
+        results: list[Any] = [None] * len(gens)
+        pending: dict[int, tuple[Any, Any]] = {}
+        for i, g in enumerate(gens):
+            try:
+                pending[i] = next(g)
+            except StopIteration as stop:
+                results[i] = stop.value
+        while pending:
+            replies = _merged_exchange(self.transport, [(i, m[0], m[1]) for i, m in pending.items()])
+            for i in list(pending):
+                try:
+                    pending[i] = gens[i].send(replies[i])
+                except StopIteration as stop:
+                    results[i] = stop.value
+                    del pending[i]
+        return results
 
-        outer = self.transport
-        here = greenlet.getcurrent()
-        self.transport = _BranchTransport(outer, here)
+    def _stepwise(self, call: tuple[Any, ...]) -> Any:
+        return getattr(self, f"_{_check_call(self, call).__name__}_steps")(*call[1:])
+
+    def _drive(self, steps: Any) -> Any:
+        """Run a stepwise protocol alone: one exchange per yielded round."""
+        exchange = self.transport.exchange
         try:
-            lets = [greenlet.greenlet(b, parent=here) for b in branches]
-            results: list[Any] = [None] * len(lets)
-            reply: dict[int, Any] = {i: () for i in range(len(lets))}
-            live = list(range(len(lets)))
-            while live:
-                posted: list[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]] = []
-                for i in list(live):
-                    args = reply[i]
-                    got = lets[i].switch(*args) if isinstance(args, tuple) else lets[i].switch(args)
-                    if lets[i].dead:
-                        results[i] = got
-                        live.remove(i)
-                    else:
-                        posted.append((i, got[0], got[1]))
-                if posted:
-                    reply = _merged_exchange(outer, posted)
-            return results
-        finally:
-            self.transport = outer
+            msg = next(steps)
+            while True:
+                msg = steps.send(exchange(*msg))
+        except StopIteration as stop:
+            return stop.value
 
     def _idle_round(self) -> None:
         """A round in which this server neither sends nor receives (keeps round counts equal)."""
@@ -529,6 +534,10 @@ class RSSEngine(Engine):
            t2 = -r mB 2^(64-d)                              (P2)
            Round 2: z_i = t_i + alpha_i to P_{i-1} (a fresh, uniformly random replicated sharing).
         """
+        return self._drive(self._trunc_steps(x, bits))
+
+    def _trunc_steps(self, x: Shares, bits: int) -> Any:
+        """:meth:`trunc` as a stepwise protocol (yields each round's (send, recv))."""
         d = int(bits)
         if d == 0:
             return x
@@ -545,34 +554,37 @@ class RSSEngine(Engine):
             a_sum = _arr(x.a) + _arr(x.b)
             a_sum += _TWO_62
             r = self.rand.key_stream_np(0, n).reshape(ns)
-            self.transport.exchange({1: _tensor(r - (a_sum >> 63), shape)}, {})
+            yield {1: _tensor(r - (a_sum >> 63), shape)}, {}
             t = a_sum >> d
             t -= 1 << (62 - d)
         elif i == 1:
             xb = _arr(x.b)
-            u = _arr(self.transport.exchange({}, {0: shape})[0])
+            u = _arr((yield {}, {0: shape})[0])
             t = xb >> d
             t += (u * wrap) & (xb >> 63)
         else:
             r = self.rand.key_stream_np(0, n).reshape(ns)
-            self._idle_round()
+            yield {}, {}
             t = (r * wrap) & (_arr(x.a) >> 63)
             np.negative(t, out=t)
         t += self.rand.zero_share_np(n).reshape(ns)
-        return self._reshare_np(t, shape)
+        zt = _tensor(t, shape)
+        got = yield {self.prev: zt}, {self.next: shape}
+        return Shares(zt, got[self.next])
 
     # ---- Boolean ----------------------------------------------------------------------------
-    def _and_np(self, x: np.ndarray, y: np.ndarray, beta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    def _and_steps(self, x: np.ndarray, y: np.ndarray, beta: np.ndarray, shape: tuple[int, ...]) -> Any:
         """AND of XOR-replicated words given as stacked numpy slots (2, n): z_i = x_i y_i ^ x_i y_{i+1}
         ^ x_{i+1} y_i ^ beta_i (= x_i (y_i ^ y_{i+1}) ^ x_{i+1} y_i ^ beta_i), sent to P_{i-1}; returns
-        the stacked (z_i, z_{i+1}). 1 round, 8 B per word from every party."""
+        the stacked (z_i, z_{i+1}). 1 round (stepwise), 8 B per word from every party."""
         out = np.empty_like(x)
         z = out[0]
         np.bitwise_xor(y[0], y[1], out=z)
         z &= x[0]
         z ^= x[1] & y[0]
         z ^= beta
-        out[1] = self._rotate_np(z, shape)
+        got = yield {self.prev: _tensor(z, shape)}, {self.next: shape}
+        out[1] = got[self.next].numpy().reshape(-1)
         return out
 
     def msb(self, x: Shares) -> BoolShares:
@@ -598,6 +610,10 @@ class RSSEngine(Engine):
 
         The local word arithmetic runs on stacked numpy slots (2, n) (see :func:`_arr`).
         """
+        return self._drive(self._msb_steps(x))
+
+    def _msb_steps(self, x: Shares) -> Any:
+        """:meth:`msb` as a stepwise protocol (yields each round's (send, recv))."""
         shape = tuple(x.shape)
         n = _numel(shape)
         beta = self.rand.zero_share_xor_np(8 * n).reshape(8, n)  # one draw per key for the 8 AND rounds
@@ -608,9 +624,10 @@ class RSSEngine(Engine):
         majority = c_shift[0]
         np.bitwise_and(s[0], s[1], out=majority)
         majority ^= beta[0]
-        c_shift[1] = self._rotate_np(majority, shape)
+        got = yield {self.prev: _tensor(majority, shape)}, {self.next: shape}
+        c_shift[1] = got[self.next].numpy().reshape(-1)
         c_shift <<= 1
-        gen = self._and_np(s, c_shift, beta[1], shape)
+        gen = yield from self._and_steps(s, c_shift, beta[1], shape)
         gen &= _NP_LOW63
         prop = s ^ c_shift
         top = (prop.view(np.uint64) >> 63).view(np.int64)
@@ -625,7 +642,7 @@ class RSSEngine(Engine):
             rhs = gen << d
             rhs &= hi
             rhs ^= prop & lo
-            z = self._and_np(lhs, rhs, beta[level], shape)
+            z = yield from self._and_steps(lhs, rhs, beta[level], shape)
             gen ^= z  # correct at the hi positions, the only ones read later
             z <<= d  # P_k & P_{k-d} moves up to position k
             prop = z
@@ -766,23 +783,6 @@ class RSSEngine(Engine):
         wa = _tensor(w, shape)
         wb = _arr(self.transport.exchange({self.prev: wa}, {self.next: shape})[self.next])
         return Shares(_tensor(w + va, shape), _tensor(wb + vb, shape))
-
-
-class _BranchTransport:
-    """The transport a branch of :meth:`RSSEngine.parallel` sees: ``exchange`` hands (send, recv) to the
-    coordinating greenlet and returns what it delivers; everything else is the real transport's."""
-
-    def __init__(self, outer: Transport, coordinator: Any):
-        self._outer = outer
-        self._coordinator = coordinator
-
-    def exchange(
-        self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]
-    ) -> dict[int, torch.Tensor]:
-        return self._coordinator.switch((send, recv))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._outer, name)
 
 
 def _merged_exchange(

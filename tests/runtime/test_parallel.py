@@ -1,4 +1,4 @@
-"""Engine.parallel: independent protocols share rounds (rounds = the longest branch, bytes add), give
+"""Engine.parallel: independent msb/trunc calls share rounds (rounds = the longest call, bytes add), give
 the same values as one after the other, and the cost model counts it the same way as the transport."""
 
 import pytest
@@ -12,84 +12,75 @@ from tests.runtime.test_cost import check
 from tests.runtime.test_rss import compare, open_at_p0, rand_words, with_edges
 
 
-def _branches(e, x, y):
-    """Four independent protocols of different lengths: msb 8, trunc 2, mul 1, msb + mul_bit 10 rounds."""
-    return [lambda: e.msb(x), lambda: e.trunc(x, 16), lambda: e.mul(y, y), lambda: e.mul_bit(y, e.msb(y))]
+def _calls(e, x, y):
+    """Independent calls of different lengths: msb 8, trunc 2, trunc 2 (another input and shift)."""
+    return [(e.msb, x), (e.trunc, x, 16), (e.trunc, y, 5)]
 
 
 def test_parallel_values_equal_the_plain_engine():
     x = with_edges(rand_words((3_000,), 2**61, 31))
-    y = rand_words((3_000,), 2**30, 32)
+    y = rand_words((3_000,), 2**40, 32)
 
     def program(e, X, Y):
-        m, t, yy, my = e.parallel(*_branches(e, X, Y))
-        return [e.b2a(m), t, yy, my]
+        m, t, u = e.parallel(*_calls(e, X, Y))
+        return [e.b2a(m), t, u]
 
-    pairs = compare(program, x, y, exact=False)
-    (m_want, m_got), (t_want, t_got), (yy_want, yy_got), (my_want, my_got) = pairs
+    (m_want, m_got), (t_want, t_got), (u_want, u_got) = compare(program, x, y, exact=False)
     assert torch.equal(m_got, m_want) and torch.equal(m_got, (x < 0).to(torch.int64))
+    assert torch.equal(t_want, x >> 16) and torch.equal(u_want, y >> 5)
     assert set((t_got - t_want).unique().tolist()) <= {0, -1}  # the secure truncation's own error
-    assert torch.equal(yy_got, yy_want)
-    assert torch.equal(my_got, my_want)
+    assert set((u_got - u_want).unique().tolist()) <= {0, -1}
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
-def test_parallel_rounds_are_the_longest_branch_and_bytes_add(scheduler):
+def test_parallel_rounds_are_the_longest_call_and_bytes_add(scheduler):
     n = 50
 
     def counted(par):
         def party(e):
             x = e.input("model", torch.arange(n) - 20 if e.party == 0 else None, (n,))
-            y = e.input("model", torch.arange(n) if e.party == 0 else None, (n,))
+            y = e.input("model", torch.arange(n) << 10 if e.party == 0 else None, (n,))
             with e.transport.step("op"):
-                fns = _branches(e, x, y)
-                out = e.parallel(*fns) if par else [f() for f in fns]
-            return open_at_p0(e, out[1])
+                calls = _calls(e, x, y)
+                out = e.parallel(*calls) if par else [c[0](*c[1:]) for c in calls]
+            return open_at_p0(e, out[0]), open_at_p0(e, out[2])
 
         res, _, stats = run_threads(party, None, scheduler=scheduler, timeout=20)
         op = [stats[p]["op"] for p in range(3)]
         return res[0], {s.rounds for s in op}, [s.payload_bytes for s in op]
 
-    seq_val, seq_rounds, seq_bytes = counted(False)
-    par_val, par_rounds, par_bytes = counted(True)
-    assert seq_rounds == {8 + 2 + 1 + 10} and par_rounds == {10}
+    (seq_m, seq_u), seq_rounds, seq_bytes = counted(False)
+    (par_m, par_u), par_rounds, par_bytes = counted(True)
+    assert seq_rounds == {8 + 2 + 2} and par_rounds == {8}
     assert par_bytes == seq_bytes
-    assert set((par_val - seq_val).unique().tolist()) <= {-1, 0, 1}
+    assert torch.equal(par_m, seq_m) and torch.equal(par_m, (torch.arange(n) < 20).to(torch.int64))
+    assert (par_u - (torch.arange(n) << 5)).abs().max() <= 1
 
 
 def test_cost_model_counts_parallel_like_the_transport():
     def program(e, x, y):
-        e.parallel(*_branches(e, x, y))
-        e.parallel(lambda: e.msb(x))  # one branch: nothing to merge
+        e.parallel(*_calls(e, x, y))
+        e.parallel((e.msb, x))  # one call: nothing to merge
 
     got = check(program, [(6, 5), (6, 5)])
-    assert got["rounds"] == 10 + 8
+    assert got["rounds"] == 8 + 8
+
+
+def test_parallel_takes_only_stepwise_primitives_of_the_same_engine():
+    plain, other = PlainEngine(), PlainEngine()
+    x = Clear(torch.arange(4))
+    for bad in [(plain.mul, x, x), (other.msb, x), (lambda: None,)]:
+        with pytest.raises(ValueError, match="msb, trunc"):
+            plain.parallel(bad)
     cost = CostEngine()
-    x, y = cost.input("model", None, (6, 5)), cost.input("model", None, (6, 5))
-    a, b = cost.parallel(lambda: cost.trunc(x, 3), lambda: cost.mul(x, y))
-    assert tuple(a.shape) == tuple(b.shape) == (6, 5)
+    with pytest.raises(ValueError, match="msb, trunc"):
+        cost.parallel((cost.mul, cost.input("model", None, (2,)), 3))
 
-
-def test_plain_engine_runs_branches_in_order():
-    e = PlainEngine()
-    order = []
-    out = e.parallel(lambda: order.append(1) or 1, lambda: order.append(2) or 2)
-    assert out == [1, 2] and order == [1, 2]
-
-
-def test_a_failing_branch_fails_the_party_and_nobody_hangs():
     def party(e):
         x = e.input("model", torch.arange(4) if e.party == 0 else None, (4,))
+        e.parallel((e.trunc, x, 1), (e.bit_and, x, x))
 
-        def bad():
-            e.msb(x)
-            if e.party == 2:
-                raise ValueError("branch failed")
-            return e.msb(x)
-
-        e.parallel(lambda: e.trunc(x, 1), bad)
-
-    with pytest.raises(PartyFailure, match="P2 failed: ValueError: branch failed"):
+    with pytest.raises(PartyFailure, match="msb, trunc"):
         run_threads(party, None, timeout=5)
 
 
@@ -102,8 +93,6 @@ def test_fused_relu_is_relu_of_the_truncation():
     ((want, got),) = compare(program, x, exact=False)
     assert torch.equal(want, torch.clamp(x >> 16, min=0))  # plain: exact floor, then clipped
     assert (got - want).abs().max() <= 1
-    plain = relu(PlainEngine(), Clear(x), shift=16)
-    assert torch.equal(plain.v, want)
     cost = CostEngine()
     relu(cost, cost.input("model", None, (10,)), shift=16)
     assert cost.total["rounds"] == 1 + 10  # input + fused ReLU (unfused: trunc 2 + 10)
