@@ -1,8 +1,10 @@
 """The fixed cost of one protocol round in threads mode: sequential 1-element multiplications.
 
-    python benchmarks/round_cost.py [--rounds 10000] [--repeat 3] [--out benchmarks/results/round_cost.json]
+    python benchmarks/round_cost.py [--rounds 10000] [--repeat 3] [--schedulers threads lockstep]
+        [--out benchmarks/results/round_cost.json]
 
-Three server threads run ``--rounds`` dependent 1-element secret x secret multiplications
+Three servers (threads, or greenlets in one thread with ``lockstep``) run ``--rounds`` dependent
+1-element secret x secret multiplications
 (each waits for the previous one: one round each) and, for comparison, as many bare exchange
 rounds (a 1-word message around the ring, no protocol arithmetic). Reports microseconds per
 round (median of ``--repeat`` runs), wall and CPU (user + system time of the whole process, which
@@ -28,14 +30,14 @@ sys.path.insert(0, str(ROOT))
 from runtime.rss import run_threads  # noqa: E402
 
 
-def _measure(kind: str, rounds: int) -> tuple[float, float]:
+def _measure(kind: str, rounds: int, scheduler: str = "threads") -> tuple[float, float]:
     """(wall, CPU) microseconds per round; CPU is the whole process's user + system time."""
     c0 = time.process_time()
-    res = _run(kind, rounds)
+    res = _run(kind, rounds, scheduler)
     return res / rounds * 1e6, (time.process_time() - c0) / rounds * 1e6
 
 
-def _run(kind: str, rounds: int) -> float:
+def _run(kind: str, rounds: int, scheduler: str = "threads") -> float:
     def party(e):
         x = e.input("P0", torch.tensor([3]) if e.party == 0 else None, (1,))
         one = torch.ones(1, dtype=torch.int64)
@@ -52,7 +54,7 @@ def _run(kind: str, rounds: int) -> float:
                 tr.exchange({e.prev: one}, {e.next: (1,)})
         return time.perf_counter() - t0
 
-    res, _, _ = run_threads(party, None, timeout=120)
+    res, _, _ = run_threads(party, None, timeout=120, scheduler=scheduler)
     return max(res)
 
 
@@ -62,18 +64,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval before running (seconds; default: leave as is)")
+    ap.add_argument("--schedulers", nargs="+", choices=("threads", "lockstep"), default=["threads", "lockstep"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     print(f"switch interval {sys.getswitchinterval() * 1e6:.0f} us")
     torch.set_num_threads(1)
-    out = {}
-    for kind in ("exchange", "mul", "trunc"):
-        runs = [_measure(kind, args.rounds) for _ in range(args.repeat)]
-        wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        out[kind] = {"wall_us": wall, "cpu_us": cpu}
-        print(f"{kind:9s} {wall:7.1f} us per round (wall), {cpu:7.1f} us CPU", flush=True)
+    out: dict[str, dict] = {}
+    for scheduler in args.schedulers:
+        for kind in ("exchange", "mul", "trunc"):
+            runs = [_measure(kind, args.rounds, scheduler) for _ in range(args.repeat)]
+            wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+            out.setdefault(scheduler, {})[kind] = {"wall_us": wall, "cpu_us": cpu}
+            print(f"{scheduler:8s} {kind:9s} {wall:7.1f} us per round (wall), {cpu:7.1f} us CPU", flush=True)
     if args.out:
         meta = {"machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d")}

@@ -5,7 +5,8 @@ P1, P2 and the client in :class:`runtime.rss.RSSEngine` ("per element" = per out
 except where noted). :class:`CostEngine` runs the Engine interface on shapes only -- secrets are
 ``torch`` tensors on the ``meta`` device, so :meth:`CostEngine.local` learns output shapes by
 running ``fn`` -- and adds up the cost of every call in call order (primitives are sequential, so
-rounds add). The tests check that these numbers equal what the in-process transport counts.
+rounds add; calls merged by :meth:`CostEngine.parallel` count the longest one's rounds and all their
+bytes). The tests check that these numbers equal what the in-process transport counts.
 """
 
 from __future__ import annotations

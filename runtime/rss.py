@@ -9,8 +9,10 @@ One :class:`RSSEngine` per server, each in its own thread or process, all execut
 sequence of Engine calls; the client is a :class:`Client`. Every protocol round is exactly one
 :meth:`runtime.transport.Transport.exchange` call at every server (also at a server with
 nothing to send), with at most one message per peer: things that travel to the same peer in the
-same round are concatenated. Costs in the docstrings are per element: rounds, and bytes *sent*
-by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them and the tests check both).
+same round are concatenated (also across independent calls merged by :meth:`RSSEngine.parallel`,
+which runs the stepwise forms of ``msb`` and ``trunc`` side by side). Costs in the docstrings are
+per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them
+and the tests check both).
 
 :func:`run_threads` runs the three servers and the client in this process, after the key setup of
 :func:`runtime.prg.setup_keys`: as threads over an :class:`runtime.transport.InProcessNetwork`, or as
