@@ -343,71 +343,64 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
             else:  # |a| <= margin  <=>  not [a > margin] and not [a < -margin] (exclusive events)
                 valid = e.bit_not(e.bit_xor(bits[3], bits[4]))
             test_now = cfg.schedule == "freeze" or last
-
-            def check(q=q, viol=viol, valid=valid, q_star=q_star, accepted=accepted):
-                """The acceptance test and the oblivious keep: AND tree 2 + select 2 rounds."""
+            if test_now:  # the acceptance test and the oblivious keep: AND tree 2 + select 2 rounds
                 parts = [e.bit_not(viol), valid]
                 if cfg.schedule == "freeze":
                     parts.append(e.bit_not(accepted))
                 newly = _and_all(e, e.bit_cat(parts, -1))
-                return newly, _select(e, q_star, q, newly)
-
-            def update(q=q, u=u, y=y, m1=m1, m_a=m_a, m_qp=m_qp, viol=viol, c3_wide=c3_wide, lr=lr):
-                """One normalised gradient step: the new q (and u, for the CrypTen-style update)."""
-                # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
-                # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
-                g1 = e.trunc(e.matmul(y, w2_t), f)
-                g1 = e.mul_bit(g1, e.bit_not(m1))
-                gh = e.trunc(e.matmul(g1, w1_t), f)
-                if not c1_is_one:
-                    gh = e.mul_public_real(gh, cfg.c1)
-                # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
-                m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
-                gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
-                gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
-                cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
-                # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive):
-                # g_i = q_i S_i with S_i = sum_j q_j (gq_i - gq_j): the pairwise form is exact for a normalised q
-                # and keeps S_i precise when it is tiny (the top class of a confident query), where
-                # gq_i - q . gq would cancel catastrophically at fixed point
-                diffs = e.local(lambda v: v.unsqueeze(-1) - v.unsqueeze(-2), gq)  # (B, k, k): gq_i - gq_j, scale f
-                q_j = e.local(lambda v: v.unsqueeze(-2).expand(*qshape, k).contiguous(), q)
-                prod, lc = mul_many(e, [(q_j, diffs), (onehot, cnt)])
-                # S at scale qs; q split as A 2^(qs - f) + B_lo with A = q at scale f, so that both products fit
-                s_full, q_hi = trunc_many(e, [e.local(lambda v: v.sum(-1), prod), q], [f, qs - f])
-                q_lo = e.sub(q, e.mul(q_hi, _t(1 << (qs - f))))
-                p_hi, p_lo = mul_many(e, [(q_hi, s_full), (q_lo, s_full)])
-                # q_hi S (scale qs + f) down by f, q_lo S (scale 2 qs) down by qs, in the same rounds
-                g_hi, g_lo = e.parallel((e.trunc, p_hi, f), (e.trunc, p_lo, qs))
-                g = e.add(g_hi, g_lo)  # scale qs
-                g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
-                # ---- normalised step and multiplicative softmax update ------------------------------
-                gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
-                n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
-                if crypten:
-                    inv = _rsqrt_crypten(e, n2)
-                else:
-                    inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
-                step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
-                delta = e.neg(e.trunc(e.mul(gn, step), f))
-                if crypten:
-                    u = e.add(u, delta)
-                    return _softmax_crypten(e, u, qs), u
-                ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
-                # w = q e^delta (scale qs) and its row sum d (scale f) truncated from the same products at once
-                wr = e.mul(q, ex)  # scale qs + f
-                w, d = e.parallel((e.trunc, wr, f), (e.trunc, e.local(lambda v: v.sum(-1, keepdim=True), wr), qs))
-                rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
-                return e.trunc(e.mul(w, rd), f), u  # scale qs
-
-            if test_now:
-                newly, q_star = check()
+                q_star = _select(e, q_star, q, newly)
                 if cfg.schedule == "freeze":
                     accepted = e.bit_xor(accepted, newly)
                 found = e.bit_xor(found, newly) if cfg.schedule == "freeze" else newly
             if last:
                 break
-            q, u = update()
+
+            # ---- gradient of c1|a| + c2 sum relu(u_j - u_l) + c3 |q - p|_1 ----------------------
+            # grad_h(q) = W1 (ReLU'(x1) * (W2 (ReLU'(x2) * w3))); y = ReLU'(x2) * w3 came with the forward pass
+            g1 = e.trunc(e.matmul(y, w2_t), f)
+            g1 = e.mul_bit(g1, e.bit_not(m1))
+            gh = e.trunc(e.matmul(g1, w1_t), f)
+            if not c1_is_one:
+                gh = e.mul_public_real(gh, cfg.c1)
+            # sgn(a) * gh and sgn(q - p) * c3 as x - 2 x [negative], and the violations as integers: one mul_bit
+            m_a_wide = e.bit_local(lambda v: v.expand(*qshape).contiguous(), m_a)
+            gh_neg, c3_neg, viol_a = mul_bit_many(e, [gh, c3_wide, _t(1)], [m_a_wide, m_qp, viol])
+            gq = e.add(e.sub(gh, e.mul(gh_neg, _t(2))), e.sub(c3_wide, e.mul(c3_neg, _t(2))))
+            cnt = e.local(lambda v: v.sum(-1, keepdim=True), viol_a)
+            # softmax Jacobian-vector product at scale qs (tiny entries of confident queries survive):
+            # g_i = q_i S_i with S_i = sum_j q_j (gq_i - gq_j): the pairwise form is exact for a normalised q
+            # and keeps S_i precise when it is tiny (the top class of a confident query), where
+            # gq_i - q . gq would cancel catastrophically at fixed point
+            diffs = e.local(lambda v: v.unsqueeze(-1) - v.unsqueeze(-2), gq)  # (B, k, k): gq_i - gq_j, scale f
+            q_j = e.local(lambda v: v.unsqueeze(-2).expand(*qshape, k).contiguous(), q)
+            prod, lc = mul_many(e, [(q_j, diffs), (onehot, cnt)])
+            # S at scale qs; q split as A 2^(qs - f) + B_lo with A = q at scale f, so that both products fit
+            s_full, q_hi = trunc_many(e, [e.local(lambda v: v.sum(-1), prod), q], [f, qs - f])
+            q_lo = e.sub(q, e.mul(q_hi, _t(1 << (qs - f))))
+            p_hi, p_lo = mul_many(e, [(q_hi, s_full), (q_lo, s_full)])
+            # q_hi S (scale qs + f) down by f, q_lo S (scale 2 qs) down by qs, in the same rounds
+            g_hi, g_lo = e.parallel((e.trunc, p_hi, f), (e.trunc, p_lo, qs))
+            g = e.add(g_hi, g_lo)  # scale qs
+            g = e.add(g, e.mul(e.sub(viol_a, lc), c2_ring))  # integers x c2 at scale qs: exact
+            # ---- normalised step and multiplicative softmax update ------------------------------
+            gn = _power_of_two_scale(e, g, qs, cfg.grad_bits_hi)  # scale f, max |.| in [1, 2)
+            n2 = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), e.mul(gn, gn)), f)  # in [1, 4k]
+            if crypten:
+                inv = _rsqrt_crypten(e, n2)
+            else:
+                inv = rsqrt(e, n2, lo=0.9, hi=4.0 * k + 1, iterations=cfg.norm_iterations)
+            step = e.trunc(e.mul(inv, lr), f) if e.is_secret(lr) else e.mul_public_real(inv, lr.item() / 2**f)
+            delta = e.neg(e.trunc(e.mul(gn, step), f))
+            if crypten:
+                u = e.add(u, delta)
+                q = _softmax_crypten(e, u, qs)
+                continue
+            ex = eval_poly(e, delta, exp_coef, -lmax, lmax)
+            # w = q e^delta (scale qs) and its row sum d (scale f) truncated from the same products at once
+            wr = e.mul(q, ex)  # scale qs + f
+            w, d = e.parallel((e.trunc, wr, f), (e.trunc, e.local(lambda v: v.sum(-1, keepdim=True), wr), qs))
+            rd = eval_poly(e, d, recip_coef, d_lo, d_hi)
+            q = e.trunc(e.mul(w, rd), f)  # scale qs
         c3, lr = _update_constants(e, cfg, c3, lr, found)
     return e.trunc(q_star, qs - f) if qs > f else q_star
 

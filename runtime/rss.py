@@ -790,7 +790,9 @@ class RSSEngine(Engine):
 def _merged_exchange(
     outer: Transport, posted: Sequence[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]]
 ) -> dict[int, dict[int, torch.Tensor]]:
-    """One real round for the branches' posted exchanges; returns each branch's received messages."""
+    """One real round for the rounds ``(call index, send, recv)`` that merged calls posted; returns each
+    call's received messages. Per peer, payloads go flattened and concatenated in call-index order, the
+    order in which every server lists them."""
     if len(posted) == 1:
         i, send, recv = posted[0]
         return {i: outer.exchange(send, recv)}

@@ -1,5 +1,6 @@
 """The lockstep scheduler (all parties as greenlets in one thread): same outputs and statistics as threads,
-failures and deadlocks reported at once, and the ``lockstep`` mode of the CLI and the Python API."""
+deadlocks reported at once (a failing party or client: tests/runtime/test_rss.py, in both schedulers),
+and the ``lockstep`` mode of the CLI and the Python API."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from compiler.pipeline import CompileOptions, compile_model, write_plan
 from compiler.plan import Plan
@@ -64,32 +64,6 @@ def test_lockstep_repeated_queries(mlp_plan, x, runs):
     r = run_plan(mlp_plan, x, timeout=30, queries=2, scheduler="lockstep")
     assert len(r.stats["query_seconds_all"]) == 2
     assert _comm(r.stats) == _comm(runs["threads"].stats)  # the last query's counts, setup kept
-
-
-def test_a_failing_party_is_named_at_once():
-    def party(e):
-        x = e.input("model", torch.ones(4, dtype=torch.int64) if e.party == 0 else None, (4,))
-        if e.party == 1:
-            raise ZeroDivisionError("boom")
-        return e.mul(x, x)
-
-    t0 = time.monotonic()
-    with pytest.raises(PartyFailure) as info:
-        run_threads(party, timeout=20, scheduler="lockstep")
-    assert time.monotonic() - t0 < 5
-    assert info.value.party == 1 and "P1" in str(info.value)
-    assert isinstance(info.value.__cause__, ZeroDivisionError)
-
-
-def test_a_failing_client_is_named():
-    def party(e):
-        return e.input("client", None, (3,))
-
-    def client(c):
-        raise ValueError("bad input file")
-
-    with pytest.raises(PartyFailure, match="client failed: ValueError: bad input file"):
-        run_threads(party, client, timeout=20, scheduler="lockstep")
 
 
 def test_a_deadlock_is_reported_at_once_naming_who_waits_for_whom():

@@ -299,7 +299,8 @@ def test_rss_engine_agrees_with_plain_on_a_small_network():
 
 
 # ---- run_threads and transport failures --------------------------------------------------------
-def test_party_exception_is_raised_with_party_id_and_does_not_hang():
+@pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
+def test_party_exception_is_raised_with_party_id_and_does_not_hang(scheduler):
     def party(e):
         X = e.input("model", torch.ones(4, dtype=torch.int64) if e.party == 0 else None, (4,))
         if e.party == 2:
@@ -308,14 +309,15 @@ def test_party_exception_is_raised_with_party_id_and_does_not_hang():
 
     t0 = time.monotonic()
     with pytest.raises(PartyFailure) as info:
-        run_threads(party, timeout=20)
+        run_threads(party, timeout=20, scheduler=scheduler)
     assert time.monotonic() - t0 < 5  # the abort woke the waiting parties long before the timeout
     assert info.value.party == 2
     assert isinstance(info.value.__cause__, ZeroDivisionError)
     assert "P2" in str(info.value)
 
 
-def test_client_failure_is_reported():
+@pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
+def test_client_failure_is_reported(scheduler):
     def party(e):
         return e.input("client", None, (3,))
 
@@ -323,7 +325,7 @@ def test_client_failure_is_reported():
         raise ValueError("bad input file")
 
     with pytest.raises(PartyFailure, match="client failed: ValueError: bad input file"):
-        run_threads(party, client, timeout=20)
+        run_threads(party, client, timeout=20, scheduler=scheduler)
 
 
 def test_missing_peer_times_out_naming_it():
