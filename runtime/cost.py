@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .engine import Engine, TensorBox, _check_call
+from .engine import Engine, TensorBox, check_parallel_call
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -164,7 +164,7 @@ class CostEngine(Engine):
         results, longest = [], 0
         for c in calls:
             before = self._total.rounds
-            results.append(_check_call(self, c)(*c[1:]))
+            results.append(check_parallel_call(self, c)(*c[1:]))
             longest = max(longest, self._total.rounds - before)
             for t, r0 in zip(targets, start, strict=True):
                 t.rounds = r0

@@ -196,7 +196,7 @@ class Engine(ABC):
         messages to the same peer concatenated): rounds = the longest call's, bytes add up. E.g. a
         ReLU after a product: the sign of the untruncated product and its truncation,
         ``e.parallel((e.msb, x), (e.trunc, x, d))``, in 8 rounds instead of 10. Here: in order."""
-        return [_check_call(self, c)(*c[1:]) for c in calls]
+        return [check_parallel_call(self, c)(*c[1:]) for c in calls]
 
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
@@ -220,7 +220,9 @@ class Engine(ABC):
 PARALLEL_PRIMITIVES = ("msb", "trunc")
 
 
-def _check_call(engine: Engine, call: tuple[Any, ...]) -> Callable[..., Any]:
+def check_parallel_call(engine: Engine, call: tuple[Any, ...]) -> Callable[..., Any]:
+    """The method of a :meth:`Engine.parallel` call ``(method, *args)``; ValueError unless it is ``engine``'s own
+    msb or trunc (every engine checks the same, so a plan that runs on one runs on all)."""
     method = call[0]
     name = getattr(method, "__name__", None)
     if name not in PARALLEL_PRIMITIVES or getattr(method, "__self__", None) is not engine:

@@ -127,9 +127,6 @@ class GuardConfig:
 
 _t = ring_int  # a public ring integer as a shared 0-dim tensor
 
-def _bias(e: Engine, x: Secret, b: Secret) -> Secret:
-    return e.add(x, e.local(lambda t: t.reshape(1, -1), b))
-
 
 def _layer(e: Engine, x: Secret, W: Secret, b: Secret, shift: int) -> Secret:
     """x @ W + b before truncation: b (scale f) brought to the product's scale by a left shift. 1 round."""

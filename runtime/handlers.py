@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .approx import ring_int
+
 __all__ = ["HANDLERS", "register", "handler_for"]
 
 Handler = Callable[[Any, dict, list], list]
@@ -50,7 +52,7 @@ def _add(ctx, step, args):
     b = args[1]
     shift = int(step["attrs"].get("shift_b", 0))
     if shift:
-        b = ctx.e.mul(b, torch.tensor(1 << shift, dtype=torch.int64))
+        b = ctx.e.mul(b, ring_int(1 << shift))
     return [ctx.e.add(args[0], b)]
 
 

@@ -43,7 +43,7 @@ import torch
 
 from compiler.errors import RuntimeFault
 
-from .engine import Engine, SharePair, _check_call
+from .engine import Engine, SharePair, check_parallel_call
 from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
@@ -230,14 +230,22 @@ class RSSEngine(Engine):
 
     def _reshare_np(self, z: np.ndarray, shape: tuple[int, ...]) -> Shares:
         """:meth:`_reshare` of a numpy word array, sent and kept as a tensor of ``shape``."""
+        return self._drive(self._reshare_np_steps(z, shape))
+
+    def _reshare_np_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
+        """:meth:`_reshare_np` as one stepwise round (see :meth:`parallel`)."""
         zt = _tensor(z, shape)
-        got = self.transport.exchange({self.prev: zt}, {self.next: shape})
+        got = yield {self.prev: zt}, {self.next: shape}
         return Shares(zt, got[self.next])
 
     def _rotate_np(self, z: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The reshare round on numpy words: z to P_{i-1}; returns z_{i+1} from P_{i+1} (flat)."""
-        got = self.transport.exchange({self.prev: _tensor(z, shape)}, {self.next: shape})[self.next]
-        return got.numpy().reshape(-1)
+        return self._drive(self._rotate_steps(z, shape))
+
+    def _rotate_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
+        """:meth:`_rotate_np` as one stepwise round (see :meth:`parallel`)."""
+        got = yield {self.prev: _tensor(z, shape)}, {self.next: shape}
+        return got[self.next].numpy().reshape(-1)
 
     def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
         """Run independent primitive calls with their rounds merged (see Engine.parallel).
@@ -270,7 +278,7 @@ class RSSEngine(Engine):
         return results
 
     def _stepwise(self, call: tuple[Any, ...]) -> Any:
-        return getattr(self, f"_{_check_call(self, call).__name__}_steps")(*call[1:])
+        return getattr(self, f"_{check_parallel_call(self, call).__name__}_steps")(*call[1:])
 
     def _drive(self, steps: Any) -> Any:
         """Run a stepwise protocol alone: one exchange per yielded round."""
@@ -570,9 +578,7 @@ class RSSEngine(Engine):
             t = (r * wrap) & (_arr(x.a) >> 63)
             np.negative(t, out=t)
         t += self.rand.zero_share_np(n).reshape(ns)
-        zt = _tensor(t, shape)
-        got = yield {self.prev: zt}, {self.next: shape}
-        return Shares(zt, got[self.next])
+        return (yield from self._reshare_np_steps(t, shape))
 
     # ---- Boolean ----------------------------------------------------------------------------
     def _and_steps(self, x: np.ndarray, y: np.ndarray, beta: np.ndarray, shape: tuple[int, ...]) -> Any:
@@ -585,8 +591,7 @@ class RSSEngine(Engine):
         z &= x[0]
         z ^= x[1] & y[0]
         z ^= beta
-        got = yield {self.prev: _tensor(z, shape)}, {self.next: shape}
-        out[1] = got[self.next].numpy().reshape(-1)
+        out[1] = yield from self._rotate_steps(z, shape)
         return out
 
     def msb(self, x: Shares) -> BoolShares:
@@ -626,8 +631,7 @@ class RSSEngine(Engine):
         majority = c_shift[0]
         np.bitwise_and(s[0], s[1], out=majority)
         majority ^= beta[0]
-        got = yield {self.prev: _tensor(majority, shape)}, {self.next: shape}
-        c_shift[1] = got[self.next].numpy().reshape(-1)
+        c_shift[1] = yield from self._rotate_steps(majority, shape)
         c_shift <<= 1
         gen = yield from self._and_steps(s, c_shift, beta[1], shape)
         gen &= _NP_LOW63

@@ -19,7 +19,7 @@ receiver with :class:`TransportAborted`, so a dead thread never hangs the others
 :class:`LockstepNetwork` runs all parties in ONE OS thread as greenlets: a party that waits for a
 message it does not have yet switches to a scheduler, which resumes the next party. No thread
 hand-off, no lock, no GIL contention: a bare round costs about 30 us instead of about 70 us
-(``benchmarks/round_cost.py``), which is what round-bound plans (the guard's ~40k rounds) pay.
+(``benchmarks/round_cost.py``), which is what round-bound plans (the guard's ~38k rounds) pay.
 A state where every live party waits is a deadlock and is reported at once (no timeout needed).
 """
 
@@ -30,6 +30,7 @@ import struct
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -355,12 +356,10 @@ class LockstepNetwork:
     """
 
     def __init__(self, n_parties: int = 4, session: str = "", timeout: float = 30.0):
-        import collections
-
         self.n_parties = n_parties
         self.session = session
         self.timeout = timeout  # kept for the Transport interface: a wait never blocks the OS thread
-        self._links = {(s, d): collections.deque() for s in range(n_parties) for d in range(n_parties) if s != d}
+        self._links = {(s, d): deque() for s in range(n_parties) for d in range(n_parties) if s != d}
         self._transports: dict[int, LockstepTransport] = {}
         self._scheduler = None  # the greenlet running run()
         self.sent = 0  # frames queued so far: the scheduler's progress measure
