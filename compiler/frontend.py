@@ -98,13 +98,21 @@ _PARAM_SLOTS: dict[str, tuple[int, ...]] = {
 }
 
 
-def load_model(src: str | os.PathLike | onnx.ModelProto, *, batch: int = 1, output: str | None = None) -> Graph:
+def load_model(
+    src: str | os.PathLike | onnx.ModelProto,
+    *,
+    batch: int = 1,
+    output: str | None = None,
+    inputs: list[str] | tuple[str, ...] | None = None,
+) -> Graph:
     """Compile an ONNX model (path or ``ModelProto``) to an IR :class:`~compiler.ir.Graph`.
 
     ``batch`` replaces the symbolic first dimension of every graph input (a fixed first dimension
     is kept; asking for another batch than a fixed one is an error unless ``batch`` is 1).
     ``output`` names the ONNX value to compute (a graph output or any node output); by default the
-    first float tensor graph output. The returned graph has one output, static shapes everywhere,
+    first float tensor graph output. ``inputs`` names graph inputs that stay the client's inputs
+    even though an initializer of the same name gives them a default (IR version 3 lists every
+    initializer among the graph inputs; by default such inputs are constants). The returned graph has one output, static shapes everywhere,
     and weights as float32/float64 arrays in ``Value.data``.
 
     Raises :class:`ModelError` (one line) for unreadable, invalid or un-inferable models,
@@ -115,7 +123,7 @@ def load_model(src: str | os.PathLike | onnx.ModelProto, *, batch: int = 1, outp
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     model, label, path = _read(src)
     try:
-        return _Frontend(model, label, path, int(batch), output).run()
+        return _Frontend(model, label, path, int(batch), output, tuple(inputs or ())).run()
     except SiguardError:
         raise
     except Exception as e:  # never a raw traceback for a bad model; the cause stays chained
@@ -216,8 +224,17 @@ class _Unsupported(Exception):
 class _Frontend:
     """One compilation: ``run`` walks the numbered steps of the module docstring."""
 
-    def __init__(self, model: onnx.ModelProto, label: str, path: Path | None, batch: int, output: str | None):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        label: str,
+        path: Path | None,
+        batch: int,
+        output: str | None,
+        inputs: tuple[str, ...] = (),
+    ):
         self.model = model
+        self.inputs = inputs
         self.label = label
         self.path = path
         self.batch = batch
@@ -234,6 +251,7 @@ class _Frontend:
         for i, n in enumerate(model.graph.node):
             if not n.name:
                 n.name = f"{n.op_type}_{i}"
+        self._initializer_inputs(model)
         out_name, out_vi = self._choose_output(model)
         self._prune(model, out_name, out_vi)
         self._reject_unknown_ops(model)
@@ -242,6 +260,28 @@ class _Frontend:
         self._fix_batch(model)
         model, nodes, consts, info = self._fold(model, out_name)
         return _Lowering(self, model, nodes, consts, info, out_name).run()
+
+    # -- 1b. IR-version-3 conventions --
+    def _initializer_inputs(self, model: onnx.ModelProto) -> None:
+        """Initializers listed as graph inputs are constants, except the inputs the user names.
+
+        IR version 3 requires every initializer to be a graph input too (the value is the input's
+        default); from IR version 4 on they need not be. The model is moved to IR version >= 4 with
+        the defaults kept as constants, so the version converter and shape inference accept it.
+        """
+        g = model.graph
+        inputs = {i.name for i in g.input}
+        unknown = [n for n in self.inputs if n not in inputs]
+        if unknown:
+            listing = ", ".join(i.name for i in g.input) or "none"
+            raise ModelError(f"{self.label}: unknown input {unknown[0]!r} (graph inputs: {listing})")
+        named = set(self.inputs)
+        if named:
+            kept = [t for t in g.initializer if t.name not in named]
+            g.ClearField("initializer")
+            g.initializer.extend(kept)
+        if model.ir_version < 4:
+            model.ir_version = 4
 
     # -- 2. output choice and pruning --
     def _choose_output(self, model: onnx.ModelProto) -> tuple[str, onnx.ValueInfoProto]:
@@ -797,7 +837,18 @@ class _Lowering:
 
     def _lower_PRelu(self) -> None:
         x, slope = self.node.input[0], self.node.input[1]
-        self.emit("prelu", [self.ir(x), self.ir(slope)], {}, self.out_shape(), self.node.output[0])
+        x_shape = self.shape(x)
+        s_shape = self.shape(slope)
+        if self.fe.source_opset < 7 and len(s_shape) == 1 and len(x_shape) > 2 and s_shape[0] == x_shape[1] > 1:
+            # PRelu-6 applies a 1-D slope per channel (axis 1); from opset 7 it broadcasts from the
+            # right, and the version converter leaves the slope as it is.
+            c_shape = (s_shape[0],) + (1,) * (len(x_shape) - 2)
+            if slope not in self.consts:
+                raise _Unsupported("per-channel slope of PRelu-6 is not a constant")
+            ref = self.derived_const(slope, np.asarray(self.consts[slope]).reshape(c_shape))
+        else:
+            ref = self.ir(slope)
+        self.emit("prelu", [self.ir(x), ref], {}, self.out_shape(), self.node.output[0])
 
     def _lower_HardSigmoid(self) -> None:
         self._unary(
@@ -947,33 +998,67 @@ class _Lowering:
                 extra[i] = max(0, (out - 1) * s + e - padded)
         return pads, extra
 
+    def _spatial_input(self, x: str, what: str) -> tuple[str, tuple[int, ...], bool]:
+        """IR ref and NCHW shape of a Conv/pool input; a 1-D (NCL) input is lifted to (N, C, 1, L).
+
+        Lifting rewrites ``self.attrs`` into the 2-D form (a leading kernel/stride/dilation of 1,
+        no padding on the new axis); :meth:`_spatial_output` reshapes the result back.
+        """
+        shape = self.shape(x)
+        if len(shape) != 3:
+            return self.ir(x), self._spatial(x, what), False
+        s4 = (shape[0], shape[1], 1, shape[2])
+        ref = self.emit("reshape", [self.ir(x)], {"shape": list(s4)}, s4)
+        a = self.attrs
+        for key in ("kernel_shape", "strides", "dilations"):
+            if key in a:
+                a[key] = [1] + [int(v) for v in a[key]]
+        if "pads" in a:
+            begin, end = (int(v) for v in a["pads"])
+            a["pads"] = [0, begin, 0, end]
+        return ref, s4, True
+
+    def _spatial_output(self, op: str, inputs: list[str], attrs: dict[str, Any], lifted: bool) -> None:
+        out = self.out_shape()
+        if not lifted:
+            self.emit(op, inputs, attrs, out, self.node.output[0])
+            return
+        t = self.emit(op, inputs, attrs, (out[0], out[1], 1, out[2]))
+        self.emit("reshape", [t], {"shape": list(out)}, out, self.node.output[0])
+
     def _lower_Conv(self) -> None:
         x, w, b = self.inp(0), self.inp(1), self.inp(2)
-        shape = self._spatial(x, "Conv")
+        ref, shape, lifted = self._spatial_input(x, "Conv")
         w_shape = self.shape(w)
+        w_ref = self.ir(w)
+        if lifted:
+            w4 = (w_shape[0], w_shape[1], 1, w_shape[2])
+            if w in self.consts:
+                w_ref = self.derived_const(w, np.asarray(self.consts[w]).reshape(w4))
+            else:
+                w_ref = self.emit("reshape", [w_ref], {"shape": list(w4)}, w4)
+            w_shape = w4
         kernel = [int(k) for k in self.attrs.get("kernel_shape", w_shape[2:])]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
         pads, _ = self._pads(shape[2:], kernel, strides, dilations, False)
-        inputs = [self.ir(x), self.ir(w)] + ([self.ir(b)] if b else [])
+        inputs = [ref, w_ref] + ([self.ir(b)] if b else [])
         attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(self.attrs.get("group", 1))}
-        self.emit("conv", inputs, attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("conv", inputs, attrs, lifted)
 
     def _lower_MaxPool(self) -> None:
         self.require_unused_outputs(1, "Indices")
-        x = self.node.input[0]
-        shape = self._spatial(x, "MaxPool")
+        ref, shape, lifted = self._spatial_input(self.node.input[0], "MaxPool")
         kernel = [int(k) for k in self.attrs["kernel_shape"]]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
         pads, extra = self._pads(shape[2:], kernel, strides, dilations, bool(self.attrs.get("ceil_mode", 0)))
         pads = [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
         attrs = {"kernel": kernel, "strides": strides, "pads": pads, "dilations": dilations}
-        self.emit("maxpool", [self.ir(x)], attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("maxpool", [ref], attrs, lifted)
 
     def _lower_AveragePool(self) -> None:
-        x = self.node.input[0]
-        shape = self._spatial(x, "AveragePool")
+        ref, shape, lifted = self._spatial_input(self.node.input[0], "AveragePool")
         kernel = [int(k) for k in self.attrs["kernel_shape"]]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
@@ -981,7 +1066,6 @@ class _Lowering:
             raise _Unsupported("dilated average pooling")
         include = bool(self.attrs.get("count_include_pad", 0))
         pads, extra = self._pads(shape[2:], kernel, strides, dilations, bool(self.attrs.get("ceil_mode", 0)))
-        ref = self.ir(x)
         if include and any(extra) and any(pads):
             # The explicit pads count in the divisor, ceil_mode's extra end padding does not:
             # pad explicitly with zeros, then pool counting only the (now real) elements.
@@ -994,7 +1078,7 @@ class _Lowering:
             include = False  # no explicit pads: only the ceil overhang, which is never counted
         pads = [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
         attrs = {"kernel": kernel, "strides": strides, "pads": pads, "count_include_pad": include}
-        self.emit("avgpool", [ref], attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("avgpool", [ref], attrs, lifted)
 
     def _lower_GlobalAveragePool(self) -> None:
         rank = len(self.shape(self.node.input[0]))
@@ -1132,8 +1216,8 @@ class _Lowering:
 
     def _lower_Pad(self) -> None:
         mode = self.attrs.get("mode", "constant")
-        if mode != "constant":
-            raise _Unsupported(f"mode {mode!r} (only constant padding)")
+        if mode not in ("constant", "reflect", "edge"):
+            raise _Unsupported(f"mode {mode!r} (constant, reflect and edge padding only)")
         x = self.node.input[0]
         shape = self.shape(x)
         rank = len(shape)
@@ -1153,6 +1237,9 @@ class _Lowering:
             pads = full
         if len(pads) != 2 * rank:
             raise _Unsupported(f"{len(pads)} pads for rank {rank}")
+        if mode != "constant":
+            self._pad_by_gather(x, shape, pads, mode)
+            return
         grow = [max(p, 0) for p in pads]
         crop = [min(p, 0) for p in pads]
         ref = self.ir(x)
@@ -1170,6 +1257,28 @@ class _Lowering:
             "steps": [1] * len(axes),
         }
         self.emit("slice", [ref], attrs, self.out_shape(), self.node.output[0])
+
+    def _pad_by_gather(self, x: str, shape: tuple[int, ...], pads: list[int], mode: str) -> None:
+        """Reflect/edge padding (and negative pads, which crop) as one gather per padded axis:
+        the index pattern is public, so it costs nothing on shares."""
+        rank = len(shape)
+        axes = [a for a in range(rank) if pads[a] or pads[a + rank]]
+        if not axes:
+            self._unary("identity")
+            return
+        ref, cur = self.ir(x), list(shape)
+        for j, a in enumerate(axes):
+            begin, end = pads[a], pads[a + rank]
+            n = cur[a]
+            if mode == "reflect" and (n < 2 or max(begin, end) >= n):
+                raise _Unsupported(f"reflect padding of {max(begin, end)} on an axis of size {n}")
+            idx = np.pad(np.arange(n), (max(begin, 0), max(end, 0)), mode="reflect" if mode == "reflect" else "edge")
+            idx = idx[-min(begin, 0) : len(idx) + min(end, 0)]
+            cur[a] = len(idx)
+            last = j == len(axes) - 1
+            ref = self.emit(
+                "gather", [ref], {"indices": idx.tolist(), "axis": a}, tuple(cur), self.node.output[0] if last else None
+            )
 
     def _lower_Slice(self) -> None:
         x = self.node.input[0]
