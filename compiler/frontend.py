@@ -62,19 +62,20 @@ SUPPORTED_ONNX_OPS: list[str] = sorted(
     [
         "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
         "ConstantOfShape", "Conv", "Div", "Dropout", "Erf", "Exp", "Flatten", "Gather", "Gelu", "Gemm",
-        "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "Identity", "LRN", "LayerNormalization",
-        "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "PRelu", "Pad", "Pow", "Reciprocal",
-        "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Size", "Slice", "Softmax",
-        "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
+        "Expand", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "LRN",
+        "LayerNormalization", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mish", "Mul", "Neg", "PRelu",
+        "Pad", "Pow", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
+        "Shape", "Sigmoid", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum",
+        "Tanh", "Transpose", "Unsqueeze", "Where",
     ]
 )  # fmt: skip
 
 #: ONNX ops accepted only when all their inputs are constant (shape arithmetic, masks).
 CONSTANT_ONLY_ONNX_OPS: list[str] = sorted(
     [
-        "Abs", "And", "CastLike", "Ceil", "Equal", "Expand", "Floor", "Greater", "GreaterOrEqual",
-        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Range", "ReduceMax",
-        "ReduceMin", "ReduceProd", "Tile", "Where",
+        "Abs", "And", "CastLike", "Ceil", "Equal", "Floor", "Greater", "GreaterOrEqual",
+        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Range",
+        "ReduceMin", "ReduceProd", "Tile",
     ]
 )  # fmt: skip
 
@@ -112,8 +113,8 @@ def load_model(
     ``output`` names the ONNX value to compute (a graph output or any node output); by default the
     first float tensor graph output. ``inputs`` names graph inputs that stay the client's inputs
     even though an initializer of the same name gives them a default (IR version 3 lists every
-    initializer among the graph inputs; by default such inputs are constants). The returned graph has one output, static shapes everywhere,
-    and weights as float32/float64 arrays in ``Value.data``.
+    initializer among the graph inputs; by default such inputs are constants). The returned graph
+    has one output, static shapes everywhere, and weights as float32/float64 arrays in ``Value.data``.
 
     Raises :class:`ModelError` (one line) for unreadable, invalid or un-inferable models,
     :class:`UnsupportedOpsError` listing every unsupported op type with all its nodes, and
@@ -855,6 +856,16 @@ class _Lowering:
             "hard_sigmoid", {"alpha": float(self.attrs.get("alpha", 0.2)), "beta": float(self.attrs.get("beta", 0.5))}
         )
 
+    def _lower_HardSwish(self) -> None:
+        self._unary("hard_swish")
+
+    def _lower_Mish(self) -> None:
+        """x * tanh(softplus(x)), composed from the softplus and tanh implementations."""
+        x, shape = self.ir(self.node.input[0]), self.out_shape()
+        sp = self.emit("softplus", [x], {}, shape)
+        th = self.emit("tanh", [sp], {}, shape)
+        self.emit("mul", [x, th], {}, shape, self.node.output[0])
+
     def _lower_Gelu(self) -> None:
         approx = self.attrs.get("approximate", "none")
         if approx not in ("none", "tanh"):
@@ -1131,6 +1142,9 @@ class _Lowering:
         axes = sorted({_norm_axis(a, rank) for a in axes})
         self._unary(op, {"axes": axes, "keepdims": bool(self.attrs.get("keepdims", 1))})
 
+    def _lower_ReduceMax(self) -> None:
+        self._reduce("reduce_max", self.opset >= 18)
+
     def _lower_ReduceMean(self) -> None:
         self._reduce("reduce_mean", self.opset >= 18)
 
@@ -1347,6 +1361,82 @@ class _Lowering:
         if idx.size and (idx.min() < 0 or idx.max() >= shape[axis]):
             raise _Unsupported("indices out of range")
         self._unary("gather", {"indices": idx.tolist(), "axis": axis})
+
+    def _broadcast_to(self, ref: str, shape: tuple[int, ...], target: tuple[int, ...], out: str | None) -> str:
+        """numpy broadcasting of a secret as layout steps: a reshape adding leading 1s, then one
+        gather of repeated index 0 per broadcast axis (free on shares)."""
+        shape = tuple(shape)
+        if len(shape) < len(target):
+            shape = (1,) * (len(target) - len(shape)) + shape
+            ref = self.emit("reshape", [ref], {"shape": list(shape)}, shape, None)
+        axes = [a for a, (s, t) in enumerate(zip(shape, target, strict=True)) if s != t]
+        if not axes:
+            return self.emit("identity", [ref], {}, shape, out) if out else ref
+        cur = list(shape)
+        for j, a in enumerate(axes):
+            if cur[a] != 1:
+                raise _Unsupported(f"cannot broadcast {shape} to {target}")
+            cur[a] = target[a]
+            last = j == len(axes) - 1
+            ref = self.emit("gather", [ref], {"indices": [0] * target[a], "axis": a}, tuple(cur), out if last else None)
+        return ref
+
+    def _lower_Expand(self) -> None:
+        x = self.node.input[0]
+        self.const_input(1, "shape")
+        self._broadcast_to(self.ir(x), self.shape(x), self.out_shape(), self.node.output[0])
+
+    def _lower_Where(self) -> None:
+        """Where(c, a, b) for a constant condition: b + c * (a - b) with c a public 0/1 mask (a
+        product by an integer constant: no truncation). Both branches must be finite."""
+        cond = self.const_input(0, "condition")
+        a, b = self.node.input[1], self.node.input[2]
+        for v in (a, b):
+            if not self.info.is_float(v):
+                raise _Unsupported(f"integer operand {v!r}")
+            if v in self.consts and not np.all(np.abs(np.asarray(self.consts[v], dtype=np.float64)) < 2.0**20):
+                raise _Unsupported(f"branch {v!r} holds values beyond the fixed-point range (e.g. -inf masks)")
+        out_shape, out = self.out_shape(), self.node.output[0]
+        mask = np.broadcast_to(np.asarray(cond, dtype=bool), out_shape)
+        if mask.all() or not mask.any():
+            keep = a if mask.all() else b
+            self._broadcast_to(self.ir(keep), self.shape(keep), out_shape, out)
+            return
+        diff = self.emit("sub", [self.ir(a), self.ir(b)], {}, out_shape)
+        m = self._add_const(f"{self.base}_mask", np.asarray(cond, dtype=np.float32), secret=False)
+        sel = self.emit("mul", [diff, m], {}, out_shape)
+        self.emit("add", [sel, self.ir(b)], {}, out_shape, out)
+
+    def _lower_Resize(self) -> None:
+        """Nearest-neighbour Resize with constant scales/sizes: one gather per resized axis. The
+        source index of every output position is taken from onnx's reference Resize run on the
+        public index grid, so every coordinate_transformation_mode and nearest_mode is honoured."""
+        mode = self.attrs.get("mode", "nearest")
+        if mode != "nearest":
+            raise _Unsupported(f"mode {mode!r} (nearest only)")
+        x = self.node.input[0]
+        shape, out_shape = self.shape(x), self.out_shape()
+        feeds: dict[str, np.ndarray] = {}
+        for k in range(1, len(self.node.input)):
+            name = self.inp(k)
+            if name is not None:
+                feeds[name] = np.asarray(self.const_input(k, "roi/scales/sizes"))
+        ref = self.ir(x)
+        axes = [a for a in range(len(shape)) if shape[a] != out_shape[a]]
+        if not axes:
+            self._unary("identity")
+            return
+        cur = list(shape)
+        for j, a in enumerate(axes):
+            grid = np.broadcast_to(
+                np.arange(shape[a], dtype=np.float32).reshape([-1 if i == a else 1 for i in range(len(shape))]), shape
+            )
+            res = _run_reference(self.node, {x: np.ascontiguousarray(grid), **feeds}, self.opset)[0]
+            line = np.asarray(res)[tuple(slice(None) if i == a else 0 for i in range(len(shape)))].astype(np.int64)
+            cur[a] = out_shape[a]
+            last = j == len(axes) - 1
+            ref = self.emit("gather", [ref], {"indices": line.tolist(), "axis": a}, tuple(cur),
+                            self.node.output[0] if last else None)  # fmt: skip
 
     def _lower_ConstantOfShape(self) -> None:
         raise _Unsupported("shape is not constant")

@@ -242,6 +242,8 @@ NONLINEAR = (
     "gelu",
     "softplus",
     "hard_sigmoid",
+    "hard_swish",
+    "reduce_max",
     "lrn",
     "layer_norm",
 )

@@ -56,6 +56,8 @@ __all__ = [
     "prelu",
     "clip",
     "hard_sigmoid",
+    "hard_swish",
+    "reduce_max_axes",
     "maxpool2d",
     "reduce_max",
     "argmax_onehot",
@@ -210,6 +212,16 @@ def hard_sigmoid(e: Engine, x: Secret, alpha: float = 0.2, beta: float = 0.5) ->
     return _clip_ring(e, _rtrunc(e, y, f), 0, 1 << f)
 
 
+def hard_swish(e: Engine, x: Secret) -> Secret:
+    """x * hard_sigmoid(x) with alpha = 1/6, beta = 1/2 (ONNX HardSwish): the hard sigmoid exactly
+    as :func:`hard_sigmoid` (one rounding truncation, one clip = two comparisons in one msb), then
+    one product and one rounding truncation. |error| <= |x| * (0.5 ulp + |x| * 2^-(f+1)) + 0.5 ulp
+    (exact 0 for x <= -3, x up to the truncations' rounding for x >= 3).
+    Cost: trunc 2 + clip 10 + mul 1 + trunc 2 = 15 rounds."""
+    h = hard_sigmoid(e, x, 1.0 / 6.0, 0.5)
+    return _rtrunc(e, e.mul(x, h), e.frac_bits)
+
+
 # ---- max, max pooling, argmax ---------------------------------------------------------------------
 def _tree_max(e: Engine, v: Secret) -> Secret:
     """Maximum over axis 0 of ``v`` (shape (k, *rest)) by a tree: ceil(log2 k) levels, each ONE
@@ -264,6 +276,22 @@ def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
     top = e.local(lambda t: t[0], v)
     onehot = e.local(lambda t: t[0, :k], masks)
     return top, onehot
+
+
+def reduce_max_axes(e: Engine, x: Secret, axes: Sequence[int] = (-1,), keepdims: bool = True) -> Secret:
+    """Maximum over several ``axes`` (ONNX ReduceMax): the axes are moved to the front and
+    flattened, then one comparison tree over their k elements (ties are irrelevant: the value is
+    returned). Exact. Cost: 10 * ceil(log2 k) rounds, k = the product of the reduced sizes."""
+    nd = len(x.shape)
+    ax = sorted({_norm_axis(int(a), nd) for a in axes})
+    rest = [d for i, d in enumerate(x.shape) if i not in ax]
+    k = int(np.prod([x.shape[a] for a in ax], dtype=np.int64))
+    flat = e.local(lambda t: t.permute(*ax, *[i for i in range(nd) if i not in ax]).reshape(k, *rest).contiguous(), x)
+    m = _tree_max(e, flat)
+    if not keepdims:
+        return m
+    kept = [1 if i in ax else int(d) for i, d in enumerate(x.shape)]
+    return e.local(lambda t: t.reshape(kept), m)
 
 
 def reduce_max(e: Engine, x: Secret, axis: int = -1, keepdims: bool = False) -> Secret:
@@ -1286,6 +1314,8 @@ def _populate() -> None:
     _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)); 13 rounds (secret slope)")
     _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact; 10 rounds")
     _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]; 12 rounds")
+    _register("hard_swish", exact, _plain(hard_swish), "x * hard_sigmoid(x): one clip, one product; 15 rounds")
+    _register("reduce_max", "tree", _plain(reduce_max_axes), "comparison tree over the reduced axes; 10 ceil(log2 k)")
     _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window; 10 ceil(log2 k) rounds")
     _register("max", "tree", _plain(reduce_max), "comparison tree; 10 ceil(log2 k) rounds")
     _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first; 10 ceil(log2 k)")
