@@ -53,7 +53,7 @@ from compiler.errors import InputError, ModelError, SiguardError, UnsupportedOps
 from compiler.ir import Graph, Node, Value
 from compiler.ops import default_impl
 
-__all__ = ["load_model", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
+__all__ = ["load_model", "select_output", "with_output", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
 
 TARGET_OPSET = 18
 
@@ -129,6 +129,60 @@ def load_model(
         raise
     except Exception as e:  # never a raw traceback for a bad model; the cause stays chained
         raise ModelError(f"{label}: cannot compile model: {type(e).__name__}: {_one_line(e)}") from e
+
+
+# ---- which output: shared by compile, calibration, ``guard train`` and the audit -------------------
+
+#: how to get a plain probability tensor out of skl2onnx (said when a classifier's outputs cannot be used)
+REEXPORT_HINT = (
+    "re-export with skl2onnx's options={id(model): {'zipmap': False}} (or to_onnx(..., options={'zipmap': False})), "
+    "or name a float tensor with --output"
+)
+
+
+def _is_float_tensor(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOAT_TYPES
+
+
+def select_output(model: onnx.ModelProto, output: str | None = None, label: str = "model") -> str:
+    """The ONNX value that ``compile`` computes (and that ``guard train`` and the audit read).
+
+    1. ``output`` if given (any graph output or node output);
+    2. else the first float tensor graph output;
+    3. else, for a classifier exported by skl2onnx with its default ZipMap (outputs: an int64 label
+       and a sequence of maps), the float tensor feeding the ZipMap node -- the probabilities;
+    4. else a :class:`ModelError` listing the outputs and saying how to re-export.
+    """
+    if output is not None:
+        return output
+    g = model.graph
+    for o in g.output:
+        if _is_float_tensor(o):
+            return o.name
+    outputs = {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type == "ZipMap" and node.domain == "ai.onnx.ml" and node.output[0] in outputs:
+            return node.input[0]
+    listing = ", ".join(f"{o.name} ({_type_name(o)})" for o in g.output)
+    raise ModelError(f"{label}: no float tensor output to compile (outputs: {listing}); {REEXPORT_HINT}")
+
+
+def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose only graph output is ``name`` (a float tensor, e.g. what
+    :func:`select_output` chose), so onnxruntime returns exactly the value compile computes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    found = [o for o in g.output if o.name == name]
+    vi = onnx.ValueInfoProto()
+    if found:
+        vi.CopyFrom(found[0])
+    else:
+        vi.name = name
+        vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    g.ClearField("output")
+    g.output.append(vi)
+    return out
 
 
 # ---- reading and checking ------------------------------------------------------------------------
@@ -288,28 +342,24 @@ class _Frontend:
     def _choose_output(self, model: onnx.ModelProto) -> tuple[str, onnx.ValueInfoProto]:
         outputs = {o.name: o for o in model.graph.output}
         listing = ", ".join(f"{o.name} ({_type_name(o)})" for o in model.graph.output)
-        if self.output is None:
-            for o in model.graph.output:
-                if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_TYPES:
-                    return o.name, o
-            raise ModelError(f"{self.label}: no float tensor output to compile (outputs: {listing})")
-        if self.output in outputs:
-            vi = outputs[self.output]
+        name = select_output(model, self.output, self.label)
+        if self.output is None and name not in outputs:
+            self.warnings.append(f"compiling {name!r}, the probabilities feeding the classifier's ZipMap")
+        if name in outputs:
+            vi = outputs[name]
         else:
             produced = {o for n in model.graph.node for o in n.output if o}
-            if self.output not in produced:
-                raise ModelError(f"{self.label}: unknown output {self.output!r} (graph outputs: {listing})")
+            if name not in produced:
+                raise ModelError(f"{self.label}: unknown output {name!r} (graph outputs: {listing})")
             try:
                 inferred = onnx.shape_inference.infer_shapes(model)
             except Exception:
                 inferred = model
-            found = [v for v in inferred.graph.value_info if v.name == self.output]
-            vi = found[0] if found else helper.make_value_info(self.output, onnx.TypeProto())
+            found = [v for v in inferred.graph.value_info if v.name == name]
+            vi = found[0] if found else helper.make_value_info(name, onnx.TypeProto())
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _FLOAT_TYPES:
-            raise ModelError(
-                f"{self.label}: output {self.output!r} is a {_type_name(vi)} tensor; only float outputs compile"
-            )
-        return self.output, vi
+            raise ModelError(f"{self.label}: output {name!r} is a {_type_name(vi)} tensor; only float outputs compile")
+        return name, vi
 
     def _prune(self, model: onnx.ModelProto, out_name: str, out_vi: onnx.ValueInfoProto) -> None:
         g = model.graph

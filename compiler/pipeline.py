@@ -128,6 +128,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         parse_budget(opts.accuracy_budget)
     graph = load_model(model, batch=opts.batch, output=opts.output)
     ctx = PassContext(frac_bits=opts.frac_bits, options=dict(opts.extra))
+    ctx.warnings.extend(graph.meta.get("warnings", []))  # the frontend's (e.g. the ZipMap output choice)
     passes = [Canonicalize()]
     x_cal = _calibration_array(opts.calibration)
     calibrate = None

@@ -59,12 +59,22 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
 
 
 def predict_onnx(path: str | Path, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """The model's outputs through onnxruntime (the plaintext oracle), in batches."""
+    """The model's outputs through onnxruntime (the plaintext oracle), in batches: the value that
+    ``siguard compile`` computes (:func:`compiler.frontend.select_output`; for a default skl2onnx
+    classifier, the probabilities feeding its ZipMap)."""
+    import onnx
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
+    from compiler.frontend import select_output, with_output
+
+    model = onnx.load(str(path))
+    name = select_output(model, label=str(path))
+    if name == model.graph.output[0].name:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(with_output(model, name).SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    outs = [sess.run(None, {inp: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
 
 
