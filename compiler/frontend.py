@@ -66,7 +66,7 @@ SUPPORTED_ONNX_OPS: list[str] = sorted(
         "LayerNormalization", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mish", "Mul", "Neg", "PRelu",
         "Pad", "Pow", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
         "Shape", "Sigmoid", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum",
-        "Tanh", "Transpose", "Unsqueeze", "Where",
+        "Swish", "Tanh", "Transpose", "Unsqueeze", "Where",
     ]
 )  # fmt: skip
 
@@ -461,14 +461,41 @@ class _Frontend:
         try:
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         except Exception as e:
-            raise ModelError(f"{self.label}: shape inference failed: {_one_line(e)}") from e
+            where = _untyped_value(model)
+            raise ModelError(f"{self.label}: shape inference failed: {where}{_one_line(e, 200)}") from e
 
     # -- 6. compile-time evaluation --
+    def _prefold(self, model: onnx.ModelProto, consts: dict[str, np.ndarray]) -> onnx.ModelProto:
+        """Evaluate weight-producing subgraphs (nodes whose inputs are all constants: ConstantOfShape
+        of an initializer shape, constant Unsqueeze/Concat chains, ...) into initializers *before*
+        the first shape inference, which then sees plain initializers instead of computed values."""
+        remaining: list[onnx.NodeProto] = []
+        folded = 0
+        for node in model.graph.node:
+            ins = [i for i in node.input if i]
+            if (
+                node.domain in _DEFAULT_DOMAINS
+                and node.op_type not in ("Shape", "Size")
+                and (node.op_type in SUPPORTED_ONNX_OPS or node.op_type in CONSTANT_ONLY_ONNX_OPS)
+                and all(i in consts for i in ins)
+                and not _subgraph_refs(node)
+            ):
+                values = self._evaluate(node, consts, None)
+                if values is not None:
+                    folded += 1
+                    for name, arr in zip(node.output, values, strict=True):
+                        if name:
+                            consts[name] = arr
+                    continue
+            remaining.append(node)
+        return self._rebuild(model, remaining, consts) if folded else model
+
     def _fold(
         self, model: onnx.ModelProto, out_name: str
     ) -> tuple[onnx.ModelProto, list[onnx.NodeProto], dict[str, np.ndarray], _Info]:
         """Fold constant nodes; returns the inferred model, its remaining nodes, constants, shapes."""
         consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        model = self._prefold(model, consts)
         nodes = list(model.graph.node)
         for _ in range(8):
             model = self._infer(model)
@@ -507,14 +534,14 @@ class _Frontend:
             g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
         return new
 
-    def _evaluate(self, node: onnx.NodeProto, consts: dict, info: _Info) -> list[np.ndarray] | None:
+    def _evaluate(self, node: onnx.NodeProto, consts: dict, info: _Info | None) -> list[np.ndarray] | None:
         """The outputs of ``node`` if they can be computed now, else None."""
         if node.domain not in _DEFAULT_DOMAINS:
             return None
         op = node.op_type
         ins = [i for i in node.input if i]
         if op in ("Shape", "Size") and ins[0] not in consts:
-            shape = info.static_shape(ins[0])
+            shape = None if info is None else info.static_shape(ins[0])
             if shape is None:
                 return None
             if op == "Size":
@@ -537,6 +564,30 @@ class _Frontend:
                 f"{self.label}: cannot evaluate constant node {node.name} ({op}): {_one_line(e, 150)}"
             ) from e
         return [np.asarray(r) for r in results]
+
+
+def _untyped_value(model: onnx.ModelProto) -> str:
+    """Where shape inference loses a type: the first value a node reads that has no type after a
+    lenient inference, with what produces it ("" if every read value is typed)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    typed = {vi.name for vi in list(g.input) + list(g.value_info) + list(g.output) if vi.type.HasField("tensor_type")}
+    typed |= {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    for node in g.node:
+        for v in node.input:
+            if v and v not in typed:
+                src = producer.get(v)
+                origin = (
+                    f"output of {src.op_type} node {src.name!r}, whose type could not be inferred"
+                    if src is not None
+                    else "neither a graph input, an initializer nor a node output"
+                )
+                return f"value {v!r} read by {node.op_type} node {node.name!r} has no type ({origin}); "
+    return ""
 
 
 def _type_name(vi: onnx.ValueInfoProto) -> str:
@@ -915,6 +966,14 @@ class _Lowering:
         sp = self.emit("softplus", [x], {}, shape)
         th = self.emit("tanh", [sp], {}, shape)
         self.emit("mul", [x, th], {}, shape, self.node.output[0])
+
+    def _lower_Swish(self) -> None:
+        """x * sigmoid(alpha * x) (opset 24's Swish; older exports write Sigmoid and Mul)."""
+        alpha = float(self.attrs.get("alpha", 1.0))
+        x, shape = self.ir(self.node.input[0]), self.out_shape()
+        scaled = x if alpha == 1.0 else self.emit("mul", [x, self.public_scalar(alpha)], {}, shape)
+        s = self.emit("sigmoid", [scaled], {}, shape)
+        self.emit("mul", [x, s], {}, shape, self.node.output[0])
 
     def _lower_Gelu(self) -> None:
         approx = self.attrs.get("approximate", "none")
