@@ -71,9 +71,11 @@ def test_weights_from_constant_of_shape_and_unsqueeze_are_folded_into_initialize
     scale = Unsqueeze(Unsqueeze(ConstantOfShape)) feeding a Mul; IR version 3, everything listed as inputs."""
     inits = [numpy_helper.from_array(np.array([4, 2, 3, 3], np.int64), "w_shape"),
              numpy_helper.from_array(np.array([4], np.int64), "s_shape")]  # fmt: skip
+    quarter = numpy_helper.from_array(np.array([0.25], np.float32))
+    one_and_half = numpy_helper.from_array(np.array([1.5], np.float32))
     nodes = [
-        helper.make_node("ConstantOfShape", ["w_shape"], ["w"], value=numpy_helper.from_array(np.array([0.25], np.float32))),
-        helper.make_node("ConstantOfShape", ["s_shape"], ["s0"], value=numpy_helper.from_array(np.array([1.5], np.float32))),
+        helper.make_node("ConstantOfShape", ["w_shape"], ["w"], value=quarter),
+        helper.make_node("ConstantOfShape", ["s_shape"], ["s0"], value=one_and_half),
         helper.make_node("Unsqueeze", ["s0"], ["s1"], axes=[1]),
         helper.make_node("Unsqueeze", ["s1"], ["s"], axes=[2]),
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
