@@ -83,7 +83,7 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
     ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
     import onnxruntime as ort
 
-    from compiler.errors import InputError
+    from compiler.errors import InputError, SiguardError
 
     try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -96,5 +96,7 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
                          f"{['?' if f is None else f for f in fixed]}")
     try:
         return predict_onnx(model, x)
+    except SiguardError:
+        raise  # already one clear line (e.g. no output to read, and how to re-export)
     except Exception as exc:
         raise InputError(f"{what}: the model fails on 'x' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = subparsers.add_parser("guard", help="the output guard: train its defender")
     gsub = g.add_subparsers(dest="guard_command", required=True)
     t = gsub.add_parser("train", help="train the defender h (k -> 128 -> 64 -> 1) on members vs non-members")
-    t.add_argument("model", help="target ONNX model (outputs logits or probabilities)")
+    t.add_argument("model", help="target ONNX model (outputs logits or probabilities; the output compile "
+                   "uses, e.g. the probabilities feeding a skl2onnx classifier's ZipMap)")
     t.add_argument("--members", required=True, help=".npz with x (the model's training inputs) and y")
     t.add_argument("--nonmembers", required=True, help=".npz with x, y the owner holds out (reference non-members)")
     t.add_argument("-o", required=True, metavar="DEFENDER.onnx",

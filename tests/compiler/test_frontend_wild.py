@@ -150,6 +150,18 @@ def test_guard_train_and_audit_read_the_same_probabilities(tmp_path):
     assert select_output(model) == load_model(model).meta["onnx_output"]
 
 
+def test_guard_train_on_a_default_sklearn_classifier(tmp_path):
+    from siguard.api_guard import train_defender
+
+    path = tmp_path / "clf.onnx"
+    onnx.save(_default_sklearn_classifier(), path)
+    x_train, y_train, x_test, y_test = models.digits()
+    np.savez(tmp_path / "m.npz", x=x_train[:100], y=y_train[:100])
+    np.savez(tmp_path / "n.npz", x=x_test[:100], y=y_test[:100])
+    report = train_defender(path, tmp_path / "m.npz", tmp_path / "n.npz", tmp_path / "d.onnx", epochs=2)
+    assert report.num_classes == 10 and (tmp_path / "d.onnx").exists()
+
+
 def test_no_float_output_says_how_to_re_export():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
     label = helper.make_tensor_value_info("label", TensorProto.INT64, [1])
