@@ -156,3 +156,52 @@ def test_default_sklearn_mlp_classifier_secure(default_sklearn_classifier):
     assert got.shape == want.shape == (32, 10)
     assert np.abs(got - want).max() <= 1e-2  # the README's stated error of a revealed probability
     assert (got.argmax(1) == labels).mean() == 1.0
+
+
+def _new_ops_model() -> onnx.ModelProto:
+    """Reflect Pad -> Conv1d -> HardSwish -> Unsqueeze -> Resize (nearest, x2) -> ReduceMax -> Expand
+    -> Where (constant condition) -> Mish: every op issue 17 added, in one graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    consts = {
+        "pads": np.array([0, 0, 2, 0, 0, 1], np.int64), "w": rng.standard_normal((5, 4, 3)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32), "ax": np.array([2], np.int64),
+        "scales": np.array([1, 1, 2, 2], np.float32), "rax": np.array([3], np.int64),
+        "shape": np.array([1, 5, 2, 3], np.int64), "cond": rng.random((2, 3)) > 0.5,
+        "other": np.float32(0.25).reshape(()),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+        helper.make_node("Conv", ["p", "w", "b"], ["c"]),
+        helper.make_node("HardSwish", ["c"], ["h"]),
+        helper.make_node("Unsqueeze", ["h", "ax"], ["u"]),
+        helper.make_node("Resize", ["u", "", "scales"], ["r"], mode="nearest"),
+        helper.make_node("ReduceMax", ["r", "rax"], ["m"]),
+        helper.make_node("Expand", ["m", "shape"], ["e"]),
+        helper.make_node("Where", ["cond", "e", "other"], ["wh"]),
+        helper.make_node("Mish", ["wh"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "new_ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 2, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_new_ops_secure_and_their_cost_model(tmp_path):
+    """The secure run agrees with onnxruntime, and every step's transport count (rounds, bytes per
+    party) is exactly what the plan's cost model predicts."""
+    path = tmp_path / "new_ops.onnx"
+    onnx.save(_new_ops_model(), path)
+    x = (np.random.default_rng(4).standard_normal((1, 4, 6)) * 2).astype(np.float32)
+    res = compile_model(path, CompileOptions(batch=1))
+    assert {"hard_swish", "reduce_max", "softplus", "tanh", "conv"} <= {s["op"] for s in res.plan.steps}
+    run = run_threads(res.plan, x, res.weights, timeout=120)
+    np.testing.assert_allclose(run.output, _ort(str(path), x), atol=1e-2)
+    measured = {row["name"]: row for row in run.stats["steps"]}
+    for step in res.plan.steps:
+        row = measured.get(step["name"], {"rounds": 0, "bytes_per_party": [0, 0, 0]})
+        assert (row["rounds"], list(row["bytes_per_party"])) == (
+            step["cost"]["rounds"], list(step["cost"]["bytes_per_party"])), step["name"]
