@@ -4,8 +4,11 @@ Pipeline of :func:`load_model` (each step fails with one clear :class:`~compiler
 
 1. read the file (external-data files beside it are loaded too, as torch's dynamo exporter writes
    them) or take a ``ModelProto``; run ``onnx.checker.check_model``; inline local functions;
-2. choose the output (``output`` or the first float tensor output) and prune every node that does
-   not feed it -- so a classifier's ArgMax/label branch never has to be supported;
+   IR-version-3 conventions: initializers listed among the graph inputs are constants unless the
+   caller names them in ``inputs`` (the model moves to IR version 4 so the tools below accept it);
+2. choose the output (:func:`select_output`: ``output``, else the first float tensor output, else
+   the probabilities feeding a skl2onnx classifier's ZipMap) and prune every node that does not
+   feed it -- so a classifier's ArgMax/label branch never has to be supported;
 3. reject op types that cannot be lowered, all of them in one :class:`UnsupportedOpsError`;
 4. convert to opset :data:`TARGET_OPSET` (18) with ``onnx.version_converter``. 18 is the first opset
    in which every op we lower takes its axes/pads/split as *inputs* (ReduceMean & co. moved in 18),
@@ -13,7 +16,10 @@ Pipeline of :func:`load_model` (each step fails with one clear :class:`~compiler
    converter cannot take there (e.g. opset 20 with ``Gelu``, which has no down-adapter) is kept at
    its own opset; the lowering below reads both the attribute and the input forms;
 5. fix the symbolic batch dimension (first dim of each graph input) to ``batch``; any other symbolic
-   dimension is an error; then strict ``onnx.shape_inference`` (with data propagation);
+   dimension is an error; fold weight-producing subgraphs (nodes whose inputs are all initializers:
+   the model zoo's ConstantOfShape weights, constant Unsqueeze/Concat chains) into initializers;
+   then strict ``onnx.shape_inference`` (with data propagation), whose failure names the first
+   value it could not type and what produces it;
 6. fold at compile time every node whose inputs are all constant (plus ``Shape``/``Size`` of a value
    with a static shape) with ``onnx.reference.ReferenceEvaluator`` -- this removes the
    Shape/Gather/Concat/Unsqueeze/ConstantOfShape/Cast/Range chains that feed Reshape and Expand;
