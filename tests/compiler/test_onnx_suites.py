@@ -111,9 +111,9 @@ def test_conformance(case):
 
 ZOO = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
        "vgg19", "zfnet512"]  # fmt: skip
-#: the cheaper ones also run with random weights (VGG-19, ZFNet-512, AlexNet and Inception v2 take
-#: 10-40 s per reference run here)
-ZOO_RANDOMIZED = ["densenet121", "inception_v1", "resnet50", "shufflenet", "squeezenet"]
+#: the cheaper ones also run with random weights (the others take 45-100 s per reference run on a
+#: loaded 2-core machine; ResNet-50's random-weight output has a top-2 gap of 2e-4, i.e. degenerate)
+ZOO_RANDOMIZED = ["densenet121", "inception_v1", "shufflenet", "squeezenet"]
 
 
 def _randomized(path: Path, seed: int = 0) -> onnx.ModelProto:
