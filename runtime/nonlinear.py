@@ -217,7 +217,8 @@ def hard_swish(e: Engine, x: Secret) -> Secret:
     as :func:`hard_sigmoid` (one rounding truncation, one clip = two comparisons in one msb), then
     one product and one rounding truncation. |error| <= |x| * (0.5 ulp + |x| * 2^-(f+1)) + 0.5 ulp
     (exact 0 for x <= -3, x up to the truncations' rounding for x >= 3).
-    Cost: trunc 2 + clip 10 + mul 1 + trunc 2 = 15 rounds."""
+    Cost: trunc 2 + clip 10 + mul 1 + trunc 2 = 15 rounds; 216 / 184 / 184 bytes per element
+    (P0 / P1 / P2), as the cost model counts and ``tests/compiler/test_secure_wild_models.py`` checks."""
     h = hard_sigmoid(e, x, 1.0 / 6.0, 0.5)
     return _rtrunc(e, e.mul(x, h), e.frac_bits)
 
@@ -281,7 +282,8 @@ def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
 def reduce_max_axes(e: Engine, x: Secret, axes: Sequence[int] = (-1,), keepdims: bool = True) -> Secret:
     """Maximum over several ``axes`` (ONNX ReduceMax): the axes are moved to the front and
     flattened, then one comparison tree over their k elements (ties are irrelevant: the value is
-    returned). Exact. Cost: 10 * ceil(log2 k) rounds, k = the product of the reduced sizes."""
+    returned). Exact. Cost: 10 * ceil(log2 k) rounds, k = the product of the reduced sizes; (k - 1)
+    comparisons and selections per output element: (k - 1) * 88 / 80 / 80 bytes (P0 / P1 / P2)."""
     nd = len(x.shape)
     ax = sorted({_norm_axis(int(a), nd) for a in axes})
     rest = [d for i, d in enumerate(x.shape) if i not in ax]
