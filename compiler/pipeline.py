@@ -23,6 +23,7 @@ class CompileOptions:
 
     batch: int = 1
     output: str | None = None
+    inputs: tuple[str, ...] = ()  # graph inputs kept as inputs though an initializer gives a default (IR 3)
     frac_bits: int = 16
     guard: Any = None  # defender ONNX path (or privacy.defender.DefenderWeights); None = no guard
     guard_config: dict[str, Any] = field(default_factory=dict)  # runtime.guard.GuardConfig fields
@@ -88,9 +89,9 @@ def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str
     from passes.fixedpoint import FixedPoint
 
     try:
-        g = load_model(model, batch=min(n, 256), output=opts.output)
+        g = load_model(model, batch=min(n, 256), output=opts.output, inputs=opts.inputs)
     except SiguardError:  # a fixed batch axis
-        g = load_model(model, batch=opts.batch, output=opts.output)
+        g = load_model(model, batch=opts.batch, output=opts.output, inputs=opts.inputs)
     PassManager([Canonicalize()]).run(g, PassContext(frac_bits=opts.frac_bits))
     for name, rng in ranges.items():
         if name in g.values:
@@ -126,7 +127,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         raise InputError(f"--frac-bits must be between 8 and 24 (got {opts.frac_bits})")
     budget = opts.accuracy_budget if not isinstance(opts.accuracy_budget, (str, type(None))) else \
         parse_budget(opts.accuracy_budget)
-    graph = load_model(model, batch=opts.batch, output=opts.output)
+    graph = load_model(model, batch=opts.batch, output=opts.output, inputs=opts.inputs)
     ctx = PassContext(frac_bits=opts.frac_bits, options=dict(opts.extra))
     ctx.warnings.extend(graph.meta.get("warnings", []))  # the frontend's (e.g. the ZipMap output choice)
     passes = [Canonicalize()]
