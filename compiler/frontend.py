@@ -144,6 +144,7 @@ REEXPORT_HINT = (
     "re-export with skl2onnx's options={id(model): {'zipmap': False}} (or to_onnx(..., options={'zipmap': False})), "
     "or name a float tensor with --output"
 )
+_OUTPUT_HINT = "name a float tensor with --output"
 
 
 def _is_float_tensor(vi: onnx.ValueInfoProto) -> bool:
@@ -170,7 +171,9 @@ def select_output(model: onnx.ModelProto, output: str | None = None, label: str 
         if node.op_type == "ZipMap" and node.domain == "ai.onnx.ml" and node.output[0] in outputs:
             return node.input[0]
     listing = ", ".join(f"{o.name} ({_type_name(o)})" for o in g.output)
-    raise ModelError(f"{label}: no float tensor output to compile (outputs: {listing}); {REEXPORT_HINT}")
+    ml = any(n.domain == "ai.onnx.ml" for n in g.node) or any(not o.type.HasField("tensor_type") for o in g.output)
+    raise ModelError(f"{label}: no float tensor output to compile (outputs: {listing}); "
+                     f"{REEXPORT_HINT if ml else _OUTPUT_HINT}")  # fmt: skip
 
 
 def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:

@@ -170,7 +170,17 @@ def test_no_float_output_says_how_to_re_export():
     with pytest.raises(ModelError) as err:
         load_model(model)
     msg = str(err.value)
-    assert "\n" not in msg and "label (int64)" in msg and "'zipmap': False" in msg and "--output" in msg
+    assert "\n" not in msg and "label (int64)" in msg and "--output" in msg and "zipmap" not in msg
+    # an ML-domain classifier whose ZipMap output is not recognised (its probabilities are not a graph
+    # output here) gets the re-export hint
+    zm = helper.make_node("ZipMap", ["x"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])
+    seq = helper.make_tensor_sequence_value_info("unrelated", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("ArgMax", ["x"], ["label"], keepdims=0),
+                               helper.make_node("SequenceConstruct", ["x"], ["unrelated"]), zm],
+                              "g", [x], [label, seq])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 1)])
+    with pytest.raises(ModelError, match="'zipmap': False"):
+        load_model(model)
 
 
 def test_where_with_a_constant_condition():
