@@ -920,7 +920,9 @@ class _Lowering:
         self._unary("identity")
 
     def _lower_Pow(self) -> None:
-        """x ** c for a constant c in {1, 2, 3, 0.5, -1, -0.5} (decomposed norms write x ** 2, x ** 0.5)."""
+        """x ** c for a constant c: an integer 1 <= |c| <= 16 by square-and-multiply (floor(log2 |c|)
+        squarings and popcount(|c|) - 1 more products; a negative c then takes the reciprocal), or
+        0.5, -0.5 (decomposed norms write x ** 2, x ** 0.5)."""
         x = self.node.input[0]
         c = self.const_input(1, "exponent")
         if c is None or c.size != 1:
@@ -928,20 +930,29 @@ class _Lowering:
         e = float(c.reshape(-1)[0])
         shape, out = self.out_shape(), self.node.output[0]
         ref = self.ir(x)
-        if e == 1.0:
-            self.emit("identity", [ref], {}, shape, out)
-        elif e in (2.0, 3.0):
-            sq = self.emit("mul", [ref, ref], {}, shape, out if e == 2.0 else None)
-            if e == 3.0:
-                self.emit("mul", [sq, ref], {}, shape, out)
-        elif e == 0.5:
-            self.emit("sqrt", [ref], {}, shape, out)
-        elif e == -1.0:
-            self.emit("reciprocal", [ref], {}, shape, out)
-        elif e == -0.5:
-            self.emit("reciprocal", [self.emit("sqrt", [ref], {}, shape)], {}, shape, out)
+        if e in (0.5, -0.5):
+            root = self.emit("sqrt", [ref], {}, shape, out if e == 0.5 else None)
+            if e == -0.5:
+                self.emit("reciprocal", [root], {}, shape, out)
+            return
+        if e != int(e) or not 1 <= abs(e) <= 16:
+            raise _Unsupported(f"exponent {e:g} (supported: integers 1 to 16 and their negatives, 0.5, -0.5)")
+        n = abs(int(e))
+        final = out if e > 0 else None  # the last product is the output, unless a reciprocal follows
+        if n == 1:
+            power = self.emit("identity", [ref], {}, shape, out) if e > 0 else ref
         else:
-            raise _Unsupported(f"exponent {e:g} (supported: 1, 2, 3, 0.5, -1, -0.5)")
+            m = n.bit_length() - 1
+            squares = [ref]
+            for k in range(1, m + 1):  # x^(2^k)
+                name = final if (k == m and n == 1 << m) else None
+                squares.append(self.emit("mul", [squares[-1], squares[-1]], {}, shape, name))
+            factors = [squares[k] for k in range(m + 1) if n >> k & 1]
+            power = factors[0]
+            for k, f in enumerate(factors[1:], start=2):
+                power = self.emit("mul", [power, f], {}, shape, final if k == len(factors) else None)
+        if e < 0:
+            self.emit("reciprocal", [power], {}, shape, out)
 
     def _lower_LeakyRelu(self) -> None:
         self._unary("leaky_relu", {"alpha": float(self.attrs.get("alpha", 0.01))})

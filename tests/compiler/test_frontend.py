@@ -431,7 +431,7 @@ OP_CASES = {
 POSITIVE_CASES = {
     "sqrt": ("Sqrt", (2, 3), {}, []),
     "reciprocal": ("Reciprocal", (2, 3), {}, []),
-    **{f"pow_{e:g}": ("Pow", (2, 3), {}, [np.float32(e)]) for e in (1, 2, 3, 0.5, -1, -0.5)},
+    **{f"pow_{e:g}": ("Pow", (2, 3), {}, [np.float32(e)]) for e in (1, 2, 3, 0.5, -1, -0.5, 4, 7, 8, -3)},
 }
 OPSET_CASES = {  # (opset, case): attribute forms and old semantics
     "softmax_v11_coerce": (11, ("Softmax", (2, 3, 4), {"axis": 1}, [])),
