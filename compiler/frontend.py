@@ -1555,10 +1555,19 @@ class _Lowering:
         if not axes:
             self._unary("identity")
             return
+        rank = len(shape)
+        scales = self.const_input(2, "scales")
+        # With full-rank scales >= 1 the other axes of the probe can be 1 (the index map of one axis
+        # does not depend on them): small probes for big feature maps. Otherwise the full grid.
+        small = (
+            self.inp(3) is None and "axes" not in self.attrs and scales is not None and scales.size == rank
+        )  # fmt: skip
         cur = list(shape)
         for j, a in enumerate(axes):
+            thin = small and all(float(scales[i]) >= 1.0 for i in range(rank) if i != a)
+            probe = [shape[i] if (i == a or not thin) else 1 for i in range(rank)]
             grid = np.broadcast_to(
-                np.arange(shape[a], dtype=np.float32).reshape([-1 if i == a else 1 for i in range(len(shape))]), shape
+                np.arange(shape[a], dtype=np.float32).reshape([-1 if i == a else 1 for i in range(rank)]), probe
             )
             res = _run_reference(self.node, {x: np.ascontiguousarray(grid), **feeds}, self.opset)[0]
             line = np.asarray(res)[tuple(slice(None) if i == a else 0 for i in range(len(shape)))].astype(np.int64)

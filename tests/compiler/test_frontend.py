@@ -424,6 +424,8 @@ OP_CASES = {
     "reduce_max_drop": ("ReduceMax", (2, 3, 4), {"keepdims": 0}, [i64(1)]),
     "expand": ("Expand", (3, 1, 4), {}, [i64(2, 3, 5, 4)]),
     "resize_nearest_scales": ("Resize", (1, 2, 3, 4), {}, ["", np.array([1, 1, 2, 1.5], np.float32)]),
+    "resize_nearest_down_up": ("Resize", (1, 2, 6, 4), {"nearest_mode": "ceil"},
+                               ["", np.array([1, 1, 0.5, 2], np.float32)]),
     "resize_nearest_sizes_half_pixel": ("Resize", (1, 2, 5, 4),
                                         {"coordinate_transformation_mode": "half_pixel", "nearest_mode": "floor"},
                                         ["", "", i64(1, 2, 3, 7)]),
