@@ -172,6 +172,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     for spec in plan.doc["inputs"]:  # public: the client refuses inputs outside it (runtime.local.check_inputs)
         if spec["name"] in domain:
             spec["domain"] = domain[spec["name"]]
+            spec["domain_source"] = graph.meta["input_domain_source"]
     records = graph.meta.get("approx", {})
     for step in plan.doc["steps"]:
         if step["name"] in records:

@@ -456,7 +456,12 @@ class Bounds(Pass):
     6. Anything else that fails for a declared domain stops the compilation with one line naming
        the node, the op, the bound and the largest safe domain. A derived domain that does not
        cover the calibration inputs (or [-1, 1] without calibration) is reported once as too loose
-       to be useful, with remedies. It never compiles a plan that can overflow inside its domain.
+       to be useful, with remedies. It never compiles a plan that can overflow inside a declared
+       or derived domain.
+    7. If not even [-2^-8, 2^-8] can be proven safe (deep networks: interval bounds grow by each
+       layer's weight norm), the plan still compiles, with one warning, the old encoding limit
+       2^(62 - 2f) as its domain and ``domain_source`` "unproven", which the client reports on
+       every run. A declared ``--input-range`` turns this into the error of rule 6.
     """
 
     name = "bounds"
@@ -493,6 +498,7 @@ class Bounds(Pass):
         f = ctx.frac_bits
         changes: list[str] = []
         derived = [n for n in graph.inputs if n not in self.declared]
+        source = "derived" if derived else "declared"
         if not derived:
             res = propagate(graph, self._domain(graph, 0), f)
             if not res.safe:
@@ -503,9 +509,16 @@ class Bounds(Pass):
                                  f"{res.problems[0]}{hint}")
         else:
             k, res, above = self._largest_safe(graph, f)
-            if k is None:
-                raise ModelError(f"no input domain is safe (not even [-2^-8, 2^-8]): {res.problems[0]}")
-            self._judge(graph, ctx, k, above, derived)
+            if k is None:  # rule 7: too deep for interval bounds; said once, and the plan says so too
+                source = "unproven"
+                ctx.warn(f"no input domain can be proven safe (even |x| <= 2^-8 gives {res.problems[0]}): interval "
+                         "bounds are too loose for this network, so its fixed-point headroom is NOT guaranteed. "
+                         "Remedies: fewer --frac-bits, rescaling ops (normalisation) between layers, or "
+                         "--input-range to make this an error")
+                cap = 2.0 ** (62 - 2 * f)
+                res = Propagation({n: self.declared.get(n, (-cap, cap)) for n in graph.inputs})
+            else:
+                self._judge(graph, ctx, k, above, derived)
         for node in graph.nodes:
             if node.name in res.fixes:
                 params, why = res.fixes[node.name]
@@ -513,9 +526,10 @@ class Bounds(Pass):
                 changes.append(f"{node.name} ({node.op}): {why}")
         self.result = res
         graph.meta["input_domain"] = {n: [float(lo), float(hi)] for n, (lo, hi) in res.domain.items()}
-        graph.meta["input_domain_source"] = "derived" if derived else "declared"
+        graph.meta["input_domain_source"] = source
         for n, (lo, hi) in res.domain.items():
-            how = "declared" if n in self.declared else "largest safe power of two"
+            how = "declared" if n in self.declared else {"derived": "largest safe power of two",
+                                                         "unproven": "encoding limit, NOT proven safe"}[source]
             changes.append(f"input {n}: domain [{lo:g}, {hi:g}] ({how})")
         return changes
 

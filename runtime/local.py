@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,10 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
         if not np.all(np.isfinite(a)):
             raise InputError(f"input {name!r} contains NaN or infinite values")
         _check_domain(name, a, spec.get("domain"), plan.frac_bits)
+        if spec.get("domain_source") == "unproven":
+            logging.getLogger("siguard.runtime").warning(
+                "input %r: this plan's fixed-point headroom is not proven (the compiler found no safe input domain); "
+                "an intermediate may overflow", name)
         out[name] = a
     return out
 
