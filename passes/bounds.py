@@ -17,7 +17,8 @@ from compiler.ir import Graph, Node
 
 from .base import Pass, PassContext
 
-__all__ = ["Bounds", "Problem", "Propagation", "parse_input_range", "propagate", "HEADROOM_BITS", "FIT_TOLERANCE"]
+__all__ = ["Bounds", "Fix", "Problem", "Propagation", "parse_input_range", "propagate", "HEADROOM_BITS",
+           "FIT_TOLERANCE"]
 
 log = logging.getLogger("siguard.passes")
 
@@ -47,6 +48,27 @@ class Problem:
         return f"{self.node} ({self.op}): {self.message}"
 
 
+@dataclass(frozen=True)
+class Fix:
+    """A change that makes a node's implementation valid on its bound at no loss of accuracy:
+    ``params`` are merged into its ``impl_params`` (None deletes a key); a new ``impl`` replaces
+    the implementation and its parameters."""
+
+    why: str
+    params: dict[str, Any] = field(default_factory=dict)
+    impl: str | None = None
+
+    def apply(self, node: Node) -> None:
+        old = {} if self.impl is not None else dict(node.attrs.get("_impl_params") or {})
+        new = {k: v for k, v in {**old, **self.params}.items() if v is not None}
+        if self.impl is not None:
+            node.impl = self.impl
+        if new:
+            node.attrs["_impl_params"] = new
+        else:
+            node.attrs.pop("_impl_params", None)
+
+
 @dataclass
 class Propagation:
     """Bounds of every value for one domain, the problems found, and the parameter changes
@@ -55,7 +77,7 @@ class Propagation:
     domain: dict[str, tuple[float, float]]
     bounds: dict[str, Interval] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
-    fixes: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    fixes: dict[str, Fix] = field(default_factory=dict)
 
     @property
     def safe(self) -> bool:
@@ -250,7 +272,12 @@ def _fit_error(op: str, lo_x: float, hi_x: float, lo_f: float, hi_f: float) -> f
     """Largest |fn(x) - fn(clip(x, lo_f, hi_f))| over [lo_x, hi_x] for a monotone fitted function."""
     from runtime.nonlinear import FIT_TARGETS
 
-    fn = FIT_TARGETS[op]
+    target = FIT_TARGETS[op]
+
+    def fn(v: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # e^x of a huge bound is inf: an infinite error, as it should be
+            return target(v)
+
     err = 0.0
     if lo_x < lo_f:
         err = max(err, abs(float(fn(np.array([lo_x]))[0]) - float(fn(np.array([lo_f]))[0])))
@@ -259,7 +286,9 @@ def _fit_error(op: str, lo_x: float, hi_x: float, lo_f: float, hi_f: float) -> f
     return err
 
 
-def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Problem]) -> None:
+def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Problem],
+               fix: Callable[[Fix], None] | None = None) -> None:
+    from compiler.ops import default_impl
     from runtime.nonlinear import FIT_DEFAULT_RANGES
 
     if not (node.impl or "").startswith("fit") or node.op not in FIT_DEFAULT_RANGES:
@@ -267,14 +296,17 @@ def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Probl
     lo_f, hi_f = (float(p["lo"]), float(p["hi"])) if "lo" in p and "hi" in p else FIT_DEFAULT_RANGES[node.op]
     lo_x, hi_x = float(np.min(iv[0])), float(np.max(iv[1]))
     err = _fit_error(node.op, lo_x, hi_x, lo_f, hi_f)
-    if err > FIT_TOLERANCE:
+    if err > FIT_TOLERANCE and fix is not None and node.op != "exp":  # the default saturates or is exact
+        fix(Fix(f"{node.impl} fitted on [{_fmt(lo_f)}, {_fmt(hi_f)}] would err by {_fmt(err)} on its bound "
+                f"[{_fmt(lo_x)}, {_fmt(hi_x)}]: {default_impl(node.op)} instead", impl=default_impl(node.op)))
+    elif err > FIT_TOLERANCE:
         problems.append(Problem(node.name, node.op, (
             f"{node.impl} is fitted on [{_fmt(lo_f)}, {_fmt(hi_f)}] but its input can reach [{_fmt(lo_x)}, "
             f"{_fmt(hi_x)}] (clipping error up to {_fmt(err)}); use --approx {node.name}=<a default implementation> "
             "or a narrower --input-range")))
 
 
-def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[dict[str, Any], str], None],
+def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], None],
                problems: list[Problem]) -> None:
     """Rules 4-6 of :class:`Bounds`: what the node's implementation needs of its input bounds."""
     op, impl, p = node.op, node.impl or "", _params(node)
@@ -299,14 +331,19 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[dict[str,
         exp_impl = p.get("exp_impl") or ("exp2" if impl == "exp2" else "limit8")
         if exp_impl.startswith("limit") and not p.get("saturate"):
             n = int(exp_impl[len("limit"):])
-            if spread > 2.0**n:  # the limit method's base goes negative below -2^n: saturate there
-                fix({"saturate": True}, f"logit spread can reach {_fmt(spread)} > 2^{n}: saturate the exp "
-                                        "(entries below -2^n become 0; +10 rounds)")
+            if spread > 2.0**n:  # the limit method's base goes negative below -2^n
+                if impl == "crypten" or op == "log_softmax":  # keep the structure: saturate
+                    fix(Fix(f"logit spread can reach {_fmt(spread)} > 2^{n}: saturating exp (+10 rounds)",
+                            {"saturate": True}))
+                else:  # e^z by thresholds is exact to an ulp and saturates at 0, in fewer rounds than limit+clip
+                    fix(Fix(f"logit spread can reach {_fmt(spread)} > 2^{n}: exp {exp_impl} -> exp2",
+                            {"exp_impl": "exp2", "saturate": None}))
         elif exp_impl.startswith("fit"):
             exp_lo = float(p.get("exp_lo", -f * LN2))
-            need(spread <= -exp_lo or math.exp(exp_lo) <= FIT_TOLERANCE,
-                 f"exp {exp_impl} clips logits below {_fmt(exp_lo)} (error e^{_fmt(exp_lo)}) but the spread can "
-                 f"reach {_fmt(spread)}; use --approx {node.name}=exp2 or a narrower --input-range")
+            if spread > -exp_lo and math.exp(exp_lo) > FIT_TOLERANCE:
+                fix(Fix(f"exp {exp_impl} clips logits below {_fmt(exp_lo)} (error e^{_fmt(exp_lo)}) but the "
+                        f"spread can reach {_fmt(spread)}: exp {exp_impl} -> exp2",
+                        {"exp_impl": "exp2", "exp_lo": None}))
         if impl == "crypten":
             k = int(x[0].shape[ax])
             need(k <= 128, f"crypten's reciprocal guess needs at most 128 classes (has {k})")
@@ -353,8 +390,8 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[dict[str,
         var = sumsq / n
         hi = float(p.get("hi", 16384.0))
         if var > hi:
-            fix({"hi": float(2.0 ** math.ceil(math.log2(var)))},
-                f"variance can reach {_fmt(var)} > {_fmt(hi)}: inverse-sqrt guess range widened")
+            fix(Fix(f"variance can reach {_fmt(var)} > {_fmt(hi)}: inverse-sqrt guess range widened",
+                    {"hi": float(2.0 ** math.ceil(math.log2(var)))}))
     elif op == "lrn" and x is not None:
         b = _mag(x)
         need(b * b * 2.0 ** (2 * f) < limit, f"x^2 overflows at scale 2f (|x| up to {_fmt(b)})")
@@ -373,7 +410,7 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[dict[str,
             err = b * 0.5 * math.erfc(cb / math.sqrt(2.0)) if b > cb else 0.0
             need(err <= FIT_TOLERANCE, f"its gate is clipped at {_fmt(cb)}, an error of {_fmt(err)} at |x| = {_fmt(b)}")
     elif x is not None:
-        _check_fit(node, x, p, problems)
+        _check_fit(node, x, p, problems, fix)
 
 
 def propagate(graph: Graph, domain: dict[str, tuple[float, float]], frac_bits: int) -> Propagation:
@@ -402,8 +439,8 @@ def propagate(graph: Graph, domain: dict[str, tuple[float, float]], frac_bits: i
     for node in graph.nodes:
         ins = [get(i) for i in node.inputs]
 
-        def fix(params: dict[str, Any], why: str, node: Node = node) -> None:
-            res.fixes[node.name] = (params, why)
+        def fix(change: Fix, node: Node = node) -> None:
+            res.fixes[node.name] = change
 
         if node.op != "guard":
             _op_checks(node, ins, frac_bits, fix, res.problems)
@@ -450,9 +487,13 @@ class Bounds(Pass):
        on a range ("fit<d>", softmax's fitted exp) only if clipping to that range errs by at most
        2^-10 on the bound; LayerNorm's x - mean, squared deviations and output products inside
        headroom; LRN's and GELU's internal products likewise.
-    5. Where a parameter can make an approximation cover its bound at no accuracy cost, it is set
-       (softmax: saturate the limit-method exp when the logit spread can pass 2^n; LayerNorm: widen
-       the inverse-sqrt guess range to the variance bound) and the change is listed.
+    5. Where another setting makes an approximation valid on its bound at no loss of accuracy, it is
+       taken and listed: softmax's limit-method or fitted exp becomes exp2 (thresholds, exact to an
+       ulp, saturating at 0) when the logit spread can pass its range (CrypTen's softmax and
+       log-softmax saturate their limit method instead); LayerNorm's inverse-sqrt guess range is
+       widened to the variance bound; a fitted sigmoid, tanh, erf or ReLU whose clipping would err
+       becomes the op's default implementation (saturating, or exact). The approximation pass
+       chose on calibration data, where these settings agree.
     6. Anything else that fails for a declared domain stops the compilation with one line naming
        the node, the op, the bound and the largest safe domain. A derived domain that does not
        cover the calibration inputs (or [-1, 1] without calibration) is reported once as too loose
@@ -521,9 +562,8 @@ class Bounds(Pass):
                 self._judge(graph, ctx, k, above, derived)
         for node in graph.nodes:
             if node.name in res.fixes:
-                params, why = res.fixes[node.name]
-                node.attrs["_impl_params"] = {**(node.attrs.get("_impl_params") or {}), **params}
-                changes.append(f"{node.name} ({node.op}): {why}")
+                res.fixes[node.name].apply(node)
+                changes.append(f"{node.name} ({node.op}): {res.fixes[node.name].why}")
         self.result = res
         graph.meta["input_domain"] = {n: [float(lo), float(hi)] for n, (lo, hi) in res.domain.items()}
         graph.meta["input_domain_source"] = source

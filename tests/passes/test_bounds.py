@@ -5,6 +5,8 @@ for the bounds' soundness, numpy for what the fixed-point reference must compute
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -123,8 +125,10 @@ def test_bounds_contain_every_value_of_the_float_interpreter(tmp_path):
         model.bn.running_mean.uniform_(-1, 1)
         model.bn.running_var.uniform_(0.5, 2)
     path = tmp_path / "mixed.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 2, 8, 8),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"])
+    with warnings.catch_warnings():  # the legacy TorchScript exporter, on purpose
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 2, 8, 8),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"])
     g = load_model(path, batch=1)
     PassManager([Canonicalize(), FixedPoint()]).run(g, PassContext(frac_bits=F))
     lo, hi = -2.0, 3.0
@@ -141,18 +145,35 @@ def test_bounds_contain_every_value_of_the_float_interpreter(tmp_path):
 
 
 # ---- rules 4-5: approximations must be valid on their input's bound -------------------------------------------
-def test_softmax_whose_spread_can_pass_two_to_the_n_gets_a_saturating_exp():
+def _softmax_graph(impl: str, params: dict) -> Graph:
     w = np.diag([64.0, -64.0, 32.0, 1.0])
-    g = _graph((1, 4), [("matmul", ["x", "w"], {}, None), ("softmax", ["v0"], {"axis": -1}, {"exp_impl": "limit6"})],
-               {"w": w})
-    g.nodes[-1].impl = "max_exp_recip"
-    _, changes = _run_pass(g, {"x": (-4.0, 4.0)})  # spread up to 2 * 256 > 2^6
-    assert g.nodes[-1].attrs["_impl_params"]["saturate"] is True
-    assert any("saturate" in c for c in changes)
+    g = _graph((1, 4), [("matmul", ["x", "w"], {}, None), ("softmax", ["v0"], {"axis": -1}, params)], {"w": w})
+    g.nodes[-1].impl = impl
+    return g
+
+
+@pytest.mark.parametrize("impl, params, want", [
+    ("max_exp_recip", {"exp_impl": "limit6"}, {"exp_impl": "exp2"}),
+    ("max_exp_recip", {"exp_impl": "fit8", "exp_lo": -3.0}, {"exp_impl": "exp2"}),
+    ("crypten", {}, {"saturate": True}),
+])
+def test_softmax_whose_spread_can_pass_its_exp_range_gets_a_saturating_exp(impl, params, want):
+    g = _softmax_graph(impl, params)
+    _, changes = _run_pass(g, {"x": (-4.0, 4.0)})  # spread up to 2 * 256
+    assert g.nodes[-1].attrs["_impl_params"] == {**{k: v for k, v in params.items() if k not in want and
+                                                    k != "exp_lo"}, **want}
+    assert any("n1_softmax (softmax)" in c for c in changes)
     x = np.array([[4.0, 4.0, -4.0, 0.0]])
-    z = x @ w
-    want = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    assert np.abs(_reference(g, x) - want).max() < 1e-2
+    z = x @ np.diag([64.0, -64.0, 32.0, 1.0])
+    want_y = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert np.abs(_reference(g, x) - want_y).max() < 1e-2
+
+
+def test_softmax_whose_spread_fits_its_exp_is_left_alone():
+    g = _softmax_graph("max_exp_recip", {"exp_impl": "limit6"})
+    _, changes = _run_pass(g, {"x": (-0.25, 0.25)})  # spread up to 2 * 16 <= 2^6
+    assert g.nodes[-1].attrs["_impl_params"] == {"exp_impl": "limit6"}
+    assert not any("softmax" in c for c in changes)
 
 
 def test_layer_norm_variance_beyond_its_guess_range_widens_the_range():
@@ -172,15 +193,25 @@ def test_layer_norm_whose_squares_overflow_is_refused():
         _run_pass(g, {"x": (-1e4, 1e4)})
 
 
-def test_fitted_polynomial_is_refused_beyond_its_fitted_range():
-    nodes = [("sigmoid", ["x"], {}, {"lo": -2.0, "hi": 2.0})]
-    g = _graph((1, 3), nodes)
+def test_fitted_polynomial_beyond_its_fitted_range_becomes_the_default_implementation():
+    g = _graph((1, 3), [("sigmoid", ["x"], {}, {"lo": -2.0, "hi": 2.0})])
     g.nodes[0].impl = "fit8"
-    with pytest.raises(ModelError, match=r"fit8 is fitted on \[-2, 2\] but its input can reach \[-8, 8\]"):
-        _run_pass(g, {"x": (-8.0, 8.0)})
-    g = _graph((1, 3), nodes)
+    _, changes = _run_pass(g, {"x": (-8.0, 8.0)})
+    assert g.nodes[0].impl == default_impl("sigmoid") and "_impl_params" not in g.nodes[0].attrs
+    assert any("fit8 fitted on [-2, 2] would err" in c for c in changes)
+    x = np.array([[-8.0, 0.5, 6.0]])
+    assert np.abs(_reference(g, x) - 1 / (1 + np.exp(-x))).max() < 1e-2
+    g = _graph((1, 3), [("sigmoid", ["x"], {}, {"lo": -2.0, "hi": 2.0})])
     g.nodes[0].impl = "fit8"
-    _run_pass(g, {"x": (-2.0, 2.0)})  # inside its range: fine
+    _run_pass(g, {"x": (-2.0, 2.0)})  # inside its range: kept
+    assert g.nodes[0].impl == "fit8"
+
+
+def test_fitted_exp_beyond_its_range_is_refused():
+    g = _graph((1, 3), [("exp", ["x"], {}, {"lo": -4.0, "hi": 2.0})])
+    g.nodes[0].impl = "fit8"
+    with pytest.raises(ModelError, match=r"fit8 is fitted on \[-4, 2\] but its input can reach \[-1, 5\]"):
+        _run_pass(g, {"x": (-1.0, 5.0)})
 
 
 def test_exp_beyond_its_overflow_limit_is_refused():
