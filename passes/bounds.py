@@ -307,8 +307,9 @@ def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Probl
 
 
 def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], None],
-               problems: list[Problem]) -> None:
-    """Rules 4-6 of :class:`Bounds`: what the node's implementation needs of its input bounds."""
+               problems: list[Problem], keep_impl: bool = False) -> None:
+    """Rules 4-6 of :class:`Bounds`: what the node's implementation needs of its input bounds.
+    ``keep_impl``: the implementation was overridden by the user; only safety settings may change."""
     op, impl, p = node.op, node.impl or "", _params(node)
     x = ins[0] if ins else None
 
@@ -332,7 +333,7 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
         if exp_impl.startswith("limit") and not p.get("saturate"):
             n = int(exp_impl[len("limit"):])
             if spread > 2.0**n:  # the limit method's base goes negative below -2^n
-                if impl == "crypten" or op == "log_softmax":  # keep the structure: saturate
+                if impl == "crypten" or op == "log_softmax" or keep_impl:  # keep the structure: saturate
                     fix(Fix(f"logit spread can reach {_fmt(spread)} > 2^{n}: saturating exp (+10 rounds)",
                             {"saturate": True}))
                 else:  # e^z by thresholds is exact to an ulp and saturates at 0, in fewer rounds than limit+clip
@@ -340,7 +341,10 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
                             {"exp_impl": "exp2", "saturate": None}))
         elif exp_impl.startswith("fit"):
             exp_lo = float(p.get("exp_lo", -f * LN2))
-            if spread > -exp_lo and math.exp(exp_lo) > FIT_TOLERANCE:
+            if spread > -exp_lo and math.exp(exp_lo) > FIT_TOLERANCE and keep_impl:
+                need(False, f"exp {exp_impl} clips logits below {_fmt(exp_lo)} but the spread can reach "
+                            f"{_fmt(spread)} (the --approx override is kept)")
+            elif spread > -exp_lo and math.exp(exp_lo) > FIT_TOLERANCE:
                 fix(Fix(f"exp {exp_impl} clips logits below {_fmt(exp_lo)} (error e^{_fmt(exp_lo)}) but the "
                         f"spread can reach {_fmt(spread)}: exp {exp_impl} -> exp2",
                         {"exp_impl": "exp2", "exp_lo": None}))
@@ -410,7 +414,7 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
             err = b * 0.5 * math.erfc(cb / math.sqrt(2.0)) if b > cb else 0.0
             need(err <= FIT_TOLERANCE, f"its gate is clipped at {_fmt(cb)}, an error of {_fmt(err)} at |x| = {_fmt(b)}")
     elif x is not None:
-        _check_fit(node, x, p, problems, fix)
+        _check_fit(node, x, p, problems, None if keep_impl else fix)
 
 
 def propagate(graph: Graph, domain: dict[str, tuple[float, float]], frac_bits: int) -> Propagation:
@@ -420,6 +424,7 @@ def propagate(graph: Graph, domain: dict[str, tuple[float, float]], frac_bits: i
     limit = 2.0**HEADROOM_BITS
     env = res.bounds
     simplex: set[str] = set()  # softmax outputs along their last axis
+    overridden = {n for n, r in graph.meta.get("approx", {}).items() if r.get("how") == "override"}
     for name in graph.inputs:
         lo, hi = domain[name]
         shape = tuple(graph.values[name].shape)
@@ -443,7 +448,7 @@ def propagate(graph: Graph, domain: dict[str, tuple[float, float]], frac_bits: i
             res.fixes[node.name] = change
 
         if node.op != "guard":
-            _op_checks(node, ins, frac_bits, fix, res.problems)
+            _op_checks(node, ins, frac_bits, fix, res.problems, keep_impl=node.name in overridden)
         if res.problems:
             return res
         stochastic = node.op == "matmul" and node.inputs[0] in simplex and len(ins[1][0].shape) >= 2
@@ -493,7 +498,9 @@ class Bounds(Pass):
        log-softmax saturate their limit method instead); LayerNorm's inverse-sqrt guess range is
        widened to the variance bound; a fitted sigmoid, tanh, erf or ReLU whose clipping would err
        becomes the op's default implementation (saturating, or exact). The approximation pass
-       chose on calibration data, where these settings agree.
+       chose on calibration data, where these settings agree. An ``--approx NODE=IMPL`` override
+       keeps its implementation (a limit-method exp may get saturation); where it would need
+       another, it limits the domain (rule 6) instead.
     6. Anything else that fails for a declared domain stops the compilation with one line naming
        the node, the op, the bound and the largest safe domain. A derived domain that does not
        cover the calibration inputs (or [-1, 1] without calibration) is reported once as too loose
@@ -562,8 +569,11 @@ class Bounds(Pass):
                 self._judge(graph, ctx, k, above, derived)
         for node in graph.nodes:
             if node.name in res.fixes:
-                res.fixes[node.name].apply(node)
-                changes.append(f"{node.name} ({node.op}): {res.fixes[node.name].why}")
+                change = res.fixes[node.name]
+                old_exp = (node.attrs.get("_impl_params") or {}).get("exp_impl")
+                change.apply(node)
+                changes.append(f"{node.name} ({node.op}): {change.why}")
+                self._update_record(graph, node, change, old_exp, f)
         self.result = res
         graph.meta["input_domain"] = {n: [float(lo), float(hi)] for n, (lo, hi) in res.domain.items()}
         graph.meta["input_domain_source"] = source
@@ -572,6 +582,24 @@ class Bounds(Pass):
                                                          "unproven": "encoding limit, NOT proven safe"}[source]
             changes.append(f"input {n}: domain [{lo:g}, {hi:g}] ({how})")
         return changes
+
+    @staticmethod
+    def _update_record(graph: Graph, node: Node, change: Fix, old_exp: str | None, f: int) -> None:
+        """Keep the approximation pass's record (plan ``steps[].approx``) true after a fix: the
+        implementation label, the cost, and why it changed."""
+        from .cost import node_cost
+
+        rec = graph.meta.get("approx", {}).get(node.name)
+        if rec is None:
+            return
+        new_exp = change.params.get("exp_impl")
+        if change.impl is not None:
+            rec["impl"] = change.impl
+        elif new_exp and old_exp and old_exp in rec["impl"]:
+            rec["impl"] = rec["impl"].replace(old_exp, new_exp)
+        cost = node_cost(graph, node, f)
+        rec["cost"] = {"rounds": int(cost["rounds"]), "bytes": int(cost["bytes"])}
+        rec["bounds"] = change.why
 
     def _judge(self, graph: Graph, ctx: PassContext, k: int, above: Propagation | None, derived: list[str]) -> None:
         """Rule 6's usefulness test of a derived domain: one warning with the limiting node and remedies."""

@@ -53,6 +53,16 @@ def encoder_plan(encoder_onnx, tmp_path_factory) -> Plan:
     return Plan.load(d)
 
 
+@pytest.fixture(scope="module")
+def encoder_plan_calibrated(encoder_onnx, tmp_path_factory) -> Plan:
+    """Compiled with --calibration: the approximation pass picks cheaper exp/reciprocal settings on
+    normal inputs, which the bounds pass must make valid for the whole domain."""
+    d = tmp_path_factory.mktemp("encoder-plan-cal") / "plan"
+    x = np.random.default_rng(5).standard_normal((16, 8, 64)).astype(np.float32)
+    write_plan(compile_model(encoder_onnx, CompileOptions(calibration=x)), d)
+    return Plan.load(d)
+
+
 def _outcome(run, plan: Plan, model, x: np.ndarray) -> str:
     """'ok' (within REL_TOL of onnxruntime) or 'refused' (one-line InputError naming the domain);
     anything else fails the test."""
@@ -84,6 +94,16 @@ def test_encoder_layer_answers_right_or_refuses_at_every_scale(encoder_plan, enc
     for s, got in outcomes.items():  # exactly the inputs inside the domain are answered
         assert got == ("ok" if np.abs(x0 * s).max() <= hi else "refused"), (s, outcomes)
     assert outcomes[1.0] == "ok" and outcomes[1e4] == outcomes[1e6] == "refused"
+
+
+def test_calibrated_encoder_layer_answers_right_or_refuses_at_every_scale(encoder_plan_calibrated, encoder_onnx):
+    x0 = np.random.default_rng(1).standard_normal((1, 8, 64))
+    plan = encoder_plan_calibrated
+    outcomes = {s: _outcome(_reference, plan, encoder_onnx, x0 * s) for s in SCALES}
+    assert outcomes[1.0] == "ok" and outcomes[1e4] == outcomes[1e6] == "refused"
+    lo, hi = plan.inputs[0]["domain"]
+    x = np.random.default_rng(2).choice([lo, hi], (1, 8, 64))  # a corner: the softmax sees a huge spread
+    assert _outcome(_reference, plan, encoder_onnx, x) == "ok"
 
 
 def test_encoder_layer_is_right_at_the_corners_of_its_domain(encoder_plan, encoder_onnx):
