@@ -22,7 +22,7 @@ __all__ = ["Bounds", "Fix", "Problem", "Propagation", "parse_input_range", "prop
 
 log = logging.getLogger("siguard.passes")
 
-#: Comparisons and the exact truncation need |x| < 2^62 ring units (docs: PROTOCOLS §4-5); one more
+#: Comparisons and the exact truncation need |x| < 2^62 ring units (runtime/rss.py, trunc and msb); one more
 #: bit is kept for the fixed-point error (truncation ulps, approximation error) that the real-number
 #: bounds below do not include.
 HEADROOM_BITS = 61
