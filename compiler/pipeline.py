@@ -32,6 +32,7 @@ class CompileOptions:
     overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
     accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or passes.approx.AccuracyBudget; None = default
     objective: str = "rounds"  # rounds | bytes
+    input_range: Any = None  # "LO,HI", ["NAME=LO,HI", ...] or {name: (lo, hi)}; None = derived (passes.bounds)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +116,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     from compiler.frontend import load_model
     from passes.approx import Approximate, Calibrate, parse_budget
     from passes.base import PassContext, PassManager
+    from passes.bounds import Bounds, parse_input_range
     from passes.canonicalize import Canonicalize
     from passes.cost import CostAnnotation
     from passes.fixedpoint import FixedPoint
@@ -146,7 +148,12 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
             raise InputError(f"invalid guard option: {exc}") from None
         passes.append(InsertGuard(opts.guard, config))
     approximate = Approximate(None, None, opts.approx, opts.overrides, budget, opts.objective)
-    passes += [FixedPoint(), approximate, FuseTruncation(), CostAnnotation()]
+    # the bounds pass checks the final implementations (after fusion) and may widen their ranges,
+    # which the cost pass then counts
+    declared = parse_input_range(opts.input_range if opts.input_range is not None else opts.extra.get("input_range"),
+                                 list(graph.inputs))
+    bounds = Bounds(declared, x_cal)
+    passes += [FixedPoint(), approximate, FuseTruncation(), bounds, CostAnnotation()]
     pm = PassManager(passes)
     for p in passes:  # the approximation pass needs what calibration measured
         if p is approximate and calibrate is not None and calibrate.result is not None:
@@ -163,6 +170,11 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     plan, weights = build_plan(graph, frac_bits=opts.frac_bits, model_info=info,
                                passes=[r.to_json() for r in pm.records], warnings=ctx.warnings,
                                version_string=_version())
+    domain = graph.meta.get("input_domain", {})
+    for spec in plan.doc["inputs"]:  # public: the client refuses inputs outside it (runtime.local.check_inputs)
+        if spec["name"] in domain:
+            spec["domain"] = domain[spec["name"]]
+            spec["domain_source"] = graph.meta["input_domain_source"]
     records = graph.meta.get("approx", {})
     for step in plan.doc["steps"]:
         if step["name"] in records:

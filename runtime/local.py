@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,14 +56,34 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
         a = a.astype(np.float64)
         if not np.all(np.isfinite(a)):
             raise InputError(f"input {name!r} contains NaN or infinite values")
-        # a product of two such values must stay below 2^62 ring units at scale 2f
-        limit = MAX_ABS_REAL(plan.frac_bits) / 2**plan.frac_bits
-        if a.size and np.abs(a).max() >= limit:
-            raise InputError(
-                f"input {name!r} has magnitude {np.abs(a).max():.3g}, beyond the fixed-point limit {limit:.3g}"
-            )
+        _check_domain(name, a, spec.get("domain"), plan.frac_bits)
+        if spec.get("domain_source") == "unproven":
+            logging.getLogger("siguard.runtime").warning(
+                "input %r: this plan's fixed-point headroom is not proven (the compiler found no safe input domain); "
+                "an intermediate may overflow", name)
         out[name] = a
     return out
+
+
+def _check_domain(name: str, a: np.ndarray, domain: Any, frac_bits: int) -> None:
+    """Refuse an input outside the plan's input domain (passes/bounds.py: the range on which no
+    intermediate can overflow), naming the first offending value and the bound. A plan without a
+    domain (compiled before it was recorded) gets the old limit: a product of two inputs must stay
+    below 2^62 ring units at scale 2f."""
+    if not a.size:
+        return
+    if domain is None:
+        lim = MAX_ABS_REAL(frac_bits) / 2**frac_bits
+        lo, hi = -lim, lim
+    else:
+        lo, hi = float(domain[0]), float(domain[1])
+    bad = (a < lo) | (a > hi)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        v = float(a[idx])
+        raise InputError(f"input {name!r} holds {v:.6g} at index {list(idx)}, outside the plan's input domain "
+                         f"[{lo:g}, {hi:g}] (beyond it an intermediate could overflow; recompile with --input-range "
+                         "or rescale the input)")
 
 
 def run_reference(

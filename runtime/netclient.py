@@ -67,7 +67,9 @@ class _Specs:
     """The public part of the plan the client needs for :func:`runtime.local.check_inputs`."""
 
     def __init__(self, inputs: list[dict[str, Any]], frac_bits: int):
-        self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]]} for s in inputs]
+        self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]], "domain": s.get("domain"),
+                        "domain_source": s.get("domain_source")}
+                       for s in inputs]
         self.frac_bits = int(frac_bits)
 
 

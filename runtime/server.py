@@ -424,7 +424,9 @@ class PartyServer:
     def _welcome(self, sid: str, token: str | None) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "session": sid,
-            "inputs": [{"name": s["name"], "shape": list(s["shape"])} for s in self.plan.inputs],
+            "inputs": [{"name": s["name"], "shape": list(s["shape"]), "domain": s.get("domain"),
+                        "domain_source": s.get("domain_source")}
+                       for s in self.plan.inputs],
             "outputs": [{"name": s["name"], "shape": list(s["shape"])} for s in self.plan.outputs],
             "timeout": self.timeout,
         }

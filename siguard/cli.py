@@ -39,7 +39,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise InputError(f"calibration file {args.calibration} does not exist")
     opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits, guard=args.guard,
                           guard_config=guard_config, calibration=args.calibration, approx=mode, overrides=overrides,
-                          accuracy_budget=parse_budget(args.accuracy_budget), objective=args.objective)
+                          accuracy_budget=parse_budget(args.accuracy_budget), objective=args.objective,
+                          input_range=args.input_range)
     result = compile_model(args.model, opts)
     out = write_plan(result, args.o)
     t = result.plan.totals
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=1, help="fix a symbolic batch dimension to N (default 1)")
     c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
     c.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits (default 16)")
+    c.add_argument("--input-range", action="append", metavar="LO,HI|NAME=LO,HI", default=None,
+                   help="declared input domain (write --input-range=-1,1; repeat NAME=LO,HI per input): compile fails "
+                        "if an intermediate could overflow on it. Default: the largest safe [-2^k, 2^k] "
+                        "(see the README's Numerical safety section)")
     a = c.add_argument_group("approximations (see the README's Approximations section)")
     a.add_argument("--calibration", metavar="X.npy", default=None,
                    help="calibration inputs (N, ...): onnxruntime records every value's range on them and the "
