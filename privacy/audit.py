@@ -416,7 +416,7 @@ def format_table(doc: dict[str, Any]) -> str:
     """The terminal table: one row per attack (AUC, advantage in brackets) and per output set a column;
     then label accuracy, L1 distortion, time and traffic."""
     outs = doc["outputs"]
-    width = 22
+    width = max([22, *(len(outs[o]["title"]) + 2 for o in OUTPUT_KINDS)])
     attacks = outs["plaintext"]["attacks"]
     labels = {key: "AUC (adv) " + row["name"] + (" *" if row["label_aware"] else "") for key, row in attacks.items()}
     lw = max([26, *(len(t) + 1 for t in labels.values())])  # every row label whole, every column aligned
