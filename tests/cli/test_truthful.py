@@ -263,3 +263,43 @@ def test_progress_off_a_terminal_is_a_plain_line_every_few_seconds():
     with progress_bar(10, "x", file=quiet, enabled=False) as off:
         off.update(10)
     assert quiet.getvalue() == ""
+
+
+# ---- guard train --output -----------------------------------------------------------------------------
+def _multi_output_model(path: Path) -> Path:
+    """x (N, 4) -> label (N,) int64 first (as skl2onnx puts it), then probs (N, 3) and feat (N, 5)."""
+    rng = np.random.default_rng(0)  # test data only
+    w3 = helper.make_tensor("w3", TensorProto.FLOAT, [4, 3], rng.normal(size=12).astype(np.float32).tolist())
+    w5 = helper.make_tensor("w5", TensorProto.FLOAT, [4, 5], rng.normal(size=20).astype(np.float32).tolist())
+    nodes = [helper.make_node("MatMul", ["x", "w3"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+             helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+             helper.make_node("MatMul", ["x", "w5"], ["feat"])]
+    g = helper.make_graph(nodes, "multi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+                           helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3]),
+                           helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["N", 5])], [w3, w5])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_guard_train_takes_the_output_named_by_output(tmp_path, capsys):
+    model = _multi_output_model(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    for name, shift in (("members", 0.5), ("nonmembers", -0.5)):
+        np.savez(tmp_path / f"{name}.npz", x=(rng.normal(size=(60, 4)) + shift).astype(np.float32),
+                 y=np.zeros(60, dtype=np.int64))
+    from siguard.cli import main
+
+    data = ["--members", str(tmp_path / "members.npz"), "--nonmembers", str(tmp_path / "nonmembers.npz"),
+            "--epochs", "3"]
+    for output, k in (("probs", 3), ("feat", 5)):
+        assert main(["guard", "train", str(model), *data, "-o", str(tmp_path / f"d-{output}.onnx"),
+                     "--output", output]) == 0
+        defender = onnx.load(tmp_path / f"d-{output}.onnx")
+        assert defender.graph.input[0].type.tensor_type.shape.dim[1].dim_value == k  # trained on that output
+    capsys.readouterr()
+    assert main(["guard", "train", str(model), *data, "-o", str(tmp_path / "d.onnx"), "--output", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("siguard: error: ")
+    assert "no output 'nope'" in err[0] and "label, probs, feat" in err[0]

@@ -287,6 +287,26 @@ def test_a_server_computing_longer_than_the_timeout_is_waited_for(start_trio, ne
     assert _all_up(trio)
 
 
+def test_the_three_servers_count_the_same_failed_sessions(start_trio, net_plans, digit_inputs, tmp_path):
+    """A query refused for its input after P0 announced the session fails at P0 and is never joined at P1,
+    P2: all three count it as failed (P0 said "2 failed" where P1 and P2 said 0)."""
+    plan = net_plans[1]
+    trio = start_trio(plan.directory, timeout=5, threads=1)
+    trio.wait_ready()
+    from compiler.errors import InputError
+
+    client = QueryClient(load_config(trio.config), timeout=5)
+    for _ in range(2):
+        with pytest.raises(InputError, match="shape"):
+            client.run(digit_inputs[:3])  # batch 3 for a batch-1 plan: refused after P0's welcome
+    assert np.abs(client.run(digit_inputs[:1]).output - run_threads(plan, digit_inputs[:1]).output).max() <= TOL
+    _wait_for(lambda: all(trio.log(i).count("session q2 failed") == 1 for i in range(3)), 20,
+              "every server to close the refused sessions")
+    trio.stop()
+    for i in range(3):
+        assert f"P{i}: stopped (1 queries served, 2 failed)" in trio.log(i), trio.log(i)[-1500:]
+
+
 def test_a_frozen_server_is_detected_by_heartbeats(start_trio, net_plans):
     trio = start_trio(net_plans[1].directory, timeout=3)
     trio.wait_ready()
