@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-    from compiler.pipeline import load_npy
+    from compiler.arrays import load_npy
 
     return load_npy(path, "input")
 
