@@ -80,7 +80,10 @@ def mark(name, t, c):
 t, c = time.perf_counter(), time.process_time()
 import siguard.cli  # what `siguard run` imports before it parses (then: the plan, the input, the runtime)
 from compiler.plan import Plan
-from compiler.arrays import load_npy
+try:
+    from compiler.arrays import load_npy
+except ImportError:  # a tree from before the one-shot work (to measure "before" with this script)
+    from compiler.pipeline import load_npy
 from runtime.local import run_threads
 mark("imports", t, c)
 """ + _PATCH + r"""
@@ -104,7 +107,10 @@ json.dump({"phases": phases, "cpu": cpu, "cpu_all": time.process_time() - c0}, s
 _WARM = r"""
 import json, sys, statistics
 from compiler.plan import Plan
-from compiler.arrays import load_npy
+try:
+    from compiler.arrays import load_npy
+except ImportError:
+    from compiler.pipeline import load_npy
 from runtime.local import run_threads
 """ + _PATCH + r"""
 plan = Plan.load(sys.argv[1])
@@ -159,15 +165,16 @@ def prepare(work: Path, model: str, batch: int) -> tuple[Path, Path]:
 def first_networked_queries(plan_dir: Path, x_path: Path, work: Path) -> dict[str, float]:
     from runtime.processes import Trio, siguard_command, write_loopback_config
 
-    config = write_loopback_config(work / "net")
+    net = Path(tempfile.mkdtemp(prefix="net-", dir=work))  # fresh certificates and ports every run
+    config = write_loopback_config(net)
     out = {}
-    with Trio(plan_dir, config, work / "net" / "logs", timeout=60) as trio:
+    with Trio(plan_dir, config, net / "logs", timeout=60) as trio:
         t = time.perf_counter()
         trio.wait_ready()
         out["servers ready"] = time.perf_counter() - t
         for name in ("first networked query", "second networked query"):
             out[name] = _wall([*siguard_command(), "query", "--config", str(config), "--input", str(x_path),
-                               "--output", str(work / "net" / "y.npy"), "--timeout", "60"])
+                               "--output", str(net / "y.npy"), "--timeout", "60"])
     return out
 
 
