@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .arrays import load_npy
 from .backend import build_plan
 from .errors import InputError, SiguardError
 from .plan import Plan
@@ -51,17 +52,6 @@ def _version() -> str:
         return f"siguard {version('siguard')}"
     except Exception:
         return "siguard (source tree)"
-
-
-def load_npy(path: str | Path, what: str = "input") -> np.ndarray:
-    """An ``.npy`` array from a user's file, or one clear InputError (``what`` names the file's role)."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} file {p} does not exist")
-    try:
-        return np.load(p, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"{p}: not a readable .npy array ({exc})") from None
 
 
 def _calibration_array(data: Any) -> np.ndarray | None:

@@ -169,9 +169,12 @@ def render(plan: Plan, fmt: str = "text") -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     crit, path = critical_path_rounds(plan)
+    rows = _rows(plan)
     ctx = {
         "plan": plan.doc,
-        "rows": _rows(plan),
+        "rows": rows,
+        # step names are shown whole (a convolution and its truncation differ only at the end)
+        "name_width": max([len("TOTAL (sum of steps)"), *(len(r["name"]) for r in rows)]),
         "ops": _op_summary(plan),
         "totals": plan.totals,
         "total_mb": _mb(plan.totals["bytes"]),

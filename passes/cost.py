@@ -98,8 +98,12 @@ class CostAnnotation(Pass):
     name = "cost"
 
     def run(self, graph: Graph, ctx: PassContext) -> list[str]:
-        total_rounds = 0
+        node_rounds = 0
         for node in graph.nodes:
             node.cost = node_cost(graph, node, ctx.frac_bits)
-            total_rounds += node.cost["rounds"]
-        return [f"{len(graph.nodes)} nodes costed: {total_rounds} rounds in total"]
+            node_rounds += node.cost["rounds"]
+        io = io_costs(graph, ctx.frac_bits)
+        io_rounds = sum(c["rounds"] for kind in ("input", "reveal") for c in io[kind].values())
+        # the plan's TOTAL counts the input and reveal steps too: say both, so the two lines agree
+        return [f"{len(graph.nodes)} nodes costed: {node_rounds} rounds, {node_rounds + io_rounds} in total with "
+                f"the input sharing and reveal steps ({io_rounds})"]

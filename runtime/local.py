@@ -34,7 +34,12 @@ class RunResult:
 
 
 def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-    """Validate user inputs against the plan: names, shapes, numeric dtype, finiteness, range.
+    """Validate user inputs against the plan: names, shapes, float dtype, finiteness, range.
+
+    Float arrays of any width are accepted (float16/32/64): encoding rounds each value to the
+    fixed-point grid (2^-frac_bits), which is exact for float64 too. Integer and boolean arrays are
+    refused, as onnxruntime refuses them for a float input (raw integer pixels fed to a model that
+    expects scaled floats would be a silent wrong answer).
 
     A single array is accepted for a single-input plan. Returns float64 arrays by input name."""
     specs = plan.inputs
@@ -48,8 +53,9 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
         if name not in inputs:
             raise InputError(f"missing input {name!r} (plan inputs: {', '.join(s['name'] for s in specs)})")
         a = np.asarray(inputs[name])
-        if a.dtype.kind not in "fiu":
-            raise InputError(f"input {name!r} has dtype {a.dtype}; expected a real numeric array (float32)")
+        if a.dtype.kind != "f":  # floats of any width: encoding rounds them to the 2^-f grid either way
+            raise InputError(f"input {name!r} has dtype {a.dtype}; the plan expects {spec.get('dtype', 'float32')} "
+                             f"(any float dtype is accepted; convert other arrays explicitly, e.g. .astype('float32'))")
         if a.shape != shape:
             hint = " (recompile with --batch N to change the batch size)" if a.shape[1:] == shape[1:] else ""
             raise InputError(f"input {name!r} has shape {a.shape}; the plan expects {shape}{hint}")

@@ -77,9 +77,9 @@ class QueryClient:
     """Runs queries against the trio of ``config``.
 
     ``timeout``: seconds for connecting and the handshake, and after which a silent server
-    counts as dead. ``query_timeout``: the longest wait for one round's message (the output
-    arrives after the whole inference). ``expected_hash``: the plan hash to insist on (default:
-    ``plan_hash`` from the configuration, else only the servers' agreement is checked).
+    counts as dead. ``query_timeout``: how long a round may wait for a SILENT server (counted from the
+    last bytes it sent, heartbeats included: a server that computes is waited for). ``expected_hash``: the
+    plan hash to insist on (default: ``plan_hash`` from the configuration, else only the servers' agreement is checked).
     """
 
     def __init__(self, config: PartiesConfig, *, timeout: float = 30.0, query_timeout: float = 3600.0,

@@ -27,9 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import erf as _erf_np
-from scipy.special import expit as _expit_np
-from scipy.special import ndtr as _ndtr_np
 
 from .approx import (
     eval_poly,
@@ -45,6 +42,27 @@ from .approx import (
     trunc_many,
 )
 from .engine import Bits, Engine, Secret
+
+
+# scipy.special, imported when a fit needs it (not by every run: scipy.special pulls in numpy.f2py and
+# every text codec, a few tenths of a second of a one-shot `siguard run` that has no such op)
+def _erf_np(a):
+    from scipy.special import erf
+
+    return erf(a)
+
+
+def _expit_np(a):
+    from scipy.special import expit
+
+    return expit(a)
+
+
+def _ndtr_np(a):
+    from scipy.special import ndtr
+
+    return ndtr(a)
+
 
 __all__ = [
     "IMPLEMENTATIONS",

@@ -386,6 +386,13 @@ class PartyServer:
         the other servers. Idempotent."""
         if not s.mailbox.abort(reason):
             return
+        with self._lock:
+            if s.state == "new" and s.announced.is_set():
+                # a query P0 announced that never ran here (its client did not join, or P0 aborted it):
+                # it failed at P0, so it counts as failed here too and the three servers agree
+                s.state = "failed"
+                self.sessions_failed += 1
+                self._log(f"{self.name}: session {s.sid} failed: {reason}")
         if notify_peers:
             for link in list(self._mesh.values()):
                 link.try_send_control({"kind": "abort", "session": s.sid, "reason": reason})
@@ -524,8 +531,9 @@ class PartyServer:
             self.sessions_done += 1
             self._log(f"{self.name}: session {s.sid} done in {time.monotonic() - t0:.3f} s")
         except Exception as exc:  # noqa: BLE001 - the session fails, the server goes on
-            s.state = "failed"
-            self.sessions_failed += 1
+            with self._lock:
+                s.state = "failed"
+                self.sessions_failed += 1
             self._abort_session(s, str(exc), notify_peers=True)
             self._log(f"{self.name}: session {s.sid} failed: {s.mailbox.reason}")
         finally:
