@@ -131,6 +131,10 @@ def _slot_sum(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _zero_slot(t: torch.Tensor) -> bool:
     """True iff t is a broadcast view of the single zero word (a slot known to be all zeros)."""
     if t.dim() == 0 or any(t.stride()) or t.numel() < 2 or t.untyped_storage().nbytes() != 8:
@@ -477,9 +481,11 @@ class RSSEngine(Engine):
             return Shares(op(c, b.a), op(c, b.b))
         return op(_public(a), _public(b))
 
-    def _prepared(
-        self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Prepared] = prepare
-    ) -> Prepared:
+    def _weight_sum(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The slot sum of a server's input (the weights' y_{c+1} + y_{c+2}), cached like :meth:`_prepared`."""
+        return parts[0] if len(parts) == 1 else self._prepared(parts, _same)
+
+    def _prepared(self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Any] = prepare) -> Any:
         """``make`` (:func:`runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
         by the identity of the parts: weight shares live as long as the engine, so the sum, the
         transposed copy and the float64 limbs are made once per server start, not per query."""
@@ -535,7 +541,8 @@ class RSSEngine(Engine):
         if isinstance(x, Shares) and isinstance(w, Shares) and conv_prepared(x.shape, w.shape, st, pad, dil, groups):
             kernel = tuple(w.shape[2:])
             return self._product(x, w, lambda u, m: ring_conv2d(u, m, st, pad, dil, 1, kernel), self._conv_matrix)
-        return self._product(x, w, lambda u, v: ring_conv2d(u, v, st, pad, dil, groups))
+        conv = lambda u, v: ring_conv2d(u, v, st, pad, dil, groups)  # noqa: E731
+        return self._product(x, w, conv, self._weight_sum if isinstance(w, ServerInput) else None)
 
     def trunc(self, x: Shares, bits: int) -> Shares:
         """floor(x / 2^d) or that minus 1, for |x| < 2^62. 2 rounds; bytes P0 16, P1 8, P2 8.
