@@ -26,10 +26,12 @@ Which kernel runs is decided per CPU and per shape by :func:`backend` from measu
 * per CPU: on first use, one probe times an int64 GEMM and a float64 GEMM of the same reference
   shape (a few ms, once per process). The limb kernel costs about ten float64 GEMMs plus the limb
   split, so it is chosen only where int64 is more than :data:`LIMB_RATIO` times slower than float64.
-  Measured: on the 2-core AMD EPYC of the issue (AVX2, no AVX-512; torch capability ``AVX2``) int64
-  runs at 0.34 GMAC/s, 60x slower than float64 (limbs win, about 5x); on a 2-core AMD EPYC with
-  AVX-512 (capability ``AVX512``, and also with ``ATEN_CPU_CAPABILITY=avx2``, which does not slow
-  torch's int64 GEMM there) int64 runs at about the float64 rate (ratio ~1-2): int64 wins, 5-10x.
+  Measured: on the 2-core AMD EPYC of issue 18 (AVX2, no AVX-512; torch capability ``AVX2``) int64
+  GEMM runs at 0.34 GMAC/s, 60x slower than float64: limbs win there (the issue's prototype: 17 ms
+  against 113 ms at 64x576x1024). On the 2-core AMD EPYC with AVX-512 where this was written, torch's
+  int64 GEMM runs at about 15 GMAC/s per thread, as fast as MKL's float64 GEMM on that CPU, with the
+  default capability ``AVX512`` and also with ``ATEN_CPU_CAPABILITY=avx2`` (which does not slow the
+  int64 GEMM there): int64 wins by 5-10x and is chosen.
   :data:`MEASURED` keeps these numbers next to the capability that torch reported.
 * per shape: products below :data:`LIMB_MIN_MACS` multiply-adds stay on int64 (the limb split and
   four GEMM calls cost more than they save); grouped convolutions stay on int64 (no GEMM to batch).
@@ -70,14 +72,15 @@ LIMB_MIN_MACS = 1 << 20  # smaller products stay on int64 (per-call overhead of 
 _MAX_K = 1 << 19  # (s+1) K 2^32 < 2^53 for every s <= 3: chunks of the inner dimension at most this long
 _PROBE = (128, 512, 128)  # reference GEMM shape of the per-CPU probe (8.4 M multiply-adds)
 
-# Measured with benchmarks/ring_matmul.py (2 torch threads; GEMM time int64 / float64 at the probe
-# shape, and the kernel :func:`backend` picks). "AVX2-only EPYC" is the machine of the issue text
-# (int64 64x576x1024: 112.7 ms, float64 1.83 ms); the AVX512 rows are this repository's benchmark
-# machine, with torch's default capability and with ATEN_CPU_CAPABILITY=avx2.
+# Measured with benchmarks/ring_matmul.py and the probe (GEMM time int64 / float64, and the kernel
+# :func:`backend` picks), keyed by the capability torch reported. The first row is the machine of
+# issue 18 (its table: int64 112.7 ms, float64 1.83 ms at 64x576x1024, 2 threads); the others are
+# the AVX-512 EPYC this was written on (probe shape, 2 threads, int64 0.49 ms; float64 28-39 ms under
+# a load average of 10-14 from other jobs; 1 thread at 1024x576x64: int64 2.3 ms, float64 2.9 ms).
 MEASURED = {
-    "AVX2 (AVX2-only AMD EPYC, issue 18)": {"int64_over_float64": 61.6, "backend": "limbs"},
-    "AVX512 (AMD EPYC with AVX-512)": {"int64_over_float64": 1.5, "backend": "int64"},
-    "AVX2 forced on the AVX-512 EPYC": {"int64_over_float64": 1.5, "backend": "int64"},
+    "AVX2 (AMD EPYC, AVX2 only, issue 18)": {"int64_over_float64": 61.6, "backend": "limbs"},
+    "AVX512 (AMD EPYC with AVX-512)": {"int64_over_float64": 0.02, "backend": "int64"},
+    "AVX2 (ATEN_CPU_CAPABILITY=avx2 on the AVX-512 EPYC)": {"int64_over_float64": 0.01, "backend": "int64"},
 }
 
 _M16 = 0xFFFF
