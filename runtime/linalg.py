@@ -49,6 +49,8 @@ import time
 import numpy as np
 import torch
 
+from compiler.errors import InputError
+
 from .ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 
 __all__ = [
@@ -106,9 +108,7 @@ def cpu_profile() -> dict:
     the probe's int64 and float64 GEMM times and their ratio, and the kernel chosen for large
     products. The probe's operands are fixed constants (timing only; no secret passes through it)."""
     cap = torch.backends.cpu.get_cpu_capability()
-    forced = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if forced not in ("auto", "int64", "limbs"):
-        raise ValueError(f"{ENV}={forced!r}: choose int64, limbs or auto")
+    forced = _forced()
     m, k, n = _PROBE
     ai = torch.arange(m * k, dtype=torch.int64).reshape(m, k) * 0x9E3779B97F4A7C15 % (1 << 62)
     bi = torch.arange(k * n, dtype=torch.int64).reshape(k, n) * 0x632BE59BD9B4E019 % (1 << 62)
@@ -129,10 +129,17 @@ def cpu_profile() -> dict:
     }
 
 
+def _forced() -> str:
+    forced = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if forced not in ("auto", "int64", "limbs"):
+        raise InputError(f"{ENV}={forced!r}: choose int64, limbs or auto")
+    return forced
+
+
 def backend(macs: int) -> str:
     """``"int64"`` or ``"limbs"`` for a product of ``macs`` multiply-adds on this CPU."""
-    forced = os.environ.get(ENV, "auto").strip().lower()
-    if forced in ("int64", "limbs"):
+    forced = _forced()
+    if forced != "auto":
         return forced
     if macs < LIMB_MIN_MACS:
         return "int64"

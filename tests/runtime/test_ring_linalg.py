@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from compiler.errors import SiguardError
 from runtime import linalg, rss
 from runtime.linalg import prepare, prepare_conv, ring_conv2d, ring_matmul
 from runtime.plain import Clear, PlainEngine
@@ -178,12 +179,14 @@ def test_dispatch_records_the_capability_and_obeys_the_override(monkeypatch):
         assert linalg.backend(1 << 30) == kind == linalg.backend(10)
 
 
-def test_bad_override_is_rejected(monkeypatch):
+def test_bad_override_is_one_clear_error(monkeypatch):
+    """A wrong SIGUARD_RING_GEMM is a SiguardError (the CLI prints it as one line), not a silent default."""
     monkeypatch.setenv(linalg.ENV, "fast")
     linalg.cpu_profile.cache_clear()
     try:
-        with pytest.raises(ValueError, match="int64, limbs or auto"):
-            linalg.cpu_profile()
+        for fn in (linalg.cpu_profile, lambda: linalg.backend(1 << 30), lambda: linalg.backend(1)):
+            with pytest.raises(SiguardError, match="int64, limbs or auto"):
+                fn()
     finally:
         monkeypatch.delenv(linalg.ENV)
         linalg.cpu_profile.cache_clear()
