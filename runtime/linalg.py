@@ -7,24 +7,25 @@ Two kernels compute the same exact result, so the choice between them changes sp
 * ``int64``: torch's int64 kernels (``torch.matmul``, ``conv2d``, or an explicit im2col and one
   matmul for small output planes, :func:`runtime.ring.conv2d_ring`). Wrap-around products and sums
   *are* arithmetic modulo 2^64. No BLAS behind them; their speed depends on the CPU.
-* ``limbs``: float64 BLAS on 16-bit limbs. With a = sum_i a_i 2^(16 i) and b = sum_j b_j 2^(16 j)
-  (a_i, b_j in [0, 2^16)), a b mod 2^64 = sum_s C_s 2^(16 s) over s = 0..3 where
-  C_s = sum_{i+j=s} a_i b_j: ten limb products, not sixteen (terms with i + j > 3 vanish mod 2^64).
-  The left operand's limbs are laid out along the inner dimension as [A_0 A_1 A_2 A_3] (M x 4K)
-  and the right operand's as [B_3; B_2; B_1; B_0] (4K x N); then C_s is ONE float64 GEMM of the
-  prefix A[:, :(s+1)K] with the suffix B[(3-s)K:, :] (A_0 B_s + A_1 B_{s-1} + ... + A_s B_0), four
-  GEMMs in all, and one stored copy of the right operand's limbs serves all four. Every partial
-  sum is an integer below (s+1) K 2^32 <= 2^53 for K <= 2^19 (longer inner dimensions are cut into
-  chunks), so float64 holds it exactly; it is converted back to int64, shifted and added with
-  wrap-around. A weight operand's limbs are made once (:class:`Prepared`) and cached by the engine.
-  CrypTen's CUDA path (crypten/cuda/cuda_tensor.py) encodes the same 16-bit blocks but multiplies
-  all sixteen block pairs; this layout multiplies only the ten that survive mod 2^64.
+* ``limbs``: float64 BLAS on balanced digits. A word t is split exactly (as integers, not mod
+  2^64) into t = t0 + t1 2^22 + t2 2^43 with |t0| <= 2^21 and |t1|, |t2| <= 2^20. Of the nine digit
+  products only those below 2^64 survive: a b mod 2^64 = C0 + C1 2^22 + G 2^43 with C0 = a0 b0,
+  C1 = a0 b1 + a1 b0 and G = a0 b2 + 2 a1 b1 + a2 b0 (a1 b1 sits at 2^44 = 2 * 2^43): six products
+  in three GEMMs. The left operand's digits are laid out along the inner dimension as [A0 A1 A2]
+  and the right operand's as [B2; B1; B0] and [B2; 2 B1; B0], so C0, C1 and G are GEMMs of prefixes
+  of the one with suffixes of the others. Each term is at most 2^41 in magnitude (2^42 for a0 b0),
+  so with the inner dimension cut into chunks of at most :data:`_KC` = 1365 every partial sum of G
+  (3 terms per index) stays below 3 * 1365 * 2^41 < 2^53: float64 holds every sum exactly, whatever
+  order BLAS adds in. Each chunk's three results are converted back to int64 and combined with
+  wrap-around. A weight operand's digit stacks are made once (:class:`Prepared`) and cached by the
+  engine. CrypTen's CUDA path (crypten/cuda/cuda_tensor.py) encodes words as four 16-bit blocks and
+  multiplies all sixteen block pairs; this layout needs six digit products (ten with 16-bit limbs).
 
 Which kernel runs is decided per CPU and per shape by :func:`backend` from measurements
 (``benchmarks/ring_matmul.py`` writes them to ``benchmarks/results/ring_matmul.json``):
 
 * per CPU: on first use, one probe times an int64 GEMM and a float64 GEMM of the same reference
-  shape (a few ms, once per process). The limb kernel costs about ten float64 GEMMs plus the limb
+  shape (a few ms, once per process). The limb kernel costs about six float64 GEMMs plus the digit
   split, so it is chosen only where int64 is more than :data:`LIMB_RATIO` times slower than float64.
   Measured: on the 2-core AMD EPYC of issue 18 (AVX2, no AVX-512; torch capability ``AVX2``) int64
   GEMM runs at 0.34 GMAC/s, 60x slower than float64: limbs win there (the issue's prototype: 17 ms
@@ -33,8 +34,9 @@ Which kernel runs is decided per CPU and per shape by :func:`backend` from measu
   default capability ``AVX512`` and also with ``ATEN_CPU_CAPABILITY=avx2`` (which does not slow the
   int64 GEMM there): int64 wins by about 12x and is chosen.
   :data:`MEASURED` keeps these numbers next to the capability that torch reported.
-* per shape: products below :data:`LIMB_MIN_MACS` multiply-adds stay on int64 (the limb split and
-  four GEMM calls cost more than they save); grouped convolutions stay on int64 (no GEMM to batch).
+* per shape: products below :data:`LIMB_MIN_MACS` multiply-adds stay on int64 (the digit split and
+  three GEMM calls per chunk cost more than they save); grouped convolutions and batched right
+  operands stay on int64.
 
 ``SIGUARD_RING_GEMM=int64|limbs|auto`` (default ``auto``) overrides the per-CPU choice (tests use it
 to check both kernels; the benchmark uses it to time both).
@@ -46,7 +48,6 @@ import functools
 import os
 import time
 
-import numpy as np
 import torch
 
 from compiler.errors import InputError
@@ -69,9 +70,9 @@ __all__ = [
 ]
 
 ENV = "SIGUARD_RING_GEMM"
-LIMB_RATIO = 12.0  # limbs win when int64 GEMM time / float64 GEMM time exceeds this (10 GEMMs + split)
+LIMB_RATIO = 8.0  # limbs win when int64 GEMM time / float64 GEMM time exceeds this (6 GEMMs + split)
 LIMB_MIN_MACS = 1 << 20  # smaller products stay on int64 (per-call overhead of the limb kernel)
-_MAX_K = 1 << 19  # (s+1) K 2^32 < 2^53 for every s <= 3: chunks of the inner dimension at most this long
+_KC = 1365  # chunk of the inner dimension: 3 _KC 2^41 < 2^53 keeps every float64 sum exact
 _PROBE = (128, 512, 128)  # reference GEMM shape of the per-CPU probe (8.4 M multiply-adds)
 
 # Measured with benchmarks/ring_matmul.py and the probe (GEMM time int64 / float64, and the kernel
@@ -85,9 +86,6 @@ MEASURED = {
     "AVX512 (AMD EPYC with AVX-512)": {"int64_over_float64": 1.19, "backend": "int64"},
     "AVX2 (ATEN_CPU_CAPABILITY=avx2 on the AVX-512 EPYC)": {"int64_over_float64": 1.20, "backend": "int64"},
 }
-
-_M16 = 0xFFFF
-
 
 # ---- per-CPU choice -------------------------------------------------------------------------------
 def _min_time(fn, reps: int = 3) -> float:
@@ -110,9 +108,9 @@ def cpu_profile() -> dict:
     cap = torch.backends.cpu.get_cpu_capability()
     forced = _forced()
     m, k, n = _PROBE
-    ai = torch.arange(m * k, dtype=torch.int64).reshape(m, k) * 0x9E3779B97F4A7C15 % (1 << 62)
-    bi = torch.arange(k * n, dtype=torch.int64).reshape(k, n) * 0x632BE59BD9B4E019 % (1 << 62)
-    af, bf = (ai & _M16).to(torch.float64), (bi & _M16).to(torch.float64)
+    ai = torch.arange(m * k, dtype=torch.int64).reshape(m, k) * 0x9E3779B1 % (1 << 62)
+    bi = torch.arange(k * n, dtype=torch.int64).reshape(k, n) * 0x632BE5AB % (1 << 62)
+    af, bf = (ai & 0xFFFF).to(torch.float64), (bi & 0xFFFF).to(torch.float64)
     t_int = _min_time(lambda: ai @ bi)
     t_f64 = _min_time(lambda: af @ bf)
     ratio = t_int / max(t_f64, 1e-9)
@@ -162,65 +160,90 @@ def merge_pays(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
 
 
 # ---- limbs ----------------------------------------------------------------------------------------
-def _left_limbs(a: torch.Tensor) -> torch.Tensor:
-    """(..., M, K) int64 -> (..., M, 4K) float64 [A_0 A_1 A_2 A_3] (A_i = bits 16i..16i+15).
-    The little-endian uint16 view of the words holds the limbs; one strided copy converts them."""
-    a = a.contiguous()
-    *lead, k = a.shape
-    v = a.numpy().view(np.uint16).reshape(*lead, k, 4)
-    out = np.empty((*lead, 4, k), dtype=np.float64)
-    np.copyto(out, np.swapaxes(v, -1, -2))
-    return torch.from_numpy(out.reshape(*lead, 4 * k))
+def _digits(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Balanced digits of int64 words: t = d0 + d1 2^22 + d2 2^43 exactly (as integers), with
+    |d0| <= 2^21, |d1| <= 2^20, |d2| <= 2^20. Rounding carries, so no intermediate overflows."""
+    d0 = ((t + (1 << 21)) & ((1 << 22) - 1)) - (1 << 21)  # low 22 bits, centred (wrap-around is harmless)
+    r1 = (t >> 22) + ((t >> 21) & 1)  # (t - d0) / 2^22
+    d1 = ((r1 + (1 << 20)) & ((1 << 21) - 1)) - (1 << 20)
+    d2 = (r1 >> 21) + ((r1 >> 20) & 1)  # (r1 - d1) / 2^21
+    return d0, d1, d2
 
 
-def _right_limbs(b: torch.Tensor) -> torch.Tensor:
-    """(..., K, N) int64 -> (..., 4K, N) float64 [B_3; B_2; B_1; B_0]."""
-    return torch.cat([((b >> (16 * j)) & _M16) for j in (3, 2, 1, 0)], dim=-2).to(torch.float64).contiguous()
+def _chunks(k: int) -> tuple[int, int]:
+    """(number of chunks, chunk length) cutting an inner dimension k into near-equal chunks <= _KC."""
+    nc = max(1, -(-k // _KC))
+    return nc, -(-k // nc)
 
 
-def _limb_product(a4: torch.Tensor, b4: torch.Tensor, k: int) -> torch.Tensor:
-    """sum_s C_s 2^(16 s) mod 2^64 from the limb layouts (inner dimension k <= _MAX_K)."""
-    out = None
-    for s in range(4):
-        c = torch.matmul(a4[..., : (s + 1) * k], b4[..., (3 - s) * k :, :]).to(torch.int64)
-        if s:
-            c <<= 16 * s
-            out += c
+def _right_limbs(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, N) int64 -> two (nc, 3kc, N) float64 stacks [B2; B1; B0] and [B2; 2 B1; B0] per chunk of
+    the inner dimension (zero rows pad K to nc·kc)."""
+    k, n = b.shape
+    nc, kc = _chunks(k)
+
+    def chunked(d: torch.Tensor) -> torch.Tensor:
+        d = d.to(torch.float64)
+        if nc * kc != k:
+            d = torch.cat([d, d.new_zeros(nc * kc - k, n)])
+        return d.reshape(nc, kc, n)
+
+    d0, d1, d2 = (chunked(d) for d in _digits(b))
+    return torch.cat([d2, d1, d0], 1).contiguous(), torch.cat([d2, 2 * d1, d0], 1).contiguous()
+
+
+def _left_limbs(a: torch.Tensor, nc: int, kc: int) -> torch.Tensor:
+    """(M, K) int64 -> (M, nc, 3, kc) float64: per chunk of the inner dimension, [A0 A1 A2]."""
+    m, k = a.shape
+    out = torch.zeros((m, nc, 3, kc), dtype=torch.float64)
+    for i, d in enumerate(_digits(a)):
+        if nc * kc == k:
+            out[:, :, i, :] = d.view(m, nc, kc)
         else:
-            out = c
+            for j in range(nc):
+                lo, hi = j * kc, min(k, (j + 1) * kc)
+                out[:, j, i, : hi - lo] = d[:, lo:hi]
     return out
 
 
-def _limb_matmul(a: torch.Tensor, b4: torch.Tensor, k: int) -> torch.Tensor:
-    """a (..., M, K) @ b (K, N) mod 2^64, b given by its limbs b4 = _right_limbs(b)."""
-    if k <= _MAX_K:
-        return _limb_product(_left_limbs(a), b4, k)
+def _limb_matmul(a: torch.Tensor, right: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """a (..., M, K) @ b (K, N) mod 2^64 with b given by ``_right_limbs(b)``. Per chunk three float64
+    GEMMs, each an exact integer below 2^53 (see the module docstring):
+    C0 = A0 B0, C1 = [A0 A1] [B1; B0], G = [A0 A1 A2] [B2; 2 B1; B0]; then C0 + C1 2^22 + G 2^43."""
+    r, r2 = right
+    nc, kc3, n = r.shape
+    kc = kc3 // 3
+    *lead, k = a.shape
+    a2 = a.reshape(-1, k)
+    m = a2.shape[0]
+    left = _left_limbs(a2, nc, kc)
     out = None
-    for lo in range(0, k, _MAX_K):
-        hi = min(k, lo + _MAX_K)
-        part = torch.cat([b4[..., j * k + lo : j * k + hi, :] for j in range(4)], dim=-2)
-        z = _limb_product(_left_limbs(a[..., lo:hi]), part, hi - lo)
-        out = z if out is None else out + z
-    return out
+    for j in range(nc):
+        lj = left[:, j].reshape(m, kc3)
+        z = torch.matmul(lj[:, :kc], r[j, 2 * kc :]).to(torch.int64)
+        z += torch.matmul(lj[:, : 2 * kc], r[j, kc:]).to(torch.int64).mul_(1 << 22)
+        z += torch.matmul(lj, r2[j]).to(torch.int64).mul_(1 << 43)
+        out = z if out is None else out.add_(z)
+    return out.reshape(*lead, n)
 
 
 # ---- prepared right operands ----------------------------------------------------------------------
 class Prepared:
     """A right operand (K, N) in the forms the kernels take: the contiguous int64 matrix, and its
-    float64 limbs [B_3; B_2; B_1; B_0] made on first use by the limb kernel and kept. Built once
+    float64 digit stacks (:func:`_right_limbs`) made on first use by the limb kernel and kept. Built once
     per weight share by the engines (:func:`prepare`, :func:`prepare_conv`)."""
 
     __slots__ = ("ring", "_limbs")
 
     def __init__(self, ring: torch.Tensor):
         self.ring = ring.contiguous()
-        self._limbs: torch.Tensor | None = None
+        self._limbs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.ring.shape
 
-    def limbs(self) -> torch.Tensor:
+    def limbs(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._limbs is None:
             self._limbs = _right_limbs(self.ring)
         return self._limbs
@@ -248,30 +271,25 @@ def ring_matmul(a: torch.Tensor, b: Operand) -> torch.Tensor:
     if isinstance(b, Prepared):
         if a.is_meta:
             return torch.matmul(a, b.ring.to("meta"))
-        k, n = b.ring.shape
+        n = b.ring.shape[1]
         if a.dim() >= 2 and backend(a.numel() * n) == "limbs":
-            return _limb_matmul(a, b.limbs(), k)
+            return _limb_matmul(a, b.limbs())
         return torch.matmul(a, b.ring)
     if a.is_meta or b.is_meta:
         return torch.matmul(a, b)
-    if a.dim() >= 2 and b.dim() >= 2:
-        m, k = a.shape[-2:]
-        n = b.shape[-1]
-        batch = max(a[..., 0, 0].numel(), b[..., 0, 0].numel())
-        if backend(batch * m * k * n) == "limbs":
-            return _limb_matmul(a, _right_limbs(b), k)
-    return torch.matmul(a, b)
+    if a.dim() >= 2 and b.dim() == 2 and backend(a.numel() * b.shape[1]) == "limbs":
+        return _limb_matmul(a, _right_limbs(b))
+    return torch.matmul(a, b)  # (a batched right operand stays on int64)
 
 
-def _limb_cols(
+def _im2col(
     x: torch.Tensor,
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """im2col of x's limbs: (N·Ho·Wo, 4·Cin·kh·kw) float64, laid out as [A_0 A_1 A_2 A_3] with each
-    A_i in conv_weight_matrix's (Cin, kh, kw) order; one strided copy from x's uint16 view."""
+    """(N·Ho·Wo, Cin·kh·kw) int64 columns in conv_weight_matrix's (Cin, kh, kw) order: one strided copy."""
     n, c, _, _ = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     if ph or pw:
@@ -279,14 +297,9 @@ def _limb_cols(
     x = x.contiguous()
     hp, wp = x.shape[2:]
     ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    v = x.numpy().view(np.uint16)
-    s0, s1, s2, _ = v.strides  # bytes; a word is 4 uint16 of 2 bytes
-    view = np.lib.stride_tricks.as_strided(
-        v, (n, ho, wo, 4, c, kh, kw), (s0, s2 * sh, 8 * sw, 2, s1, s2 * dh, 8 * dw), writeable=False
-    )
-    out = np.empty((n, ho, wo, 4, c, kh, kw), dtype=np.float64)
-    np.copyto(out, view)
-    return torch.from_numpy(out.reshape(n * ho * wo, 4 * c * kh * kw)), (n, ho, wo)
+    s0, s1, s2, s3 = x.stride()
+    cols = x.as_strided((n, ho, wo, c, kh, kw), (s0, s2 * sh, s3 * sw, s1, s2 * dh, s3 * dw))
+    return cols.reshape(n * ho * wo, c * kh * kw), (n, ho, wo)
 
 
 def ring_conv2d(
@@ -331,10 +344,8 @@ def ring_conv2d(
     macs = n * ho * wo * cout * (cin // groups) * kh * kw
     if groups == 1 and backend(macs) == "limbs":
         m = w if isinstance(w, Prepared) else prepare_conv(w)
-        cols, (n, ho, wo) = _limb_cols(x, (kh, kw), stride, padding, dilation)
-        out = _limb_product(cols, m.limbs(), cin * kh * kw) if cin * kh * kw <= _MAX_K else None
-        if out is None:  # inner dimension beyond 2^19: the chunked matmul on int64 columns
-            return _im2col_int64(x, m, (kh, kw), stride, padding, dilation)
+        cols, (n, ho, wo) = _im2col(x, (kh, kw), stride, padding, dilation)
+        out = _limb_matmul(cols, m.limbs())
         return out.reshape(n, ho, wo, cout).permute(0, 3, 1, 2).contiguous()
     if isinstance(w, Prepared):
         return _im2col_int64(x, w, (kh, kw), stride, padding, dilation)

@@ -109,17 +109,27 @@ def test_batched_and_vector_matmul(kernel):
 
 
 def test_long_inner_dimension_is_cut_into_exact_chunks(monkeypatch):
-    """Beyond _MAX_K the limb sums could pass 2^53: the inner dimension is chunked (shrunk here to 64)."""
+    """Beyond _KC the digit sums could pass 2^53: the inner dimension is cut into chunks (uneven ones
+    too: K = 200 in chunks of at most 64 gives 4 chunks of 50). Also K = 4608 at the real _KC (4 chunks)."""
     monkeypatch.setenv(linalg.ENV, "limbs")
-    monkeypatch.setattr(linalg, "_MAX_K", 64)
-    a, b = words((5, 200), 6, 0.1), words((200, 7), 7, 0.1)
+    a, b = words((3, 4608), 22, 0.1), words((4608, 2), 23, 0.1)
+    assert linalg._chunks(4608) == (4, 1152)
     assert torch.equal(ring_matmul(a, prepare(b)), mm_bigint(a, b))
-    assert torch.equal(ring_matmul(a, b), mm_bigint(a, b))
+    monkeypatch.setattr(linalg, "_KC", 64)
+    for k in (200, 193, 64, 65):
+        a, b = words((5, k), 6, 0.1), words((k, 7), 7, 0.1)
+        assert torch.equal(ring_matmul(a, prepare(b)), mm_bigint(a, b))
+        assert torch.equal(ring_matmul(a, b), mm_bigint(a, b))
 
 
-def test_limb_sums_stay_below_2_53():
-    """The bound the limb kernel relies on, at the chunk length it uses."""
-    assert 4 * linalg._MAX_K * (2**16 - 1) ** 2 < 2**53
+def test_digits_and_their_sums_stay_exact():
+    """The bounds the limb kernel relies on: digits recompose every edge word exactly, and the largest
+    float64 sum (3 _KC products of at most 2^41) stays below 2^53."""
+    t = torch.tensor(EDGES + [2**21 - 1, 2**21, -(2**21), 2**43 - 1, 2**42 + 2**21], dtype=torch.int64)
+    d0, d1, d2 = linalg._digits(t)
+    for v, x, y, z in zip(t.tolist(), d0.tolist(), d1.tolist(), d2.tolist(), strict=True):
+        assert x + y * 2**22 + z * 2**43 == v and abs(x) <= 2**21 and abs(y) <= 2**20 and abs(z) <= 2**20
+    assert 3 * linalg._KC * 2**41 < 2**53
 
 
 # ---- convolution ----------------------------------------------------------------------------------
