@@ -7,8 +7,8 @@ Two kernels compute the same exact result, so the choice between them changes sp
 * ``int64``: torch's int64 kernels (``torch.matmul``, ``conv2d``, or an explicit im2col and one
   matmul for small output planes, :func:`runtime.ring.conv2d_ring`). Wrap-around products and sums
   *are* arithmetic modulo 2^64. No BLAS behind them; their speed depends on the CPU.
-* ``limbs``: float64 BLAS on balanced digits. A word t is split exactly (as integers, not mod
-  2^64) into t = t0 + t1 2^22 + t2 2^43 with |t0| <= 2^21 and |t1|, |t2| <= 2^20. Of the nine digit
+* ``limbs``: float64 BLAS on balanced digits. A word t is split (mod 2^64, which is all a
+  ring product needs) into t = t0 + t1 2^22 + t2 2^43 with |t0| <= 2^21 and |t1|, |t2| <= 2^20. Of the nine digit
   products only those below 2^64 survive: a b mod 2^64 = C0 + C1 2^22 + G 2^43 with C0 = a0 b0,
   C1 = a0 b1 + a1 b0 and G = a0 b2 + 2 a1 b1 + a2 b0 (a1 b1 sits at 2^44 = 2 * 2^43): six products
   in three GEMMs. The left operand's digits are laid out along the inner dimension as [A0 A1 A2]
@@ -161,13 +161,13 @@ def merge_pays(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
 
 # ---- limbs ----------------------------------------------------------------------------------------
 def _digits(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Balanced digits of int64 words: t = d0 + d1 2^22 + d2 2^43 exactly (as integers), with
-    |d0| <= 2^21, |d1| <= 2^20, |d2| <= 2^20. Rounding carries, so no intermediate overflows."""
-    d0 = ((t + (1 << 21)) & ((1 << 22) - 1)) - (1 << 21)  # low 22 bits, centred (wrap-around is harmless)
-    r1 = (t >> 22) + ((t >> 21) & 1)  # (t - d0) / 2^22
-    d1 = ((r1 + (1 << 20)) & ((1 << 21) - 1)) - (1 << 20)
-    d2 = (r1 >> 21) + ((r1 >> 20) & 1)  # (r1 - d1) / 2^21
-    return d0, d1, d2
+    """Balanced digits of int64 words: t = d0 + d1 2^22 + d2 2^43 (mod 2^64), with |d0| <= 2^21,
+    |d1| <= 2^20, |d2| <= 2^20. (t + 2^21 may wrap around; the congruence and the bounds still hold.)"""
+    u = t + (1 << 21)
+    d0 = (u & ((1 << 22) - 1)) - (1 << 21)
+    v = (u >> 22) + (1 << 20)  # (u >> 22) = (t - d0) / 2^22 mod 2^42, in [-2^41, 2^41)
+    d1 = (v & ((1 << 21) - 1)) - (1 << 20)
+    return d0, d1, v >> 21
 
 
 def _chunks(k: int) -> tuple[int, int]:
@@ -195,7 +195,7 @@ def _right_limbs(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _left_limbs(a: torch.Tensor, nc: int, kc: int) -> torch.Tensor:
     """(M, K) int64 -> (M, nc, 3, kc) float64: per chunk of the inner dimension, [A0 A1 A2]."""
     m, k = a.shape
-    out = torch.zeros((m, nc, 3, kc), dtype=torch.float64)
+    out = (torch.empty if nc * kc == k else torch.zeros)((m, nc, 3, kc), dtype=torch.float64)
     for i, d in enumerate(_digits(a)):
         if nc * kc == k:
             out[:, :, i, :] = d.view(m, nc, kc)
