@@ -11,9 +11,10 @@ Two kernels compute the same exact result, so the choice between them changes sp
   ring product needs) into t = t0 + t1 2^22 + t2 2^43 with |t0| <= 2^21 and |t1|, |t2| <= 2^20. Of the nine digit
   products only those below 2^64 survive: a b mod 2^64 = C0 + C1 2^22 + G 2^43 with C0 = a0 b0,
   C1 = a0 b1 + a1 b0 and G = a0 b2 + 2 a1 b1 + a2 b0 (a1 b1 sits at 2^44 = 2 * 2^43): six products
-  in three GEMMs. The left operand's digits are laid out along the inner dimension as [A0 A1 A2]
-  and the right operand's as [B2; B1; B0] and [B2; 2 B1; B0], so C0, C1 and G are GEMMs of prefixes
-  of the one with suffixes of the others. Each term is at most 2^41 in magnitude (2^42 for a0 b0),
+  in three GEMMs. The right operand's digits are stacked along the inner dimension as
+  [B1; B0; B2] (made once for a weight: 3 float64 words per element) and the left operand's as
+  [A0 A1 2A1 A2 A0], so that C0 = [A0] [B0], C1 = [A0 A1] [B1; B0] and G = [2A1 A2 A0] [B1; B0; B2]
+  are GEMMs of slices of the two layouts, no copies. Each term is at most 2^41 in magnitude (2^42 for a0 b0),
   so with the inner dimension cut into chunks of at most :data:`_KC` = 1365 every partial sum of G
   (3 terms per index) stays below 3 * 1365 * 2^41 < 2^53: float64 holds every sum exactly, whatever
   order BLAS adds in. Each chunk's three results are converted back to int64 and combined with
@@ -177,9 +178,9 @@ def _chunks(k: int) -> tuple[int, int]:
     return nc, -(-k // nc)
 
 
-def _right_limbs(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, N) int64 -> two (nc, 3kc, N) float64 stacks [B2; B1; B0] and [B2; 2 B1; B0] per chunk of
-    the inner dimension (zero rows pad K to nc·kc)."""
+def _right_limbs(b: torch.Tensor) -> torch.Tensor:
+    """(K, N) int64 -> (nc, 3kc, N) float64: per chunk of the inner dimension the digit stack
+    [B1; B0; B2] (zero rows pad K to nc·kc). Stored once per weight: 3 float64 words per element."""
     k, n = b.shape
     nc, kc = _chunks(k)
 
@@ -190,29 +191,31 @@ def _right_limbs(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return d.reshape(nc, kc, n)
 
     d0, d1, d2 = (chunked(d) for d in _digits(b))
-    return torch.cat([d2, d1, d0], 1).contiguous(), torch.cat([d2, 2 * d1, d0], 1).contiguous()
+    return torch.cat([d1, d0, d2], 1).contiguous()
 
 
 def _left_limbs(a: torch.Tensor, nc: int, kc: int) -> torch.Tensor:
-    """(M, K) int64 -> (M, nc, 3, kc) float64: per chunk of the inner dimension, [A0 A1 A2]."""
+    """(M, K) int64 -> (M, nc, 5, kc) float64: per chunk of the inner dimension [A0 A1 2A1 A2 A0]."""
     m, k = a.shape
-    out = (torch.empty if nc * kc == k else torch.zeros)((m, nc, 3, kc), dtype=torch.float64)
-    for i, d in enumerate(_digits(a)):
+    out = (torch.empty if nc * kc == k else torch.zeros)((m, nc, 5, kc), dtype=torch.float64)
+    d0, d1, d2 = _digits(a)
+    for i, d, scale in ((0, d0, 1), (1, d1, 1), (2, d1, 2), (3, d2, 1), (4, d0, 1)):
         if nc * kc == k:
             out[:, :, i, :] = d.view(m, nc, kc)
         else:
             for j in range(nc):
                 lo, hi = j * kc, min(k, (j + 1) * kc)
                 out[:, j, i, : hi - lo] = d[:, lo:hi]
+        if scale != 1:
+            out[:, :, i, :] *= scale
     return out
 
 
-def _limb_matmul(a: torch.Tensor, right: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _limb_matmul(a: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """a (..., M, K) @ b (K, N) mod 2^64 with b given by ``_right_limbs(b)``. Per chunk three float64
-    GEMMs, each an exact integer below 2^53 (see the module docstring):
-    C0 = A0 B0, C1 = [A0 A1] [B1; B0], G = [A0 A1 A2] [B2; 2 B1; B0]; then C0 + C1 2^22 + G 2^43."""
-    r, r2 = right
-    nc, kc3, n = r.shape
+    GEMMs of slices of the layouts, each sum an exact integer below 2^53 (module docstring):
+    C0 = [A0] [B0], C1 = [A0 A1] [B1; B0], G = [2A1 A2 A0] [B1; B0; B2]; then C0 + C1 2^22 + G 2^43."""
+    nc, kc3, n = right.shape
     kc = kc3 // 3
     *lead, k = a.shape
     a2 = a.reshape(-1, k)
@@ -220,10 +223,10 @@ def _limb_matmul(a: torch.Tensor, right: tuple[torch.Tensor, torch.Tensor]) -> t
     left = _left_limbs(a2, nc, kc)
     out = None
     for j in range(nc):
-        lj = left[:, j].reshape(m, kc3)
-        z = torch.matmul(lj[:, :kc], r[j, 2 * kc :]).to(torch.int64)
-        z += torch.matmul(lj[:, : 2 * kc], r[j, kc:]).to(torch.int64).mul_(1 << 22)
-        z += torch.matmul(lj, r2[j]).to(torch.int64).mul_(1 << 43)
+        lj, rj = left[:, j].reshape(m, 5 * kc), right[j]
+        z = torch.matmul(lj[:, :kc], rj[kc : 2 * kc]).to(torch.int64)
+        z += torch.matmul(lj[:, : 2 * kc], rj[: 2 * kc]).to(torch.int64).mul_(1 << 22)
+        z += torch.matmul(lj[:, 2 * kc :], rj).to(torch.int64).mul_(1 << 43)
         out = z if out is None else out.add_(z)
     return out.reshape(*lead, n)
 
@@ -238,13 +241,13 @@ class Prepared:
 
     def __init__(self, ring: torch.Tensor):
         self.ring = ring.contiguous()
-        self._limbs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._limbs: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.ring.shape
 
-    def limbs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def limbs(self) -> torch.Tensor:
         if self._limbs is None:
             self._limbs = _right_limbs(self.ring)
         return self._limbs
