@@ -35,6 +35,11 @@ Which kernel runs is decided per CPU and per shape by :func:`backend` from measu
   default capability ``AVX512`` and also with ``ATEN_CPU_CAPABILITY=avx2`` (which does not slow the
   int64 GEMM there): int64 wins by 7-10x and is chosen.
   :data:`MEASURED` keeps these numbers next to the capability that torch reported.
+* merging: a secret x secret matmul costs each party two products, X_i (Y_i + Y_{i+1}) + X_{i+1} Y_i.
+  As one GEMM with the inner dimension doubled it was not faster with either kernel where that
+  kernel runs (benchmarks/ring_matmul.py, "merge", CPU time, 1 thread, 256x576x64: int64 1.24 ms
+  merged vs 1.16 ms; digits 13.3 vs 11.8 ms, the concatenations cost more than the one split and
+  recombination saved), so the engine keeps two products.
 * per shape: products below :data:`LIMB_MIN_MACS` multiply-adds stay on int64 (the digit split and
   three GEMM calls per chunk cost more than they save); grouped convolutions and batched right
   operands stay on int64.
@@ -60,7 +65,6 @@ __all__ = [
     "prepare",
     "prepare_conv",
     "conv_prepared",
-    "merge_pays",
     "ring_matmul",
     "ring_conv2d",
     "backend",
@@ -80,7 +84,7 @@ _PROBE = (128, 512, 128)  # reference GEMM shape of the per-CPU probe (8.4 M mul
 # :func:`backend` picks), keyed by the capability torch reported. The first row is the machine of
 # issue 18 (its table: int64 112.7 ms, float64 1.83 ms at 64x576x1024, 2 threads); the others are
 # the AVX-512 EPYC this was written on (probe shape, 1 thread, process CPU time: int64 0.49-0.51 ms,
-# float64 0.41-0.47 ms; the digit kernel: 23.6 ms against int64's 2.3 ms at 64x576x1024,
+# float64 0.41-0.47 ms; the digit kernel: 24.6 ms against int64's 2.2 ms at 64x576x1024,
 # benchmarks/results/ring_matmul.json and ring_matmul_avx2.json).
 MEASURED = {
     "AVX2 (AMD EPYC, AVX2 only, issue 18)": {"int64_over_float64": 61.6, "backend": "limbs"},
@@ -143,22 +147,6 @@ def backend(macs: int) -> str:
     if macs < LIMB_MIN_MACS:
         return "int64"
     return cpu_profile()["backend"]
-
-
-def merge_pays(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
-    """Whether a party's two products X_i @ (Y_i + Y_{i+1}) + X_{i+1} @ Y_i (a secret x secret matmul)
-    should run as ONE product [X_i X_{i+1}] @ [Y_i + Y_{i+1}; Y_i] with the inner dimension doubled.
-    Measured (benchmarks/ring_matmul.py, "merge", CPU time, 1 thread, AVX-512 EPYC): with the digit
-    kernel the merged GEMM is as fast or faster (one split and recombination instead of two: 0.43 ms
-    vs 0.57 ms at 64x64x64; 11.3-12.3 ms vs 11.0-12.6 ms at 256x576x64, within noise); with int64 it
-    is slower (1.29 ms vs 1.22 ms at 256x576x64: the concatenations cost more than the one
-    addition saves), so int64 keeps the two products. Needs both operands at least 2-D."""
-    if len(a_shape) < 2 or len(b_shape) < 2:
-        return False
-    batch = 1
-    for d in (a_shape[:-2] if len(a_shape) >= len(b_shape) else b_shape[:-2]):
-        batch *= int(d)
-    return backend(2 * batch * int(a_shape[-2]) * int(a_shape[-1]) * int(b_shape[-1])) == "limbs"
 
 
 # ---- limbs ----------------------------------------------------------------------------------------

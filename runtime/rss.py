@@ -45,7 +45,7 @@ import torch
 from compiler.errors import RuntimeFault
 
 from .engine import Engine, SharePair, check_parallel_call
-from .linalg import Prepared, conv_prepared, merge_pays, prepare, prepare_conv, ring_conv2d, ring_matmul
+from .linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
 from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
@@ -468,9 +468,6 @@ class RSSEngine(Engine):
                     z = op(a.a, right((b.b,)))  # x_{c+2} y_c
                 else:
                     z = op(a.a + a.b, right((b.a, b.b)))
-            elif op is ring_matmul and rhs is None and merge_pays(a.shape, b.shape):
-                # the two products as one GEMM with the inner dimension doubled (runtime.linalg)
-                z = ring_matmul(torch.cat([a.a, a.b], -1), torch.cat([b.a + b.b, b.a], -2))
             else:
                 z = op(a.a, right((b.a, b.b)))
                 z += op(a.b, right((b.a,)))

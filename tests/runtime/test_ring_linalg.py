@@ -223,7 +223,7 @@ def test_secure_products_on_owner_weights_are_exact_with_either_kernel(kernel):
         out.append(e.reveal(e.matmul(as_, bs), "P0"))
         bz = e.input("P2", torch.zeros_like(b) if e.party == 2 else None, b.shape)
         bs2 = e.add(e.input("P1", b if e.party == 1 else None, b.shape), bz)  # every slot random
-        assert not isinstance(bs2, rss.ServerInput)  # secret x secret: two products, or one merged GEMM
+        assert not isinstance(bs2, rss.ServerInput)  # secret x secret: two products per party
         out.append(e.reveal(e.matmul(as_, bs2), "P0"))
         return out
 
