@@ -5,7 +5,7 @@
 
 Matmuls M x K x N at the im2col shapes of the issue (64x576x1024, 256x2304x64, 512x4608x16: the
 per-image (Cout, K) @ (K, Ho·Wo) products of ResNet layers): float32, float64 and int64 torch.matmul,
-and the limb kernel (float64 BLAS on 16-bit limbs) with the weight (Cout x K) prepared once as the
+and the limb kernel (float64 BLAS on 22/21/21-bit digits) with the weight (Cout x K) prepared once as the
 engine prepares it, in the engine's orientation (Ho·Wo, K) @ (K, Cout); then what
 :func:`runtime.linalg.ring_matmul` picks on this machine ("auto"). Convolutions: ResNet's 3x3
 convolutions of 64-512 channels at their CIFAR plane sizes (batch 1, padding 1), float32/float64

@@ -23,7 +23,7 @@ elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-c
 of the share tensors (a numpy op on a few words costs about a third of a torch op and, unlike a
 torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
 and drop the terms of known-zero slots; matmul and conv2d run in :mod:`runtime.linalg` (exact
-mod 2^64: torch's int64 kernels or float64 BLAS on 16-bit limbs, chosen per CPU and shape).
+mod 2^64: torch's int64 kernels or float64 BLAS on 22/21/21-bit digits, chosen per CPU and shape).
 Share tensors are never modified in place (several values may share storage). The words sent and the results are the
 same as computing the textbook formulas in the docstrings, except for products with a server's
 input (:class:`ServerInput`, e.g. the weights: one of its components is 0), whose cross terms are
