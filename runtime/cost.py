@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .engine import Engine, TensorBox, check_parallel_call
+from .linalg import ring_conv2d, ring_matmul
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -245,7 +245,7 @@ class CostEngine(Engine):
         return self._product("mul", a, b, torch.mul)
 
     def matmul(self, a: Any, b: Any) -> Any:
-        return self._product("matmul", a, b, torch.matmul)
+        return self._product("matmul", a, b, ring_matmul)
 
     def conv2d(
         self,
@@ -257,7 +257,7 @@ class CostEngine(Engine):
         groups: int,
     ) -> Any:
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
-        return self._product("conv2d", x, w, lambda u, v: F.conv2d(u, v, None, st, pad, dil, groups))
+        return self._product("conv2d", x, w, lambda u, v: ring_conv2d(u, v, st, pad, dil, groups))
 
     def trunc(self, x: MetaShares, bits: int) -> MetaShares:
         if not 0 <= bits <= 62:

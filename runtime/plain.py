@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .engine import Engine, TensorBox
-from .ring import conv2d_ring
+from .linalg import ring_conv2d, ring_matmul
 
 __all__ = ["PlainEngine", "Clear", "ClearBits"]
 
@@ -80,12 +80,10 @@ class PlainEngine(Engine):
         return self._wrap(a, b, result=_raw(a) * _raw(b))
 
     def matmul(self, a, b):
-        return self._wrap(a, b, result=torch.matmul(_raw(a), _raw(b)))
+        return self._wrap(a, b, result=ring_matmul(_raw(a), _raw(b)))
 
     def conv2d(self, x, w, stride, padding, dilation, groups):
-        # the secure engine's local product (runtime.ring.conv2d_ring): the same exact int64 kernel choice,
-        # so the reference is as fast as the secure engine's arithmetic allows
-        y = conv2d_ring(_raw(x), _raw(w), tuple(stride), tuple(padding), tuple(dilation), groups)
+        y = ring_conv2d(_raw(x), _raw(w), tuple(stride), tuple(padding), tuple(dilation), groups)
         return self._wrap(x, w, result=y)
 
     def trunc(self, x, bits):

@@ -22,13 +22,14 @@ Speed. With small tensors a round costs Python and per-op overhead, not arithmet
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
 of the share tensors (a numpy op on a few words costs about a third of a torch op and, unlike a
 torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
-and drop the terms of known-zero slots; matmul and conv2d stay in torch. Share tensors are never
-modified in place (several values may share storage). The words sent and the results are the
+and drop the terms of known-zero slots; matmul and conv2d run in :mod:`runtime.linalg` (exact
+mod 2^64: torch's int64 kernels or float64 BLAS on 22/21/21-bit digits, chosen per CPU and shape).
+Share tensors are never modified in place (several values may share storage). The words sent and the results are the
 same as computing the textbook formulas in the docstrings, except for products with a server's
 input (:class:`ServerInput`, e.g. the weights: one of its components is 0), whose cross terms are
 split so that each party computes one convolution or matmul instead of two (6 -> 3 products in
-all, none on the critical path twice); convolutions with small output planes run as one im2col
-matmul (:func:`runtime.ring.conv2d_ring`) with the weight matrix prepared once per engine.
+all, none on the critical path twice); a weight operand's matrix form (the slot sum, the im2col
+matrix of a kernel, its float64 limbs) is prepared once per engine.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import torch
 from compiler.errors import RuntimeFault
 
 from .engine import Engine, SharePair, check_parallel_call
+from .linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
 from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
+from .ring import SIGN_BIT, broadcast_shape
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
 __all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
@@ -122,11 +124,15 @@ class BoolShares(SharePair):
 
 
 _ZERO = torch.zeros((), dtype=torch.int64)
-_MATRIX_CACHE = 256  # prepared weight matrices kept per engine (ResNet-34 uses 7 per slot)
+_MATRIX_CACHE = 256  # prepared weight forms kept per engine (ResNet-34: one per conv and the fc, 37)
 
 
 def _slot_sum(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _zero_slot(t: torch.Tensor) -> bool:
@@ -475,18 +481,26 @@ class RSSEngine(Engine):
             return Shares(op(c, b.a), op(c, b.b))
         return op(_public(a), _public(b))
 
-    def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """conv_weight_matrix of the sum of ``parts``, cached by the identity of the parts: weight shares
-        live as long as the engine, so the transposed copy is made once per server start, not per query."""
-        key = tuple(id(p) for p in parts)
+    def _weight_sum(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The slot sum of a server's input (the weights' y_{c+1} + y_{c+2}), cached like :meth:`_prepared`."""
+        return parts[0] if len(parts) == 1 else self._prepared(parts, _same)
+
+    def _prepared(self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Any] = prepare) -> Any:
+        """``make`` (:func:`runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
+        by the identity of the parts: weight shares live as long as the engine, so the sum, the
+        transposed copy and the float64 limbs are made once per server start, not per query."""
+        key = (make, *(id(p) for p in parts))
         hit = self._matrices.get(key)
         if hit is not None and all(p is q for p, q in zip(hit[0], parts, strict=True)):
             return hit[1]
-        m = conv_weight_matrix(_slot_sum(parts))
+        m = make(_slot_sum(parts))
         if len(self._matrices) >= _MATRIX_CACHE:
             self._matrices.pop(next(iter(self._matrices)))
         self._matrices[key] = (parts, m)
         return m
+
+    def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> Prepared:
+        return self._prepared(parts, prepare_conv)
 
     def mul(self, a: Any, b: Any) -> Any:
         """Elementwise a * b (broadcasting), no truncation. Secret x secret: 1 round, 8 B per output
@@ -503,8 +517,12 @@ class RSSEngine(Engine):
 
     def matmul(self, a: Any, b: Any) -> Any:
         """torch.matmul on ring elements: Z_i = X_i @ (Y_i + Y_{i+1}) + X_{i+1} @ Y_i + alpha_i.
-        1 round, 8 B per output element from every party (any inner dimension). Public: local."""
-        return self._product(a, b, torch.matmul)
+        1 round, 8 B per output element from every party (any inner dimension). Public: local.
+        Products run in :func:`runtime.linalg.ring_matmul`; a server's input on the right (the
+        weights) is prepared once per engine (:meth:`_prepared`)."""
+        if isinstance(b, ServerInput) and isinstance(a, Shares) and len(b.shape) == 2:
+            return self._product(a, b, ring_matmul, self._prepared)
+        return self._product(a, b, ring_matmul)
 
     def conv2d(
         self,
@@ -516,12 +534,15 @@ class RSSEngine(Engine):
         groups: int,
     ) -> Any:
         """conv2d (bilinear, so the matmul rule applies): conv(X_i, W_i + W_{i+1}) + conv(X_{i+1}, W_i)
-        + alpha_i. 1 round, 8 B per output element from every party. Public operand: local."""
+        + alpha_i. 1 round, 8 B per output element from every party. Public operand: local.
+        Products run in :func:`runtime.linalg.ring_conv2d`; where that is a matmul, the kernel's
+        matrix (and limbs) are prepared once per engine (:meth:`_conv_matrix`)."""
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
-        if isinstance(x, Shares) and isinstance(w, Shares) and conv_uses_matmul(x.shape, w.shape, st, pad, dil, groups):
+        if isinstance(x, Shares) and isinstance(w, Shares) and conv_prepared(x.shape, w.shape, st, pad, dil, groups):
             kernel = tuple(w.shape[2:])
-            return self._product(x, w, lambda u, m: conv2d_by_matmul(u, m, kernel, st, pad), self._conv_matrix)
-        return self._product(x, w, lambda u, v: conv2d_ring(u, v, st, pad, dil, groups))
+            return self._product(x, w, lambda u, m: ring_conv2d(u, m, st, pad, dil, 1, kernel), self._conv_matrix)
+        conv = lambda u, v: ring_conv2d(u, v, st, pad, dil, groups)  # noqa: E731
+        return self._product(x, w, conv, self._weight_sum if isinstance(w, ServerInput) else None)
 
     def trunc(self, x: Shares, bits: int) -> Shares:
         """floor(x / 2^d) or that minus 1, for |x| < 2^62. 2 rounds; bytes P0 16, P1 8, P2 8.

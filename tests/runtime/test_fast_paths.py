@@ -78,7 +78,7 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
     The opened result is exactly the ring convolution (activations with all three components random)."""
     x, w = rand_words(x_shape, 5, 2**40), rand_words(w_shape, 6, 2**20)
     calls = {0: 0, 1: 0, 2: 0}
-    real = rss.conv2d_by_matmul, rss.conv2d_ring
+    real = rss.ring_conv2d
 
     def party(e):
         ws = e.input("model", w if e.party == 0 else None, w.shape)
@@ -99,11 +99,11 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
 
         return wrapped
 
-    rss.conv2d_by_matmul, rss.conv2d_ring = counting(real[0]), counting(real[1])
+    rss.ring_conv2d = counting(real)
     try:
         results, _, _ = run_threads(party, None, timeout=30)
     finally:
-        rss.conv2d_by_matmul, rss.conv2d_ring = real
+        rss.ring_conv2d = real
     assert torch.equal(results[0][0], conv_bigint(x, w, 1, 1))
     assert [r[1] for r in results] == [1, 1, 1]  # one product per party on a server's input
 
