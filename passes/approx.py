@@ -599,7 +599,7 @@ class Approximate(Pass):
         from runtime.guard import GuardConfig
 
         fields = GuardConfig.__dataclass_fields__
-        base = GuardConfig(**{k: v for k, v in node.attrs.items() if k in fields})
+        base = GuardConfig.for_schedule(**{k: v for k, v in node.attrs.items() if k in fields})
         accurate = {k: getattr(base, k) for k in GUARD_KNOBS}
         chosen, how = dict(accurate), "default"
         if node.name in self.overrides:

@@ -54,7 +54,7 @@ __all__ = [
 
 SCHEDULES = ("freeze", "paper", "parallel")
 STEPS = ("l2", "sign")
-VALIDATORS = ("sign", "margin")
+VALIDATORS = ("sign", "margin", "hybrid")
 _EPS = 1e-12
 
 
@@ -211,25 +211,34 @@ def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, 
              margin: float, step: str, accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One round of T steps from e = 0. Returns (take (B,) bool, e_take (B, k), step_taken (B,)): with
     ``freeze`` the first e that passes the test at some t (only where not ``accepted`` yet), else the e after
-    the last step if it passes (t = T+1)."""
+    the last step if it passes (t = T+1). "hybrid": the first e whose decision flipped; failing that, the
+    first e with |a| <= margin."""
     B, k = u0.shape
     e = np.zeros((B, k))
     take = np.zeros(B, dtype=bool)
     e_take = np.zeros((B, k))
     t_take = np.zeros(B, dtype=np.int64)
     done = accepted.copy()
+    tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
+    hits = {v: (np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for v in tiers}
     for t in range(1, steps + 2):
         d, a, viol = _direction(u0 + e, p, onehot, defender, c1=c1, c2=c2, c3=c3, step=step)
-        valid = a0 * a <= 0.0 if validator == "sign" else np.abs(a) <= margin
-        ok = (viol.sum(axis=1) == 0) & valid
-        now = (ok & ~done) if freeze else (ok if t == steps + 1 else np.zeros(B, dtype=bool))
-        e_take[now], t_take[now] = e[now], t
-        take |= now
-        if freeze:
-            done |= now
+        kept = viol.sum(axis=1) == 0
+        for v in tiers:
+            ok = kept & (a0 * a <= 0.0 if v == "sign" else np.abs(a) <= margin)
+            got, e_v, t_v = hits[v]
+            now = (ok & ~done & ~got) if freeze else (ok if t == steps + 1 else np.zeros(B, dtype=bool))
+            e_v[now], t_v[now] = e[now], t
+            got |= now
         if t == steps + 1:
             break
         e = e - lr[:, None] * d
+    for v in reversed(tiers):  # the first tier wins where both succeeded
+        got, e_v, t_v = hits[v]
+        e_take[got], t_take[got] = e_v[got], t_v[got]
+        take |= got
+    if freeze:
+        take &= ~accepted
     return take, e_take, t_take
 
 
