@@ -177,6 +177,8 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
         raise ValueError(f"validator must be one of {VALIDATORS}, got {validator!r}")
     if step not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if validator == "hybrid" and schedule != "parallel":
+        raise ValueError("the hybrid validator needs the parallel schedule")
     if rounds < 0 or steps < 0 or not 0.0 <= release_prob <= 1.0:
         raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
     with single_threaded():
@@ -207,39 +209,26 @@ def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: Defen
 
 
 def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, defender: DefenderWeights, *,
-             steps: int, lr: np.ndarray, c1: float, c2: float, c3: np.ndarray, freeze: bool, validator: str,
-             margin: float, step: str, accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One round of T steps from e = 0. Returns (take (B,) bool, e_take (B, k), step_taken (B,)): with
-    ``freeze`` the first e that passes the test at some t (only where not ``accepted`` yet), else the e after
-    the last step if it passes (t = T+1). "hybrid": the first e whose decision flipped; failing that, the
-    first e with |a| <= margin."""
+             steps: int, lr: np.ndarray, c1: float, c2: float, c3: np.ndarray, freeze: bool, tiers: tuple[str, ...],
+             margin: float, step: str, accepted: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One round of T steps from e = 0. For each validator in ``tiers``: (hit (B,) bool, e_hit (B, k),
+    t_hit (B,)): with ``freeze`` the first e that passes the test at some t (only where not ``accepted``
+    yet), else the e after the last step if it passes (t = T+1)."""
     B, k = u0.shape
     e = np.zeros((B, k))
-    take = np.zeros(B, dtype=bool)
-    e_take = np.zeros((B, k))
-    t_take = np.zeros(B, dtype=np.int64)
-    done = accepted.copy()
-    tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
-    hits = {v: (np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for v in tiers}
+    hits = [(np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for _ in tiers]
     for t in range(1, steps + 2):
         d, a, viol = _direction(u0 + e, p, onehot, defender, c1=c1, c2=c2, c3=c3, step=step)
         kept = viol.sum(axis=1) == 0
-        for v in tiers:
+        for v, (got, e_v, t_v) in zip(tiers, hits, strict=True):
             ok = kept & (a0 * a <= 0.0 if v == "sign" else np.abs(a) <= margin)
-            got, e_v, t_v = hits[v]
-            now = (ok & ~done & ~got) if freeze else (ok if t == steps + 1 else np.zeros(B, dtype=bool))
+            now = (ok & ~accepted & ~got) if freeze else (ok if t == steps + 1 else np.zeros(B, dtype=bool))
             e_v[now], t_v[now] = e[now], t
             got |= now
         if t == steps + 1:
             break
         e = e - lr[:, None] * d
-    for v in reversed(tiers):  # the first tier wins where both succeeded
-        got, e_v, t_v = hits[v]
-        e_take[got], t_take[got] = e_v[got], t_v[got]
-        take |= got
-    if freeze:
-        take &= ~accepted
-    return take, e_take, t_take
+    return hits
 
 
 def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int, c1: float, c2: float, c3: float,
@@ -258,27 +247,31 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
     accepted = np.zeros(B, dtype=bool)
     acc_round = np.zeros(B, dtype=np.int64)
     acc_step = np.zeros(B, dtype=np.int64)
-    opts = dict(c1=c1, c2=c2, validator=validator, margin=margin, step=step)
+    opts = dict(c1=c1, c2=c2, margin=margin, step=step)
     if schedule == "parallel":
         # the R rounds as R independent candidates in one batch: round r starts from e = 0 with c3 and
         # lr growth^(r-1) -- what the sequential freeze schedule runs in every round before a query's first
-        # success -- and the query keeps the first success in (round, step) order: freeze's output
+        # success -- and the query keeps the first success in (round, step) order: freeze's output. "hybrid":
+        # the first success of the sign test in that order; failing that, the first of the margin test.
+        tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
         tile = lambda x: np.concatenate([x] * rounds)  # noqa: E731
         lrs = np.repeat(lr * lr_growth ** np.arange(rounds), B)
-        take, e_take, t_take = _descend(tile(u0), tile(p), tile(onehot), tile(a0), defender, steps=steps, lr=lrs,
-                                        c3=np.full(B * rounds, float(c3)), freeze=True,
-                                        accepted=np.zeros(B * rounds, dtype=bool), **opts)
-        for r in range(rounds):
-            rows = slice(r * B, (r + 1) * B)
-            now = take[rows] & ~accepted
-            e_star[now], acc_step[now], acc_round[now] = e_take[rows][now], t_take[rows][now], r + 1
-            accepted |= now
+        hits = _descend(tile(u0), tile(p), tile(onehot), tile(a0), defender, steps=steps, lr=lrs,
+                        c3=np.full(B * rounds, float(c3)), freeze=True, tiers=tiers,
+                        accepted=np.zeros(B * rounds, dtype=bool), **opts)
+        for got, e_v, t_v in hits:
+            for r in range(rounds):
+                rows = slice(r * B, (r + 1) * B)
+                now = got[rows] & ~accepted
+                e_star[now], acc_step[now], acc_round[now] = e_v[rows][now], t_v[rows][now], r + 1
+                accepted |= now
     else:
         c3_q = np.full(B, float(c3))
         lr_q = np.full(B, float(lr))
         for r in range(1, rounds + 1):
-            found, e_take, t_take = _descend(u0, p, onehot, a0, defender, steps=steps, lr=lr_q, c3=c3_q,
-                                             freeze=schedule == "freeze", accepted=accepted, **opts)
+            ((found, e_take, t_take),) = _descend(u0, p, onehot, a0, defender, steps=steps, lr=lr_q, c3=c3_q,
+                                                  freeze=schedule == "freeze", tiers=(validator,),
+                                                  accepted=accepted, **opts)
             e_star[found], acc_step[found], acc_round[found] = e_take[found], t_take[found], r
             accepted |= found
             c3_q = np.where(found, np.minimum(10.0 * c3_q, c3_max), c3_q)  # capped for fixed-point headroom

@@ -169,6 +169,12 @@ class GuardConfig:
         return "sign" if self.schedule == "parallel" else "l2"
 
     @property
+    def iterations(self) -> int:
+        """Sequential iterations (what :func:`guard_progress` counts): R (T + 1), or T + 1 when the rounds
+        run as one batch."""
+        return self.steps + 1 if self.schedule == "parallel" else self.rounds * (self.steps + 1)
+
+    @property
     def lr_max(self) -> float:
         """The largest learning rate any round can reach."""
         return self.lr * self.lr_growth ** (self.rounds - 1)
