@@ -120,6 +120,8 @@ class CostEngine(Engine):
     """
 
     party = None
+    #: a list to collect the guard's phase marks in (runtime.guard.guard_phases), or None
+    guard_marks: list | None = None
 
     def __init__(self, frac_bits: int = 16):
         self.frac_bits = frac_bits

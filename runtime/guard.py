@@ -72,7 +72,7 @@ from .approx import (
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
-__all__ = ["GuardConfig", "secure_guard", "defender_score", "guard_progress"]
+__all__ = ["GuardConfig", "SCHEDULE_DEFAULTS", "secure_guard", "defender_score", "guard_progress", "guard_phases"]
 
 #: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
 #: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
@@ -92,9 +92,33 @@ def guard_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
 
 
 def _report(e: Engine, done: int, total: int) -> None:
+    """Progress after ``done`` of ``total`` iterations; on the cost engine, also a phase mark (guard_phases)."""
     hook = _PROGRESS
     if hook is not None and getattr(e, "party", 0) == 0:
         hook(done, total)
+    _mark(e, "iteration")
+
+
+def _mark(e: Engine, label: str) -> None:
+    marks = getattr(e, "guard_marks", None)  # set by the cost pass on its engine (passes.cost.node_cost)
+    if marks is not None:
+        total = e.total
+        marks.append((label, int(total["rounds"]), int(max(total["bytes_per_party"]))))
+
+
+def guard_phases(marks: list[tuple[str, int, int]]) -> dict[str, Any]:
+    """The guard's cost split into its phases from the cost engine's marks: ``once`` (per query, before the
+    first iteration), ``per_iteration`` (each of the ``iterations`` sequential iterations but the last; for
+    the parallel schedule an iteration is a step of all candidates at once), and ``final`` (the last
+    iteration's evaluation, the selection of the released vector and its normalisation). Rounds and bytes
+    of the busiest party; rounds add up to the guard's."""
+    its = [m for m in marks if m[0] == "iteration"]
+    start, end = marks[0], marks[-1]
+    n = len(its)
+    per = ((its[-1][1] - its[0][1]) // (n - 1), (its[-1][2] - its[0][2]) // (n - 1)) if n > 1 else (0, 0)
+    return {"once": {"rounds": its[0][1] - start[1], "bytes": its[0][2] - start[2]},
+            "per_iteration": {"rounds": per[0], "bytes": per[1]}, "iterations": n,
+            "final": {"rounds": end[1] - its[-1][1], "bytes": end[2] - its[-1][2]}}
 
 
 #: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
@@ -122,7 +146,9 @@ class GuardConfig:
     #: (round, step) order), "freeze" (sequential rounds, test every step, keep the first success) or
     #: "paper" (sequential rounds, test at the end of each round); see :data:`SCHEDULE_DEFAULTS`
     schedule: str = "parallel"
-    validator: str = "sign"  # "sign" (defender decision flipped) or "margin" (|h| <= margin)
+    #: "sign" (the defender's decision flipped), "margin" (|h| <= margin) or "hybrid" (parallel schedule only:
+    #: the first flip in (round, step) order, failing that the first |h| <= margin)
+    validator: str = "sign"
     margin: float = 0.1
     lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
     c3_max: float = 100.0
@@ -145,8 +171,10 @@ class GuardConfig:
             raise ValueError(f"unknown guard internals {self.internals!r} (siguard or crypten)")
         if self.schedule not in SCHEDULE_DEFAULTS:
             raise ValueError(f"unknown guard schedule {self.schedule!r} ({', '.join(SCHEDULE_DEFAULTS)})")
-        if self.validator not in ("sign", "margin"):
-            raise ValueError(f"unknown guard validator {self.validator!r} (sign or margin)")
+        if self.validator not in ("sign", "margin", "hybrid"):
+            raise ValueError(f"unknown guard validator {self.validator!r} (sign, margin or hybrid)")
+        if self.validator == "hybrid" and self.schedule != "parallel":
+            raise ValueError("the hybrid validator needs the parallel schedule")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("guard rounds and steps must be >= 1")
         if not (self.lr > 0 and self.lr_growth >= 1.0):
@@ -339,15 +367,24 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
                  **overrides: Any) -> Secret:
     """Guarded probabilities q* (B, k) at scale f for logits z (B, k); see the module docstring.
 
+    The parallel schedule (default) runs :func:`_guard_parallel`, the sequential ones :func:`_guard_sequential`.
+    On the cost engine, the marks of :func:`guard_phases` split the cost into its phases."""
+    cfg = config or GuardConfig()
+    if overrides:
+        cfg = GuardConfig(**{**cfg.__dict__, **overrides})
+    _mark(e, "start")
+    out = (_guard_parallel if cfg.schedule == "parallel" else _guard_sequential)(e, cfg, z, W1, b1, W2, b2, w3, b3)
+    _mark(e, "end")
+    return out
+
+
+def _guard_sequential(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, b3) -> Secret:
+    """The ``freeze`` and ``paper`` schedules (module docstring): R sequential rounds of T + 1 iterations.
+
     Probabilities live at scale qs (about 2f) inside the guard, so that confident queries (a top-2
     logit gap up to ~22) keep non-zero runner-up probabilities and hence a gradient; the gradient is
     brought to [1, 2) by its power-of-two magnitude before the L2 normalisation, so that the tiny
     gradients of such queries are normalised like large ones (as in floating point)."""
-    cfg = config or GuardConfig()
-    if overrides:
-        cfg = GuardConfig(**{**cfg.__dict__, **overrides})
-    if cfg.schedule == "parallel":
-        return _guard_parallel(e, cfg, z, W1, b1, W2, b2, w3, b3)
     f = e.frac_bits
     qs = _prob_scale(f)
     k = int(z.shape[-1])
@@ -567,7 +604,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
     r, r32, r_s, d = r0t, r0t_32, r0t_s, d0t
     history: list[Secret] = []
-    oks: list[tuple[Bits, Bits]] = []  # (any violation, valid) per step
+    tiers = ("sign", "margin") if cfg.validator == "hybrid" else (cfg.validator,)
+    anyvs: list[Bits] = []  # per step: any label violation (n, 1)
+    valids: list[list[Bits]] = [[] for _ in tiers]  # per tier and step: the validator's test (n, 1)
     s0: Bits | None = None
     for t in range(T + 1):
         last = t == T
@@ -594,7 +633,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
         def score(h2=h2, bd3=bd3, d=d) -> list[Bits]:
             da = e.add(e.matmul(h2, w3), bd3)  # D a, scale 2f
-            if cfg.validator == "sign":
+            if tiers == ("sign",):
                 return msb_many(e, [da])
             md = e.mul(d, margin_ring)  # margin D, scale 2f
             return msb_many(e, [da, e.sub(md, da), e.add(da, md)])
@@ -620,8 +659,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         m_a = sbits[0]
         if s0 is None:
             s0 = m_a  # t = 0: every candidate row holds p itself
-        valid = e.bit_xor(m_a, s0) if cfg.validator == "sign" else e.bit_not(e.bit_xor(sbits[1], sbits[2]))
-        oks.append((anyv, valid))
+        anyvs.append(anyv)
+        for i, tier in enumerate(tiers):  # sign: flipped; margin: not (D a > margin D) and not (D a < -margin D)
+            valids[i].append(e.bit_xor(m_a, s0) if tier == "sign" else e.bit_not(e.bit_xor(sbits[1], sbits[2])))
         if last:
             break
 
@@ -647,22 +687,20 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
                                       (e.trunc, wide_r, qr + f - qs + shift))
         r = e.add(r, inc)
 
-    # ---- final selection: the first success in (round, step) order, else p ------------------------------
-    anyvs = e.bit_cat([a for a, _ in oks], -1)  # (n, T + 1)
-    valids = e.bit_cat([v for _, v in oks], -1)
-    ok = e.bit_and(e.bit_not(anyvs), valids)
-    # (R B, T + 1) -> (B, R (T + 1)), then the fallback p (always "ok") last
-    order = lambda v: v.reshape(R, B, T + 1).permute(1, 0, 2).reshape(B, R * (T + 1))  # noqa: E731
-    ok = e.bit_local(order, ok)
-    ok = e.bit_cat([ok, e.bit_not(_zero_bits(e, e.bit_local(lambda v: v[:, :1], ok)))], -1)
+    # ---- final selection: the first success in (tier, round, step) order, else p ---------------------------
+    nt, N = len(tiers), R * (T + 1)
+    ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anyvs, -1)] * nt, -1)),
+                   e.bit_cat([e.bit_cat(v, -1) for v in valids], -1))  # (n, nt (T + 1))
+    ok = e.bit_local(lambda v: v.reshape(R, B, nt, T + 1).permute(1, 2, 0, 3).reshape(B, nt * N), ok)
+    ok = e.bit_cat([ok, e.bit_not(_zero_bits(e, e.bit_local(lambda v: v[:, :1], ok)))], -1)  # p: always "ok"
     seen = _prefix_or(e, ok)
     before = e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[:, :1], seen)),
                         e.bit_local(lambda v: v[:, :-1], seen)], -1)
-    first = e.bit_and(ok, e.bit_not(before))  # (B, N + 1): exactly one bit set per query
+    first = e.bit_and(ok, e.bit_not(before))  # (B, nt N + 1): exactly one bit set per query
     stack = e.local(lambda *hs: torch.stack(hs, 0).reshape(T + 1, R, B, k).permute(2, 1, 0, 3)
-                    .reshape(B, R * (T + 1), k), *history)
-    cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), r0)], 1)  # (B, N + 1, k)
-    wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, R * (T + 1) + 1, k).contiguous(), first)
+                    .reshape(B, N, k).repeat(1, nt, 1), *history)
+    cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), r0)], 1)  # (B, nt N + 1, k)
+    wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, nt * N + 1, k).contiguous(), first)
     r_star = e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale qr
     total = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), r_star), qr - f)  # in [1, k], scale f
     inv = reciprocal(e, total, impl="newton4", lo=1.0, hi=float(k))
