@@ -638,24 +638,32 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
             md = e.mul(d, margin_ring)  # margin D, scale 2f
             return msb_many(e, [da, e.sub(md, da), e.add(da, md)])
 
-        def backward(y=y, m1=m1) -> Secret:  # grad_h (c1 h) at q and its label entry, (n, k + 1) at scale f
+        def pairwise(v: Secret, r_s: Secret = r_s) -> Secret:
+            """S_i = sum_j r_j (v_i - v_j) for v (n, k + 1) (the label's entry last): one product round."""
+            diffs = e.local(lambda t: t.unsqueeze(-1) - t[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
+            rj = e.local(lambda t: t.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
+            return e.local(lambda t: t.sum(-1), e.mul(rj, diffs))
+
+        def backward(y=y, m1=m1) -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
             g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
             gm, gl = e.fork(lambda: e.matmul(g1, w1_t),
                             lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_t)))
-            return e.trunc(e.cat([gm, gl], -1), f)
+            return pairwise(e.trunc(e.cat([gm, gl], -1), f))
 
         def hinge(viol=viol, m_sig=m_sig) -> tuple[Bits, Secret | None, Secret | None]:
+            """[any violation]; the hinge's sign H (n, k + 1); S of c3 sgn(q - p)."""
             anyv = e.bit_not(_and_all(e, e.bit_not(viol)))
             if last:
                 return anyv, None, None
             va, sa, anya = unpack(e, e.b2a(_pack_bits(e, [viol, m_sig, anyv])),
                                   [torch.Size((n, k)), torch.Size((n, k)), torch.Size((n, 1))])
-            sl = e.local(lambda v: v.sum(-1, keepdim=True), e.mul(onehot_t, sa))
-            return anyv, e.cat([va, e.neg(anya)], -1), e.cat([sa, sl], -1)
+            sc = e.sub(c3_ring, e.mul(sa, e.mul(c3_ring, _t(2))))  # c3 sgn(q - p), sgn(x) = 1 - 2 [x < 0]
+            sl = e.local(lambda v: v.sum(-1, keepdim=True), e.mul(onehot_t, sc))
+            return anyv, e.cat([va, e.neg(anya)], -1), pairwise(e.cat([sc, sl], -1))
 
         branches = [score, hinge] if last else [score, hinge, backward]
         out = e.fork(*branches)
-        sbits, (anyv, hv, sig) = out[0], out[1]
+        sbits, (anyv, hv, s_c) = out[0], out[1]
         m_a = sbits[0]
         if s0 is None:
             s0 = m_a  # t = 0: every candidate row holds p itself
@@ -666,14 +674,12 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
             break
 
         # ---- the step's direction bits b = [g < 0] (with the label's entry b_l last) ----------------------
-        gh = out[2]
-        gneg = e.mul_bit(gh, e.bit_local(lambda v: v.expand(n, k + 1).contiguous(), m_a))
-        # gq = sgn(a) grad_h + c3 sgn(q - p), sgn(x) = 1 - 2 [x < 0]
-        gq = e.add(e.sub(gh, e.mul(gneg, _t(2))), e.sub(c3_ring, e.mul(sig, e.mul(c3_ring, _t(2)))))
-        diffs = e.local(lambda v: v.unsqueeze(-1) - v[:, :k].unsqueeze(-2), gq)  # (n, k + 1, k)
-        rj = e.local(lambda v: v.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
-        s = e.local(lambda v: v.sum(-1), e.mul(rj, diffs))  # scale qs - shift + f, |s| < 2^60
-        bits = e.msb(e.add(s, e.mul(hv, _t(1 << _HINGE_BIT))))
+        # S = sgn(a) S_h + S_c: the sign test of both candidates S_c + S_h and S_c - S_h (the hinge folded in
+        # as 2^61 H), then a mux on [a < 0]; |S| < 2^60 (s_shift)
+        s_h, big = out[2], e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT)))
+        b_pos, b_neg = msb_many(e, [e.add(big, s_h), e.sub(big, s_h)])
+        flip = e.bit_local(lambda v: v.expand(n, k + 1).contiguous(), m_a)
+        bits = e.bit_xor(b_pos, e.bit_and(flip, e.bit_xor(b_pos, b_neg)))
         bj = e.bit_local(lambda v: v[:, :k].contiguous(), bits)
         bl = e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), bits)
         # r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
