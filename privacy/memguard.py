@@ -187,13 +187,20 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
                       step=step, lr_growth=lr_growth)
 
 
+#: sign steps: the tests of sgn(q - p) and of S read "negative" only below -2^-TIE_BITS in ratio units (see
+#: :func:`_direction`), as the parties do (runtime.guard.TIE_BITS): at fixed point both operands vanish
+#: exactly for classes far below the label, and the truncation's +-1 ulp must not decide their sign
+TIE = 2.0**-14
+
+
 def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: DefenderWeights, *, c1: float,
                c2: float, c3: np.ndarray, step: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(direction d (B, k), a (B,), viol (B, k)) at u: the update is e <- e - lr d.
 
-    "l2": d = g / ||g||.  "sign": d_i = sgn(hinge_i) where the hinge term is active (viol_i, or i = l with a
-    violation), else sgn(S_i) with S_i = sum_j q_j (gq_i - gq_j), the factor of g_i = q_i S_i (q_i > 0: the
-    same sign, and S_i does not vanish with q_i for confident queries)."""
+    "l2": d = g / ||g||.  "sign": in ratio space r = e^(u - u_l) (D = sum r; r0, D0 the same at e = 0):
+    sigma_i = -1 if r_i D0 - r0_i D < -TIE (i.e. q_i < p_i) else +1; gq = c1 sgn(a) grad_h + c3 sigma;
+    S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D: the same sign); d_i = sgn(hinge_i) where the hinge is
+    active (viol_i, or i = l with a violation), else -1 if S_i < -TIE, else +1."""
     if step == "l2":
         g, _, a, viol = guard_loss_gradient(u, p, onehot, defender, c1=c1, c2=c2, c3=c3)
         return g / np.sqrt((g * g).sum(axis=1, keepdims=True) + _EPS), a, viol
@@ -201,10 +208,13 @@ def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: Defen
     q = softmax(u)
     a, m1, m2 = defender.forward(q)
     viol = _hinge_terms(u, onehot)
-    gq = c1 * _sgn(a)[:, None] * defender.input_gradient(m1, m2) + c3c * _sgn(q - p)
-    s = gq * q.sum(axis=1, keepdims=True) - (q * gq).sum(axis=1, keepdims=True)
+    r = q / (q * onehot).sum(axis=1, keepdims=True)
+    r0 = p / (p * onehot).sum(axis=1, keepdims=True)
+    sig = np.where(r * r0.sum(axis=1, keepdims=True) - r0 * r.sum(axis=1, keepdims=True) < -TIE, -1.0, 1.0)
+    gq = c1 * _sgn(a)[:, None] * defender.input_gradient(m1, m2) + c3c * sig
+    s = gq * r.sum(axis=1, keepdims=True) - (r * gq).sum(axis=1, keepdims=True)
     hinge = viol - onehot * viol.sum(axis=1, keepdims=True)
-    d = np.where(hinge != 0.0, np.sign(hinge), _sgn(s))
+    d = np.where(hinge != 0.0, np.sign(hinge), np.where(s < -TIE, -1.0, 1.0))
     return d, a, viol
 
 

@@ -1,12 +1,36 @@
 """The SIGuard guard on secret shares: MemGuard's noise search with fixed iteration counts.
 
 Written once against :class:`runtime.engine.Engine` (so the fixed-point reference, the secure
-parties and the cost model run the same code) from the existing building blocks only: softmax,
-argmax, comparisons (msb), bit selections (mul_bit), products, truncation, polynomials and the
-Newton inverse square root. The float64 oracle of the same algorithm is
-:func:`privacy.memguard.guard_reference`.
+parties and the cost model run the same code) from the existing building blocks only: comparisons
+(msb), bit selections (mul_bit), products, truncation, one exponential and one reciprocal per query,
+and :meth:`Engine.fork` / :meth:`Engine.parallel` so that independent work shares rounds. The float64
+oracle of the same algorithm is :func:`privacy.memguard.guard_reference` (the tests hold the two to
+the same decisions). Notes on the protocols and their costs: docs/guard.md.
 
 Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h > 0 = member)::
+
+    p = softmax(z); l = argmax z; a0 = h(p)
+    candidates r = 1..R, all at once (schedule "parallel", the default):
+        e = 0; lr_r = lr growth^(r-1)
+        for t = 1..T+1:
+            q = softmax(z + e); a = h(q)
+            ok_t = [no j: q_j > q_l] and valid(a)       valid: sign  a0 a <= 0 (the decision flipped)
+                                                                margin |a| <= margin
+                                                                hybrid: both tests kept, sign first
+            if t == T+1: break
+            gq = c1 sgn(a) grad_h(q) + c3 sgn(q - p); S_i = sum_j q_j (gq_i - gq_j)   (g_i = q_i S_i)
+            d_i = sgn(hinge_i) where the label hinge is active (viol_i, or i = l with any violation)
+                  else sgn(S_i)
+            e = e - lr_r d                                 (a sign step: every logit moves by lr_r)
+    release softmax(z + e) of the first ok in (tier, round, step) order, else p
+
+Every round before a query's first success has failed, so running the rounds as independent
+candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
+instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
+power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
+costs 45 rounds, the guard 64 + 45 T + 75 for R x T candidates (1,489 at the default 8 x 30).
+
+The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
     p = softmax(z); l = onehot(argmax z); a0 = h(p); q = p; q* = p; accepted = 0
     for r in 1..R:                                   # rounds
@@ -22,7 +46,7 @@ Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h
             g  = q * gq - q (q . gq) + c2 (viol - l sum(viol))      (softmax Jacobian; multi-class hinge)
             delta = -lr g / ||g||
             q = q * exp(delta) / sum(q * exp(delta))                (= softmax(u + delta), see below)
-        c3 = found ? 10 c3 : c3;  lr = found ? lr : 1.1 lr
+        c3 = found ? 10 c3 : c3;  lr = found ? lr : growth lr
     reveal q*
 
 Why these forms (each keeps rounds down without changing what is computed):
@@ -510,6 +534,10 @@ def _np_recip(x):
 LN2 = math.log(2.0)
 #: the hinge's weight in the sign test S' = S + 2^61 H (ring units): larger than any |S| the bound allows
 _HINGE_BIT = 61
+#: the two sign tests whose operands vanish exactly for classes far below the label (r_j = r0_j = 0 at fixed
+#: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
+#: +-1 ulp cannot flip them (the oracle applies the same rule: privacy.memguard)
+TIE_BITS = 14
 
 
 def s_shift(cfg: GuardConfig, k: int, f: int) -> int:
@@ -556,12 +584,15 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     * h is positively homogeneous in (x, biases): D h(r / D) = h'(r) with every bias times D, so the
       ReLU masks, the sign of a and the test |a| <= margin (|D a| <= margin D) need no reciprocal;
     * sgn(g_i) = sgn(S_i) with S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D); the hinge is folded in
-      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits.
+      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits;
+      S = sgn(a) S_h + S_c splits into the defender's part and c3's, both known before sgn(a): the msb
+      tests both signs and a mux on [a < 0] picks one.
     Only the released vector is normalised, once: q* = r* / sum r*.
 
     Rounds per step: products 1, msb || trunc 8, mul_bit 2, matmul 1, msb || trunc 8, mul_bit 2, then
-    three branches in one fork (score 1 + msb 8 | backward 8 | hinge bits 7) 9, sign of the score into
-    the gradient (mul_bit) 2, S 1 + msb 8, AND 1, mul_bit 2, trunc 2: 47. See :func:`guard_phases`."""
+    three branches in one fork (score 1 + msb 8 | backward 8 + S_h 1 | hinge bits 6 + products 2) 9,
+    the sign test of S_c + S_h and S_c - S_h 8, the mux on [a < 0] 1, AND 1, mul_bit 2, trunc 2: 45.
+    See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
     qr = qs + 8  # the ratios' own scale: r_j down to 2^-qr (a logit gap up to ~27) stays non-zero
@@ -618,7 +649,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         bd1, bd2, bd3 = (e.local(lambda v, a=a, b=b: v[:, a:b].contiguous(), bd)
                          for a, b in ((0, H1), (H1, H1 + H2), (H1 + H2, H1 + H2 + 1)))
         pre1 = e.add(rw1, e.mul(bd1, _t(1 << (qs - f))))  # D (r/D W1 + b1), scale qs + f
-        checks = [pre1, e.sub(rd0, r0d), e.sub(_t(1 << qr), r)]  # [h1 < 0], [q < p], [r_j > 1]
+        sig_arg = e.add(e.sub(rd0, r0d), _t(1 << (qs + f - TIE_BITS)))  # [r D0 - r0 D < -2^-TIE_BITS]
+        checks = [pre1, sig_arg, e.sub(_t(1 << qr), r)]  # [h1 < 0], [q < p], [r_j > 1]
         packed, shapes = pack(e, checks)
         bits_1, x1 = e.parallel((e.msb, packed), (e.trunc, pre1, qs))
         m1, m_sig, viol = _unpack_bits(e, bits_1, shapes)
@@ -676,7 +708,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         # ---- the step's direction bits b = [g < 0] (with the label's entry b_l last) ----------------------
         # S = sgn(a) S_h + S_c: the sign test of both candidates S_c + S_h and S_c - S_h (the hinge folded in
         # as 2^61 H), then a mux on [a < 0]; |S| < 2^60 (s_shift)
-        s_h, big = out[2], e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT)))
+        s_h = out[2]
+        big = e.add(e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT))), _t(1 << (qs - shift + f - TIE_BITS)))
         b_pos, b_neg = msb_many(e, [e.add(big, s_h), e.sub(big, s_h)])
         flip = e.bit_local(lambda v: v.expand(n, k + 1).contiguous(), m_a)
         bits = e.bit_xor(b_pos, e.bit_and(flip, e.bit_xor(b_pos, b_neg)))

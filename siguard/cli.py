@@ -28,8 +28,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
-                                      ("schedule", args.guard_schedule), ("validator", args.guard_validator),
-                                      ("margin", args.guard_margin)) if v is not None}
+                                      ("lr_growth", args.guard_lr_growth), ("schedule", args.guard_schedule),
+                                      ("validator", args.guard_validator), ("margin", args.guard_margin))
+                    if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
     from passes.approx import parse_budget, parse_overrides
@@ -140,15 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
     g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
                    help="insert the guard with this defender (from `siguard guard train`)")
-    g.add_argument("--guard-rounds", type=int, default=None, help="outer rounds R (default 6)")
-    g.add_argument("--guard-steps", type=int, default=None, help="gradient steps per round T (default 49)")
-    g.add_argument("--guard-lr", type=float, default=None, help="initial step size (default 0.2)")
-    g.add_argument("--guard-schedule", choices=("freeze", "paper"), default=None,
-                   help="freeze: test every step and keep each query's first success (default); "
-                        "paper: test at the end of each round")
-    g.add_argument("--guard-validator", choices=("sign", "margin"), default=None,
-                   help="sign: the defender's decision flipped (default); margin: |h| within --guard-margin")
-    g.add_argument("--guard-margin", type=float, default=None, help="margin of the margin validator (default 0.5)")
+    from runtime.guard import SCHEDULE_DEFAULTS, GuardConfig
+
+    dflt = SCHEDULE_DEFAULTS[GuardConfig.schedule]
+
+    def per_schedule(key: str) -> str:
+        return ", ".join(f"{name} {v[key]}" for name, v in SCHEDULE_DEFAULTS.items())
+
+    g.add_argument("--guard-schedule", choices=tuple(SCHEDULE_DEFAULTS), default=None,
+                   help=f"parallel: the R rounds as R candidates of one batch, sign steps, first success (default "
+                        f"{GuardConfig.schedule}); freeze: sequential rounds, test every step, keep the first success; "
+                        f"paper: sequential rounds, test at the end of each round")
+    g.add_argument("--guard-rounds", type=int, default=None,
+                   help=f"rounds (candidates) R (default {dflt['rounds']}; {per_schedule('rounds')})")
+    g.add_argument("--guard-steps", type=int, default=None,
+                   help=f"steps per round T (default {dflt['steps']}; {per_schedule('steps')})")
+    g.add_argument("--guard-lr", type=float, default=None,
+                   help=f"first round's step size (default {dflt['lr']}; {per_schedule('lr')})")
+    g.add_argument("--guard-lr-growth", type=float, default=None,
+                   help=f"each round's step size over the previous one's (default {dflt['lr_growth']}; "
+                        f"{per_schedule('lr_growth')})")
+    g.add_argument("--guard-validator", choices=("sign", "margin", "hybrid"), default=None,
+                   help=f"sign: the defender's decision flipped; margin: |h| within --guard-margin; hybrid (parallel "
+                        f"only): the first flip, failing that the first |h| within the margin (default "
+                        f"{dflt['validator']}; {per_schedule('validator')})")
+    g.add_argument("--guard-margin", type=float, default=None,
+                   help=f"margin of the margin and hybrid validators (default {dflt['margin']})")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")

@@ -191,8 +191,8 @@ def test_ties_take_the_lowest_index_and_bad_options_fail(defender):
 def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int, c1: float, c3: float, lr: float,
                      growth: float, validator: str, margin: float) -> tuple[np.ndarray, bool]:
     """The parallel schedule for one query with scalar loops: every round r from e = 0 with lr growth^r, sign
-    steps (the hinge's sign first), the first success in (round, step) order; "hybrid": the first decision
-    flip in that order, else the first |a| <= margin."""
+    steps (the hinge's sign first; sign tests in ratio space, "negative" below -2^-14), the first success in
+    (round, step) order; "hybrid": the first decision flip in that order, else the first |a| <= margin."""
     k = len(z)
     u0 = z - z.max()
     p = np.exp(u0) / np.exp(u0).sum()
@@ -200,6 +200,8 @@ def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int,
     a0 = float(h.score(p[None])[0])
     tiers = ["sign", "margin"] if validator == "hybrid" else [validator]
     first: dict[str, np.ndarray | None] = {v: None for v in tiers}
+    tie = 2.0**-14
+    r0 = np.exp(u0 - u0[lab])
     for r in range(rounds):
         e = np.zeros(k)
         for t in range(1, steps + 2):
@@ -216,12 +218,14 @@ def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int,
             if t == steps + 1:
                 break
             grad_h = h.W1.T @ ((pre1 >= 0) * (h.W2.T @ ((pre2 >= 0) * h.w3[0])))
-            gq = [c1 * (1.0 if a >= 0 else -1.0) * grad_h[i] + c3 * (1.0 if q[i] >= p[i] else -1.0) for i in range(k)]
+            ratio = np.exp(u - u[lab])  # ratios to the label
+            sig = [-1.0 if ratio[i] * r0.sum() - r0[i] * ratio.sum() < -tie else 1.0 for i in range(k)]  # sgn(q - p)
+            gq = [c1 * (1.0 if a >= 0 else -1.0) * grad_h[i] + c3 * sig[i] for i in range(k)]
             d = np.zeros(k)
             for i in range(k):
                 hinge = viol[i] if i != lab else -sum(viol)
-                s = sum(q[j] * (gq[i] - gq[j]) for j in range(k))
-                d[i] = np.sign(hinge) if hinge != 0 else (1.0 if s >= 0 else -1.0)
+                s = sum(ratio[j] * (gq[i] - gq[j]) for j in range(k))
+                d[i] = np.sign(hinge) if hinge != 0 else (-1.0 if s < -tie else 1.0)
             e = e - lr * growth**r * d
     for v in tiers:
         if first[v] is not None:
