@@ -148,7 +148,7 @@ def guard_phases(marks: list[tuple[str, int, int]]) -> dict[str, Any]:
 #: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
 SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     # the default: every round a candidate of one batch, sign steps, sign validator (README, "The guard")
-    "parallel": {"rounds": 8, "steps": 30, "lr": 0.05, "lr_growth": 1.3, "validator": "sign", "margin": 0.1},
+    "parallel": {"rounds": 10, "steps": 30, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.1},
     # the sequential schedules with MemGuard's normalised-gradient step
     "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1},
     "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1},
@@ -160,19 +160,19 @@ class GuardConfig:
     """Fixed counts and constants of the guard (all public, part of the plan). The field defaults are
     the default schedule's (``parallel``); :meth:`for_schedule` gives another schedule's defaults."""
 
-    rounds: int = 8
+    rounds: int = 10
     steps: int = 30
     c1: float = 1.0
     c2: float = 10.0
     c3: float = 0.1
-    lr: float = 0.05
+    lr: float = 0.04
     #: "parallel" (default: the R rounds as R candidates of one batch, sign steps, first success in
     #: (round, step) order), "freeze" (sequential rounds, test every step, keep the first success) or
     #: "paper" (sequential rounds, test at the end of each round); see :data:`SCHEDULE_DEFAULTS`
     schedule: str = "parallel"
     #: "sign" (the defender's decision flipped), "margin" (|h| <= margin) or "hybrid" (parallel schedule only:
     #: the first flip in (round, step) order, failing that the first |h| <= margin)
-    validator: str = "sign"
+    validator: str = "hybrid"
     margin: float = 0.1
     lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
     c3_max: float = 100.0
@@ -644,8 +644,10 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         _report(e, t, T + 1)
         history.append(r)
         # products: the first layer, every bias times D, and the two sides of sgn(q - p)
-        rw1, (bd, rd0, r0d) = e.fork(lambda r32=r32: e.matmul(r32, W1),
-                                     lambda r32=r32, d=d: mul_many(e, [(d, b_row), (r32, d0t), (r0t_32, d)]))
+        rw1, (bd, rd0, r0d, r_at_l) = e.fork(
+            lambda r32=r32: e.matmul(r32, W1),
+            lambda r=r, r32=r32, d=d: mul_many(e, [(d, b_row), (r32, d0t), (r0t_32, d), (onehot_t, r)]))
+        r_other = e.sub(r, r_at_l)  # r with the label's entry 0: a step never moves r_l = 1
         bd1, bd2, bd3 = (e.local(lambda v, a=a, b=b: v[:, a:b].contiguous(), bd)
                          for a, b in ((0, H1), (H1, H1 + H2), (H1 + H2, H1 + H2 + 1)))
         pre1 = e.add(rw1, e.mul(bd1, _t(1 << (qs - f))))  # D (r/D W1 + b1), scale qs + f
@@ -717,7 +719,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         bl = e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), bits)
         # r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
         xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))
-        rx, ry = mul_bit_many(e, [r, r], [e.bit_local(lambda v: v[:, :k].contiguous(), xy),
+        rx, ry = mul_bit_many(e, [r_other, r_other], [e.bit_local(lambda v: v[:, :k].contiguous(), xy),
                                           e.bit_local(lambda v: v[:, k:].contiguous(), xy)])
         incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
         wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
