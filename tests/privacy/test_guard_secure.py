@@ -103,14 +103,15 @@ def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
     assert np.allclose(out.sum(1), 1.0, atol=5e-3)
 
 
-#: Secure and reference runs differ by the secure truncation's +-1 ulp; a noise decision flips only when that
-#: moves a score across the validator's threshold at the query's first success. Measured with the default
-#: configuration over 1000 queries (5 x 100 queries, twice): FLIPS_MEASURED flips. With p = FLIPS_PER_QUERY
-#: the chance of more than MAX_FLIPS flips in QUERIES queries is below 1e-9 (binomial tail), so the test is
-#: deterministic in practice while a real disagreement (a protocol error) flips tens of queries.
+#: Secure and reference runs differ by the secure truncation's +-1 ulp (floor or floor - 1, at random); a noise
+#: decision flips only when that moves a test across its threshold on the way to the query's first success.
+#: Measured by giving the reference engine the same random -1/0 error (benchmarks/guard_flip_rate.py): 0 and 1
+#: flips in 200 queries, twice each; FLIPS_PER_QUERY = 0.01 is a generous upper bound. With it the chance of
+#: more than MAX_FLIPS flips in QUERIES queries is below 2e-6 (binomial tail, checked below), so one unlucky
+#: draw does not fail the suite, while a protocol error (a wrong share, a misaligned candidate) flips tens.
 QUERIES = 100
-FLIPS_PER_QUERY = 0.005
-MAX_FLIPS = 6
+FLIPS_PER_QUERY = 0.01
+MAX_FLIPS = 8
 
 
 def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
@@ -120,7 +121,7 @@ def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
 
     tail = sum(comb(QUERIES, j) * FLIPS_PER_QUERY**j * (1 - FLIPS_PER_QUERY) ** (QUERIES - j)
                for j in range(MAX_FLIPS + 1, QUERIES + 1))
-    assert tail < 1e-9
+    assert tail < 2e-6
     x, logits = scenario["x"][:QUERIES], scenario["logits"][:QUERIES]
     plan = _plan(scenario, len(x), "plan-secure")
     run = run_threads(plan, x, timeout=600, scheduler="lockstep")
@@ -139,9 +140,11 @@ def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
 @pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
 def test_messages_do_not_depend_on_acceptance(scenario, scheduler):
     """A query that gets noise at once and a query that never does send identical message sizes and counts."""
+    from runtime.guard import GuardConfig
+
     cfg = {"rounds": 2, "steps": 4, "lr": 0.5}
     x, logits = scenario["x"], scenario["logits"]
-    ref = guard_reference(logits, scenario["weights"], schedule="parallel", step="sign", lr_growth=1.3, **cfg)
+    ref = guard_reference(logits, scenario["weights"], **GuardConfig.for_schedule(**cfg).oracle_options())
     fixed = run_reference(_plan(scenario, len(x), "plan-all", **cfg), x).output
     l1 = np.abs(fixed - ref.plain).sum(1)
     early = np.flatnonzero(ref.accepted & (ref.accept_round == 1) & (ref.accept_step <= 2) & (l1 > 0.01))
