@@ -266,8 +266,9 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
     return json.loads(lines[-1])
 
 
-def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
-    """The guard alone on ``batch`` queries' logits (10 classes) between three threads."""
+def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") -> dict[str, Any]:
+    """The guard alone on ``batch`` queries' logits (10 classes) between three parties (``scheduler``)."""
+    from passes.guard import gradient_bound_bits
     from runtime.guard import GuardConfig, secure_guard
     from runtime.ring import encode
     from runtime.rss import run_threads as run_parties
@@ -275,7 +276,8 @@ def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
     d = random_defender(10)
     ws = [d.W1.T, d.b1, d.W2.T, d.b2, d.w3.T, d.b3]
     z = np.random.default_rng(1).normal(0, 3, (batch, 10))
-    cfg = GuardConfig(**guard_cfg)
+    cfg = GuardConfig.for_schedule(**guard_cfg)
+    cfg = GuardConfig.for_schedule(**{**guard_cfg, "grad_bound_bits": gradient_bound_bits(d, cfg.c1, cfg.c3)})
     timing: list[float] = []
 
     def party(e):
@@ -288,9 +290,9 @@ def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
             timing.append(time.perf_counter() - t0)
         return out
 
-    _, _, stats = run_parties(party, None, timeout=3600)
+    _, _, stats = run_parties(party, None, timeout=3600, scheduler=scheduler)
     g = stats[0]["guard"]
-    return {"batch": batch, "seconds": timing[0], "seconds_per_query": timing[0] / batch, "rounds": g.rounds,
+    return {"batch": batch, "scheduler": scheduler, "seconds": timing[0], "seconds_per_query": timing[0] / batch, "rounds": g.rounds,
             "mb_per_party": [stats[p]["guard"].payload_bytes / 1e6 for p in range(3)]}
 
 
@@ -342,7 +344,7 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{s['guard_s']:.3f} | {100 * s['share']:.1f} % | 1.1 s of 4.39 s = 25 % |")
     gb = doc.get("guard_batch")
     if gb and "error" not in gb:
-        lines += ["", f"Guard alone at batch {gb['batch']} (threads): {gb['seconds']:.2f} s, "
+        lines += ["", f"Guard alone at batch {gb['batch']} ({gb.get('scheduler', 'threads')}): {gb['seconds']:.2f} s, "
                       f"{gb['seconds_per_query'] * 1e3:.1f} ms per query, {gb['rounds']} rounds."]
     return "\n".join(lines) + "\n"
 
@@ -490,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": _meta(args.repeat, crypten_meta), "rows": rows, "guard_shares": shares, "paper": PAPER_GUARD}
     if args.guard_batch and args.guard != "off":
         try:
-            doc["guard_batch"] = guard_batch_cost(args.guard_batch, guard_cfg)
+            local = next((m for m in ("lockstep", "threads") if m in args.modes), "threads")
+            doc["guard_batch"] = guard_batch_cost(args.guard_batch, guard_cfg, local)
             gb = doc["guard_batch"]
-            print(f"guard alone at batch {gb['batch']}: {gb['seconds']:.2f} s, {gb['seconds_per_query'] * 1e3:.1f} ms "
+            print(f"guard alone at batch {gb['batch']} ({gb['scheduler']}): {gb['seconds']:.2f} s, {gb['seconds_per_query'] * 1e3:.1f} ms "
                   f"per query, {gb['rounds']} rounds", flush=True)
         except Exception as exc:  # a benchmark reports, it does not stop
             doc["guard_batch"] = {"error": f"{type(exc).__name__}: {exc}"}

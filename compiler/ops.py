@@ -123,7 +123,7 @@ OPS: dict[str, OpSpec] = {
         _spec("lrn", "nonlinear", ("newton",), ("size", "alpha", "beta", "bias")),
         _spec("layer_norm", "nonlinear", ("newton_rsqrt",), ("axis", "epsilon")),
         # the SIGuard guard (inputs: logits, W1, b1, W2, b2, w3, b3 of the defender)
-        _spec("guard", "guard", ("memguard-freeze", "memguard-paper"),
+        _spec("guard", "guard", ("memguard-parallel", "memguard-freeze", "memguard-paper"),
               ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin")),
         # fixed point
         _spec("truncate", "fixed-point", ("exact",), ("bits",)),

@@ -133,7 +133,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         from runtime.guard import GuardConfig
 
         try:
-            config = GuardConfig(**opts.guard_config)
+            config = GuardConfig.for_schedule(**opts.guard_config)
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid guard option: {exc}") from None
         passes.append(InsertGuard(opts.guard, config))

@@ -135,7 +135,8 @@ def inspect_json(plan: Plan) -> dict[str, Any]:
              "inputs": s["inputs"], "outputs": s["outputs"], "source": s.get("source"),
              "rounds": s["cost"]["rounds"], "bytes": s["cost"]["bytes"],
              "bytes_per_party": s["cost"]["bytes_per_party"],
-             **({"approx": s["approx"]} if s.get("approx") else {})}
+             **({"approx": s["approx"]} if s.get("approx") else {}),
+             **({"phases": s["cost"]["phases"]} if s["cost"].get("phases") else {})}
             for s in d["steps"]
         ],
         "approximation": d.get("approximation"),
@@ -184,5 +185,7 @@ def render(plan: Plan, fmt: str = "text") -> str:
         "critical_path": set(path),
         "edges": list(dataflow_graph(plan).edges()),
         "approximation": plan.doc.get("approximation"),
+        "guards": [{"name": s["name"], "impl": s["impl"], **s["cost"]["phases"]} for s in plan.steps
+                   if s["cost"].get("phases")],
     }
     return _env().get_template(f"plan.{ 'txt' if fmt == 'text' else fmt }.j2").render(**ctx)

@@ -599,7 +599,14 @@ class Approximate(Pass):
         from runtime.guard import GuardConfig
 
         fields = GuardConfig.__dataclass_fields__
-        base = GuardConfig(**{k: v for k, v in node.attrs.items() if k in fields})
+        base = GuardConfig.for_schedule(**{k: v for k, v in node.attrs.items() if k in fields})
+        if base.schedule == "parallel":  # sign steps in ratio space: no per-step approximation to choose
+            cost = node_cost(graph, node, ctx.frac_bits)
+            rec = {"rounds": int(cost["rounds"]), "bytes": int(cost["bytes"])}
+            record = {"op": "guard", "impl": "sign-steps", "how": "default", "degree": None, "iterations": None,
+                      "range": None, "error": None, "candidates": 0, "cost": rec,
+                      "most_accurate": {"impl": "sign-steps", **rec}}
+            return record, f"{node.name} (guard): sign steps, no internal approximation [{cost['rounds']} rounds]"
         accurate = {k: getattr(base, k) for k in GUARD_KNOBS}
         chosen, how = dict(accurate), "default"
         if node.name in self.overrides:
@@ -749,8 +756,7 @@ class _GuardEvaluator:
         self.weights = w  # W1^T, b1, W2^T, b2, w3^T, b3 as the guard node takes them
         d = DefenderWeights(w[0].T, w[1], w[2].T, w[3], w[4].T, w[5])
         c = config
-        oracle = guard_reference(self.z, d, rounds=c.rounds, steps=c.steps, c1=c.c1, c2=c.c2, c3=c.c3, lr=c.lr,
-                                 schedule=c.schedule, validator=c.validator, margin=c.margin, c3_max=c.c3_max)
+        oracle = guard_reference(self.z, d, **c.oracle_options())
         self.plain = softmax(self.z)
         self.oracle_guarded = np.asarray(oracle.guarded, dtype=np.float64)
         # the same test on both sides: the released vector moved from softmax(z) (oracle: accepted noise

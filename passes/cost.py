@@ -55,13 +55,20 @@ def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
     step = {"name": node.name, "op": node.op, "impl": node.impl, "inputs": node.inputs, "outputs": node.outputs,
             "attrs": {k: v for k, v in node.attrs.items() if k != "_impl_params"},
             "impl_params": node.attrs.get("_impl_params")}  # as the plan stores them (compiler/backend.py)
+    if node.op == "guard":
+        engine.guard_marks = []
     outs = handler_for(node.op)(ctx, step, args)
     for name, out in zip(node.outputs, outs, strict=True):
         want = tuple(graph.values[name].shape)
         got = tuple(out.shape)
         if got != want:
             raise ValueError(f"{node.name} ({node.op}): runtime shape {got} differs from the IR's {want}")
-    return cost_record(engine.total)
+    record = cost_record(engine.total)
+    if engine.guard_marks:
+        from runtime.guard import guard_phases
+
+        record["phases"] = guard_phases(engine.guard_marks)
+    return record
 
 
 def io_costs(graph: Graph, frac_bits: int) -> dict[str, Any]:

@@ -106,10 +106,16 @@ def _defender_from_plan(plan: Any) -> Any:
                            w3=w["guard.w3"].T, b3=w["guard.b3"])
 
 
+def _guard_config(step: dict[str, Any]) -> Any:
+    from runtime.guard import GuardConfig
+
+    fields = GuardConfig.__dataclass_fields__
+    return GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
+
+
 def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:
-    a = step["attrs"]
-    keys = ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin", "c3_max")
-    return {k: a[k] for k in keys if k in a}
+    """The float oracle's options for the guard step's configuration (the same algorithm)."""
+    return _guard_config(step).oracle_options()
 
 
 def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
@@ -178,7 +184,7 @@ class _Runner:
                              f"{list(want)}")
         chunks = range(0, len(x), self.batch)
         g = _guard_step(self.plan)
-        per_batch = g["attrs"]["rounds"] * (g["attrs"]["steps"] + 1) if g and self.mode != "processes" else 1
+        per_batch = _guard_config(g).iterations if g and self.mode != "processes" else 1
         # a tqdm bar on a terminal, a plain line every few seconds otherwise (siguard.progress)
         bar = progress_bar(len(chunks) * per_batch, desc, enabled=progress, unit="batch" if per_batch == 1 else "it")
         outs, seconds, rounds, sent = [], 0.0, 0, np.zeros(3)

@@ -120,6 +120,8 @@ class CostEngine(Engine):
     """
 
     party = None
+    #: a list to collect the guard's phase marks in (runtime.guard.guard_phases), or None
+    guard_marks: list | None = None
 
     def __init__(self, frac_bits: int = 16):
         self.frac_bits = frac_bits
@@ -164,13 +166,21 @@ class CostEngine(Engine):
         results, longest = [], 0
         for c in calls:
             before = self._total.rounds
-            results.append(check_parallel_call(self, c)(*c[1:]))
+            method = c[0] if c[0] == self._branch else check_parallel_call(self, c)
+            results.append(method(*c[1:]))
             longest = max(longest, self._total.rounds - before)
             for t, r0 in zip(targets, start, strict=True):
                 t.rounds = r0
         for t in targets:
             t.rounds += longest
         return results
+
+    def fork(self, *branches: Callable[[], Any]) -> list[Any]:
+        """The branches' rounds overlap (the longest counts), their bytes add (see Engine.fork)."""
+        return self.parallel(*[(self._branch, b) for b in branches])
+
+    def _branch(self, body: Callable[[], Any]) -> Any:
+        return body()
 
     def _charge(self, primitive: str, n: int) -> None:
         c = PRIMITIVE_COSTS[primitive]

@@ -265,5 +265,5 @@ def _guard(ctx, step, args):
     from .guard import GuardConfig, secure_guard
 
     fields = GuardConfig.__dataclass_fields__
-    cfg = GuardConfig(**{k: v for k, v in step["attrs"].items() if k in fields})
+    cfg = GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
     return [secure_guard(ctx.e, *args, config=cfg)]

@@ -56,8 +56,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
-                                      ("schedule", args.guard_schedule), ("validator", args.guard_validator),
-                                      ("margin", args.guard_margin)) if v is not None}
+                                      ("lr_growth", args.guard_lr_growth), ("schedule", args.guard_schedule),
+                                      ("validator", args.guard_validator), ("margin", args.guard_margin))
+                    if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
     from passes.approx import parse_budget, parse_overrides
@@ -200,22 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
     g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
                    help="insert the guard with this defender (from `siguard guard train`)")
+    from runtime.guard import SCHEDULE_DEFAULTS
+
     guard = "runtime.guard:GuardConfig"
+
+    def sequential(key: str) -> str:  # the sequential schedules' own defaults (runtime.guard.SCHEDULE_DEFAULTS)
+        return ", ".join(f"{name} {v[key]}" for name, v in SCHEDULE_DEFAULTS.items() if name != "parallel")
+
+    _code_default(g.add_argument("--guard-schedule", choices=tuple(SCHEDULE_DEFAULTS), default=None,
+                                 help="parallel: the R rounds as R candidates of one batch, sign steps, the first "
+                                      "success; freeze: sequential rounds, test every step, keep the first success; "
+                                      "paper: sequential rounds, test at the end of each round (default "
+                                      "%(code_default)s)"), guard, "schedule")
     _code_default(g.add_argument("--guard-rounds", type=int, default=None,
-                                 help="outer rounds R (default %(code_default)s)"), guard, "rounds")
+                                 help=f"rounds (candidates) R; {sequential('rounds')} (default %(code_default)s)"),
+                  guard, "rounds")
     _code_default(g.add_argument("--guard-steps", type=int, default=None,
-                                 help="gradient steps per round T (default %(code_default)s)"), guard, "steps")
+                                 help=f"steps per round T; {sequential('steps')} (default %(code_default)s)"),
+                  guard, "steps")
     _code_default(g.add_argument("--guard-lr", type=float, default=None,
-                                 help="initial step size (default %(code_default)s)"), guard, "lr")
-    _code_default(g.add_argument("--guard-schedule", choices=("freeze", "paper"), default=None,
-                                 help="freeze: test every step and keep each query's first success; "
-                                      "paper: test at the end of each round (default %(code_default)s)"),
-                  guard, "schedule")
-    _code_default(g.add_argument("--guard-validator", choices=("sign", "margin"), default=None,
-                                 help="sign: the defender's decision flipped; margin: |h| within --guard-margin "
-                                      "(default %(code_default)s)"), guard, "validator")
+                                 help=f"the first round's step size; {sequential('lr')} (default %(code_default)s)"),
+                  guard, "lr")
+    _code_default(g.add_argument("--guard-lr-growth", type=float, default=None,
+                                 help=f"each round's step size over the previous round's; {sequential('lr_growth')} "
+                                      "(default %(code_default)s)"), guard, "lr_growth")
+    _code_default(g.add_argument("--guard-validator", choices=("sign", "margin", "hybrid"), default=None,
+                                 help="sign: the defender's decision flipped; margin: |h| within --guard-margin; "
+                                      "hybrid (parallel only): the first flip, failing that the first |h| within the "
+                                      f"margin; {sequential('validator')} (default %(code_default)s)"),
+                  guard, "validator")
     _code_default(g.add_argument("--guard-margin", type=float, default=None,
-                                 help="margin of the margin validator (default %(code_default)s)"), guard, "margin")
+                                 help="margin of the margin and hybrid validators (default %(code_default)s)"),
+                  guard, "margin")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")

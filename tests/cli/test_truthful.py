@@ -76,6 +76,7 @@ def _code_defaults() -> dict[str, str]:
         "--batch": show(c["batch"]), "--frac-bits": show(c["frac_bits"]), "--approx": show(c["approx"]),
         "--objective": show(c["objective"]), "--accuracy-budget": f"top1={b.top1:g},prob={b.prob:g}",
         "--guard-rounds": show(g["rounds"]), "--guard-steps": show(g["steps"]), "--guard-lr": show(g["lr"]),
+        "--guard-lr-growth": show(g["lr_growth"]),
         "--guard-schedule": show(g["schedule"]), "--guard-validator": show(g["validator"]),
         "--guard-margin": show(g["margin"]),
     }
