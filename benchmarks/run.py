@@ -292,7 +292,8 @@ def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") ->
 
     _, _, stats = run_parties(party, None, timeout=3600, scheduler=scheduler)
     g = stats[0]["guard"]
-    return {"batch": batch, "scheduler": scheduler, "seconds": timing[0], "seconds_per_query": timing[0] / batch, "rounds": g.rounds,
+    return {"batch": batch, "scheduler": scheduler, "seconds": timing[0], "seconds_per_query": timing[0] / batch,
+            "rounds": g.rounds,
             "mb_per_party": [stats[p]["guard"].payload_bytes / 1e6 for p in range(3)]}
 
 
@@ -495,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             local = next((m for m in ("lockstep", "threads") if m in args.modes), "threads")
             doc["guard_batch"] = guard_batch_cost(args.guard_batch, guard_cfg, local)
             gb = doc["guard_batch"]
-            print(f"guard alone at batch {gb['batch']} ({gb['scheduler']}): {gb['seconds']:.2f} s, {gb['seconds_per_query'] * 1e3:.1f} ms "
+            print(f"guard alone at batch {gb['batch']} ({gb['scheduler']}): {gb['seconds']:.2f} s, "
+                  f"{gb['seconds_per_query'] * 1e3:.1f} ms "
                   f"per query, {gb['rounds']} rounds", flush=True)
         except Exception as exc:  # a benchmark reports, it does not stop
             doc["guard_batch"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -121,8 +121,8 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     t0 = time.perf_counter()
     mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
     torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
-    target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem], epochs=epochs,
-                              seed=seed)
+    target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
+                              epochs=epochs, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:  # the deployed path: ONNX through onnxruntime
         onnx_path = export_onnx(target, Path(tmp) / "target.onnx", data.input_shape)
         z_mem, z_non, z_ref = (predict_onnx(onnx_path, data.x[i]).astype(np.float64) for i in (mem, non, ref))

@@ -674,9 +674,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
         def pairwise(v: Secret, r_s: Secret = r_s) -> Secret:
             """S_i = sum_j r_j (v_i - v_j) for v (n, k + 1) (the label's entry last): one product round."""
-            diffs = e.local(lambda t: t.unsqueeze(-1) - t[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
-            rj = e.local(lambda t: t.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
-            return e.local(lambda t: t.sum(-1), e.mul(rj, diffs))
+            diffs = e.local(lambda w: w.unsqueeze(-1) - w[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
+            rj = e.local(lambda w: w.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
+            return e.local(lambda w: w.sum(-1), e.mul(rj, diffs))
 
         def backward(y=y, m1=m1) -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
             g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
@@ -684,7 +684,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
                             lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_t)))
             return pairwise(e.trunc(e.cat([gm, gl], -1), f))
 
-        def hinge(viol=viol, m_sig=m_sig) -> tuple[Bits, Secret | None, Secret | None]:
+        def hinge(viol=viol, m_sig=m_sig, last=last) -> tuple[Bits, Secret | None, Secret | None]:
             """[any violation]; the hinge's sign H (n, k + 1); S of c3 sgn(q - p)."""
             anyv = e.bit_not(_and_all(e, e.bit_not(viol)))
             if last:

@@ -867,7 +867,8 @@ class _ForkTransport:
         self.real = real
         self.drivers: dict[Any, Any] = {}  # branch greenlet -> the greenlet that forked it
 
-    def exchange(self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+    def exchange(self, send: Mapping[int, torch.Tensor],
+                 recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
         import greenlet
 
         driver = self.drivers.get(greenlet.getcurrent())
