@@ -198,6 +198,11 @@ class Engine(ABC):
         ``e.parallel((e.msb, x), (e.trunc, x, d))``, in 8 rounds instead of 10. Here: in order."""
         return [check_parallel_call(self, c)(*c[1:]) for c in calls]
 
+    def rerandomise(self, x: Value) -> Value:
+        """The same secret with fresh share components (the secure engine re-randomises a server's
+        input, e.g. the weights, at every session start: 0 rounds). Here: x itself."""
+        return x
+
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
         return x.shape

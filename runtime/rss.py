@@ -33,6 +33,7 @@ matmul (:func:`runtime.ring.conv2d_ring`) with the weight matrix prepared once p
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -48,7 +49,7 @@ from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
-__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+__all__ = ["Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "Client", "PartyFailure", "run_threads"]
 
 R = TypeVar("R")
 C = TypeVar("C")
@@ -113,6 +114,20 @@ class ServerInput(Shares):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, zero: int):
         super().__init__(a, b)
         self.zero = zero
+
+
+class InconsistentInput(RuntimeFault):
+    """The client gave the two holders of a share component different copies (see
+    :meth:`RSSEngine._check_consistent`)."""
+
+
+_DIGEST_WORDS = 4  # a SHA-256 digest as int64 words
+
+
+def _digest_words(t: torch.Tensor) -> torch.Tensor:
+    """SHA-256 of a ring tensor's little-endian words, as 4 int64 words."""
+    data = np.ascontiguousarray(t.numpy(), dtype="<i8").tobytes()
+    return torch.from_numpy(np.frombuffer(hashlib.sha256(data).digest(), dtype="<i8").astype(np.int64))
 
 
 class BoolShares(SharePair):
@@ -296,23 +311,57 @@ class RSSEngine(Engine):
 
     # ---- input and output -------------------------------------------------------------------
     def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Shares:
-        """Share a ring tensor. 1 round.
+        """Share a ring tensor. 1 round (2 for the client's input).
 
-        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i; servers send nothing
-          (client: 48 B per element).
+        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i (client: 48 B per
+          element), then the servers check that the two copies of every component agree
+          (:meth:`_check_consistent`: 1 more round, 32 B per party per input). 2 rounds in all.
         * ``owner="model"`` (= "P0"), or "P1"/"P2": input by server P_o with x_{o+1} = F_{k_{o+1}},
           x_{o+2} = 0, x_o = x - x_{o+1}; P_o sends x_o to P_{o+2}. Bytes: 8 from P_o only.
         """
         shape = tuple(int(s) for s in shape)
         if owner == "client":
             got = self.transport.exchange({}, {CLIENT: (2, *shape)})[CLIENT]
-            return Shares(got[0], got[1])
+            x = Shares(got[0], got[1])
+            self._check_consistent(x)
+            return x
         owner_party = {"model": 0, "P0": 0, "P1": 1, "P2": 2}.get(owner)
         if owner_party is None:
             raise ValueError(f"unknown input owner {owner!r} (expected 'client', 'model', 'P0', 'P1' or 'P2')")
         rnd = _Round()
         finish = self._input_by_server(rnd, owner_party, value, shape)
         return finish(rnd.run(self.transport))
+
+    def _check_consistent(self, x: Shares) -> None:
+        """Abort unless the client gave both holders of every component the same copy.
+
+        Component j is held by P_j (slot a) and P_{j-1} (slot b). Each P_i sends SHA-256 of its
+        slot b (x_{i+1}) to P_{i+1}, which compares it with the digest of its own slot a. The
+        receiver already holds that component, so the digest tells it nothing new. A client that
+        adds delta to one copy (and so would get back products with single share components of
+        the weights) is caught before the input is used. 1 round, 32 B per party (not per
+        element); raises :class:`InconsistentInput` at the server that detects it."""
+        got = self.transport.exchange({self.next: _digest_words(x.b)}, {self.prev: (_DIGEST_WORDS,)})[self.prev]
+        if not torch.equal(got, _digest_words(x.a)):
+            j, other = self.party, self.prev
+            raise InconsistentInput(
+                f"inconsistent client input: the client sent P{other} and P{j} different copies of share "
+                f"component x{j} (P{j} detected it); the session is aborted"
+            )
+
+    def rerandomise(self, x: Any) -> Any:
+        """Fresh components for a server's input (the weights) at a session start: add the zero sharing
+        (r, -r, 0), r from the common key (all three servers, never the client), to the components
+        (zero+1, zero+2, zero); the zero component stays 0, so products keep their cheap split. Other
+        values are returned as they are. 0 rounds, 0 bytes; one PRF word per element at each server."""
+        if not isinstance(x, ServerInput):
+            return x
+        r = self.rand.common(tuple(x.shape))
+        z, i = x.zero, self.party
+        delta = {(z + 1) % 3: r, (z + 2) % 3: -r}
+        a = x.a + delta[i] if i in delta else x.a
+        b = x.b + delta[(i + 1) % 3] if (i + 1) % 3 in delta else x.b
+        return ServerInput(a, b, z)
 
     def _input_by_server(
         self, rnd: _Round, owner: int, value: torch.Tensor | None, shape: tuple[int, ...]

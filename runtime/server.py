@@ -511,7 +511,7 @@ class PartyServer:
                 raise RuntimeFault(f"{self.name} has no keys (set-up did not finish)")
             engine = RSSEngine(self.party, transport, self.keys.session(s.sid), self.plan.frac_bits)
             ex = Executor(self.plan, engine, progress=self._progress if self.step_delay > 0 else None)
-            ex.weights = self.weights
+            ex.use_weights(self.weights)  # fresh components for this session (0 rounds)
             ex.run(None)
             s.state = "done"
             link.send_control({
