@@ -49,7 +49,9 @@ from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
-__all__ = ["Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+__all__ = [
+    "Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "Client", "PartyFailure", "run_threads",
+]
 
 R = TypeVar("R")
 C = TypeVar("C")
