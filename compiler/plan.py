@@ -128,6 +128,16 @@ def _schema() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "schema" / "plan.schema.json").read_text())
 
 
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    """The schema's validator, built (and the schema itself checked) once per process."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(_schema())
+    cls.check_schema(_schema())
+    return cls(_schema())
+
+
 class Plan:
     """A loaded, validated plan. ``doc`` is the JSON document; ``directory`` where it lives."""
 
@@ -182,9 +192,8 @@ class Plan:
             raise PlanError(f"{where}: not a SIGuard plan (missing format marker)")
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r} is not supported (expected {PLAN_VERSION})")
-        try:
-            jsonschema.validate(doc, _schema())
-        except jsonschema.ValidationError as exc:
+        exc = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+        if exc is not None:
             path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             raise PlanError(f"{where}: schema violation at {path}: {exc.message}") from None
         actual = compute_hash(doc)
