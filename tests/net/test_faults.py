@@ -130,7 +130,7 @@ def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, t
     text = config.read_text()
     cfg = load_config(config)
     bad = text.replace(f'cert = "{cfg[3].cert}"', f'cert = "{other}/client.pem"').replace(
-        f'key = "{cfg[3].key}"', f'key = "{other}/client.key"')
+        f'key = "{cfg[3].key}"', f'key = "{other}/client/client.key"')
     assert bad != text
     (tmp_path / "bad.toml").write_text(bad)
     with pytest.raises(RuntimeFault, match="refused our certificate|certificate") as info:
