@@ -309,7 +309,7 @@ def test_unreachable_peers_are_named(start_trio, net_plans, digit_inputs, tmp_pa
 def test_tampered_plan_on_one_server_fails_the_handshake(start_trio, net_plans, tmp_path):
     plan = net_plans[1]
     doc = copy.deepcopy(plan.doc)
-    doc["warnings"].append("edited after compilation")
+    doc["created_by"] = "edited after compilation"  # a public field (warnings now go to owner.json)
     tampered = Plan(doc).save(tmp_path / "tampered")  # a consistent hash: it loads, but it differs
     other = Plan.load(tampered).plan_hash
     assert other != plan.plan_hash

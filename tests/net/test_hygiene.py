@@ -17,7 +17,7 @@ from compiler.errors import InputError, RuntimeFault
 from runtime.certs import fingerprint_of_pem, make_certs, make_request, sign_request
 from runtime.config import load_config, render_config
 from runtime.local import run_reference
-from runtime.net import KIND_CONTROL, KIND_DATA, clean_text, dial
+from runtime.net import KIND_CONTROL, KIND_DATA, dial
 from runtime.netclient import QueryClient
 from runtime.processes import free_ports
 from runtime.server import PartyServer
@@ -44,7 +44,8 @@ def hygiene(net_plans, tmp_path_factory):
     (d / "servers.toml").write_text(server_text)
     configs = {}
     for who in ("alice", "mallory"):
-        text = base.split("[client]")[0] + f'[client]\ncert = "{certs / (who + ".pem")}"\nkey = "{d / who / (who + ".key")}"\n'
+        cert, key = certs / f"{who}.pem", d / who / f"{who}.key"
+        text = base.split("[client]")[0] + f'[client]\ncert = "{cert}"\nkey = "{key}"\n'
         (d / f"{who}.toml").write_text(text)
         configs[who] = load_config(d / f"{who}.toml")
     config = load_config(d / "servers.toml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import stat
 import subprocess
@@ -90,8 +91,7 @@ def test_certs_command_writes_a_ca_party_certificates_and_config(tmp_path):
 def test_bad_configurations_get_one_clear_line(tmp_path, net_certs, edit, message):
     text = render_config({f"P{i}": ("127.0.0.1", 7400 + i) for i in range(3)}, cert_dir=net_certs)
     text = text.replace(str(net_certs) + "/", "")
-    for f in net_certs.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(net_certs, tmp_path, dirs_exist_ok=True)  # keys are in per-party directories
     path = tmp_path / "parties.toml"
     path.write_text(edit(text))
     with pytest.raises(InputError, match=message) as info:
