@@ -84,7 +84,8 @@ def main() -> None:
         rows_w.append({"model": name, "weights": n, "seconds": s})
         print(f"{name:14s} {n:12d} {s:16.4f}")
     rows_i = []
-    print(f"\n{'input shape':16s} {'rounds':>6s} {'B/party (P0,P1,P2)':>24s} {'plain (ms)':>11s} {'checked+clamped (ms)':>21s}")
+    print(f"\n{'input shape':16s} {'rounds':>6s} {'B/party (P0,P1,P2)':>24s} {'plain (ms)':>11s} "
+          f"{'checked+clamped (ms)':>21s}")
     for shape in SHAPES:
         e = CostEngine(16)
         client_input(e, None, shape, (0, 0))
