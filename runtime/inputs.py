@@ -5,9 +5,10 @@ malicious client can send any ring element. Findings (``tests/runtime/test_secur
 README *Threat model*): an input beyond the fixed-point range wraps mod 2^64 in the first product,
 the exact truncation after it is only correct while abs(x) < 2^62, and a ReLU then tests the sign
 bit of the wrapped value, i.e. one bit of (weights · input) mod 2^64 chosen by the input's scale
--- single bits of the weights' encoding that an in-range input never isolates. So every client
-input is clamped to its public bound [lo, hi] before any use: the servers then compute only on
-values an honest client could have sent.
+(bit 63-k of a weight's encoding for an input 2^k). So every client input is clamped to its public
+bound [lo, hi] before any use: the servers then compute only on values an honest client could
+have sent. (The client's own limit is loose enough that products can wrap at it; a tight input
+domain in the plan is the bound that keeps every product in range.)
 
 Clamp (written once against :class:`runtime.engine.Engine`, so the reference, the secure engine
 and the cost model run the same code):
