@@ -112,6 +112,9 @@ class Executor:
         """Start a session with the weights shared at set-up (:meth:`share_weights`), re-randomised
         by :meth:`runtime.engine.Engine.rerandomise`: no two sessions (and no two queries of one
         session) compute on the same share components. 0 rounds, 0 bytes."""
+        forget = getattr(self.engine, "forget_prepared", None)
+        if forget is not None:  # matrices prepared from the previous components would keep them alive
+            forget()
         self.weights = {name: self.engine.rerandomise(w) for name, w in shared.items()}
 
     def _who(self) -> str:

@@ -351,6 +351,11 @@ class RSSEngine(Engine):
                 f"component x{j} (P{j} detected it); the session is aborted"
             )
 
+    def forget_prepared(self) -> None:
+        """Drop the prepared weight matrices (and the shares they keep alive): called when fresh weight
+        shares replace the old ones (:meth:`runtime.executor.Executor.use_weights`)."""
+        self._matrices.clear()
+
     def rerandomise(self, x: Any) -> Any:
         """Fresh components for a server's input (the weights) at a session start: add the zero sharing
         (r, -r, 0), r from the common key (all three servers, never the client), to the components
@@ -528,7 +533,8 @@ class RSSEngine(Engine):
 
     def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """conv_weight_matrix of the sum of ``parts``, cached by the identity of the parts: weight shares
-        live as long as the engine, so the transposed copy is made once per server start, not per query."""
+        live as long as a session (they are re-randomised at each, :meth:`rerandomise`), so the transposed
+        copy is made once per session, not per use; :meth:`forget_prepared` drops the old ones."""
         key = tuple(id(p) for p in parts)
         hit = self._matrices.get(key)
         if hit is not None and all(p is q for p, q in zip(hit[0], parts, strict=True)):
