@@ -363,12 +363,16 @@ class RSSEngine(Engine):
         values are returned as they are. 0 rounds, 0 bytes; one PRF word per element at each server."""
         if not isinstance(x, ServerInput):
             return x
-        r = self.rand.common(tuple(x.shape))
+        r = self.rand.common(tuple(x.shape))  # fresh words, ours to overwrite
         z, i = x.zero, self.party
-        delta = {(z + 1) % 3: r, (z + 2) % 3: -r}
-        a = x.a + delta[i] if i in delta else x.a
-        b = x.b + delta[(i + 1) % 3] if (i + 1) % 3 in delta else x.b
-        return ServerInput(a, b, z)
+        sign = {(z + 1) % 3: 1, (z + 2) % 3: -1}
+        slots = [x.a, x.b]
+        moved = [k for k in (0, 1) if (i + k) % 3 in sign]
+        for n, k in enumerate(moved):  # the last shifted slot is written into r's memory (one allocation less)
+            out = r if n == len(moved) - 1 else None
+            op = torch.add if sign[(i + k) % 3] > 0 else torch.sub
+            slots[k] = op(slots[k], r) if out is None else op(slots[k], r, out=out)
+        return ServerInput(slots[0], slots[1], z)
 
     def _input_by_server(
         self, rnd: _Round, owner: int, value: torch.Tensor | None, shape: tuple[int, ...]
