@@ -119,6 +119,7 @@ def _approx_row(a: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def inspect_json(plan: Plan) -> dict[str, Any]:
     """The machine-readable summary printed by ``siguard inspect --format json``."""
+    plan = plan.with_owner_facts()
     crit, _ = critical_path_rounds(plan)
     d = plan.doc
     return {
@@ -164,7 +165,8 @@ def _op_summary(plan: Plan) -> list[dict[str, Any]]:
 
 
 def render(plan: Plan, fmt: str = "text") -> str:
-    """Render ``plan`` in one of :data:`FORMATS`."""
+    """Render ``plan`` in one of :data:`FORMATS` (with the owner's facts where available)."""
+    plan = plan.with_owner_facts()
     if fmt == "json":
         return json.dumps(inspect_json(plan), indent=1)
     if fmt not in FORMATS:

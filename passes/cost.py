@@ -10,6 +10,7 @@ import torch
 from compiler.ir import Graph, Node
 from runtime.cost import CostEngine, MetaShares
 from runtime.handlers import handler_for
+from runtime.inputs import client_input
 from runtime.ring import encode
 
 from .base import Pass, PassContext
@@ -76,7 +77,7 @@ def io_costs(graph: Graph, frac_bits: int) -> dict[str, Any]:
     out: dict[str, Any] = {"input": {}, "reveal": {}}
     for name in graph.inputs:
         e = CostEngine(frac_bits)
-        e.input("client", None, graph.values[name].shape)
+        client_input(e, None, graph.values[name].shape, (0, 0))  # share, check, clamp: the bounds cost nothing
         out["input"][name] = cost_record(e.total)
     for name in graph.outputs:
         e = CostEngine(frac_bits)

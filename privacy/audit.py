@@ -138,7 +138,7 @@ def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> t
     plan, gplan = Plan.load(plan_dir), Plan.load(guarded_dir)
     digest = _sha256(model)
     for label, p, d in (("--plan", plan, plan_dir), ("--guarded-plan", gplan, guarded_dir)):
-        src = p.doc["model"].get("source_sha256")
+        src = p.with_owner_facts().doc["model"].get("source_sha256")  # an owner's fact (owner.json)
         if src != digest:
             raise InputError(f"{label} {d} was compiled from a different model (sha256 {str(src)[:16]}…, "
                              f"{model.name} is {digest[:16]}…)")

@@ -40,6 +40,8 @@ _RESHARE = PrimitiveCost(1, (8, 8, 8))
 
 PRIMITIVE_COSTS: dict[str, PrimitiveCost] = {
     "input:client": PrimitiveCost(1, (0, 0, 0), 48),
+    # the servers' consistency check of the client's input: one SHA-256 digest per input, not per element
+    "input:client:check": PrimitiveCost(1, (32, 32, 32)),
     "input:P0": PrimitiveCost(1, (8, 0, 0)),  # owner "model"
     "input:P1": PrimitiveCost(1, (0, 8, 0)),
     "input:P2": PrimitiveCost(1, (0, 0, 8)),
@@ -196,6 +198,8 @@ class CostEngine(Engine):
         if owner not in key:
             raise ValueError(f"unknown input owner {owner!r}")
         self._charge(key[owner], _numel(shape))
+        if owner == "client":
+            self._charge("input:client:check", 1)
         return MetaShares(_meta(shape))
 
     def reveal(self, x: MetaShares, to: str = "client") -> torch.Tensor:

@@ -208,6 +208,11 @@ class Engine(ABC):
         forks); it must not depend on another branch's result. Here (the reference): in order."""
         return [b() for b in branches]
 
+    def rerandomise(self, x: Value) -> Value:
+        """The same secret with fresh share components (the secure engine re-randomises a server's
+        input, e.g. the weights, at every session start: 0 rounds). Here: x itself."""
+        return x
+
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
         return x.shape

@@ -3,7 +3,7 @@
 Call tree (override points)::
 
     Executor.run(inputs)
-      ├─ _input_step(step)         client input -> secret shares           (op "input")
+      ├─ input step                client input -> checked, clamped shares  (op "input")
       ├─ run_step(step)            one plan step
       │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/handlers.py)
       └─ _reveal_step(step)        open the output to the client only      (op "reveal")
@@ -29,6 +29,7 @@ from compiler.plan import Plan
 
 from .engine import Engine
 from .handlers import handler_for
+from .inputs import client_bounds, client_input
 from .ring import encode
 
 __all__ = ["Executor", "StepContext", "encode_public_constants"]
@@ -75,6 +76,7 @@ class Executor:
         #: wall seconds this party spent in each step of the last :meth:`run` (communication included)
         self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
+        self._bounds = {spec["name"]: client_bounds(spec, plan.frac_bits) for spec in plan.inputs}
 
     # ---- set-up -------------------------------------------------------------------------------
     def _compute_last_use(self) -> dict[str, int]:
@@ -106,6 +108,15 @@ class Executor:
                 except Exception as exc:
                     raise RuntimeFault(f"sharing weight {name!r} failed on {self._who()}: {exc}") from exc
 
+    def use_weights(self, shared: dict[str, Any]) -> None:
+        """Start a session with the weights shared at set-up (:meth:`share_weights`), re-randomised
+        by :meth:`runtime.engine.Engine.rerandomise`: no two sessions (and no two queries of one
+        session) compute on the same share components. 0 rounds, 0 bytes."""
+        forget = getattr(self.engine, "forget_prepared", None)
+        if forget is not None:  # matrices prepared from the previous components would keep them alive
+            forget()
+        self.weights = {name: self.engine.rerandomise(w) for name, w in shared.items()}
+
     def _who(self) -> str:
         p = self.engine.party
         return "the reference executor" if p is None else f"party P{p}"
@@ -131,9 +142,12 @@ class Executor:
                     if step["op"] == "input":
                         name = step["outputs"][0]
                         value = None if inputs is None else inputs[name]
-                        env[name] = self.engine.input(
-                            step["attrs"].get("owner", "client"), value, tuple(self.plan.values[name]["shape"])
-                        )
+                        shape = tuple(self.plan.values[name]["shape"])
+                        owner = step["attrs"].get("owner", "client")
+                        if owner == "client":  # checked for consistency and clamped: runtime/inputs.py
+                            env[name] = client_input(self.engine, value, shape, self._bounds[name])
+                        else:
+                            env[name] = self.engine.input(owner, value, shape)
                     elif step["op"] == "reveal":
                         name = step["inputs"][0]
                         outputs[name] = self.engine.reveal(self._get(env, name), step["attrs"].get("to", "client"))

@@ -64,6 +64,7 @@ __all__ = [
     "accept",
     "hello_message",
     "compare_hello",
+    "clean_text",
     "stats_to_json",
     "stats_from_json",
 ]
@@ -462,6 +463,15 @@ class TLSLink:
         if self._reader is not None:
             self.closed.wait(grace)
         self.close()
+
+
+def clean_text(value: Any, limit: int = 300) -> str:
+    """A peer-supplied string made safe to log or forward: one line, printable characters only
+    (control characters, escapes and newlines become "?"), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _parse_control(payload: bytes | bytearray, who: str) -> dict[str, Any]:

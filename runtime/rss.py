@@ -34,6 +34,7 @@ matrix of a kernel, its float64 limbs) is prepared once per engine.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +51,9 @@ from .prg import PartyKeys, Randomness, setup_keys
 from .ring import SIGN_BIT, broadcast_shape
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
-__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+__all__ = [
+    "Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "Client", "PartyFailure", "run_threads",
+]
 
 R = TypeVar("R")
 C = TypeVar("C")
@@ -115,6 +118,20 @@ class ServerInput(Shares):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, zero: int):
         super().__init__(a, b)
         self.zero = zero
+
+
+class InconsistentInput(RuntimeFault):
+    """The client gave the two holders of a share component different copies (see
+    :meth:`RSSEngine._check_consistent`)."""
+
+
+_DIGEST_WORDS = 4  # a SHA-256 digest as int64 words
+
+
+def _digest_words(t: torch.Tensor) -> torch.Tensor:
+    """SHA-256 of a ring tensor's little-endian words, as 4 int64 words."""
+    data = np.ascontiguousarray(t.numpy(), dtype="<i8").tobytes()
+    return torch.from_numpy(np.frombuffer(hashlib.sha256(data).digest(), dtype="<i8").astype(np.int64))
 
 
 class BoolShares(SharePair):
@@ -348,23 +365,66 @@ class RSSEngine(Engine):
 
     # ---- input and output -------------------------------------------------------------------
     def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Shares:
-        """Share a ring tensor. 1 round.
+        """Share a ring tensor. 1 round (2 for the client's input).
 
-        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i; servers send nothing
-          (client: 48 B per element).
+        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i (client: 48 B per
+          element), then the servers check that the two copies of every component agree
+          (:meth:`_check_consistent`: 1 more round, 32 B per party per input). 2 rounds in all.
         * ``owner="model"`` (= "P0"), or "P1"/"P2": input by server P_o with x_{o+1} = F_{k_{o+1}},
           x_{o+2} = 0, x_o = x - x_{o+1}; P_o sends x_o to P_{o+2}. Bytes: 8 from P_o only.
         """
         shape = tuple(int(s) for s in shape)
         if owner == "client":
             got = self.transport.exchange({}, {CLIENT: (2, *shape)})[CLIENT]
-            return Shares(got[0], got[1])
+            x = Shares(got[0], got[1])
+            self._check_consistent(x)
+            return x
         owner_party = {"model": 0, "P0": 0, "P1": 1, "P2": 2}.get(owner)
         if owner_party is None:
             raise ValueError(f"unknown input owner {owner!r} (expected 'client', 'model', 'P0', 'P1' or 'P2')")
         rnd = _Round()
         finish = self._input_by_server(rnd, owner_party, value, shape)
         return finish(rnd.run(self.transport))
+
+    def _check_consistent(self, x: Shares) -> None:
+        """Abort unless the client gave both holders of every component the same copy.
+
+        Component j is held by P_j (slot a) and P_{j-1} (slot b). Each P_i sends SHA-256 of its
+        slot b (x_{i+1}) to P_{i+1}, which compares it with the digest of its own slot a. The
+        receiver already holds that component, so the digest tells it nothing new. A client that
+        adds delta to one copy (and so would get back products with single share components of
+        the weights) is caught before the input is used. 1 round, 32 B per party (not per
+        element); raises :class:`InconsistentInput` at the server that detects it."""
+        got = self.transport.exchange({self.next: _digest_words(x.b)}, {self.prev: (_DIGEST_WORDS,)})[self.prev]
+        if not torch.equal(got, _digest_words(x.a)):
+            j, other = self.party, self.prev
+            raise InconsistentInput(
+                f"inconsistent client input: the client sent P{other} and P{j} different copies of share "
+                f"component x{j} (P{j} detected it); the session is aborted"
+            )
+
+    def forget_prepared(self) -> None:
+        """Drop the prepared weight matrices (and the shares they keep alive): called when fresh weight
+        shares replace the old ones (:meth:`runtime.executor.Executor.use_weights`)."""
+        self._matrices.clear()
+
+    def rerandomise(self, x: Any) -> Any:
+        """Fresh components for a server's input (the weights) at a session start: add the zero sharing
+        (r, -r, 0), r from the common key (all three servers, never the client), to the components
+        (zero+1, zero+2, zero); the zero component stays 0, so products keep their cheap split. Other
+        values are returned as they are. 0 rounds, 0 bytes; one PRF word per element at each server."""
+        if not isinstance(x, ServerInput):
+            return x
+        r = self.rand.common(tuple(x.shape))  # fresh words, ours to overwrite
+        z, i = x.zero, self.party
+        sign = {(z + 1) % 3: 1, (z + 2) % 3: -1}
+        slots = [x.a, x.b]
+        moved = [k for k in (0, 1) if (i + k) % 3 in sign]
+        for n, k in enumerate(moved):  # the last shifted slot is written into r's memory (one allocation less)
+            out = r if n == len(moved) - 1 else None
+            op = torch.add if sign[(i + k) % 3] > 0 else torch.sub
+            slots[k] = op(slots[k], r) if out is None else op(slots[k], r, out=out)
+        return ServerInput(slots[0], slots[1], z)
 
     def _input_by_server(
         self, rnd: _Round, owner: int, value: torch.Tensor | None, shape: tuple[int, ...]
@@ -533,8 +593,9 @@ class RSSEngine(Engine):
 
     def _prepared(self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Any] = prepare) -> Any:
         """``make`` (:func:`runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
-        by the identity of the parts: weight shares live as long as the engine, so the sum, the
-        transposed copy and the float64 limbs are made once per server start, not per query."""
+        by the identity of the parts: weight shares live as long as a session (they are re-randomised at
+        each, :meth:`rerandomise`), so the sum, the transposed copy and the float64 limbs are made once per
+        session, not per use; :meth:`forget_prepared` drops the old ones."""
         key = (make, *(id(p) for p in parts))
         hit = self._matrices.get(key)
         if hit is not None and all(p is q for p, q in zip(hit[0], parts, strict=True)):

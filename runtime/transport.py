@@ -115,6 +115,8 @@ class FrameHeader(NamedTuple):
         shape = struct.unpack_from(f"<{ndim}Q", data, off)
         off += 8 * ndim
         n_step, n_session = lengths & 0xFFFF, lengths >> 16
+        if len(data) != off + n_session + n_step:  # a header is exactly its declared fields
+            raise ValueError(f"frame header of {len(data)} bytes declares {off + n_session + n_step}")
         session = data[off : off + n_session].decode()
         step = data[off + n_session : off + n_session + n_step].decode()
         return cls(session, step, sender, seq, tuple(shape))

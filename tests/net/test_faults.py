@@ -130,7 +130,7 @@ def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, t
     text = config.read_text()
     cfg = load_config(config)
     bad = text.replace(f'cert = "{cfg[3].cert}"', f'cert = "{other}/client.pem"').replace(
-        f'key = "{cfg[3].key}"', f'key = "{other}/client.key"')
+        f'key = "{cfg[3].key}"', f'key = "{other}/client/client.key"')
     assert bad != text
     (tmp_path / "bad.toml").write_text(bad)
     with pytest.raises(RuntimeFault, match="refused our certificate|certificate") as info:
@@ -345,7 +345,7 @@ def test_unreachable_peers_are_named(start_trio, net_plans, digit_inputs, tmp_pa
 def test_tampered_plan_on_one_server_fails_the_handshake(start_trio, net_plans, tmp_path):
     plan = net_plans[1]
     doc = copy.deepcopy(plan.doc)
-    doc["warnings"].append("edited after compilation")
+    doc["created_by"] = "edited after compilation"  # a public field (warnings now go to owner.json)
     tampered = Plan(doc).save(tmp_path / "tampered")  # a consistent hash: it loads, but it differs
     other = Plan.load(tampered).plan_hash
     assert other != plan.plan_hash

@@ -131,7 +131,15 @@ _FORBIDDEN_ATTRS = {
 }
 
 
-@pytest.mark.parametrize("module", ["prg.py", "rss.py", "transport.py", "cost.py"])
+RUNTIME_MODULES = sorted(p.name for p in RUNTIME.glob("*.py"))
+
+
+def test_the_rng_rule_covers_the_protocol_modules():
+    assert {"prg.py", "rss.py", "transport.py", "cost.py", "guard.py", "nonlinear.py", "inputs.py", "server.py",
+            "net.py", "netclient.py"} <= set(RUNTIME_MODULES)
+
+
+@pytest.mark.parametrize("module", RUNTIME_MODULES)
 def test_protocol_code_uses_no_numpy_torch_or_stdlib_rng(module):
     tree = ast.parse((RUNTIME / module).read_text())
     for node in ast.walk(tree):
