@@ -50,6 +50,8 @@ OWNER_FACTS = (
     "values.*.range",  # calibrated min/max of every intermediate (logits included)
     "steps.*.approx.range",  # the range an approximation was fitted on (before coarsening)
     "steps.*.approx.error",  # errors measured on the calibration data
+    "steps.*.approx.bounds",  # why the bounds pass changed an approximation, quoting weight-derived bounds
+    "passes.bounds.changes",  # the bounds pass's notes quote the same bounds (a count stays public)
     "approximation.measured",  # end-to-end error of the chosen plan on the calibration data
     "model.source",  # the model file's name
     "model.source_sha256",  # a commitment to the owner's model file (would confirm a guessed model)
@@ -71,7 +73,7 @@ def split_owner_facts(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     for step in pub.get("steps", []):
         a = step.get("approx")
         if a:
-            moved = {k: a[k] for k in ("range", "error") if a.get(k) is not None}
+            moved = {k: a[k] for k in ("range", "error", "bounds") if a.get(k) is not None}
             if moved:
                 facts["steps"][step["name"]] = moved
                 a.update({k: None for k in moved})
@@ -84,6 +86,11 @@ def split_owner_facts(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
             facts["model"][k] = pub["model"].pop(k)
     seconds = [p.pop("seconds", None) for p in pub.get("passes", [])]
     facts["passes"] = seconds if any(x is not None for x in seconds) else []
+    for p in pub.get("passes", []):
+        if p.get("name") == "bounds" and p.get("changes"):
+            facts["bounds_changes"], n = p["changes"], len(p["changes"])
+            p["changes"] = [f"{n} change(s) to fit the bounds derived from the weights (in owner.json; each input's "
+                            "domain is in inputs)"]
     facts["warnings"], pub["warnings"] = list(pub.get("warnings", [])), []
     return pub, facts
 
@@ -105,6 +112,9 @@ def merge_owner_facts(doc: dict[str, Any], facts: dict[str, Any] | None) -> dict
     for p, sec in zip(full.get("passes", []), facts.get("passes", []), strict=False):
         if sec is not None:
             p["seconds"] = sec
+    for p in full.get("passes", []):
+        if p.get("name") == "bounds" and facts.get("bounds_changes"):
+            p["changes"] = list(facts["bounds_changes"])
     full["warnings"] = list(facts.get("warnings", [])) or full.get("warnings", [])
     return full
 

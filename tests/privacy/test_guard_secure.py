@@ -79,7 +79,8 @@ def test_default_guard_costs_at_most_3000_rounds(scenario):
     assert guard["cost"]["rounds"] <= 3000, guard["cost"]
 
 
-@pytest.mark.parametrize("schedule", ["parallel", "freeze", "paper"])
+@pytest.mark.parametrize("schedule", ["parallel", pytest.param("freeze", marks=pytest.mark.slow),
+                                      pytest.param("paper", marks=pytest.mark.slow)])
 def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
     """500 queries: labels kept for every query, noise decisions agree with the oracle of the same configuration."""
     from runtime.guard import GuardConfig
