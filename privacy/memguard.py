@@ -191,6 +191,10 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
 #: :func:`_direction`), as the parties do (runtime.guard.TIE_BITS): at fixed point both operands vanish
 #: exactly for classes far below the label, and the truncation's +-1 ulp must not decide their sign
 TIE = 2.0**-14
+#: sign steps start from the ratios e^(u0_j - u0_l) + RATIO_FLOOR (j != l), as the parties do: at fixed point a
+#: class more than ~21 logits below the label keeps 10 significant bits there instead of rounding to 0 (a ratio
+#: of 0 could never grow); a class 15 logits below moves by 0.1 %
+RATIO_FLOOR = 2.0**-30
 
 
 def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: DefenderWeights, *, c1: float,
@@ -247,10 +251,12 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
     """The body of :func:`guard_reference` on validated float64 logits z (B, k)."""
     B, k = z.shape
     u0 = z - z.max(axis=1, keepdims=True)
-    p = softmax(u0)
     labels = z.argmax(axis=1)
     onehot = np.zeros((B, k))
     onehot[np.arange(B), labels] = 1.0
+    if step == "sign":  # the ratio floor of the parties (RATIO_FLOOR): e^(u0_j) + 2^-30 for every j != l
+        u0 = np.log(np.exp(u0) + RATIO_FLOOR * (1.0 - onehot))
+    p = softmax(u0)
     a0 = defender.score(p)
 
     e_star = np.zeros((B, k))

@@ -538,6 +538,9 @@ _HINGE_BIT = 61
 #: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
 #: +-1 ulp cannot flip them (the oracle applies the same rule: privacy.memguard)
 TIE_BITS = 14
+#: the parallel schedule raises every ratio r_j (j != l) by 2^-RATIO_FLOOR_BITS at the start (privacy.memguard's
+#: RATIO_FLOOR)
+RATIO_FLOOR_BITS = 30
 
 
 def s_shift(cfg: GuardConfig, k: int, f: int) -> int:
@@ -607,7 +610,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
     def fix_label() -> tuple[Secret, Secret, Secret, Secret]:
         (corr,) = mul_many(e, [(onehot, e.sub(_t(1 << qr), ex))])
-        r0 = e.add(ex, corr)
+        # every other ratio gets 2^-RATIO_FLOOR_BITS: 10 significant bits for a class far below the label
+        # (a 0 would never grow under multiplicative steps); the oracle starts from the same ratios
+        r0 = e.add(e.add(ex, corr), e.mul(e.sub(_t(1), onehot), _t(1 << (qr - RATIO_FLOOR_BITS))))
         total = e.local(lambda v: v.sum(-1, keepdim=True), r0)
         d0, r0_32, r0_s = e.parallel((e.trunc, total, qr - f), (e.trunc, r0, qr - qs),
                                      (e.trunc, r0, qr - qs + shift))

@@ -194,9 +194,9 @@ def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int,
     steps (the hinge's sign first; sign tests in ratio space, "negative" below -2^-14), the first success in
     (round, step) order; "hybrid": the first decision flip in that order, else the first |a| <= margin."""
     k = len(z)
-    u0 = z - z.max()
-    p = np.exp(u0) / np.exp(u0).sum()
     lab = int(np.argmax(z))
+    u0 = np.log(np.exp(z - z.max()) + 2.0**-30 * (np.arange(k) != lab))  # ratios start at least 2^-30
+    p = np.exp(u0) / np.exp(u0).sum()
     a0 = float(h.score(p[None])[0])
     tiers = ["sign", "margin"] if validator == "hybrid" else [validator]
     first: dict[str, np.ndarray | None] = {v: None for v in tiers}
