@@ -84,8 +84,7 @@ def build_onnx(name: str, work: Path) -> Path:
 def random_defender(k: int):
     """A defender h (k -> 128 -> 64 -> 1) with fixed random weights: the guard's cost does not depend on them."""
     import torch
-
-    from privacy.defender import DefenderWeights
+    from siguard.privacy.defender import DefenderWeights
 
     g = torch.Generator().manual_seed(0)
 
@@ -96,7 +95,7 @@ def random_defender(k: int):
 
 
 def compile_plan(onnx_path: Path, batch: int, guard: bool, guard_cfg: dict, work: Path) -> Path:
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
 
     out = work / f"{onnx_path.stem}-b{batch}-{'guard' if guard else 'plain'}"
     if not (out / "plan.json").exists():
@@ -117,9 +116,8 @@ def _median_row(times: list[float]) -> dict[str, Any]:
 def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler: str = "threads") -> None:
     """Child-process body of the threads and lockstep modes (see the module docstring); writes JSON to ``out``."""
     import torch
-
-    from compiler.plan import Plan
-    from runtime.local import op_breakdown, run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import op_breakdown, run_threads
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     plan = Plan.load(plan_dir)
@@ -157,9 +155,9 @@ def _vm_hwm_mb(pid: int) -> float | None:
 
 def measure_processes(plan_dir: Path, x: np.ndarray, repeat: int, work: Path) -> dict[str, Any]:
     """Three server processes, ``1 + repeat`` client queries over TLS on loopback."""
-    from compiler.plan import Plan
-    from runtime.certs import make_certs
-    from runtime.processes import Trio, child_env, siguard_command, write_loopback_config
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.net.certs import make_certs
+    from siguard.runtime.net.processes import Trio, child_env, siguard_command, write_loopback_config
 
     plan = Plan.load(plan_dir)
     pdir = work / "processes"
@@ -241,9 +239,9 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
 
 def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
     """The guard alone on ``batch`` queries' logits (10 classes) between three threads."""
-    from runtime.guard import GuardConfig, secure_guard
-    from runtime.ring import encode
-    from runtime.rss import run_threads as run_parties
+    from siguard.runtime.kernels.guard import GuardConfig, secure_guard
+    from siguard.runtime.mpc.rss import run_threads as run_parties
+    from siguard.runtime.ring import encode
 
     d = random_defender(10)
     ws = [d.W1.T, d.b1, d.W2.T, d.b2, d.w3.T, d.b3]

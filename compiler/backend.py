@@ -44,9 +44,9 @@ def build_plan(
 
     Steps are: one ``input`` step per client input (the client secret-shares it), the graph's
     nodes in order, and one ``reveal`` step per output (opened to the client only). Costs come
-    from the cost pass (``node.cost``) and :func:`passes.cost.io_costs` for input/reveal/setup.
+    from the cost pass (``node.cost``) and :func:`siguard.passes.cost.io_costs` for input/reveal/setup.
     """
-    from passes.cost import io_costs
+    from siguard.passes.cost import io_costs
 
     values: dict[str, Any] = {}
     constants: dict[str, Any] = {}

@@ -5,7 +5,7 @@ runs onnxruntime on the calibration inputs (in chunks of the model's fixed batch
 and maps the results onto the IR's value names (``graph.meta["onnx_names"]`` for renamed ones).
 IR values onnxruntime cannot see (values the canonicalize pass created, such as a Conv with a
 folded BatchNorm that kept no ONNX name) are taken from the float interpreter
-(:mod:`compiler.interp`) in chunks of the graph's batch.
+(:mod:`siguard.compiler.interp`) in chunks of the graph's batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The float interpreter: executes an IR graph in float64, per the semantics of :mod:`compiler.ops`.
+"""The float interpreter: executes an IR graph in float64, per the semantics of :mod:`siguard.compiler.ops`.
 
 It is the oracle of every pass (a pass must not change what :func:`run_float` computes, up to
 float rounding) and the calibration engine (``keep_all=True`` returns every intermediate value).
@@ -17,9 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from compiler.errors import InputError
-from compiler.ir import Graph, Node
+from siguard.compiler.errors import InputError
+from siguard.compiler.ir import Graph, Node
 
 __all__ = ["run_float", "OP_HANDLERS"]
 
@@ -140,9 +139,9 @@ def _clip(node: Node, x: Tensor) -> Tensor:
 
 
 def _guard(node: Node, z: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
-    """The guard's float semantics: privacy.memguard.guard_reference (phase I, no random release)."""
-    from privacy.defender import DefenderWeights
-    from privacy.memguard import guard_reference
+    """The guard's float semantics: siguard.privacy.memguard.guard_reference (phase I, no random release)."""
+    from siguard.privacy.defender import DefenderWeights
+    from siguard.privacy.memguard import guard_reference
 
     keys = ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin", "c3_max")
     opts = {k: node.attrs[k] for k in keys if k in node.attrs}

@@ -24,12 +24,12 @@ class CompileOptions:
     batch: int = 1
     output: str | None = None
     frac_bits: int = 16
-    guard: Any = None  # defender ONNX path (or privacy.defender.DefenderWeights); None = no guard
-    guard_config: dict[str, Any] = field(default_factory=dict)  # runtime.guard.GuardConfig fields
+    guard: Any = None  # defender ONNX path (or siguard.privacy.defender.DefenderWeights); None = no guard
+    guard_config: dict[str, Any] = field(default_factory=dict)  # siguard.runtime.kernels.guard.GuardConfig fields
     calibration: Any = None  # calibration inputs: an array (N, ...) or a .npy path; None = default ranges
-    approx: str = "auto"  # auto | exact | crypten | default (see passes.approx.Approximate)
+    approx: str = "auto"  # auto | exact | crypten | default (see siguard.passes.approx.Approximate)
     overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
-    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or passes.approx.AccuracyBudget; None = default
+    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or siguard.passes.approx.AccuracyBudget; None = default
     objective: str = "rounds"  # rounds | bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,10 +82,10 @@ def _onnx_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str, tuple[float, float]]):
     """The model at a batch of up to 256 calibration inputs (or the plan's batch if its batch axis is
     fixed), canonicalized and in fixed point: what the approximation pass runs candidates on."""
-    from compiler.frontend import load_model
-    from passes.base import PassContext, PassManager
-    from passes.canonicalize import Canonicalize
-    from passes.fixedpoint import FixedPoint
+    from siguard.compiler.frontend import load_model
+    from siguard.passes.base import PassContext, PassManager
+    from siguard.passes.canonicalize import Canonicalize
+    from siguard.passes.fixedpoint import FixedPoint
 
     try:
         g = load_model(model, batch=min(n, 256), output=opts.output)
@@ -111,13 +111,13 @@ def _json_safe(v: Any) -> Any:
 
 def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions | None = None) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) into a plan (not yet written to disk)."""
-    from compiler.frontend import load_model
-    from passes.approx import Approximate, Calibrate, parse_budget
-    from passes.base import PassContext, PassManager
-    from passes.canonicalize import Canonicalize
-    from passes.cost import CostAnnotation
-    from passes.fixedpoint import FixedPoint
-    from passes.fuse import FuseTruncation
+    from siguard.compiler.frontend import load_model
+    from siguard.passes.approx import Approximate, Calibrate, parse_budget
+    from siguard.passes.base import PassContext, PassManager
+    from siguard.passes.canonicalize import Canonicalize
+    from siguard.passes.cost import CostAnnotation
+    from siguard.passes.fixedpoint import FixedPoint
+    from siguard.passes.fuse import FuseTruncation
 
     opts = options or CompileOptions()
     if opts.batch < 1:
@@ -135,8 +135,8 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         calibrate = Calibrate(_onnx_model(model), x_cal)
         passes.append(calibrate)
     if opts.guard is not None:
-        from passes.guard import InsertGuard
-        from runtime.guard import GuardConfig
+        from siguard.passes.guard import InsertGuard
+        from siguard.runtime.kernels.guard import GuardConfig
 
         try:
             config = GuardConfig(**opts.guard_config)

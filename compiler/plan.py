@@ -8,7 +8,7 @@ A plan directory holds
   parties compare this hash at handshake so they provably run the same plan.
 * ``weights.npz`` -- the model owner's float weights, tagged with the plan hash they belong to.
   Only the model owner's server reads it (and secret-shares it); it is never part of the hash.
-* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`compiler.report`).
+* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`siguard.compiler.report`).
 
 Loading validates the document against ``schema/plan.schema.json`` and recomputes the hash;
 a plan is data and loading it never executes code from it.

@@ -92,7 +92,7 @@ def _fmt_range(r: Any) -> str:
 
 
 def _approx_row(a: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Display fields of a step's approximation record (see passes.approx.Approximate)."""
+    """Display fields of a step's approximation record (see siguard.passes.approx.Approximate)."""
     if not a:
         return None
     err = a.get("error") or {}

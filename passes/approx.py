@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from compiler.calibrate import DEFAULT_RANGE, Calibration
-from compiler.errors import InputError
-from compiler.ir import Graph, Node
-from compiler.ops import NONLINEAR_OPS
+from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration
+from siguard.compiler.errors import InputError
+from siguard.compiler.ir import Graph, Node
+from siguard.compiler.ops import NONLINEAR_OPS
 
 from .base import Pass, PassContext
 from .cost import node_cost
@@ -239,7 +238,7 @@ def candidates_for(node: Node, graph: Graph, rng: tuple[float, float] | None, sa
 
 
 def _default_impl(op: str) -> str:
-    from compiler.ops import default_impl
+    from siguard.compiler.ops import default_impl
 
     return default_impl(op)
 
@@ -264,9 +263,9 @@ class _Evaluator:
     node being decided so each candidate only re-runs the rest of the network."""
 
     def __init__(self, graph: Graph, x: np.ndarray, reference: np.ndarray, frac_bits: int):
-        from compiler.backend import build_plan
-        from runtime.executor import Executor
-        from runtime.plain import PlainEngine
+        from siguard.compiler.backend import build_plan
+        from siguard.runtime.executor import Executor
+        from siguard.runtime.kernels.plain import PlainEngine
 
         self.f = frac_bits
         plan, weights = build_plan(graph, frac_bits=frac_bits, model_info={"name": graph.name,
@@ -304,7 +303,7 @@ class _Evaluator:
             step.pop("impl_params", None)
 
     def _run(self, env: dict[str, Any], start: int, stop: int, chunk: np.ndarray) -> None:
-        from runtime.ring import encode
+        from siguard.runtime.ring import encode
 
         for i in range(start, stop):
             step = self.steps[i]
@@ -328,7 +327,7 @@ class _Evaluator:
         self.pos = stop
 
     def node_input(self, name: str) -> np.ndarray:
-        from runtime.ring import decode
+        from siguard.runtime.ring import decode
 
         step = self.steps[self.index[name]]
         parts = []
@@ -339,7 +338,7 @@ class _Evaluator:
 
     def evaluate(self) -> tuple[float, float, np.ndarray]:
         """(top-1, max |change|, output) of the rest of the network from the checkpoint."""
-        from runtime.ring import decode
+        from siguard.runtime.ring import decode
 
         outs = []
         for env, (chunk, n) in zip(self.envs, self.chunks, strict=True):
@@ -395,7 +394,7 @@ class Approximate(Pass):
        the plan's end-to-end top-1 / max change (``graph.meta["approx_measured"]``).
     6. A guard node's internal approximations (GuardConfig ``exp_degree``, ``recip_degree``,
        ``norm_iterations``; label ``exp4,recip4,norm2``) are chosen by :meth:`_choose_guard` in
-       ``auto`` mode with calibration data, against the float oracle ``privacy.memguard``; the
+       ``auto`` mode with calibration data, against the float oracle ``siguard.privacy.memguard``; the
        configured values are its most accurate setting and are kept in ``exact`` and ``default``
        mode. ``crypten`` mode runs the same guard with CrypTen's default approximations inside
        (``GuardConfig.internals = "crypten"``), the baseline the pass is measured against.
@@ -440,7 +439,7 @@ class Approximate(Pass):
         for c in cands:
             if c.label == impl:
                 return c
-        from runtime.nonlinear import get_implementation
+        from siguard.runtime.kernels.nonlinear import get_implementation
 
         try:
             get_implementation(node.op, impl)
@@ -592,11 +591,11 @@ class Approximate(Pass):
         """Choose the guard's exp/reciprocal polynomial degrees and inverse-sqrt iterations
         (:data:`GUARD_KNOBS`): greedily, knob by knob, the lowest setting whose fixed-point guard, on
         the calibration logits, keeps (a) its accept decisions in agreement with the float oracle
-        (privacy.memguard) within 1 - top1 of the configured setting's agreement, (b) labels as often
+        (siguard.privacy.memguard) within 1 - top1 of the configured setting's agreement, (b) labels as often
         and (c) its mean L1 distance to the oracle's released vector within :data:`GUARD_L1_GROWTH`
         times the configured setting's (a guard on (a) alone, estimated on a few dozen queries, is
         noisy: the freeze schedule is path dependent)."""
-        from runtime.guard import GuardConfig
+        from siguard.runtime.kernels.guard import GuardConfig
 
         fields = GuardConfig.__dataclass_fields__
         base = GuardConfig(**{k: v for k, v in node.attrs.items() if k in fields})
@@ -670,17 +669,16 @@ class Approximate(Pass):
     def _local_error(ev: _Evaluator, d: _Decision) -> float | None:
         """Max |chosen - float op| at the node's fixed-point input on the calibration data."""
         import torch
-
-        from compiler.interp import _Interpreter
-        from runtime.plain import Clear
-        from runtime.ring import decode, encode
+        from siguard.compiler.interp import _Interpreter
+        from siguard.runtime.kernels.plain import Clear
+        from siguard.runtime.ring import decode, encode
 
         try:
             x = ev.node_input(d.node.name)
             step = ev.steps[ev.index[d.node.name]]
             if len(step["inputs"]) != 1:
                 return None
-            from runtime.handlers import handler_for
+            from siguard.runtime.kernels.handlers import handler_for
 
             class _Ctx:
                 e = ev.engine
@@ -694,7 +692,7 @@ class Approximate(Pass):
             return None
 
 
-#: The guard's internal approximation knobs (runtime.guard.GuardConfig) and the settings the pass may
+#: The guard's internal approximation knobs (siguard.runtime.kernels.guard.GuardConfig) and the settings the pass may
 #: lower them to: the degree of the e^delta and 1/d polynomials of its softmax update, and the Newton
 #: iterations of the inverse square root that normalises its gradient.
 GUARD_KNOBS: dict[str, tuple[int, ...]] = {
@@ -736,11 +734,11 @@ def parse_guard_label(text: str, node: str = "guard") -> dict[str, int]:
 
 class _GuardEvaluator:
     """Runs the guard alone (fixed-point reference engine) on calibration logits and compares its accept
-    decisions with the float oracle :func:`privacy.memguard.guard_reference` of the same configuration."""
+    decisions with the float oracle :func:`siguard.privacy.memguard.guard_reference` of the same configuration."""
 
     def __init__(self, graph: Graph, node: Node, logits: np.ndarray, config: Any, frac_bits: int):
-        from privacy.defender import DefenderWeights
-        from privacy.memguard import guard_reference, softmax
+        from siguard.privacy.defender import DefenderWeights
+        from siguard.privacy.memguard import guard_reference, softmax
 
         self.f = frac_bits
         self.config = config
@@ -760,9 +758,9 @@ class _GuardEvaluator:
     def __call__(self, knobs: dict[str, int]) -> dict[str, float]:
         from dataclasses import replace
 
-        from runtime.guard import secure_guard
-        from runtime.plain import Clear, PlainEngine
-        from runtime.ring import decode, encode
+        from siguard.runtime.kernels.guard import secure_guard
+        from siguard.runtime.kernels.plain import Clear, PlainEngine
+        from siguard.runtime.ring import decode, encode
 
         e = PlainEngine(self.f)
         args = [Clear(encode(a, self.f)) for a in (self.z, *self.weights)]
@@ -774,7 +772,7 @@ class _GuardEvaluator:
 
 
 class Calibrate(Pass):
-    """Records every value's range on calibration inputs (see :mod:`compiler.calibrate`).
+    """Records every value's range on calibration inputs (see :mod:`siguard.compiler.calibrate`).
 
     Rules:
 
@@ -794,7 +792,7 @@ class Calibrate(Pass):
         self.result: Calibration | None = None
 
     def run(self, graph: Graph, ctx: PassContext) -> list[str]:
-        from compiler.calibrate import calibrate, check_calibration_data
+        from siguard.compiler.calibrate import calibrate, check_calibration_data
 
         if len(graph.inputs) == 1:
             self.x = check_calibration_data(self.x, graph.values[graph.inputs[0]].shape)

@@ -6,11 +6,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from compiler.ir import Graph, Node
-from runtime.cost import CostEngine, MetaShares
-from runtime.handlers import handler_for
-from runtime.ring import encode
+from siguard.compiler.ir import Graph, Node
+from siguard.runtime.kernels.cost import CostEngine, MetaShares
+from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.ring import encode
 
 from .base import Pass, PassContext
 
@@ -29,7 +28,7 @@ def _secret(shape) -> MetaShares:
 
 
 class _GraphContext:
-    """The handler context (see runtime.executor.StepContext) over an IR graph."""
+    """The handler context (see siguard.runtime.executor.StepContext) over an IR graph."""
 
     def __init__(self, engine: CostEngine, graph: Graph, frac_bits: int):
         self.e = engine
@@ -88,7 +87,7 @@ class CostAnnotation(Pass):
     Rules:
 
     1. A node's cost is what its runtime handler spends when run on the cost-counting engine
-       (:class:`runtime.cost.CostEngine`), so the model and the protocols cannot disagree
+       (:class:`siguard.runtime.kernels.cost.CostEngine`), so the model and the protocols cannot disagree
        (the tests check the engine against the in-process transport's counters).
     2. ``bytes`` is the busiest party's; ``bytes_per_party`` lists P0, P1, P2.
     3. The shape each handler produces must equal the IR's shape, or the pass fails (a

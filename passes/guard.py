@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from compiler.errors import InputError, ModelError
-from compiler.ir import Graph, Node, Value
-from runtime.guard import GuardConfig
+from siguard.compiler.errors import InputError, ModelError
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.runtime.kernels.guard import GuardConfig
 
 from .base import Pass, PassContext
 
@@ -43,7 +42,7 @@ class InsertGuard(Pass):
         self.config = config or GuardConfig()
 
     def _weights(self):
-        from privacy.defender import DefenderWeights
+        from siguard.privacy.defender import DefenderWeights
 
         if isinstance(self.defender, DefenderWeights):
             return self.defender

@@ -335,7 +335,7 @@ class ShadowData:
         return softmax(np.asarray(self.logits, dtype=np.float64))
 
     def shadow_defender(self) -> Any:
-        """The adaptive attacker's own defender (:class:`privacy.defender.DefenderWeights`), trained once on its
+        """The adaptive attacker's own defender (:class:`siguard.privacy.defender.DefenderWeights`), trained once on its
         shadow members against its reference non-members, as the owner trains the real one."""
         if self._defender is None:
             from .defender import DefenderWeights, train_defender
@@ -351,8 +351,9 @@ class ShadowData:
 
     def adaptive_outputs(self, **guard_options: Any) -> Any:
         """An adaptive attacker's training outputs: the public guard algorithm run on its shadow logits with its
-        own shadow defender (``guard_options`` as :func:`privacy.memguard.guard_reference` takes them).
-        Returns the :class:`privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits on."""
+        own shadow defender (``guard_options`` as :func:`siguard.privacy.memguard.guard_reference` takes them).
+        Returns the :class:`siguard.privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits
+        on."""
         from .memguard import guard_reference
 
         return guard_reference(self.logits, self.shadow_defender(), **guard_options)
@@ -361,7 +362,7 @@ class ShadowData:
 def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input_shape: tuple[int, ...],
                  num_classes: int, epochs: int = 150, seed: int = 1,
                  x_reference: np.ndarray | None = None, y_out: np.ndarray | None = None) -> ShadowData:
-    """Train a shadow model like the target (:func:`privacy.targets.make_mlp`, same recipe) and query it.
+    """Train a shadow model like the target (:func:`siguard.privacy.targets.make_mlp`, same recipe) and query it.
 
     Args:
         x_in, y_in: the attacker's shadow members (N, ...) and labels (N,): the shadow model's training set.

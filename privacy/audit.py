@@ -7,14 +7,14 @@
 * ``plaintext`` -- the model through onnxruntime (what an ordinary inference API reveals);
 * ``secure`` -- PLAN between the three parties, without the guard (what secure inference alone reveals);
 * ``guarded`` -- GPLAN between the three parties: the guard's noise added inside MPC;
-* ``memguard`` -- the float64 reference of the same guard (:func:`privacy.memguard.guard_reference`,
+* ``memguard`` -- the float64 reference of the same guard (:func:`siguard.privacy.memguard.guard_reference`,
   the defender and counts read from GPLAN) on the plaintext logits: plaintext MemGuard, the yardstick
   the secure guard is compared with.
 
 The attacker's side is built only from the shadow file: S.npz's records are split into shadow members
 (``member`` array if present, else the first half) and shadow non-members; a shadow model with the
-target's recipe (:func:`privacy.targets.make_mlp`, the same epochs) is trained on the shadow members,
-and every attack of :func:`privacy.attacks.standard_attacks` is fitted on the shadow model's outputs.
+target's recipe (:func:`siguard.privacy.targets.make_mlp`, the same epochs) is trained on the shadow members,
+and every attack of :func:`siguard.privacy.attacks.standard_attacks` is fitted on the shadow model's outputs.
 The fitted attacks are then only evaluated on the four output sets: no threshold, direction or
 classifier weight ever sees evaluation data. The label-only gap attack (member iff the label is right)
 needs no fitting and is reported as the floor no label-preserving output perturbation can lower.
@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from compiler.errors import InputError
+from siguard.compiler.errors import InputError
 
 __all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
            "AuditData", "write_report"]
@@ -99,7 +98,7 @@ def _guard_step(plan: Any) -> dict[str, Any] | None:
 
 
 def _defender_from_plan(plan: Any) -> Any:
-    """The defender the guarded plan's owner secret-shares (weights.npz stores W^T, see passes.guard)."""
+    """The defender the guarded plan's owner secret-shares (weights.npz stores W^T, see siguard.passes.guard)."""
     from .defender import DefenderWeights
 
     w = plan.load_weights()
@@ -126,7 +125,7 @@ def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
 
 
 def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> tuple[Any, Any]:
-    from compiler.plan import Plan
+    from siguard.compiler.plan import Plan
 
     if not model.exists():
         raise InputError(f"model file {model} does not exist")
@@ -155,14 +154,14 @@ class _Runner:
         self.weights = plan.load_weights()
 
     def _one(self, x: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
-        from runtime.local import run_reference, run_threads
+        from siguard.runtime.local import run_reference, run_threads
 
         if self.mode == "reference":
             r = run_reference(self.plan, x, self.weights)
         elif self.mode in ("threads", "lockstep"):
             r = run_threads(self.plan, x, self.weights, timeout=self.timeout, scheduler=self.mode)
         else:
-            from runtime.processes import run_processes
+            from siguard.runtime.net.processes import run_processes
 
             r = run_processes(self.plan.directory, x, timeout=self.timeout)
         return r.output, r.seconds, r.stats
@@ -170,9 +169,8 @@ class _Runner:
     def run(self, x: np.ndarray, desc: str, progress: bool) -> dict[str, Any]:
         """Outputs of all rows of ``x``, the summed time, rounds and MB per party. The progress bar counts the
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
+        from siguard.runtime.kernels.guard import guard_progress
         from tqdm import tqdm
-
-        from runtime.guard import guard_progress
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:
@@ -324,7 +322,7 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
         },
         "data": {"members": int(membership.sum()), "nonmembers": int((~membership).sum()),
                  "shadow_members": int(sm.sum()), "shadow_nonmembers": int((~sm).sum())},
-        "shadow": {"epochs": shadow_epochs, "seed": seed + 1000, "architecture": "privacy.targets.make_mlp",
+        "shadow": {"epochs": shadow_epochs, "seed": seed + 1000, "architecture": "siguard.privacy.targets.make_mlp",
                    "train_accuracy": shadow.info.get("shadow_train_accuracy"),
                    "test_accuracy": shadow.info.get("shadow_test_accuracy")},
         "memguard_accepted": float(np.mean(oracle.accepted)),

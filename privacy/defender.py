@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from siguard.compiler.errors import InputError
 from torch import nn
-
-from compiler.errors import InputError
 
 __all__ = [
     "HIDDEN",

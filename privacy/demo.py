@@ -41,8 +41,9 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
              seed: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out_dir`` (models, data files, plans, report); returns the audit document.
 
-    ``mode``: how the plans run, one of :data:`privacy.audit.MODES` (see :func:`privacy.audit.run_audit`)."""
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
+    ``mode``: how the plans run, one of :data:`siguard.privacy.audit.MODES` (see
+    :func:`siguard.privacy.audit.run_audit`)."""
+    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
 
     from .audit import AuditData, run_audit
     from .datasets import load_dataset, save_npz

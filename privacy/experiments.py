@@ -1,14 +1,15 @@
 """Which guard schedule to ship: acceptance, label preservation, distortion and attack advantage per configuration.
 
-    python -m privacy.experiments [--dataset fashion-mnist|digits] [--out benchmarks/results/guard_schedules.json]
+    python -m siguard.privacy.experiments [--dataset fashion-mnist|digits] [--out
+    benchmarks/results/guard_schedules.json]
 
 Setup (disjoint splits of one dataset, ``n`` = 1000 each on Fashion-MNIST):
 - owner: target members (the target's training set), evaluation non-members, reference non-members
   (only for training the defender);
 - attacker: shadow members, shadow non-members, shadow reference non-members (adaptive attacker only).
-The target MLP (:func:`privacy.targets.make_mlp`) is trained to overfit; the owner trains the defender on
+The target MLP (:func:`siguard.privacy.targets.make_mlp`) is trained to overfit; the owner trains the defender on
 its members against its reference set; the members and evaluation non-members go through the target and
-:func:`privacy.memguard.guard_reference` under each configuration. Attacks are fitted on shadow data only:
+:func:`siguard.privacy.memguard.guard_reference` under each configuration. Attacks are fitted on shadow data only:
 a non-adaptive attacker on the shadow model's plain outputs, an adaptive one on its own guarded shadow
 outputs (same configuration, its own shadow defender). Criterion: acceptance >= 85 %, label kept 100 %,
 neural attack advantage |AUC - 0.5| <= 0.05 for both attackers, at most ~300 gradient steps.
@@ -50,7 +51,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 #: a top-2 logit gap above this leaves the softmax gradient (~e^-gap) below sqrt(eps) = 1e-6 of the
-#: normalisation g / sqrt(||g||^2 + eps): such a query moves slowly (see the notes in privacy.memguard)
+#: normalisation g / sqrt(||g||^2 + eps): such a query moves slowly (see the notes in siguard.privacy.memguard)
 SATURATION_GAP = 14.0
 MIN_ACCEPTANCE = 0.85
 MAX_ADVANTAGE = 0.05
@@ -240,7 +241,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
-    from compiler.errors import InputError
+    from siguard.compiler.errors import InputError
 
     from .datasets import load_dataset
     from .defender import single_threaded
@@ -327,7 +328,7 @@ def _table(summary: list[dict[str, Any]], plain: dict[str, float], n_seeds: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m privacy.experiments", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m siguard.privacy.experiments", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     p.add_argument("--n", type=int, default=1000, help="size of each split (default 1000)")
     p.add_argument("--epochs", type=int, default=150, help="target and shadow training epochs (default 150)")

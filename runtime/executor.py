@@ -5,11 +5,11 @@ Call tree (override points)::
     Executor.run(inputs)
       ├─ _input_step(step)         client input -> secret shares           (op "input")
       ├─ run_step(step)            one plan step
-      │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/handlers.py)
+      │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
       └─ _reveal_step(step)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
-re-raised as :class:`compiler.errors.RuntimeFault` naming the step, the op and the party.
+re-raised as :class:`siguard.compiler.errors.RuntimeFault` naming the step, the op and the party.
 The same executor runs the fixed-point reference (``PlainEngine``), each secure party
 (``RSSEngine``) and the cost model (``CostEngine``).
 """
@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from siguard.compiler.errors import RuntimeFault, SiguardError
+from siguard.compiler.plan import Plan
+from siguard.runtime.kernels.engine import Engine
+from siguard.runtime.kernels.handlers import handler_for
 
-from compiler.errors import RuntimeFault, SiguardError
-from compiler.plan import Plan
-
-from .engine import Engine
-from .handlers import handler_for
 from .ring import encode
 
 __all__ = ["Executor", "StepContext", "encode_public_constants"]

@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from compiler.errors import InputError
-from compiler.plan import Plan
+from siguard.compiler.errors import InputError
+from siguard.compiler.plan import Plan
+from siguard.runtime.kernels.plain import PlainEngine
 
 from .executor import Executor
-from .plain import PlainEngine
 from .ring import MAX_ABS_REAL, decode, encode
 
 __all__ = ["RunResult", "check_inputs", "run_reference", "run_threads", "op_breakdown", "format_breakdown"]
@@ -93,7 +92,7 @@ def run_threads(
 
     ``scheduler``: ``"threads"`` (one OS thread per party) or ``"lockstep"`` (all parties as greenlets
     in this thread, switched at every wait: a round costs less than half, the guard runs about twice
-    as fast; see :func:`runtime.rss.run_threads`).
+    as fast; see :func:`siguard.runtime.mpc.rss.run_threads`).
 
     ``queries`` > 1 runs the same input that many times after one key set-up and weight sharing
     (a server's life: set up once, then serve); the result and statistics are the last query's,
@@ -101,11 +100,12 @@ def run_threads(
 
     P0 is the model owner's server: it alone reads the weights and secret-shares them. The client
     secret-shares the inputs and is the only one to receive the output. ``stats`` holds the
-    rounds and bytes every party sent, per step (see :func:`runtime.stats.summarize`), each
+    rounds and bytes every party sent, per step (see :func:`siguard.runtime.stats.summarize`), each
     step's wall ``seconds`` (the slowest server's, communication included), and
     ``query_seconds``: the query alone, from the servers' first step to the reveal, without the
     key set-up and the weights' sharing that a server does once at start (``seconds`` has all)."""
-    from .rss import run_threads as run_parties
+    from siguard.runtime.mpc.rss import run_threads as run_parties
+
     from .stats import summarize
 
     xs = check_inputs(plan, inputs)

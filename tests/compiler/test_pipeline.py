@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from siguard.compiler.errors import PlanError
+from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
+from siguard.compiler.plan import Plan
+from siguard.compiler.report import inspect_json, render
+from siguard.runtime.local import run_reference
 
-from compiler.errors import PlanError
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from compiler.report import inspect_json, render
-from runtime.local import run_reference
 from tests.conftest import ort_run
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from privacy.attacks import (
+from siguard.privacy.attacks import (
     EntropyAttack,
     MaxProbabilityAttack,
     NeuralAttack,

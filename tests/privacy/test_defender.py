@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from compiler.errors import InputError
-from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-from privacy.memguard import softmax
+from siguard.compiler.errors import InputError
+from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from siguard.privacy.memguard import softmax
 
 
 @pytest.fixture(scope="module")
 def target_outputs(digits):
     """Logits (members (300, 10), non-members (240, 10)) of a digits MLP trained to overfit on the members."""
     import torch
-
-    from privacy.targets import make_mlp, train_classifier
+    from siguard.privacy.targets import make_mlp, train_classifier
 
     x_train, y_train, x_test, _ = digits
     model = train_classifier(make_mlp((64,), 10), x_train[:300], y_train[:300], epochs=40, seed=0)
@@ -105,7 +103,8 @@ def test_bad_inputs_are_input_errors(tmp_path):
 
 
 def test_cli_guard_train(digits, tmp_path, capsys):
-    from privacy.targets import export_onnx, make_mlp, train_classifier
+    from siguard.privacy.targets import export_onnx, make_mlp, train_classifier
+
     from siguard.cli import main
 
     x_train, y_train, x_test, y_test = digits

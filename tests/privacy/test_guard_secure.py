@@ -1,4 +1,4 @@
-"""The secure guard against its float64 oracle (privacy.memguard.guard_reference), end to end.
+"""The secure guard against its float64 oracle (siguard.privacy.memguard.guard_reference), end to end.
 
 A small real scenario on scikit-learn's digits: an overfitted target MLP, a defender trained on
 the owner's members against the owner's reference non-members, the guard compiled into the plan.
@@ -9,14 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from privacy.datasets import FASHION_MNIST_DIR, load_dataset
-from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-from privacy.memguard import guard_reference
-from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
-from runtime.local import run_reference, run_threads
+from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
+from siguard.compiler.plan import Plan
+from siguard.privacy.datasets import FASHION_MNIST_DIR, load_dataset
+from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from siguard.privacy.memguard import guard_reference
+from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+from siguard.runtime.local import run_reference, run_threads
 
 ACCEPT_L1 = 2e-3  # a revealed vector this far from softmax(z) carries accepted noise
 

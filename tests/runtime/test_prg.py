@@ -8,10 +8,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from runtime.prg import PartyKeys, WordStream, derive_key, new_key, prf_words, setup_keys
-from runtime.rss import run_threads
-from runtime.transport import InProcessNetwork
+from siguard.runtime.mpc.prg import PartyKeys, WordStream, derive_key, new_key, prf_words, setup_keys
+from siguard.runtime.mpc.rss import run_threads
+from siguard.runtime.mpc.transport import InProcessNetwork
 
 RUNTIME = pathlib.Path(__file__).resolve().parents[2] / "runtime"
 

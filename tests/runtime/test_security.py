@@ -12,10 +12,9 @@ import threading
 import pytest
 import torch
 from scipy import stats
-
-from runtime.ring import rshift_logical
-from runtime.rss import run_threads
-from runtime.transport import InProcessTransport
+from siguard.runtime.mpc.rss import run_threads
+from siguard.runtime.mpc.transport import InProcessTransport
+from siguard.runtime.ring import rshift_logical
 
 N = 100_000
 ALPHA = 1e-6  # per test; there are a few hundred of them

@@ -1,6 +1,6 @@
-"""Building blocks of the fixed-point approximations in :mod:`runtime.nonlinear`.
+"""Building blocks of the fixed-point approximations in :mod:`siguard.runtime.kernels.nonlinear`.
 
-Everything here is written against :class:`runtime.engine.Engine` only, so it runs unchanged on the
+Everything here is written against :class:`siguard.runtime.kernels.engine.Engine` only, so it runs unchanged on the
 plain, secure and cost-counting engines. Three kinds of helpers:
 
 * **Batched primitives** (:func:`msb_many`, :func:`mul_many`, :func:`mul_bit_many`,
@@ -27,9 +27,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from numpy.polynomial import Chebyshev, Polynomial
+from siguard.runtime.ring import broadcast_shape
 
 from .engine import Bits, Engine, Secret, Value
-from .ring import broadcast_shape
 
 __all__ = [
     "ring_int",

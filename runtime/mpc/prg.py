@@ -14,7 +14,7 @@ Draws and the synchronisation invariant. Each derived key owns one AES-CTR keyst
 sequentially (the counter block starts at 0 and the keystream position is the key's draw
 counter). **Both holders of a key obtain the same words as long as they make the same draws
 (same sizes, same order) from that key.** A party never draws from a key it does not hold,
-so the invariant is per key: the protocol code in :mod:`runtime.rss` is written so that every
+so the invariant is per key: the protocol code in :mod:`siguard.runtime.mpc.rss` is written so that every
 draw from k_j happens at both P_j and P_{j-1}, in the same position of the protocol. A
 mismatched draw does not crash: the shares simply fail to cancel (tested in test_prg.py).
 No (key, counter) pair is ever used twice, because the stream is only read forward.

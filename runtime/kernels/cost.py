@@ -1,7 +1,7 @@
 """The plan's cost model: rounds and bytes of every Engine primitive, and an Engine that counts them.
 
 :data:`PRIMITIVE_COSTS` lists, per primitive, the rounds and the bytes sent per element by P0,
-P1, P2 and the client in :class:`runtime.rss.RSSEngine` ("per element" = per output element,
+P1, P2 and the client in :class:`siguard.runtime.mpc.rss.RSSEngine` ("per element" = per output element,
 except where noted). :class:`CostEngine` runs the Engine interface on shapes only -- secrets are
 ``torch`` tensors on the ``meta`` device, so :meth:`CostEngine.local` learns output shapes by
 running ``fn`` -- and adds up the cost of every call in call order (primitives are sequential, so

@@ -1,10 +1,10 @@
 """One registry of op handlers, shared by the reference, secure and cost-counting engines.
 
 A handler has the signature ``handler(ctx, step, args) -> list[outputs]`` where ``ctx`` is the
-:class:`runtime.executor.StepContext` (engine, fixed-point bits, value metadata), ``step`` the
+:class:`siguard.runtime.executor.StepContext` (engine, fixed-point bits, value metadata), ``step`` the
 plan step (a dict: name, op, impl, inputs, outputs, attrs) and ``args`` the input values
 (secrets of the engine, or public ring tensors). Handlers call only the
-:class:`runtime.engine.Engine` interface, so one handler serves every engine.
+:class:`siguard.runtime.kernels.engine.Engine` interface, so one handler serves every engine.
 
 Scales: every secret activation is at ``frac_bits`` (f). Products (mul, matmul, conv) return
 their raw product at the sum of their operands' scales; the fixed-point pass inserts the
@@ -48,7 +48,7 @@ def handler_for(op: str) -> Handler:
 @register("add")
 def _add(ctx, step, args):
     """a + b; with attribute ``shift_b`` d, a + b * 2^d (b brought to a's scale: a fused truncation's
-    residual sum, see :class:`passes.fuse.FuseTruncation`). Local."""
+    residual sum, see :class:`siguard.passes.fuse.FuseTruncation`). Local."""
     b = args[1]
     shift = int(step["attrs"].get("shift_b", 0))
     if shift:

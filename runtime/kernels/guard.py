@@ -1,10 +1,10 @@
 """The SIGuard guard on secret shares: MemGuard's noise search with fixed iteration counts.
 
-Written once against :class:`runtime.engine.Engine` (so the fixed-point reference, the secure
+Written once against :class:`siguard.runtime.kernels.engine.Engine` (so the fixed-point reference, the secure
 parties and the cost model run the same code) from the existing building blocks only: softmax,
 argmax, comparisons (msb), bit selections (mul_bit), products, truncation, polynomials and the
 Newton inverse square root. The float64 oracle of the same algorithm is
-:func:`privacy.memguard.guard_reference`.
+:func:`siguard.privacy.memguard.guard_reference`.
 
 Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h > 0 = member)::
 

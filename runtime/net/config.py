@@ -23,7 +23,7 @@ Format (paths are relative to the file's directory)::
 Identity is decided by certificate pinning: a peer is the party whose configured certificate it
 presented (after TLS verified it against ``ca``), so a certificate from another CA, or one that
 is not in the file, is refused, and a server cannot be impersonated by the client's certificate.
-Errors are :class:`compiler.errors.InputError` with one clear line.
+Errors are :class:`siguard.compiler.errors.InputError` with one clear line.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import InputError
+from siguard.compiler.errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -234,7 +234,7 @@ def render_config(
     extra: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of a ``parties.toml`` for ``servers`` = {"P0": (host, port), ...} with the
-    certificates named as :func:`runtime.certs.make_certs` names them, in ``cert_dir``."""
+    certificates named as :func:`siguard.runtime.net.certs.make_certs` names them, in ``cert_dir``."""
     d = Path(cert_dir)
 
     def q(v: Any) -> str:

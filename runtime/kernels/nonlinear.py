@@ -1,16 +1,16 @@
-"""Nonlinear functions on secrets, written once against :class:`runtime.engine.Engine`.
+"""Nonlinear functions on secrets, written once against :class:`siguard.runtime.kernels.engine.Engine`.
 
 Every function takes and returns secrets at the engine's fixed-point scale f (``e.frac_bits``,
 16 by default) unless it says otherwise, calls only the Engine interface (so the plain, secure and
 cost engines run the same code) and batches independent work into one primitive call per round
-(see :mod:`runtime.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
+(see :mod:`siguard.runtime.kernels.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
 mul_bit 2, b2a 2; local operations are free. "ulp" = 2^-f. Truncations round to nearest (half
 an ulp is added first, for free). Errors were measured with the plain engine at f = 16 against
 float64 references evaluated at the encoded inputs; the secure engine's truncation may add 1 ulp
 per truncation on top (tests/runtime/test_nonlinear.py checks both).
 
 The registry :data:`IMPLEMENTATIONS` maps ``op -> impl name -> callable(e, *inputs, **attrs)``
-(IR attribute names from :mod:`compiler.ops`; optional tuning keywords such as ``lo``/``hi``
+(IR attribute names from :mod:`siguard.compiler.ops`; optional tuning keywords such as ``lo``/``hi``
 ranges are accepted too); :data:`DESCRIPTIONS` has one line per implementation. Parameterised
 families ("limit<n>", "newton<k>", "chebyshev<d>") are registered for common values and any other
 value resolves through :func:`get_implementation`.
@@ -156,7 +156,7 @@ def relu(e: Engine, x: Secret, shift: int = 0) -> Secret:
     """max(x, 0) = x * NOT msb(x). Exact (DReLU(0) = 1). Any scale. Cost: msb 8 + mul_bit 2 = 10 rounds.
 
     ``shift`` d > 0: x is a product at scale f + d whose truncation was fused into the ReLU
-    (:class:`passes.fuse.FuseTruncation`): the sign of x and trunc(x, d) are computed in the same
+    (:class:`siguard.passes.fuse.FuseTruncation`): the sign of x and trunc(x, d) are computed in the same
     rounds (:meth:`Engine.parallel`: msb 8 rounds || trunc 2 rounds), then the select. Cost 10
     rounds instead of trunc 2 + 10; bytes are those of the two (trunc 16/8/8 B + msb 64 B per
     element, mul_bit). The result is relu(trunc(x, d)) except that for 0 <= x < 2^d the secure

@@ -7,16 +7,17 @@ least significant bit of each share word (every share word is 0 or 1).
 
 One :class:`RSSEngine` per server, each in its own thread or process, all executing the same
 sequence of Engine calls; the client is a :class:`Client`. Every protocol round is exactly one
-:meth:`runtime.transport.Transport.exchange` call at every server (also at a server with
+:meth:`siguard.runtime.mpc.transport.Transport.exchange` call at every server (also at a server with
 nothing to send), with at most one message per peer: things that travel to the same peer in the
 same round are concatenated (also across independent calls merged by :meth:`RSSEngine.parallel`,
 which runs the stepwise forms of ``msb`` and ``trunc`` side by side). Costs in the docstrings are
-per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them
+per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`siguard.runtime.kernels.cost` repeats them
 and the tests check both).
 
 :func:`run_threads` runs the three servers and the client in this process, after the key setup of
-:func:`runtime.prg.setup_keys`: as threads over an :class:`runtime.transport.InProcessNetwork`, or as
-greenlets in one thread over a :class:`runtime.transport.LockstepNetwork` (``scheduler="lockstep"``).
+:func:`siguard.runtime.mpc.prg.setup_keys`: as threads over an :class:`siguard.runtime.mpc.transport.InProcessNetwork`,
+or as
+greenlets in one thread over a :class:`siguard.runtime.mpc.transport.LockstepNetwork` (``scheduler="lockstep"``).
 
 Speed. With small tensors a round costs Python and per-op overhead, not arithmetic: the
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
@@ -28,7 +29,7 @@ same as computing the textbook formulas in the docstrings, except for products w
 input (:class:`ServerInput`, e.g. the weights: one of its components is 0), whose cross terms are
 split so that each party computes one convolution or matmul instead of two (6 -> 3 products in
 all, none on the critical path twice); convolutions with small output planes run as one im2col
-matmul (:func:`runtime.ring.conv2d_ring`) with the weight matrix prepared once per engine.
+matmul (:func:`siguard.runtime.ring.conv2d_ring`) with the weight matrix prepared once per engine.
 """
 
 from __future__ import annotations
@@ -40,12 +41,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from siguard.compiler.errors import RuntimeFault
+from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
+from siguard.runtime.ring import (
+    SIGN_BIT,
+    broadcast_shape,
+    conv2d_by_matmul,
+    conv2d_ring,
+    conv_uses_matmul,
+    conv_weight_matrix,
+)
 
-from compiler.errors import RuntimeFault
-
-from .engine import Engine, SharePair, check_parallel_call
 from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT, broadcast_shape, conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
 
 __all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
@@ -196,7 +203,7 @@ class RSSEngine(Engine):
     """The secure engine of server P_i (see the module docstring).
 
     ``party`` in {0, 1, 2}; ``transport`` its endpoint; ``randomness`` its per-session PRF
-    streams (:meth:`runtime.prg.PartyKeys.session`); ``frac_bits`` the fixed-point scale the
+    streams (:meth:`siguard.runtime.mpc.prg.PartyKeys.session`); ``frac_bits`` the fixed-point scale the
     callers use (the engine itself does not track scales).
     """
 
@@ -251,7 +258,7 @@ class RSSEngine(Engine):
         """Run independent primitive calls with their rounds merged (see Engine.parallel).
 
         Each call is ``(method, *args)`` with ``method`` this engine's ``msb`` or ``trunc``
-        (:data:`runtime.engine.PARALLEL_PRIMITIVES`). Their stepwise forms (generators that yield one
+        (:data:`siguard.runtime.kernels.engine.PARALLEL_PRIMITIVES`). Their stepwise forms (generators that yield one
         round's (send, recv) and receive what arrived) advance together: ONE exchange per round
         carries every live call's messages, per peer flattened and concatenated in call order, and
         the reply is split the same way.
@@ -870,11 +877,11 @@ def run_threads(
 
     ``scheduler``: ``"threads"`` gives each party its own OS thread (big tensor products of
     different parties overlap on several cores); ``"lockstep"`` runs them as greenlets in this
-    thread, switching at every wait (:class:`runtime.transport.LockstepNetwork`: a round costs
+    thread, switching at every wait (:class:`siguard.runtime.mpc.transport.LockstepNetwork`: a round costs
     less than half as much, which round-bound plans such as the guard feel). The protocol, the
     messages and the statistics are the same.
 
-    The servers first agree on keys (:func:`runtime.prg.setup_keys`, step "setup"), then derive
+    The servers first agree on keys (:func:`siguard.runtime.mpc.prg.setup_keys`, step "setup"), then derive
     the session's PRF streams. Returns (the three servers' results, the client's result or None,
     the per-step transport statistics of parties 0..3). When a party raises, the network is
     aborted so nobody waits for it, and the first failure (preferring a root cause over the

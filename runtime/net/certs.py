@@ -6,13 +6,13 @@
   needed to issue more certificates: keep it offline);
 * ``P0.pem``/``P0.key``, ``P1.pem``/``P1.key``, ``P2.pem``/``P2.key``, ``client.pem``/``client.key``;
 * ``parties.toml``, a configuration naming each party's host, port and certificate
-  (see :mod:`runtime.config`), unless one exists.
+  (see :mod:`siguard.runtime.net.config`), unless one exists.
 
 Keys are ECDSA P-256, signatures SHA-256, private keys PKCS#8 PEM without a passphrase, written
 with mode 0600. Every leaf certificate is valid for TLS server *and* client authentication
 (servers both accept and dial connections) and names its role twice: the subject common name
 ``siguard P1`` and the URI ``urn:siguard:party:P1``. Identity is nevertheless decided by
-pinning: :mod:`runtime.config` records the SHA-256 fingerprint of every configured certificate,
+pinning: :mod:`siguard.runtime.net.config` records the SHA-256 fingerprint of every configured certificate,
 and a peer is whichever party's certificate it presented, verified against the CA.
 
 Existing files are never overwritten unless ``force`` is given, so nothing written before is lost.
@@ -30,8 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from compiler.errors import InputError
+from siguard.compiler.errors import InputError
 
 __all__ = ["ROLES", "make_certs", "issue_certificate", "fingerprint_of_pem"]
 

@@ -1,6 +1,6 @@
 """``siguard run PLAN --mode processes``: the three servers and the client as separate processes.
 
-:func:`run_processes` writes certificates (:func:`runtime.certs.make_certs`) and a loopback
+:func:`run_processes` writes certificates (:func:`siguard.runtime.net.certs.make_certs`) and a loopback
 ``parties.toml`` with free ports into a temporary directory, starts ``siguard party`` three
 times (:class:`Trio`), runs ``siguard query`` as a fourth process, reads its output and
 statistics, and shuts the servers down (SIGTERM, then SIGKILL after a grace period). Everything
@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from compiler.errors import RuntimeFault
-from compiler.plan import Plan
-
-from .local import RunResult, check_inputs
+from siguard.compiler.errors import RuntimeFault
+from siguard.compiler.plan import Plan
+from siguard.runtime.local import RunResult, check_inputs
 
 __all__ = ["Trio", "run_processes", "free_ports", "write_loopback_config", "siguard_command", "child_env"]
 
@@ -234,7 +232,7 @@ def run_processes(
     keep: str | os.PathLike | None = None,
 ) -> RunResult:
     """Run ``plan_dir`` with three server processes and a client process on loopback over
-    mutual TLS; same result as :func:`runtime.local.run_threads` up to truncation error.
+    mutual TLS; same result as :func:`siguard.runtime.local.run_threads` up to truncation error.
 
     ``timeout`` is the servers' and the client's ``--timeout``. ``keep``: a directory to keep
     the certificates, configuration and logs in (default: a temporary directory, removed).

@@ -1,0 +1,403 @@
+"""Mechanical part of issue 13: one ``siguard`` import namespace and the runtime split into subpackages.
+
+Usage (from the repository root; idempotent, so run it again after merging code written on the old layout)::
+
+    python tools/restructure.py [--dry-run]
+
+What it does, in order:
+
+1. ``git mv`` the runtime modules into subpackages (``MOVES``): ``runtime/kernels`` (the engine interface and
+   its interpretations), ``runtime/mpc`` (replicated sharing, PRG, transports), ``runtime/net`` (TLS links,
+   party server, query client, configs, certificates, local process trios). Each subpackage gets an
+   ``__init__.py``. Modules it does not list (new ones included) stay where they are.
+2. Rewrite every Python file's imports to the namespace: ``compiler.x`` -> ``siguard.compiler.x``,
+   ``runtime.rss`` -> ``siguard.runtime.mpc.rss`` and so on, as dotted names anywhere in code and strings
+   (``import runtime.rss``, ``monkeypatch.setattr(runtime.rss.Client, ...)``, ``python -m privacy.experiments``),
+   and relative imports in moved files (or written for the old location) to the new location: relative
+   within one package, absolute across packages.
+3. Rewrite the same dotted names and the moved files' paths (``runtime/rss.py`` -> ``runtime/mpc/rss.py``)
+   in Markdown, shell and CI files.
+4. Regenerate ``[tool.setuptools]`` in pyproject.toml: ``package-dir`` maps each top-level folder under
+   ``siguard.``, ``packages`` lists every package found on disk, package-data keys use the namespace.
+5. Sort the imports of the files it changed (``ruff check --select I --fix``).
+
+It never touches ``.git``, ``build/``, virtualenvs, ``benchmarks/results`` or itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import subprocess
+import sys
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "siguard"
+# top-level folders mapped to siguard.<folder> (siguard/ itself is the namespace package)
+FOLDERS = ("compiler", "passes", "runtime", "privacy")
+# old runtime module -> new dotted path below runtime/
+MOVES = {
+    "engine": "kernels.engine",
+    "plain": "kernels.plain",
+    "cost": "kernels.cost",
+    "handlers": "kernels.handlers",
+    "nonlinear": "kernels.nonlinear",
+    "approx": "kernels.approx",
+    "guard": "kernels.guard",
+    "rss": "mpc.rss",
+    "prg": "mpc.prg",
+    "transport": "mpc.transport",
+    "net": "net.tls",
+    "netclient": "net.client",
+    "server": "net.server",
+    "config": "net.config",
+    "certs": "net.certs",
+    "processes": "net.processes",
+}
+SUBPACKAGE_DOCS = {
+    "kernels": "The Engine interface, its cleartext and cost interpretations, and what is written once against it.\n\n"
+    "Nonlinear functions, their approximations, the guard, and the plan-op handlers.\n",
+    "mpc": "Three-party replicated secret sharing: the secure engine, its randomness and the transports.",
+    "net": "Parties on a network: mutual-TLS links, the party server and query client, configs, certificates.",
+}
+SKIP_DIRS = {".git", "build", "dist", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", "results"}
+TEXT_SUFFIXES = {".md", ".sh", ".txt", ".toml", ".cfg", ".ini", ".j2", ".yml", ".yaml"}
+
+
+def old_to_new(dotted: str) -> str | None:
+    """The namespaced name of an old dotted module name (``runtime.rss`` -> ``siguard.runtime.mpc.rss``), or None."""
+    parts = dotted.split(".")
+    if parts[0] not in FOLDERS:
+        return None
+    if parts[0] == "runtime" and len(parts) > 1 and parts[1] in MOVES:
+        parts = ["runtime", *MOVES[parts[1]].split("."), *parts[2:]]
+    return ".".join([NAMESPACE, *parts])
+
+
+def new_to_old(dotted: str) -> str:
+    """Inverse of :func:`old_to_new` for module names (``siguard.runtime.mpc.rss`` -> ``runtime.rss``)."""
+    rest = dotted.removeprefix(NAMESPACE + ".")
+    for old, new in MOVES.items():
+        if rest == f"runtime.{new}" or rest.startswith(f"runtime.{new}."):
+            return "runtime." + old + rest[len(f"runtime.{new}"):]
+    return rest
+
+
+def module_exists(dotted: str) -> bool:
+    """Whether a namespaced module (``siguard.runtime.mpc.rss``) or package exists on disk in this tree."""
+    parts = dotted.split(".")
+    if parts[0] != NAMESPACE:
+        return False
+    base = ROOT / parts[1] if len(parts) > 1 and parts[1] in FOLDERS else ROOT / NAMESPACE
+    rest = parts[2:] if len(parts) > 1 and parts[1] in FOLDERS else parts[1:]
+    path = base.joinpath(*rest) if rest else base
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file() or path.is_dir()
+
+
+def module_of(path: Path) -> str | None:
+    """The namespaced module name of a file in the tree (None outside the mapped folders)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in FOLDERS:
+        parts = [NAMESPACE, *parts]
+    elif parts[0] != NAMESPACE:
+        return None
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_of(path: Path) -> str | None:
+    mod = module_of(path)
+    if mod is None:
+        return None
+    return mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+
+
+# ---------------------------------------------------------------------------------------------------- moves
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def move_runtime(dry: bool) -> list[str]:
+    done = []
+    runtime = ROOT / "runtime"
+    for old, new in MOVES.items():
+        src = runtime / f"{old}.py"
+        dst = runtime.joinpath(*new.split(".")).with_suffix(".py")
+        if not src.exists():
+            continue
+        if dst.exists():
+            sys.exit(f"restructure: both {src.relative_to(ROOT)} and {dst.relative_to(ROOT)} exist; merge them by hand")
+        done.append(f"{src.relative_to(ROOT)} -> {dst.relative_to(ROOT)}")
+        if dry:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tracked = git("ls-files", "--error-unmatch", str(src)).returncode == 0
+        if tracked:
+            r = git("mv", str(src), str(dst))
+            if r.returncode:
+                sys.exit(f"restructure: git mv failed: {r.stderr.strip()}")
+        else:
+            src.rename(dst)
+    for sub, doc in SUBPACKAGE_DOCS.items():
+        init = runtime / sub / "__init__.py"
+        if (runtime / sub).is_dir() and not init.exists() and not dry:
+            init.write_text(f'"""{doc}"""\n')
+            git("add", str(init))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------- imports
+
+_DOTTED = re.compile(r"(?<![\w.])(?:" + "|".join(FOLDERS) + r")(?:\.\w+)+")
+_FROM_REL = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\s+)(.*)$")
+_FROM_PKG = re.compile(r"^(\s*from\s+)(" + "|".join(FOLDERS) + r")(\s+import\s+)([\w, ]+)$")
+
+
+def _known_old(dotted: str) -> str | None:
+    """The longest prefix of an old dotted name that is a module of the old layout, or None."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 1, -1):
+        new = old_to_new(".".join(parts[:n]))
+        if new and module_exists(new):
+            return ".".join(parts[:n])
+    return None
+
+
+def rewrite_dotted(text: str) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(0)
+        prefix = _known_old(name)
+        if prefix is None:
+            return name
+        return old_to_new(prefix) + name[len(prefix):]
+
+    return _DOTTED.sub(sub, text)
+
+
+def _resolve_relative(pkg: str, dots: str, rest: str) -> str:
+    base = pkg.split(".")
+    if len(dots) > 1:
+        base = base[: len(base) - (len(dots) - 1)]
+    return ".".join(base + ([rest] if rest else []))
+
+
+def rewrite_relative(path: Path, text: str) -> str:
+    """Relative imports that do not resolve from the file's place: resolve them from its old place and rewrite."""
+    pkg = package_of(path)
+    if pkg is None:
+        return text
+    # the package the file had in the old layout (``runtime`` for runtime/mpc/rss.py), without the namespace
+    old_pkg = new_to_old(module_of(path)).rpartition(".")[0] if path.name != "__init__.py" else new_to_old(pkg)
+    out = []
+    for line in text.splitlines(keepends=True):
+        m = _FROM_REL.match(line.rstrip("\n"))
+        if not m:
+            out.append(line)
+            continue
+        head, dots, rest, imp, names = m.groups()
+        target = _resolve_relative(pkg, dots, rest)
+        if rest and module_exists(target):
+            out.append(line)
+            continue
+        if not rest:  # from . import name: fine if every name is a module or the package's own attribute
+            single = names.split(" as ")[0].strip().strip("(")
+            if module_exists(f"{target}.{single}") or "," in names or "(" in names:
+                out.append(line)
+                continue
+        old_base = _resolve_relative(old_pkg, dots, rest) if old_pkg else None
+        new = old_to_new(old_base) if old_base else None
+        if new is None and old_pkg and not rest:
+            single = names.split(" as ")[0].strip()
+            full = old_to_new(f"{_resolve_relative(old_pkg, dots, '')}.{single}")
+            if full and module_exists(full):
+                parent, _, leaf = full.rpartition(".")
+                alias = f" as {single}" if leaf != single and " as " not in names else ""
+                out.append(f"{head}{_relativise(pkg, parent)}{imp}{leaf}{alias}{names[len(single):]}"
+                           + ("\n" if line.endswith("\n") else ""))
+                continue
+        if new is None or not module_exists(new):
+            print(f"restructure: warning: cannot resolve {line.strip()!r} in {path.relative_to(ROOT)}")
+            out.append(line)
+            continue
+        out.append(f"{head}{_relativise(pkg, new)}{imp}{names}" + ("\n" if line.endswith("\n") else ""))
+    return "".join(out)
+
+
+def _relativise(pkg: str, target: str) -> str:
+    """``.name`` when ``target`` is a module of ``pkg`` itself, else the absolute name."""
+    parent, _, leaf = target.rpartition(".")
+    return f".{leaf}" if parent == pkg else target
+
+
+def rewrite_from_package(text: str) -> str:
+    """``from runtime import rss`` -> ``from siguard.runtime.mpc import rss``."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        m = _FROM_PKG.match(line.rstrip("\n"))
+        if not m:
+            out.append(line)
+            continue
+        head, pkg, imp, names = m.groups()
+        targets = {old_to_new(f"{pkg}.{n.split(' as ')[0].strip()}").rpartition(".")[0] for n in names.split(",")}
+        if len(targets) != 1:
+            print(f"restructure: warning: split by hand: {line.strip()!r}")
+            out.append(line)
+            continue
+        out.append(f"{head}{targets.pop()}{imp}{names}" + ("\n" if line.endswith("\n") else ""))
+    return "".join(out)
+
+
+def rewrite_paths(text: str) -> str:
+    """Paths of moved files: ``runtime/rss.py`` -> ``runtime/mpc/rss.py`` (not ``tests/runtime/...``)."""
+    for old, new in MOVES.items():
+        text = re.sub(rf"(?<![\w/.])runtime/{old}\.py\b", f"runtime/{new.replace('.', '/')}.py", text)
+    return text
+
+
+def files(suffixes: set[str]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if p.suffix in suffixes or (p.parent.name == ".ci" and p.suffix == ""):
+                found.append(p)
+    this = Path(__file__).resolve()
+    return sorted(p for p in found if p.resolve() != this and p.name != "pyproject.toml")
+
+
+LINE_LENGTH = 120
+
+
+def wrap_docstrings(text: str) -> str:
+    """Break lines inside triple-quoted strings that the longer names pushed past the line length."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return text
+    inside = set()
+    for tok in tokens:
+        if tok.type == tokenize.STRING and tok.string.endswith(('"""', "'''")):
+            inside.update(range(tok.start[0], tok.end[0] + 1))
+    lines = text.splitlines(keepends=True)
+    out = []
+    for no, line in enumerate(lines, 1):
+        body = line.rstrip("\n")
+        while no in inside and len(body) > LINE_LENGTH and " " in body.strip():
+            indent = body[: len(body) - len(body.lstrip())]
+            cut = body.rfind(" ", len(indent) + 1, LINE_LENGTH + 1)
+            if cut <= len(indent):
+                break
+            out.append(body[:cut] + "\n")
+            body = indent + body[cut + 1:]
+        out.append(body + line[len(line.rstrip("\n")):])
+    return "".join(out)
+
+
+def rewrite_tree(dry: bool) -> list[Path]:
+    changed = []
+    for path in files({".py"} | TEXT_SUFFIXES):
+        text = path.read_text()
+        new = text
+        if path.suffix == ".py":
+            new = rewrite_relative(path, new)
+            new = rewrite_from_package(new)
+        new = rewrite_dotted(new)
+        new = rewrite_paths(new)
+        if path.suffix == ".py" and new != text:
+            new = wrap_docstrings(new)
+        if new != text:
+            changed.append(path)
+            if not dry:
+                path.write_text(new)
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------------- pyproject
+
+
+def packages() -> list[str]:
+    found = [NAMESPACE]
+    for folder in FOLDERS:
+        for dirpath, dirnames, filenames in os.walk(ROOT / folder):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+            if "__init__.py" in filenames:
+                rel = Path(dirpath).relative_to(ROOT).parts
+                found.append(".".join([NAMESPACE, *rel]))
+    return found
+
+
+def rewrite_pyproject(dry: bool) -> bool:
+    path = ROOT / "pyproject.toml"
+    text = path.read_text()
+    dirs = "".join(f'"{NAMESPACE}.{f}" = "{f}"\n' for f in FOLDERS)
+    pkgs = "".join(f'    "{p}",\n' for p in packages())
+    section = (
+        "[tool.setuptools]\n"
+        "# One import package: the top-level folders are siguard's subpackages (siguard/__init__.py explains how a\n"
+        "# checkout finds them). tools/restructure.py regenerates this list.\n"
+        f"packages = [\n{pkgs}]\n\n"
+        "[tool.setuptools.package-dir]\n"
+        f'"{NAMESPACE}" = "{NAMESPACE}"\n{dirs}\n'
+    )
+    new = re.sub(r"\[tool\.setuptools\.package-dir\]\n.*?\n(?=\[)", "", text, count=1, flags=re.S)
+    new = re.sub(r"\[tool\.setuptools\]\n.*?\n(?=\[)", section, new, count=1, flags=re.S)
+    new = re.sub(rf"^({'|'.join(FOLDERS)}) = \[", rf'"{NAMESPACE}.\1" = [', new, flags=re.M)
+    if new != text and not dry:
+        path.write_text(new)
+    return new != text
+
+
+_CHECKOUT = '''
+# A source checkout keeps the subpackages in the repository's top-level folders (compiler/, passes/, runtime/,
+# privacy/), which pyproject.toml maps under siguard.; a wheel puts them inside this directory. Imported from a
+# checkout (pytest from the root, PYTHONPATH=checkout, an editable install), siguard.compiler must be that
+# checkout's compiler/, whichever checkout an editable install's finder points at: so search the root too.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_ROOT, "pyproject.toml")) and not os.path.isdir(os.path.join(__path__[0], "compiler")):
+    __path__.append(_ROOT)
+'''
+
+
+def checkout_path(dry: bool) -> bool:
+    path = ROOT / NAMESPACE / "__init__.py"
+    text = path.read_text()
+    if "_ROOT = os.path.dirname" in text:
+        return False
+    doc_end = text.index('"""', 3) + 3
+    tail = re.sub(r"^((?:from|import) .*?)$", r"\1  # noqa: E402", text[doc_end:], flags=re.M)
+    new = text[:doc_end] + "\n\nimport os\n" + _CHECKOUT + tail
+    if not dry:
+        path.write_text(new)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    args = ap.parse_args()
+    for line in move_runtime(args.dry_run):
+        print("moved", line)
+    changed = rewrite_tree(args.dry_run)
+    for p in changed:
+        print("rewrote", p.relative_to(ROOT))
+    if rewrite_pyproject(args.dry_run):
+        print("rewrote pyproject.toml")
+    if checkout_path(args.dry_run):
+        print(f"rewrote {NAMESPACE}/__init__.py")
+        changed.append(ROOT / NAMESPACE / "__init__.py")
+    py = [str(p) for p in changed if p.suffix == ".py"]
+    if py and not args.dry_run:
+        subprocess.run([sys.executable, "-m", "ruff", "check", "-q", "--select", "I", "--fix", *py], cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
