@@ -251,9 +251,9 @@ def measure_link(rtt_ms: float, rate_mbit: float) -> dict[str, float]:
 
 def build_plan(model: str, work: Path, guard: bool = False):
     import torch
-    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
     from siguard.compiler.plan import Plan
 
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
     from tests.models import export, resnet_cifar, train_digits_mlp
 
     onnx = work / f"{model}.onnx"

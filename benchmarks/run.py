@@ -95,7 +95,7 @@ def random_defender(k: int):
 
 
 def compile_plan(onnx_path: Path, batch: int, guard: bool, guard_cfg: dict, work: Path) -> Path:
-    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     out = work / f"{onnx_path.stem}-b{batch}-{'guard' if guard else 'plain'}"
     if not (out / "plan.json").exists():

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from siguard.core.errors import ModelError
+
 from .ir import Graph
 from .plan import PLAN_FORMAT, PLAN_VERSION, PROTOCOL, PROTOCOL_VERSION, Plan
 

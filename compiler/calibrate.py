@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputError
+from siguard.core.errors import InputError
+
 from .ir import Graph
 
 __all__ = ["Calibration", "calibrate", "check_calibration_data", "DEFAULT_RANGE"]

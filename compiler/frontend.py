@@ -1,6 +1,6 @@
 """ONNX frontend: read, check, convert, shape-infer, prune, fold and lower an ONNX model to the IR.
 
-Pipeline of :func:`load_model` (each step fails with one clear :class:`~siguard.compiler.errors.ModelError` line):
+Pipeline of :func:`load_model` (each step fails with one clear :class:`~siguard.core.errors.ModelError` line):
 
 1. read the file (external-data files beside it are loaded too, as torch's dynamo exporter writes
    them) or take a ``ModelProto``; run ``onnx.checker.check_model``; inline local functions;
@@ -48,9 +48,10 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from siguard.compiler.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import default_impl
+
+from siguard.core.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
 
 __all__ = ["load_model", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
 

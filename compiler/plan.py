@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PlanError
+from siguard.core.errors import PlanError
 
 __all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "compute_hash"]
 

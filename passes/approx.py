@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration
-from siguard.compiler.errors import InputError
 from siguard.compiler.ir import Graph, Node
 from siguard.compiler.ops import NONLINEAR_OPS
+
+from siguard.core.errors import InputError
 
 from .base import Pass, PassContext
 from .cost import node_cost

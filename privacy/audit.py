@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from siguard.compiler.errors import InputError
+
+from siguard.core.errors import InputError
 
 __all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
            "AuditData", "write_report"]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from siguard.compiler.errors import InputError
+
+from siguard.core.errors import InputError
 
 __all__ = ["Dataset", "load_dataset", "load_npz", "save_npz", "FASHION_MNIST_DIR", "DATASETS"]
 

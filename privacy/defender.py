@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from siguard.compiler.errors import InputError
 from torch import nn
+
+from siguard.core.errors import InputError
 
 __all__ = [
     "HIDDEN",

@@ -43,7 +43,7 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
 
     ``mode``: how the plans run, one of :data:`siguard.privacy.audit.MODES` (see
     :func:`siguard.privacy.audit.run_audit`)."""
-    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     from .audit import AuditData, run_audit
     from .datasets import load_dataset, save_npz

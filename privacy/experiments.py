@@ -241,7 +241,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
-    from siguard.compiler.errors import InputError
+    from siguard.core.errors import InputError
 
     from .datasets import load_dataset
     from .defender import single_threaded

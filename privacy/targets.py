@@ -72,7 +72,8 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
     """The model's outputs on ``x`` through onnxruntime, with a clear error when the model does not load or
     ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
     import onnxruntime as ort
-    from siguard.compiler.errors import InputError
+
+    from siguard.core.errors import InputError
 
     try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

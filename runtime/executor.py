@@ -9,7 +9,7 @@ Call tree (override points)::
       └─ _reveal_step(step)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
-re-raised as :class:`siguard.compiler.errors.RuntimeFault` naming the step, the op and the party.
+re-raised as :class:`siguard.core.errors.RuntimeFault` naming the step, the op and the party.
 The same executor runs the fixed-point reference (``PlainEngine``), each secure party
 (``RSSEngine``) and the cost model (``CostEngine``).
 """
@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from siguard.compiler.errors import RuntimeFault, SiguardError
 from siguard.compiler.plan import Plan
 from siguard.runtime.kernels.engine import Engine
 from siguard.runtime.kernels.handlers import handler_for
+
+from siguard.core.errors import RuntimeFault, SiguardError
 
 from .ring import encode
 

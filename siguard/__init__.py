@@ -11,7 +11,7 @@ if os.path.isfile(os.path.join(_ROOT, "pyproject.toml")) and not os.path.isdir(o
     __path__.append(_ROOT)
 
 
-from siguard.compiler.errors import SiguardError  # noqa: E402
+from siguard.core.errors import SiguardError  # noqa: E402
 
 from .api import compile, inspect, load_plan, run  # noqa: E402
 from .api_guard import audit, format_audit, train_defender  # noqa: E402

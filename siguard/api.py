@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import render
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 __all__ = ["compile", "load_plan", "inspect", "run", "MODES"]
 

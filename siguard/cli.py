@@ -10,20 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from siguard.compiler.errors import InputError, SiguardError
+from siguard.core.errors import InputError, SiguardError
 
 __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-    from siguard.compiler.pipeline import load_npy
+    from siguard.pipeline import load_npy
 
     return load_npy(path, "input")
 
 
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace) -> int:
-    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")

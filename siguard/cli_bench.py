@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siguard.compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_bench"]
 

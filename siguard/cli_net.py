@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from siguard.compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_party", "cmd_query", "cmd_certs"]
 

@@ -6,7 +6,8 @@ Usage (from the repository root; idempotent, so run it again after merging code 
 
 What it does, in order:
 
-1. ``git mv`` the runtime modules into subpackages (``MOVES``): ``runtime/kernels`` (the engine interface and
+1. ``git mv`` the modules of ``MOVES``: errors to ``siguard/core``, the compile driver to ``siguard/pipeline.py``,
+   and the runtime into subpackages: ``runtime/kernels`` (the engine interface and
    its interpretations), ``runtime/mpc`` (replicated sharing, PRG, transports), ``runtime/net`` (TLS links,
    party server, query client, configs, certificates, local process trios). Each subpackage gets an
    ``__init__.py``. Modules it does not list (new ones included) stay where they are.
@@ -39,30 +40,34 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "siguard"
 # top-level folders mapped to siguard.<folder> (siguard/ itself is the namespace package)
 FOLDERS = ("compiler", "passes", "runtime", "privacy")
-# old runtime module -> new dotted path below runtime/
+# old module (dotted, from the repository root) -> new module below the namespace; new names whose first part
+# is not a folder of FOLDERS live in the siguard/ folder itself (siguard.core, siguard.pipeline)
 MOVES = {
-    "engine": "kernels.engine",
-    "plain": "kernels.plain",
-    "cost": "kernels.cost",
-    "handlers": "kernels.handlers",
-    "nonlinear": "kernels.nonlinear",
-    "approx": "kernels.approx",
-    "guard": "kernels.guard",
-    "rss": "mpc.rss",
-    "prg": "mpc.prg",
-    "transport": "mpc.transport",
-    "net": "net.tls",
-    "netclient": "net.client",
-    "server": "net.server",
-    "config": "net.config",
-    "certs": "net.certs",
-    "processes": "net.processes",
+    "compiler.errors": "core.errors",
+    "compiler.pipeline": "pipeline",
+    "runtime.engine": "runtime.kernels.engine",
+    "runtime.plain": "runtime.kernels.plain",
+    "runtime.cost": "runtime.kernels.cost",
+    "runtime.handlers": "runtime.kernels.handlers",
+    "runtime.nonlinear": "runtime.kernels.nonlinear",
+    "runtime.approx": "runtime.kernels.approx",
+    "runtime.guard": "runtime.kernels.guard",
+    "runtime.rss": "runtime.mpc.rss",
+    "runtime.prg": "runtime.mpc.prg",
+    "runtime.transport": "runtime.mpc.transport",
+    "runtime.net": "runtime.net.tls",
+    "runtime.netclient": "runtime.net.client",
+    "runtime.server": "runtime.net.server",
+    "runtime.config": "runtime.net.config",
+    "runtime.certs": "runtime.net.certs",
+    "runtime.processes": "runtime.net.processes",
 }
 SUBPACKAGE_DOCS = {
-    "kernels": "The Engine interface, its cleartext and cost interpretations, and what is written once against it.\n\n"
-    "Nonlinear functions, their approximations, the guard, and the plan-op handlers.\n",
-    "mpc": "Three-party replicated secret sharing: the secure engine, its randomness and the transports.",
-    "net": "Parties on a network: mutual-TLS links, the party server and query client, configs, certificates.",
+    "core": "The bottom layer: the errors and configuration types that every other package may import.",
+    "runtime.kernels": "The Engine interface, its cleartext and cost interpretations, and what is written once "
+    "against it.\n\nNonlinear functions, their approximations, the guard, and the plan-op handlers.\n",
+    "runtime.mpc": "Three-party replicated secret sharing: the secure engine, its randomness and the transports.",
+    "runtime.net": "Parties on a network: mutual-TLS links, the party server and query client, configs, certificates.",
 }
 SKIP_DIRS = {".git", "build", "dist", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", "results"}
 TEXT_SUFFIXES = {".md", ".sh", ".txt", ".toml", ".cfg", ".ini", ".j2", ".yml", ".yaml"}
@@ -73,8 +78,10 @@ def old_to_new(dotted: str) -> str | None:
     parts = dotted.split(".")
     if parts[0] not in FOLDERS:
         return None
-    if parts[0] == "runtime" and len(parts) > 1 and parts[1] in MOVES:
-        parts = ["runtime", *MOVES[parts[1]].split("."), *parts[2:]]
+    for n in range(len(parts), 0, -1):
+        moved = MOVES.get(".".join(parts[:n]))
+        if moved:
+            return ".".join([NAMESPACE, moved, *parts[n:]])
     return ".".join([NAMESPACE, *parts])
 
 
@@ -82,9 +89,15 @@ def new_to_old(dotted: str) -> str:
     """Inverse of :func:`old_to_new` for module names (``siguard.runtime.mpc.rss`` -> ``runtime.rss``)."""
     rest = dotted.removeprefix(NAMESPACE + ".")
     for old, new in MOVES.items():
-        if rest == f"runtime.{new}" or rest.startswith(f"runtime.{new}."):
-            return "runtime." + old + rest[len(f"runtime.{new}"):]
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new):]
     return rest
+
+
+def path_of(new: str) -> Path:
+    """The file (without suffix) of a module named below the namespace (``runtime.mpc.rss``, ``core.errors``)."""
+    parts = new.split(".")
+    return ROOT.joinpath(*parts) if parts[0] in FOLDERS else ROOT.joinpath(NAMESPACE, *parts)
 
 
 def module_exists(dotted: str) -> bool:
@@ -125,12 +138,11 @@ def git(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
 
 
-def move_runtime(dry: bool) -> list[str]:
+def move_modules(dry: bool) -> list[str]:
     done = []
-    runtime = ROOT / "runtime"
     for old, new in MOVES.items():
-        src = runtime / f"{old}.py"
-        dst = runtime.joinpath(*new.split(".")).with_suffix(".py")
+        src = ROOT.joinpath(*old.split(".")).with_suffix(".py")
+        dst = path_of(new).with_suffix(".py")
         if not src.exists():
             continue
         if dst.exists():
@@ -147,8 +159,9 @@ def move_runtime(dry: bool) -> list[str]:
         else:
             src.rename(dst)
     for sub, doc in SUBPACKAGE_DOCS.items():
-        init = runtime / sub / "__init__.py"
-        if (runtime / sub).is_dir() and not init.exists() and not dry:
+        pkg = path_of(sub)
+        init = pkg / "__init__.py"
+        if pkg.is_dir() and not init.exists() and not dry:
             init.write_text(f'"""{doc}"""\n')
             git("add", str(init))
     return done
@@ -157,6 +170,8 @@ def move_runtime(dry: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- imports
 
 _DOTTED = re.compile(r"(?<![\w.])(?:" + "|".join(FOLDERS) + r")(?:\.\w+)+")
+# a namespaced name of a module that has moved since (siguard.compiler.errors -> siguard.core.errors)
+_STALE = re.compile(rf"(?<![\w.]){NAMESPACE}\.(?:" + "|".join(FOLDERS) + r")(?:\.\w+)+")
 _FROM_REL = re.compile(r"^(\s*from\s+)(\.+)([\w.]*)(\s+import\s+)(.*)$")
 _FROM_PKG = re.compile(r"^(\s*from\s+)(" + "|".join(FOLDERS) + r")(\s+import\s+)([\w, ]+)$")
 
@@ -179,7 +194,18 @@ def rewrite_dotted(text: str) -> str:
             return name
         return old_to_new(prefix) + name[len(prefix):]
 
-    return _DOTTED.sub(sub, text)
+    def sub_stale(m: re.Match) -> str:
+        name = m.group(0)
+        old = name[len(NAMESPACE) + 1:].split(".")
+        for n in range(len(old), 1, -1):
+            prefix = ".".join(old[:n])
+            if prefix in MOVES:
+                if module_exists(f"{NAMESPACE}.{prefix}"):
+                    return name
+                return ".".join([NAMESPACE, MOVES[prefix], *old[n:]])
+        return name
+
+    return _STALE.sub(sub_stale, _DOTTED.sub(sub, text))
 
 
 def _resolve_relative(pkg: str, dots: str, rest: str) -> str:
@@ -256,9 +282,11 @@ def rewrite_from_package(text: str) -> str:
 
 
 def rewrite_paths(text: str) -> str:
-    """Paths of moved files: ``runtime/rss.py`` -> ``runtime/mpc/rss.py`` (not ``tests/runtime/...``)."""
+    """Paths of moved files: ``runtime/rss.py`` -> ``runtime/mpc/rss.py`` (not ``tests/runtime/rss.py``)."""
     for old, new in MOVES.items():
-        text = re.sub(rf"(?<![\w/.])runtime/{old}\.py\b", f"runtime/{new.replace('.', '/')}.py", text)
+        src = old.replace(".", "/") + ".py"
+        dst = path_of(new).with_suffix(".py").relative_to(ROOT).as_posix()
+        text = re.sub(rf"(?<![\w/.]){re.escape(src)}\b", dst, text)
     return text
 
 
@@ -326,6 +354,10 @@ def rewrite_tree(dry: bool) -> list[Path]:
 
 def packages() -> list[str]:
     found = [NAMESPACE]
+    for dirpath, dirnames, filenames in os.walk(ROOT / NAMESPACE):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        if "__init__.py" in filenames and Path(dirpath) != ROOT / NAMESPACE:
+            found.append(".".join(Path(dirpath).relative_to(ROOT).parts))
     for folder in FOLDERS:
         for dirpath, dirnames, filenames in os.walk(ROOT / folder):
             dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
@@ -384,7 +416,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     args = ap.parse_args()
-    for line in move_runtime(args.dry_run):
+    for line in move_modules(args.dry_run):
         print("moved", line)
     changed = rewrite_tree(args.dry_run)
     for p in changed:

@@ -41,7 +41,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from siguard.compiler.errors import RuntimeFault
 from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
 from siguard.runtime.ring import (
     SIGN_BIT,
@@ -51,6 +50,8 @@ from siguard.runtime.ring import (
     conv_uses_matmul,
     conv_weight_matrix,
 )
+
+from siguard.core.errors import RuntimeFault
 
 from .prg import PartyKeys, Randomness, setup_keys
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted

@@ -30,7 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from siguard.compiler.errors import InputError
+
+from siguard.core.errors import InputError
 
 __all__ = ["ROLES", "make_certs", "issue_certificate", "fingerprint_of_pem"]
 

@@ -9,9 +9,9 @@ session at P1 and P2, compare the three servers' plan hash, protocol version and
 via a fresh private PRF key) and reconstruct the revealed output. The client learns nothing but
 the output (and public information: shapes, the plan hash, rounds and bytes per step).
 
-Failures raise :class:`siguard.compiler.errors.RuntimeFault` naming the server involved ("P1 unreachable
+Failures raise :class:`siguard.core.errors.RuntimeFault` naming the server involved ("P1 unreachable
 at 10.0.0.2:7401 (Connection refused)", "connection to P2 lost (closed by the peer)", or the error
-a server reported); a bad input raises :class:`siguard.compiler.errors.InputError` after telling P0 to
+a server reported); a bad input raises :class:`siguard.core.errors.InputError` after telling P0 to
 drop the session, before any share is sent.
 """
 
@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from siguard.compiler.errors import InputError, RuntimeFault
 from siguard.runtime.local import check_inputs
 from siguard.runtime.mpc.rss import Client
 from siguard.runtime.mpc.transport import TransportError
 from siguard.runtime.ring import decode, encode
+
+from siguard.core.errors import InputError, RuntimeFault
 
 from .config import CLIENT, PartiesConfig, party_name
 from .tls import (

@@ -23,7 +23,7 @@ Format (paths are relative to the file's directory)::
 Identity is decided by certificate pinning: a peer is the party whose configured certificate it
 presented (after TLS verified it against ``ca``), so a certificate from another CA, or one that
 is not in the file, is refused, and a server cannot be impersonated by the client's certificate.
-Errors are :class:`siguard.compiler.errors.InputError` with one clear line.
+Errors are :class:`siguard.core.errors.InputError` with one clear line.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from siguard.compiler.errors import InputError
+from siguard.core.errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -29,7 +29,7 @@ restarting after a restart are harmless. Clients cannot choose session ids.
 Faults. A lost or silent connection to another server, a peer's goodbye, or a handshake
 mismatch is *fatal*: every running session is aborted (its client gets an error naming the
 peer), the other servers are told why, and :meth:`PartyServer.serve_forever` raises
-:class:`siguard.compiler.errors.RuntimeFault` (the CLI exits 3), because the weight shares of the
+:class:`siguard.core.errors.RuntimeFault` (the CLI exits 3), because the weight shares of the
 trio cannot be rebuilt without the lost peer. A failure inside one session (a client that
 disconnects or sends a frame of the wrong shape, a timeout) aborts only that session, at all
 three servers, and they keep serving.
@@ -48,12 +48,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from siguard.compiler.errors import InputError, RuntimeFault
 from siguard.compiler.plan import Plan
 from siguard.runtime.executor import Executor
 from siguard.runtime.mpc.prg import PartyKeys, setup_keys
 from siguard.runtime.mpc.rss import RSSEngine
 from siguard.runtime.mpc.transport import FrameHeader
+
+from siguard.core.errors import InputError, RuntimeFault
 
 from .config import CLIENT, PartiesConfig, party_name
 from .tls import (

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from siguard.compiler.errors import InputError
-from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import inspect_json, render
 from siguard.passes.approx import AccuracyBudget, parse_budget, parse_overrides
 from siguard.runtime.local import run_reference
 
+from siguard.core.errors import InputError
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 from tests.conftest import ort_run
 
 N_CAL = 256

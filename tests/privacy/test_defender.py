@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from siguard.compiler.errors import InputError
 from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
 from siguard.privacy.memguard import softmax
+
+from siguard.core.errors import InputError
 
 
 @pytest.fixture(scope="module")

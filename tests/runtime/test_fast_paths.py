@@ -142,10 +142,11 @@ def test_zero_slot_detection_is_conservative():
 
 
 def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
-    from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
     from siguard.compiler.plan import Plan
     from siguard.runtime.local import op_breakdown, run_reference
     from siguard.runtime.local import run_threads as run_plan
+
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     write_plan(compile_model(mlp_onnx, CompileOptions(batch=2)), tmp_path / "plan")
     plan = Plan.load(tmp_path / "plan")

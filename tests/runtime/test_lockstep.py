@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from siguard.compiler.pipeline import CompileOptions, compile_model, write_plan
 from siguard.compiler.plan import Plan
 from siguard.runtime.local import run_reference
 from siguard.runtime.local import run_threads as run_plan
 from siguard.runtime.mpc.rss import SCHEDULERS, PartyFailure, run_threads
+
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 8

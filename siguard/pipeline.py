@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .backend import build_plan
-from .errors import InputError, SiguardError
-from .plan import Plan
+from siguard.compiler.backend import build_plan
+from siguard.compiler.plan import Plan
+from siguard.core.errors import InputError, SiguardError
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan", "load_npy"]
 
@@ -178,7 +178,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
 
 def write_plan(result: CompileResult, out_dir: str | Path) -> Path:
     """Write plan.json, weights.npz and the rendered reports into ``out_dir``."""
-    from .report import render
+    from siguard.compiler.report import render
 
     d = result.plan.save(out_dir, result.weights)
     (d / "report.txt").write_text(render(result.plan, "text"))
