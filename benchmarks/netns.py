@@ -251,8 +251,8 @@ def measure_link(rtt_ms: float, rate_mbit: float) -> dict[str, float]:
 
 def build_plan(model: str, work: Path, guard: bool = False):
     import torch
-    from siguard.compiler.plan import Plan
 
+    from siguard.compiler.plan import Plan
     from siguard.pipeline import CompileOptions, compile_model, write_plan
     from tests.models import export, resnet_cifar, train_digits_mlp
 
@@ -351,6 +351,7 @@ def main() -> int:
     print(f"link emulation: {emulator}", flush=True)
 
     import numpy as np
+
     from siguard.runtime.net.certs import make_certs
     from siguard.runtime.net.config import render_config
 

@@ -84,6 +84,7 @@ def build_onnx(name: str, work: Path) -> Path:
 def random_defender(k: int):
     """A defender h (k -> 128 -> 64 -> 1) with fixed random weights: the guard's cost does not depend on them."""
     import torch
+
     from siguard.privacy.defender import DefenderWeights
 
     g = torch.Generator().manual_seed(0)
@@ -116,6 +117,7 @@ def _median_row(times: list[float]) -> dict[str, Any]:
 def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler: str = "threads") -> None:
     """Child-process body of the threads and lockstep modes (see the module docstring); writes JSON to ``out``."""
     import torch
+
     from siguard.compiler.plan import Plan
     from siguard.runtime.local import op_breakdown, run_threads
 

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import default_impl
-
 from siguard.core.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
 
 __all__ = ["load_model", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]

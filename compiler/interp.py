@@ -17,8 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from siguard.compiler.ir import Graph, Node
 
+from siguard.compiler.ir import Graph, Node
 from siguard.core.errors import InputError
 
 __all__ = ["run_float", "OP_HANDLERS"]

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration
 from siguard.compiler.ir import Graph, Node
 from siguard.compiler.ops import NONLINEAR_OPS
-
 from siguard.core.errors import InputError
 
 from .base import Pass, PassContext
@@ -670,6 +670,7 @@ class Approximate(Pass):
     def _local_error(ev: _Evaluator, d: _Decision) -> float | None:
         """Max |chosen - float op| at the node's fixed-point input on the calibration data."""
         import torch
+
         from siguard.compiler.interp import _Interpreter
         from siguard.runtime.kernels.plain import Clear
         from siguard.runtime.ring import decode, encode

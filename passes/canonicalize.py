@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import numpy as np
+
 from siguard.compiler.interp import run_float
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import default_impl

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from siguard.compiler.ir import Graph, Node
 from siguard.runtime.kernels.cost import CostEngine, MetaShares
 from siguard.runtime.kernels.handlers import handler_for

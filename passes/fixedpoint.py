@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from siguard.compiler.ir import Graph, Node, Value
 
 from .base import Pass, PassContext

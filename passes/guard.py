@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from siguard.compiler.ir import Graph, Node, Value
-from siguard.runtime.kernels.guard import GuardConfig
 
+from siguard.compiler.ir import Graph, Node, Value
 from siguard.core.errors import InputError, ModelError
+from siguard.runtime.kernels.guard import GuardConfig
 
 from .base import Pass, PassContext
 

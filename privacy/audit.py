@@ -170,8 +170,9 @@ class _Runner:
     def run(self, x: np.ndarray, desc: str, progress: bool) -> dict[str, Any]:
         """Outputs of all rows of ``x``, the summed time, rounds and MB per party. The progress bar counts the
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
-        from siguard.runtime.kernels.guard import guard_progress
         from tqdm import tqdm
+
+        from siguard.runtime.kernels.guard import guard_progress
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:

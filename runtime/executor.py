@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault, SiguardError
 from siguard.runtime.kernels.engine import Engine
 from siguard.runtime.kernels.handlers import handler_for
-
-from siguard.core.errors import RuntimeFault, SiguardError
 
 from .ring import encode
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from siguard.compiler.plan import Plan
-from siguard.runtime.kernels.plain import PlainEngine
 
+from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError
+from siguard.runtime.kernels.plain import PlainEngine
 
 from .executor import Executor
 from .ring import MAX_ABS_REAL, decode, encode

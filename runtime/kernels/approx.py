@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from numpy.polynomial import Chebyshev, Polynomial
+
 from siguard.runtime.ring import broadcast_shape
 
 from .engine import Bits, Engine, Secret, Value

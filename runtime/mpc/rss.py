@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+
+from siguard.core.errors import RuntimeFault
 from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
 from siguard.runtime.ring import (
     SIGN_BIT,
@@ -50,8 +52,6 @@ from siguard.runtime.ring import (
     conv_uses_matmul,
     conv_weight_matrix,
 )
-
-from siguard.core.errors import RuntimeFault
 
 from .prg import PartyKeys, Randomness, setup_keys
 from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from siguard.core.errors import InputError, RuntimeFault
 from siguard.runtime.local import check_inputs
 from siguard.runtime.mpc.rss import Client
 from siguard.runtime.mpc.transport import TransportError
 from siguard.runtime.ring import decode, encode
-
-from siguard.core.errors import InputError, RuntimeFault
 
 from .config import CLIENT, PartiesConfig, party_name
 from .tls import (

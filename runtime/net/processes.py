@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from siguard.compiler.plan import Plan
-from siguard.runtime.local import RunResult, check_inputs
 
+from siguard.compiler.plan import Plan
 from siguard.core.errors import RuntimeFault
+from siguard.runtime.local import RunResult, check_inputs
 
 __all__ = ["Trio", "run_processes", "free_ports", "write_loopback_config", "siguard_command", "child_env"]
 

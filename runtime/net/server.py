@@ -48,13 +48,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from siguard.compiler.plan import Plan
+from siguard.core.errors import InputError, RuntimeFault
 from siguard.runtime.executor import Executor
 from siguard.runtime.mpc.prg import PartyKeys, setup_keys
 from siguard.runtime.mpc.rss import RSSEngine
 from siguard.runtime.mpc.transport import FrameHeader
-
-from siguard.core.errors import InputError, RuntimeFault
 
 from .config import CLIENT, PartiesConfig, party_name
 from .tls import (

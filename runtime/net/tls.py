@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+
 from siguard.compiler.plan import PROTOCOL, PROTOCOL_VERSION
 from siguard.runtime.mpc.transport import FrameHeader, Transport, TransportAborted, TransportError, TransportTimeout
 

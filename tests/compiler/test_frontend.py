@@ -8,13 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+
 from siguard.compiler.frontend import SUPPORTED_ONNX_OPS, load_model
 from siguard.compiler.interp import run_float
 from siguard.compiler.ops import OPS
+from siguard.core.errors import InputError, ModelError, UnsupportedOpsError
 from siguard.passes.base import PassContext
 from siguard.passes.canonicalize import Canonicalize
-
-from siguard.core.errors import InputError, ModelError, UnsupportedOpsError
 from tests import models
 
 ATOL = 1e-4

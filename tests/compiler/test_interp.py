@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from siguard.compiler.interp import OP_HANDLERS, run_float
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import OPS, default_impl
-
 from siguard.core.errors import InputError
 
 

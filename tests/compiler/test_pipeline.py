@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import inspect_json, render
-from siguard.runtime.local import run_reference
-
 from siguard.core.errors import PlanError
 from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 from siguard.runtime.net.certs import make_certs
 from siguard.runtime.net.processes import Trio, write_loopback_config
-
-from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 
 @pytest.fixture(scope="session")

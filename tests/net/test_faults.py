@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 import pytest
+
 from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault
 from siguard.runtime.local import run_threads
 from siguard.runtime.net.client import QueryClient
 from siguard.runtime.net.config import load_config
 from siguard.runtime.net.processes import Trio, child_env, run_processes, siguard_command, write_loopback_config
-
-from siguard.core.errors import RuntimeFault
 
 TOL = 2e-3  # two secure runs differ by the truncation errors of both (each ~1e-4 here)
 

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+
 from siguard.runtime.local import run_reference
 from siguard.runtime.net.client import QueryClient
 from siguard.runtime.net.config import load_config

@@ -10,13 +10,13 @@ import time
 
 import pytest
 import torch
+
+from siguard.core.errors import InputError
 from siguard.runtime.mpc.transport import FrameHeader, TransportAborted, TransportTimeout
 from siguard.runtime.net.certs import make_certs
 from siguard.runtime.net.config import load_config, render_config
 from siguard.runtime.net.processes import child_env, siguard_command
 from siguard.runtime.net.tls import LinkError, Mailbox, NetTransport, accept, compare_hello, dial, hello_message
-
-from siguard.core.errors import InputError
 
 
 def _config(tmp_path, cert_dir, ports=(7400, 7401, 7402)):

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
+
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import inspect_json, render
-from siguard.passes.approx import AccuracyBudget, parse_budget, parse_overrides
-from siguard.runtime.local import run_reference
-
 from siguard.core.errors import InputError
+from siguard.passes.approx import AccuracyBudget, parse_budget, parse_overrides
 from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 
 N_CAL = 256
@@ -204,6 +204,7 @@ def test_parse_budget_and_overrides():
 def guard_scenario(tmp_path_factory):
     """digits: an MLP target trained on 400 members, a defender against 400 reference non-members."""
     import torch
+
     from siguard.privacy.datasets import load_dataset
     from siguard.privacy.defender import export_defender, to_probabilities, train_defender
     from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier

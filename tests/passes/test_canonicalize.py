@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from onnx import TensorProto, helper
+
 from siguard.compiler.frontend import load_model
 from siguard.compiler.interp import run_float
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import default_impl
 from siguard.passes.base import PassContext
 from siguard.passes.canonicalize import Canonicalize
-
 from tests import models
 
 RNG = np.random.default_rng(0)

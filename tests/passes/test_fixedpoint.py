@@ -1,6 +1,7 @@
 """Rules of the fixed-point pass: scales and truncation placement."""
 
 import numpy as np
+
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.passes.base import PassContext
 from siguard.passes.fixedpoint import FixedPoint

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from siguard.passes.fuse import FuseTruncation
-from siguard.runtime.local import run_reference
 from torch import nn
 
+from siguard.passes.fuse import FuseTruncation
 from siguard.pipeline import CompileOptions, compile_model
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 from tests.models import export
 

@@ -13,12 +13,11 @@ GUARD = {"rounds": 2, "steps": 8}  # a short guard: the audit's logic, not the g
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Target, defender, both plans and the data files, built with the product's own training and compile."""
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
     from siguard.privacy.datasets import load_dataset, save_npz
     from siguard.privacy.defender import export_defender, train_defender
     from siguard.privacy.memguard import softmax
     from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
-
-    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     d = tmp_path_factory.mktemp("audit")
     data = load_dataset("digits")

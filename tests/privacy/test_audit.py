@@ -74,7 +74,6 @@ def test_attacks_are_fitted_on_shadow_outputs_only(world, audited):
                                                           "confidence", "loss"}
     # rebuild the evaluation outputs independently (onnxruntime + softmax) and check no fit saw one of them
     from siguard.privacy.memguard import softmax
-
     from tests.conftest import ort_run
 
     data = world["data"]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-from siguard.privacy.memguard import softmax
 
 from siguard.core.errors import InputError
+from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from siguard.privacy.memguard import softmax
 
 
 @pytest.fixture(scope="module")
 def target_outputs(digits):
     """Logits (members (300, 10), non-members (240, 10)) of a digits MLP trained to overfit on the members."""
     import torch
+
     from siguard.privacy.targets import make_mlp, train_classifier
 
     x_train, y_train, x_test, _ = digits
@@ -104,9 +105,8 @@ def test_bad_inputs_are_input_errors(tmp_path):
 
 
 def test_cli_guard_train(digits, tmp_path, capsys):
-    from siguard.privacy.targets import export_onnx, make_mlp, train_classifier
-
     from siguard.cli import main
+    from siguard.privacy.targets import export_onnx, make_mlp, train_classifier
 
     x_train, y_train, x_test, y_test = digits
     model = export_onnx(train_classifier(make_mlp((64,), 10), x_train[:200], y_train[:200], epochs=10),

@@ -11,9 +11,8 @@ import pytest
 @pytest.mark.parametrize("mode", ["crypten", "auto"])
 def test_guard_keeps_labels_with_either_internals(world, tmp_path, mode):
     from siguard.compiler.plan import Plan
-    from siguard.runtime.local import run_reference
-
     from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.runtime.local import run_reference
     from tests.conftest import ort_run
 
     data = world["data"]

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 from siguard.privacy.datasets import FASHION_MNIST_DIR, load_dataset
 from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
 from siguard.privacy.memguard import guard_reference
 from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
 from siguard.runtime.local import run_reference, run_threads
-
-from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 ACCEPT_L1 = 2e-3  # a revealed vector this far from softmax(z) carries accepted noise
 

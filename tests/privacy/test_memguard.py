@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from siguard.privacy.defender import DefenderWeights
 from siguard.privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, softmax
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from siguard.runtime.mpc import rss
 from siguard.runtime.mpc.rss import RSSEngine, Shares, run_threads
 from siguard.runtime.ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
@@ -143,10 +144,9 @@ def test_zero_slot_detection_is_conservative():
 
 def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
     from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
     from siguard.runtime.local import op_breakdown, run_reference
     from siguard.runtime.local import run_threads as run_plan
-
-    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     write_plan(compile_model(mlp_onnx, CompileOptions(batch=2)), tmp_path / "plan")
     plan = Plan.load(tmp_path / "plan")

@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 import pytest
-import siguard.runtime.kernels.nonlinear as nl
 from scipy.special import softmax as np_softmax
+
+import siguard.runtime.kernels.nonlinear as nl
 from siguard.runtime.kernels.plain import Clear, PlainEngine
 from siguard.runtime.ring import decode, encode
 
@@ -74,6 +75,7 @@ def test_fit_without_a_range_uses_the_documented_default():
 
 def test_fit_cost_is_a_clip_plus_a_polynomial():
     import torch
+
     from siguard.runtime.kernels.approx import poly_rounds
     from siguard.runtime.kernels.cost import CostEngine, MetaShares
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 from siguard.runtime.local import run_reference
 from siguard.runtime.local import run_threads as run_plan
 from siguard.runtime.mpc.rss import SCHEDULERS, PartyFailure, run_threads
-
-from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 8
@@ -85,9 +85,8 @@ def test_unknown_scheduler_is_rejected():
 
 
 def test_every_front_end_offers_lockstep():
-    import siguard.privacy.audit
-
     import siguard.api
+    import siguard.privacy.audit
     from siguard.cli import build_parser
 
     assert "lockstep" in siguard.api.MODES and "lockstep" in siguard.privacy.audit.MODES

@@ -13,13 +13,14 @@ import math
 
 import numpy as np
 import pytest
-import siguard.runtime.kernels.nonlinear as nl
 import torch
 import torch.nn.functional as F
 from scipy.special import erf as np_erf
 from scipy.special import expit, ndtr
 from scipy.special import log_softmax as np_log_softmax
 from scipy.special import softmax as np_softmax
+
+import siguard.runtime.kernels.nonlinear as nl
 from siguard.compiler.ops import OPS
 from siguard.runtime.kernels.approx import eval_poly, fit_chebyshev, poly_rounds
 from siguard.runtime.kernels.plain import Clear, PlainEngine

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+
 from siguard.runtime.mpc.prg import PartyKeys, WordStream, derive_key, new_key, prf_words, setup_keys
 from siguard.runtime.mpc.rss import run_threads
 from siguard.runtime.mpc.transport import InProcessNetwork

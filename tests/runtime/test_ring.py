@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from siguard.runtime.ring import SIGN_BIT, decode, encode, rshift_logical, to_ring
 
 MOD = 1 << 64

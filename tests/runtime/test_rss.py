@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+
 from siguard.runtime.kernels.plain import Clear, ClearBits, PlainEngine
 from siguard.runtime.mpc.rss import BoolShares, PartyFailure, RSSEngine, Shares, run_threads
 from siguard.runtime.mpc.transport import (

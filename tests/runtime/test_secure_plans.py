@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from siguard.compiler.plan import Plan
-from siguard.runtime.local import run_reference, run_threads
 
+from siguard.compiler.plan import Plan
 from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference, run_threads
 from tests.conftest import ort_run
 
 

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 from scipy import stats
+
 from siguard.runtime.mpc.rss import run_threads
 from siguard.runtime.mpc.transport import InProcessTransport
 from siguard.runtime.ring import rshift_logical
