@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siguard.runtime.mpc.rss import run_threads  # noqa: E402
+from siguard.runtime.mpc.inprocess import run_threads  # noqa: E402
 
 
 def _measure(kind: str, rounds: int, scheduler: str = "threads") -> tuple[float, float]:

@@ -119,7 +119,8 @@ def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler:
     import torch
 
     from siguard.compiler.plan import Plan
-    from siguard.runtime.local import op_breakdown, run_threads
+    from siguard.runtime.local import run_threads
+    from siguard.runtime.stats import op_breakdown
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     plan = Plan.load(plan_dir)
@@ -241,8 +242,9 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
 
 def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
     """The guard alone on ``batch`` queries' logits (10 classes) between three threads."""
-    from siguard.runtime.kernels.guard import GuardConfig, secure_guard
-    from siguard.runtime.mpc.rss import run_threads as run_parties
+    from siguard.core.config import GuardConfig
+    from siguard.runtime.kernels.guard import secure_guard
+    from siguard.runtime.mpc.inprocess import run_threads as run_parties
     from siguard.runtime.ring import encode
 
     d = random_defender(10)

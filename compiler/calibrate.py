@@ -18,6 +18,7 @@ import onnx
 
 from siguard.core.errors import InputError
 
+from .interp import run_float
 from .ir import Graph
 
 __all__ = ["Calibration", "calibrate", "check_calibration_data", "DEFAULT_RANGE"]
@@ -113,7 +114,6 @@ def _ort_values(model: onnx.ModelProto, x: np.ndarray, wanted: set[str]) -> tupl
 
 def _interp_values(graph: Graph, x: np.ndarray, names: set[str]) -> dict[str, np.ndarray]:
     """Float-interpreter values of ``names`` over all rows of ``x``, in chunks of the graph's batch."""
-    from .interp import run_float
 
     batch = graph.values[graph.inputs[0]].shape[0]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}

@@ -52,6 +52,7 @@ from onnx import helper, numpy_helper
 from siguard.compiler.ir import Graph, Node, Value
 from siguard.compiler.ops import default_impl
 from siguard.core.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
+from siguard.core.shapes import normalize_axis
 
 __all__ = ["load_model", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
 
@@ -506,12 +507,10 @@ class _Info:
 
 
 def _norm_axis(axis: int, rank: int) -> int:
-    a = int(axis)
-    if a < 0:
-        a += rank
-    if not 0 <= a < max(rank, 1):
-        raise _Unsupported(f"axis {axis} out of range for rank {rank}")
-    return a
+    try:
+        return normalize_axis(axis, rank)
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
 
 
 def _ints(values: Any) -> list[int]:

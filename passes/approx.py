@@ -10,24 +10,30 @@ from typing import Any
 
 import numpy as np
 
-from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration
+from siguard.compiler.backend import build_plan
+from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration, calibrate, check_calibration_data
+from siguard.compiler.interp import _Interpreter
 from siguard.compiler.ir import Graph, Node
-from siguard.compiler.ops import NONLINEAR_OPS
+from siguard.compiler.ops import NONLINEAR_OPS, default_impl
+from siguard.core.config import MODES, OBJECTIVES, AccuracyBudget, GuardConfig
 from siguard.core.errors import InputError
+from siguard.privacy.defender import DefenderWeights
+from siguard.privacy.memguard import guard_reference, softmax
+from siguard.runtime.executor import Executor
+from siguard.runtime.kernels.guard import secure_guard
+from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.nonlinear import get_implementation
+from siguard.runtime.kernels.plain import Clear, PlainEngine
+from siguard.runtime.ring import decode, encode
 
 from .base import Pass, PassContext
 from .cost import node_cost
 
 __all__ = [
-    "AccuracyBudget",
     "Candidate",
     "Approximate",
     "Calibrate",
-    "MODES",
-    "OBJECTIVES",
     "candidates_for",
-    "parse_budget",
-    "parse_overrides",
     "measure",
     "guard_label",
     "parse_guard_label",
@@ -36,71 +42,11 @@ __all__ = [
 
 log = logging.getLogger("siguard.passes")
 
-MODES = ("auto", "exact", "crypten", "default")
-OBJECTIVES = ("rounds", "bytes")
 LN2 = math.log(2.0)
 
 #: Calibrated ranges are widened by this factor (about their midpoint) before fitting, so held-out
 #: inputs slightly beyond the calibration data still fall inside the fitted range.
 RANGE_MARGIN = 1.25
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """End-to-end budget on the calibration data, against onnxruntime's output: top-1 agreement
-    at least ``top1`` and max absolute change of the revealed output at most ``prob``."""
-
-    top1: float = 0.995
-    prob: float = 1e-2
-
-    def holds(self, top1: float, max_abs: float) -> bool:
-        return top1 >= self.top1 and max_abs <= self.prob
-
-    def __str__(self) -> str:
-        return f"top1={self.top1:g},prob={self.prob:g}"
-
-
-def parse_budget(text: str | None) -> AccuracyBudget:
-    """``top1=0.995,prob=0.01`` (either key may be left out; ``abs`` is an alias of ``prob``) or a
-    bare number (the top-1 agreement). Bad syntax -> InputError."""
-    if text is None or str(text).strip() == "":
-        return AccuracyBudget()
-    vals: dict[str, float] = {}
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            key, val = ("top1", key) if len(items) == 1 else ("", key)
-        key = {"abs": "prob"}.get(key.strip(), key.strip())
-        if key not in ("top1", "prob"):
-            raise InputError(f"--accuracy-budget: unknown key {key!r} in {text!r} (use top1=F,prob=F)")
-        try:
-            vals[key] = float(val)
-        except ValueError:
-            raise InputError(f"--accuracy-budget: {key}={val!r} is not a number") from None
-    b = AccuracyBudget(**vals)
-    if not 0.0 <= b.top1 <= 1.0:
-        raise InputError(f"--accuracy-budget: top1 must lie in [0, 1] (got {b.top1})")
-    if not b.prob > 0.0:
-        raise InputError(f"--accuracy-budget: prob must be > 0 (got {b.prob})")
-    return b
-
-
-def parse_overrides(items: Sequence[str] | None) -> tuple[str, dict[str, str]]:
-    """``--approx`` values: a mode (auto, exact, crypten, default; at most one) and NODE=IMPL pairs."""
-    mode = "auto"
-    overrides: dict[str, str] = {}
-    for item in items or ():
-        node, sep, impl = str(item).partition("=")
-        if not sep:
-            if item not in MODES:
-                raise InputError(f"--approx: {item!r} is neither a mode ({', '.join(MODES)}) nor NODE=IMPL")
-            mode = item
-            continue
-        if not node.strip() or not impl.strip():
-            raise InputError(f"--approx: {item!r} must read NODE=IMPL")
-        overrides[node.strip()] = impl.strip()
-    return mode, overrides
 
 
 @dataclass(frozen=True)
@@ -239,7 +185,6 @@ def candidates_for(node: Node, graph: Graph, rng: tuple[float, float] | None, sa
 
 
 def _default_impl(op: str) -> str:
-    from siguard.compiler.ops import default_impl
 
     return default_impl(op)
 
@@ -264,9 +209,6 @@ class _Evaluator:
     node being decided so each candidate only re-runs the rest of the network."""
 
     def __init__(self, graph: Graph, x: np.ndarray, reference: np.ndarray, frac_bits: int):
-        from siguard.compiler.backend import build_plan
-        from siguard.runtime.executor import Executor
-        from siguard.runtime.kernels.plain import PlainEngine
 
         self.f = frac_bits
         plan, weights = build_plan(graph, frac_bits=frac_bits, model_info={"name": graph.name,
@@ -304,7 +246,6 @@ class _Evaluator:
             step.pop("impl_params", None)
 
     def _run(self, env: dict[str, Any], start: int, stop: int, chunk: np.ndarray) -> None:
-        from siguard.runtime.ring import encode
 
         for i in range(start, stop):
             step = self.steps[i]
@@ -328,7 +269,6 @@ class _Evaluator:
         self.pos = stop
 
     def node_input(self, name: str) -> np.ndarray:
-        from siguard.runtime.ring import decode
 
         step = self.steps[self.index[name]]
         parts = []
@@ -339,7 +279,6 @@ class _Evaluator:
 
     def evaluate(self) -> tuple[float, float, np.ndarray]:
         """(top-1, max |change|, output) of the rest of the network from the checkpoint."""
-        from siguard.runtime.ring import decode
 
         outs = []
         for env, (chunk, n) in zip(self.envs, self.chunks, strict=True):
@@ -440,7 +379,6 @@ class Approximate(Pass):
         for c in cands:
             if c.label == impl:
                 return c
-        from siguard.runtime.kernels.nonlinear import get_implementation
 
         try:
             get_implementation(node.op, impl)
@@ -596,7 +534,6 @@ class Approximate(Pass):
         and (c) its mean L1 distance to the oracle's released vector within :data:`GUARD_L1_GROWTH`
         times the configured setting's (a guard on (a) alone, estimated on a few dozen queries, is
         noisy: the freeze schedule is path dependent)."""
-        from siguard.runtime.kernels.guard import GuardConfig
 
         fields = GuardConfig.__dataclass_fields__
         base = GuardConfig(**{k: v for k, v in node.attrs.items() if k in fields})
@@ -671,16 +608,12 @@ class Approximate(Pass):
         """Max |chosen - float op| at the node's fixed-point input on the calibration data."""
         import torch
 
-        from siguard.compiler.interp import _Interpreter
-        from siguard.runtime.kernels.plain import Clear
-        from siguard.runtime.ring import decode, encode
 
         try:
             x = ev.node_input(d.node.name)
             step = ev.steps[ev.index[d.node.name]]
             if len(step["inputs"]) != 1:
                 return None
-            from siguard.runtime.kernels.handlers import handler_for
 
             class _Ctx:
                 e = ev.engine
@@ -694,7 +627,7 @@ class Approximate(Pass):
             return None
 
 
-#: The guard's internal approximation knobs (siguard.runtime.kernels.guard.GuardConfig) and the settings the pass may
+#: The guard's internal approximation knobs (siguard.core.config.GuardConfig) and the settings the pass may
 #: lower them to: the degree of the e^delta and 1/d polynomials of its softmax update, and the Newton
 #: iterations of the inverse square root that normalises its gradient.
 GUARD_KNOBS: dict[str, tuple[int, ...]] = {
@@ -739,8 +672,6 @@ class _GuardEvaluator:
     decisions with the float oracle :func:`siguard.privacy.memguard.guard_reference` of the same configuration."""
 
     def __init__(self, graph: Graph, node: Node, logits: np.ndarray, config: Any, frac_bits: int):
-        from siguard.privacy.defender import DefenderWeights
-        from siguard.privacy.memguard import guard_reference, softmax
 
         self.f = frac_bits
         self.config = config
@@ -760,9 +691,6 @@ class _GuardEvaluator:
     def __call__(self, knobs: dict[str, int]) -> dict[str, float]:
         from dataclasses import replace
 
-        from siguard.runtime.kernels.guard import secure_guard
-        from siguard.runtime.kernels.plain import Clear, PlainEngine
-        from siguard.runtime.ring import decode, encode
 
         e = PlainEngine(self.f)
         args = [Clear(encode(a, self.f)) for a in (self.z, *self.weights)]
@@ -794,7 +722,6 @@ class Calibrate(Pass):
         self.result: Calibration | None = None
 
     def run(self, graph: Graph, ctx: PassContext) -> list[str]:
-        from siguard.compiler.calibrate import calibrate, check_calibration_data
 
         if len(graph.inputs) == 1:
             self.x = check_calibration_data(self.x, graph.values[graph.inputs[0]].shape)

@@ -93,6 +93,8 @@ class CostAnnotation(Pass):
     2. ``bytes`` is the busiest party's; ``bytes_per_party`` lists P0, P1, P2.
     3. The shape each handler produces must equal the IR's shape, or the pass fails (a
        frontend/runtime mismatch must never reach a plan).
+    4. The client's input sharing, each output's reveal and the weights' sharing are costed the same
+       way (:func:`io_costs`) into ``graph.meta["io_costs"]``, which the backend puts on those steps.
     """
 
     name = "cost"
@@ -102,4 +104,5 @@ class CostAnnotation(Pass):
         for node in graph.nodes:
             node.cost = node_cost(graph, node, ctx.frac_bits)
             total_rounds += node.cost["rounds"]
+        graph.meta["io_costs"] = io_costs(graph, ctx.frac_bits)  # the backend's input, reveal and setup steps
         return [f"{len(graph.nodes)} nodes costed: {total_rounds} rounds in total"]

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from siguard.compiler.ir import Graph, Node, Value
+from siguard.core.config import GuardConfig
 from siguard.core.errors import InputError, ModelError
-from siguard.runtime.kernels.guard import GuardConfig
+from siguard.privacy.defender import DefenderWeights
 
 from .base import Pass, PassContext
 
@@ -43,7 +44,6 @@ class InsertGuard(Pass):
         self.config = config or GuardConfig()
 
     def _weights(self):
-        from siguard.privacy.defender import DefenderWeights
 
         if isinstance(self.defender, DefenderWeights):
             return self.defender

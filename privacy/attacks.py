@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from .defender import DefenderWeights, single_threaded, train_defender
+from .memguard import guard_reference, softmax
+from .targets import make_mlp, train_classifier
+
 __all__ = [
     "AttackResult",
     "membership_metrics",
@@ -330,7 +334,6 @@ class ShadowData:
 
     def plain_outputs(self) -> np.ndarray:
         """(N + M, k) the shadow model's softmax outputs: what a non-adaptive attacker trains on."""
-        from .memguard import softmax
 
         return softmax(np.asarray(self.logits, dtype=np.float64))
 
@@ -338,8 +341,6 @@ class ShadowData:
         """The adaptive attacker's own defender (:class:`siguard.privacy.defender.DefenderWeights`), trained once on its
         shadow members against its reference non-members, as the owner trains the real one."""
         if self._defender is None:
-            from .defender import DefenderWeights, train_defender
-            from .memguard import softmax
 
             if self.reference_logits is None:
                 raise ValueError("an adaptive attacker needs its own reference non-members (x_reference)")
@@ -354,7 +355,6 @@ class ShadowData:
         own shadow defender (``guard_options`` as :func:`siguard.privacy.memguard.guard_reference` takes them).
         Returns the :class:`siguard.privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits
         on."""
-        from .memguard import guard_reference
 
         return guard_reference(self.logits, self.shadow_defender(), **guard_options)
 
@@ -379,8 +379,6 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
     """
     import torch
 
-    from .defender import single_threaded
-    from .targets import make_mlp, train_classifier
 
     with single_threaded():
         torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too

@@ -40,7 +40,17 @@ from typing import Any
 
 import numpy as np
 
+from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError
+from siguard.runtime.kernels.guard import guard_progress
+from siguard.runtime.local import run_reference, run_threads
+from siguard.runtime.net.processes import run_processes
+
+from .attacks import label_only_gap, standard_attacks, train_shadow
+from .datasets import load_npz
+from .defender import DefenderWeights, to_probabilities
+from .memguard import guard_reference
+from .targets import model_outputs
 
 __all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
            "AuditData", "write_report"]
@@ -69,7 +79,6 @@ class AuditData:
 
     @classmethod
     def from_files(cls, members: str | Path, nonmembers: str | Path, shadow: str | Path) -> AuditData:
-        from .datasets import load_npz
 
         xm, ym = load_npz(members, "members")
         xn, yn = load_npz(nonmembers, "non-members")
@@ -100,7 +109,6 @@ def _guard_step(plan: Any) -> dict[str, Any] | None:
 
 def _defender_from_plan(plan: Any) -> Any:
     """The defender the guarded plan's owner secret-shares (weights.npz stores W^T, see siguard.passes.guard)."""
-    from .defender import DefenderWeights
 
     w = plan.load_weights()
     return DefenderWeights(W1=w["guard.W1"].T, b1=w["guard.b1"], W2=w["guard.W2"].T, b2=w["guard.b2"],
@@ -116,7 +124,6 @@ def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:
 def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
     """A revealed output as probability vectors: fixed-point probabilities (a softmax head, or the guard) may
     be a few ulp below 0 or off a sum of 1, so they are clipped and renormalised; logits go through softmax."""
-    from .defender import to_probabilities
 
     if not are_probabilities:
         return to_probabilities(out)
@@ -126,7 +133,6 @@ def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
 
 
 def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> tuple[Any, Any]:
-    from siguard.compiler.plan import Plan
 
     if not model.exists():
         raise InputError(f"model file {model} does not exist")
@@ -155,14 +161,12 @@ class _Runner:
         self.weights = plan.load_weights()
 
     def _one(self, x: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
-        from siguard.runtime.local import run_reference, run_threads
 
         if self.mode == "reference":
             r = run_reference(self.plan, x, self.weights)
         elif self.mode in ("threads", "lockstep"):
             r = run_threads(self.plan, x, self.weights, timeout=self.timeout, scheduler=self.mode)
         else:
-            from siguard.runtime.net.processes import run_processes
 
             r = run_processes(self.plan.directory, x, timeout=self.timeout)
         return r.output, r.seconds, r.stats
@@ -172,7 +176,6 @@ class _Runner:
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
         from tqdm import tqdm
 
-        from siguard.runtime.kernels.guard import guard_progress
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:
@@ -224,10 +227,6 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
     round-bound guarded plan at a small batch runs about 1.6-2x faster), ``processes`` (three server
     processes and a client over TLS on loopback) or ``reference`` (the fixed-point cleartext executor: the
     parties' arithmetic without secret sharing; quick, for trials)."""
-    from .attacks import label_only_gap, standard_attacks, train_shadow
-    from .defender import to_probabilities
-    from .memguard import guard_reference
-    from .targets import model_outputs
 
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

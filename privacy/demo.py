@@ -23,6 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+
+from .audit import OUTPUT_KINDS, AuditData, run_audit
+from .datasets import load_dataset, save_npz
+from .defender import export_defender, train_defender
+from .memguard import softmax
+from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
+
 __all__ = ["run_demo", "SPLITS", "format_demo_table"]
 
 #: per dataset: (target training set = members, evaluated members, evaluation non-members, reference
@@ -43,13 +51,7 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
 
     ``mode``: how the plans run, one of :data:`siguard.privacy.audit.MODES` (see
     :func:`siguard.privacy.audit.run_audit`)."""
-    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
-    from .audit import AuditData, run_audit
-    from .datasets import load_dataset, save_npz
-    from .defender import export_defender, train_defender
-    from .memguard import softmax
-    from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,6 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
 def format_demo_table(doc: dict[str, Any]) -> str:
     """Plain / secure / guarded (and plaintext MemGuard for reference): best attack, shadow neural attack,
     labels, distortion, time and traffic."""
-    from .audit import OUTPUT_KINDS
 
     outs = doc["outputs"]
     w = 20

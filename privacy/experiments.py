@@ -36,6 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from siguard.core.errors import InputError
+
+from .attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow
+from .datasets import load_dataset
+from .defender import DefenderWeights, export_defender, single_threaded, train_defender
+from .memguard import guard_reference, softmax
+from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
+
 __all__ = ["CONFIGS", "run_experiment", "main"]
 
 #: (name, guard_reference options); the defaults are R = 6, T = 49, lr = 0.2, c3 = 0.1, freeze, sign, margin 0.5
@@ -69,7 +77,6 @@ def _score_range(defender: Any, samples: int, seed: int) -> tuple[np.ndarray, np
     The label-preserving region {u : u_l >= u_j} is convex and h(softmax(u)) continuous, so its image is an
     interval; sampled logits of many scales (plus the vertex one-hot(l)) estimate it from inside.
     """
-    from .memguard import softmax
 
     k = defender.num_classes
     rng = np.random.default_rng(seed)
@@ -112,10 +119,6 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from .attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow
-    from .defender import DefenderWeights, export_defender, train_defender
-    from .memguard import guard_reference, softmax
-    from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
     t0 = time.perf_counter()
     mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
@@ -241,10 +244,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
-    from siguard.core.errors import InputError
 
-    from .datasets import load_dataset
-    from .defender import single_threaded
 
     configs = configs or CONFIGS
     t0 = time.perf_counter()

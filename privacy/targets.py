@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from siguard.core.errors import InputError
+
 __all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx", "model_outputs"]
 
 
@@ -73,7 +75,6 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
     ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
     import onnxruntime as ort
 
-    from siguard.core.errors import InputError
 
     try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

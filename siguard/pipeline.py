@@ -11,8 +11,18 @@ import numpy as np
 import onnx
 
 from siguard.compiler.backend import build_plan
+from siguard.compiler.frontend import load_model
 from siguard.compiler.plan import Plan
+from siguard.compiler.report import render
+from siguard.core.config import GuardConfig, parse_budget
 from siguard.core.errors import InputError, SiguardError
+from siguard.passes.approx import Approximate, Calibrate
+from siguard.passes.base import PassContext, PassManager
+from siguard.passes.canonicalize import Canonicalize
+from siguard.passes.cost import CostAnnotation
+from siguard.passes.fixedpoint import FixedPoint
+from siguard.passes.fuse import FuseTruncation
+from siguard.passes.guard import InsertGuard
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan", "load_npy"]
 
@@ -25,11 +35,11 @@ class CompileOptions:
     output: str | None = None
     frac_bits: int = 16
     guard: Any = None  # defender ONNX path (or siguard.privacy.defender.DefenderWeights); None = no guard
-    guard_config: dict[str, Any] = field(default_factory=dict)  # siguard.runtime.kernels.guard.GuardConfig fields
+    guard_config: dict[str, Any] = field(default_factory=dict)  # siguard.core.config.GuardConfig fields
     calibration: Any = None  # calibration inputs: an array (N, ...) or a .npy path; None = default ranges
     approx: str = "auto"  # auto | exact | crypten | default (see siguard.passes.approx.Approximate)
     overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
-    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or siguard.passes.approx.AccuracyBudget; None = default
+    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or siguard.core.config.AccuracyBudget; None = default
     objective: str = "rounds"  # rounds | bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,10 +92,6 @@ def _onnx_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str, tuple[float, float]]):
     """The model at a batch of up to 256 calibration inputs (or the plan's batch if its batch axis is
     fixed), canonicalized and in fixed point: what the approximation pass runs candidates on."""
-    from siguard.compiler.frontend import load_model
-    from siguard.passes.base import PassContext, PassManager
-    from siguard.passes.canonicalize import Canonicalize
-    from siguard.passes.fixedpoint import FixedPoint
 
     try:
         g = load_model(model, batch=min(n, 256), output=opts.output)
@@ -111,13 +117,6 @@ def _json_safe(v: Any) -> Any:
 
 def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions | None = None) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) into a plan (not yet written to disk)."""
-    from siguard.compiler.frontend import load_model
-    from siguard.passes.approx import Approximate, Calibrate, parse_budget
-    from siguard.passes.base import PassContext, PassManager
-    from siguard.passes.canonicalize import Canonicalize
-    from siguard.passes.cost import CostAnnotation
-    from siguard.passes.fixedpoint import FixedPoint
-    from siguard.passes.fuse import FuseTruncation
 
     opts = options or CompileOptions()
     if opts.batch < 1:
@@ -135,8 +134,6 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         calibrate = Calibrate(_onnx_model(model), x_cal)
         passes.append(calibrate)
     if opts.guard is not None:
-        from siguard.passes.guard import InsertGuard
-        from siguard.runtime.kernels.guard import GuardConfig
 
         try:
             config = GuardConfig(**opts.guard_config)
@@ -178,7 +175,6 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
 
 def write_plan(result: CompileResult, out_dir: str | Path) -> Path:
     """Write plan.json, weights.npz and the rendered reports into ``out_dir``."""
-    from siguard.compiler.report import render
 
     d = result.plan.save(out_dir, result.weights)
     (d / "report.txt").write_text(render(result.plan, "text"))

@@ -62,6 +62,21 @@ MOVES = {
     "runtime.certs": "runtime.net.certs",
     "runtime.processes": "runtime.net.processes",
 }
+# names that moved out of a module (namespaced old module -> {name: new module}); imports of them are split
+SYMBOL_MOVES = {
+    "siguard.runtime.mpc.rss": {
+        "Client": "siguard.runtime.mpc.client",
+        "run_threads": "siguard.runtime.mpc.inprocess",
+        "PartyFailure": "siguard.runtime.mpc.inprocess",
+        "SCHEDULERS": "siguard.runtime.mpc.inprocess",
+    },
+    "siguard.runtime.local": {
+        "RunResult": "siguard.runtime.inputs",
+        "check_inputs": "siguard.runtime.inputs",
+        "op_breakdown": "siguard.runtime.stats",
+        "format_breakdown": "siguard.runtime.stats",
+    },
+}
 SUBPACKAGE_DOCS = {
     "core": "The bottom layer: the errors and configuration types that every other package may import.",
     "runtime.kernels": "The Engine interface, its cleartext and cost interpretations, and what is written once "
@@ -281,6 +296,36 @@ def rewrite_from_package(text: str) -> str:
     return "".join(out)
 
 
+_FROM_ABS = re.compile(r"^([ \t]*)from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.M)
+
+
+def rewrite_moved_symbols(text: str) -> str:
+    """``from siguard.runtime.mpc.rss import RSSEngine, run_threads`` -> one import per module the names live in."""
+
+    def sub(m: re.Match) -> str:
+        indent, module, names = m.group(1), m.group(2), m.group(3)
+        moved = SYMBOL_MOVES.get(module)
+        if not moved:
+            return m.group(0)
+        comment = ""
+        if "#" in names and not names.startswith("("):
+            names, comment = names.split("#", 1)
+            comment = "  #" + comment
+        items = [n.strip() for n in names.strip("()").replace("\n", " ").split(",") if n.strip()]
+        if not any(i.split(" as ")[0].strip() in moved for i in items):
+            return m.group(0)
+        by_module: dict[str, list[str]] = {}
+        for item in items:
+            by_module.setdefault(moved.get(item.split(" as ")[0].strip(), module), []).append(item)
+        return "\n".join(f"{indent}from {mod} import {', '.join(its)}{comment}" for mod, its in by_module.items())
+
+    text = _FROM_ABS.sub(sub, text)
+    for module, names in SYMBOL_MOVES.items():  # dotted uses: siguard.runtime.mpc.rss.Client
+        for name, new in names.items():
+            text = re.sub(rf"(?<![\w.]){re.escape(module)}\.{name}\b", f"{new}.{name}", text)
+    return text
+
+
 def rewrite_paths(text: str) -> str:
     """Paths of moved files: ``runtime/rss.py`` -> ``runtime/mpc/rss.py`` (not ``tests/runtime/rss.py``)."""
     for old, new in MOVES.items():
@@ -339,6 +384,7 @@ def rewrite_tree(dry: bool) -> list[Path]:
             new = rewrite_relative(path, new)
             new = rewrite_from_package(new)
         new = rewrite_dotted(new)
+        new = rewrite_moved_symbols(new)
         new = rewrite_paths(new)
         if path.suffix == ".py" and new != text:
             new = wrap_docstrings(new)

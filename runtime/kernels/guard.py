@@ -49,17 +49,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from siguard.core.config import GuardConfig
+
 from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function, trunc_many
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
-__all__ = ["GuardConfig", "secure_guard", "defender_score", "guard_progress"]
+__all__ = ["secure_guard", "defender_score", "guard_progress"]
 
 #: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
 #: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
@@ -82,47 +83,6 @@ def _report(e: Engine, done: int, total: int) -> None:
     hook = _PROGRESS
     if hook is not None and getattr(e, "party", 0) == 0:
         hook(done, total)
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """Fixed counts and constants of the guard (all public, part of the plan)."""
-
-    rounds: int = 6
-    steps: int = 49
-    c1: float = 1.0
-    c2: float = 10.0
-    c3: float = 0.1
-    lr: float = 0.2
-    schedule: str = "freeze"  # "freeze" (test every step, keep the first success) or "paper"
-    validator: str = "margin"  # "margin" (|h| <= margin, default) or "sign" (defender decision flipped)
-    margin: float = 0.1
-    c3_max: float = 100.0
-    exp_degree: int = 4
-    recip_degree: int = 4
-    norm_iterations: int = 2
-    grad_bits_hi: int = 12  # gradients up to 2^12 in magnitude are bucketed exactly
-    #: "siguard" (default: multiplicative softmax update by two low-degree polynomials, coupled-Newton inverse
-    #: square root from a range-derived guess) or "crypten": the same algorithm with CrypTen's default
-    #: approximations inside (a fresh softmax of u + delta per step by exp with 8 squarings and 10 Newton
-    #: steps; inverse square root from CrypTen's exp-based guess and 3 Newton steps) -- the baseline the
-    #: approximation pass is measured against (``--approx crypten``).
-    internals: str = "siguard"
-
-    def __post_init__(self) -> None:
-        if self.internals not in ("siguard", "crypten"):
-            raise ValueError(f"unknown guard internals {self.internals!r} (siguard or crypten)")
-        if self.schedule not in ("freeze", "paper"):
-            raise ValueError(f"unknown guard schedule {self.schedule!r} (freeze or paper)")
-        if self.validator not in ("sign", "margin"):
-            raise ValueError(f"unknown guard validator {self.validator!r} (sign or margin)")
-        if self.rounds < 1 or self.steps < 1:
-            raise ValueError("guard rounds and steps must be >= 1")
-
-    @property
-    def lr_max(self) -> float:
-        """The largest learning rate any round can reach (it grows x1.1 per failed round)."""
-        return self.lr * 1.1 ** (self.rounds - 1)
 
 
 _t = ring_int  # a public ring integer as a shared 0-dim tensor

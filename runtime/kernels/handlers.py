@@ -20,7 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from siguard.core.config import GuardConfig
+
+from . import nonlinear
 from .approx import ring_int
+from .guard import secure_guard
 
 __all__ = ["HANDLERS", "register", "handler_for"]
 
@@ -249,7 +253,6 @@ NONLINEAR = (
 
 @register(*NONLINEAR)
 def _nonlinear(ctx, step, args):
-    from . import nonlinear
 
     fn = nonlinear.get_implementation(step["op"], step["impl"])
     params = dict(step["attrs"])
@@ -260,7 +263,7 @@ def _nonlinear(ctx, step, args):
 # ---- the SIGuard guard ---------------------------------------------------------------------------
 @register("guard")
 def _guard(ctx, step, args):
-    from .guard import GuardConfig, secure_guard
+
 
     fields = GuardConfig.__dataclass_fields__
     cfg = GuardConfig(**{k: v for k, v in step["attrs"].items() if k in fields})

@@ -31,6 +31,8 @@ from scipy.special import erf as _erf_np
 from scipy.special import expit as _expit_np
 from scipy.special import ndtr as _ndtr_np
 
+from siguard.core.shapes import normalize_axis
+
 from .approx import (
     eval_poly,
     fit_chebyshev,
@@ -98,12 +100,6 @@ _t = ring_int  # a public ring integer as a shared 0-dim tensor
 def _rtrunc(e: Engine, x: Secret, bits: int) -> Secret:
     """trunc(x, bits) rounding to nearest (adds half an output ulp first; free)."""
     return e.trunc(e.add(x, _t(1 << (bits - 1))), bits) if bits > 0 else x
-
-
-def _norm_axis(axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} out of range for rank {ndim}")
-    return axis % ndim
 
 
 def _clip_ring(e: Engine, x: Secret, lo: int | None, hi: int | None) -> Secret:
@@ -269,7 +265,7 @@ def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
 def reduce_max(e: Engine, x: Secret, axis: int = -1, keepdims: bool = False) -> Secret:
     """Maximum along ``axis``, exact, by a comparison tree. Values must satisfy |x| < 2^62 ring
     units (differences must not wrap). Cost: 10 * ceil(log2 k) rounds for k = x.shape[axis]."""
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     m = _tree_max(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x))
     return e.local(lambda t: t.unsqueeze(ax), m) if keepdims else m
 
@@ -278,7 +274,7 @@ def max_and_argmax(e: Engine, x: Secret, axis: int = -1, scale: int | None = Non
     """(max along ``axis`` with keepdims, one-hot of the first argmax with x's shape at ``scale``
     (default f; 0 gives integers 0/1)). Exact; ties go to the first index. Values must satisfy
     |x| < 2^61 ring units. Cost: 10 * ceil(log2 k) rounds."""
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     sc = e.frac_bits if scale is None else int(scale)
     top, onehot = _tree_argmax(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x), sc)
     return e.local(lambda t: t.unsqueeze(ax), top), e.local(lambda t: t.movedim(0, ax).contiguous(), onehot)
@@ -775,7 +771,7 @@ def softmax(
     Returns y at scale f with x's shape.
     """
     f = e.frac_bits
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     total = lambda v: e.local(lambda t: t.sum(dim=ax, keepdim=True), v)  # noqa: E731
 
@@ -849,7 +845,7 @@ def log_softmax(
     Cost K = 10: 40 + 24 + 24 = 88 rounds (exp2: 85)."""
     if impl != "max_exp_log":
         raise KeyError(f"unknown log_softmax implementation {impl!r}")
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
     s = e.local(lambda t: t.sum(dim=ax, keepdim=True), _exp_nonpositive(e, z, exp_impl, saturate))
@@ -1044,7 +1040,7 @@ def layer_norm(
         raise KeyError(f"unknown layer_norm implementation {impl!r}")
     f = e.frac_bits
     nd = len(x.shape)
-    ax = _norm_axis(axis, nd)
+    ax = normalize_axis(axis, nd)
     dims = tuple(range(ax, nd))
     n = int(math.prod(int(s) for s in x.shape[ax:]))
     c = 24

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from siguard.runtime.ring import numel
+
 from .transport import Transport
 
 __all__ = [
     "KEY_BYTES",
-    "prf_words",
     "new_key",
     "derive_key",
     "WordStream",
@@ -69,27 +70,10 @@ def _words_from_bytes(data: bytes, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(arr).reshape(tuple(shape))
 
 
-def prf_words(key: bytes, stream: int, n: int) -> torch.Tensor:
-    """n uniform int64 words F_key(stream, 0..): AES-128-CTR with counter block (stream << 64) | i.
-
-    A stateless form, for one-off draws; :class:`WordStream` is the stateful form the protocols use.
-    """
-    ctr = ((stream & (2**64 - 1)) << 64).to_bytes(16, "big")
-    enc = Cipher(algorithms.AES(key), modes.CTR(ctr)).encryptor()
-    return _words_from_bytes(enc.update(bytes(8 * n)), (n,))
-
-
 _NATIVE_LE = sys.byteorder == "little"
 _PIECE = 1 << 17  # words encrypted per AES call (1 MiB)
 _ZERO_PLAIN = memoryview(bytes(8 * _PIECE))  # the keystream is the encryption of zeros
 _EMPTY = np.empty(0, dtype=np.int64)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class WordStream:
@@ -153,7 +137,7 @@ class WordStream:
     def words(self, shape: Sequence[int]) -> torch.Tensor:
         """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.take(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.take(numel(shape)).reshape(shape))
 
 
 class PartyKeys:
@@ -262,12 +246,12 @@ class Randomness:
     def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
         """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_np(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.zero_share_np(numel(shape)).reshape(shape))
 
     def zero_share_xor(self, shape: Sequence[int]) -> torch.Tensor:
         """beta_i = F_{k_i} xor F_{k_{i+1}}; the three parties' betas XOR to 0."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_xor_np(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.zero_share_xor_np(numel(shape)).reshape(shape))
 
 
 def setup_keys(transport: Transport) -> PartyKeys:

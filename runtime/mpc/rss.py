@@ -6,7 +6,7 @@ two slots ``a``, ``b`` of a :class:`Shares`. Component j is held by P_j (slot a)
 least significant bit of each share word (every share word is 0 or 1).
 
 One :class:`RSSEngine` per server, each in its own thread or process, all executing the same
-sequence of Engine calls; the client is a :class:`Client`. Every protocol round is exactly one
+sequence of Engine calls. Every protocol round is exactly one
 :meth:`siguard.runtime.mpc.transport.Transport.exchange` call at every server (also at a server with
 nothing to send), with at most one message per peer: things that travel to the same peer in the
 same round are concatenated (also across independent calls merged by :meth:`RSSEngine.parallel`,
@@ -14,10 +14,8 @@ which runs the stepwise forms of ``msb`` and ``trunc`` side by side). Costs in t
 per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`siguard.runtime.kernels.cost` repeats them
 and the tests check both).
 
-:func:`run_threads` runs the three servers and the client in this process, after the key setup of
-:func:`siguard.runtime.mpc.prg.setup_keys`: as threads over an :class:`siguard.runtime.mpc.transport.InProcessNetwork`,
-or as
-greenlets in one thread over a :class:`siguard.runtime.mpc.transport.LockstepNetwork` (``scheduler="lockstep"``).
+:func:`siguard.runtime.mpc.inprocess.run_threads` runs the three servers and the client in one process;
+the client's side is :class:`siguard.runtime.mpc.client.Client`.
 
 Speed. With small tensors a round costs Python and per-op overhead, not arithmetic: the
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
@@ -34,15 +32,12 @@ matmul (:func:`siguard.runtime.ring.conv2d_ring`) with the weight matrix prepare
 
 from __future__ import annotations
 
-import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from siguard.core.errors import RuntimeFault
 from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
 from siguard.runtime.ring import (
     SIGN_BIT,
@@ -51,15 +46,14 @@ from siguard.runtime.ring import (
     conv2d_ring,
     conv_uses_matmul,
     conv_weight_matrix,
+    numel,
 )
 
-from .prg import PartyKeys, Randomness, setup_keys
-from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
+from .prg import Randomness
+from .transport import CLIENT, Transport
 
-__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "Client", "PartyFailure", "run_threads"]
+__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "public_tensor"]
 
-R = TypeVar("R")
-C = TypeVar("C")
 
 _TWO_62 = 1 << 62
 _ONE = torch.ones((), dtype=torch.int64)
@@ -137,14 +131,7 @@ def _slot_sum(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
-def _zero_slot(t: torch.Tensor) -> bool:
-    """True iff t is a broadcast view of the single zero word (a slot known to be all zeros)."""
-    if t.dim() == 0 or any(t.stride()) or t.numel() < 2 or t.untyped_storage().nbytes() != 8:
-        return False
-    return not t.view(-1)[0]
-
-
-def _public(x: Any) -> torch.Tensor:
+def public_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.int64:
             raise TypeError(f"public ring values are int64 tensors, got {x.dtype}")
@@ -178,7 +165,7 @@ class _Round:
             for peer, parts in self._send.items()
         }
         recv = {
-            peer: shapes[0] if len(shapes) == 1 else (sum(_numel(s) for s in shapes),)
+            peer: shapes[0] if len(shapes) == 1 else (sum(numel(s) for s in shapes),)
             for peer, shapes in self._recv.items()
         }
         got = transport.exchange(send, recv)
@@ -187,17 +174,10 @@ class _Round:
             if len(shapes) == 1:
                 out[(peer, 0)] = got[peer]
                 continue
-            pieces = torch.split(got[peer], [_numel(s) for s in shapes])
+            pieces = torch.split(got[peer], [numel(s) for s in shapes])
             for k, (piece, shape) in enumerate(zip(pieces, shapes, strict=True)):
                 out[(peer, k)] = piece.reshape(shape)
         return out
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class RSSEngine(Engine):
@@ -332,7 +312,7 @@ class RSSEngine(Engine):
         if i == o:
             if value is None:
                 raise ValueError(f"P{o} owns this input but was given no value")
-            value = _public(value)
+            value = public_tensor(value)
             if tuple(value.shape) != shape:
                 raise ValueError(f"input shape {tuple(value.shape)} != declared {shape}")
             x_next = self.rand.key_stream(o + 1, shape)
@@ -374,12 +354,12 @@ class RSSEngine(Engine):
         if isinstance(a, Shares) and isinstance(b, Shares):
             return Shares(a.a + b.a, a.b + b.b)
         if isinstance(a, Shares):
-            return self._add_public(a, _public(b))
+            return self._addpublic_tensor(a, public_tensor(b))
         if isinstance(b, Shares):
-            return self._add_public(b, _public(a))
-        return _public(a) + _public(b)
+            return self._addpublic_tensor(b, public_tensor(a))
+        return public_tensor(a) + public_tensor(b)
 
-    def _add_public(self, x: Shares, c: torch.Tensor) -> Shares:
+    def _addpublic_tensor(self, x: Shares, c: torch.Tensor) -> Shares:
         if c.dim() == 0 or c.shape == x.a.shape:  # no broadcasting beyond x: touch component 0 only
             if self.party == 0:
                 return Shares(x.a + c, x.b)
@@ -394,16 +374,16 @@ class RSSEngine(Engine):
         if isinstance(a, Shares) and isinstance(b, Shares):
             return Shares(a.a - b.a, a.b - b.b)
         if isinstance(a, Shares):
-            return self._add_public(a, -_public(b))
+            return self._addpublic_tensor(a, -public_tensor(b))
         if isinstance(b, Shares):
-            return self._add_public(self.neg(b), _public(a))
-        return _public(a) - _public(b)
+            return self._addpublic_tensor(self.neg(b), public_tensor(a))
+        return public_tensor(a) - public_tensor(b)
 
     def neg(self, a: Any) -> Any:
         """-a. Local."""
         if isinstance(a, Shares):
             return Shares(-a.a, -a.b)
-        return -_public(a)
+        return -public_tensor(a)
 
     def local(self, fn: Callable[..., torch.Tensor], *xs: Any) -> Any:
         """fn applied to slot a of every secret argument, then to slot b (public arguments passed
@@ -428,8 +408,8 @@ class RSSEngine(Engine):
     def cat(self, xs: Sequence[Any], dim: int) -> Any:
         """Concatenate; public parts enter as sharings with only component 0 set. Local."""
         if not any(isinstance(x, Shares) for x in xs):
-            return torch.cat([_public(x) for x in xs], dim=dim)
-        parts = [x if isinstance(x, Shares) else self._public_shares(_public(x)) for x in xs]
+            return torch.cat([public_tensor(x) for x in xs], dim=dim)
+        parts = [x if isinstance(x, Shares) else self._public_shares(public_tensor(x)) for x in xs]
         return Shares(torch.cat([p.a for p in parts], dim=dim), torch.cat([p.b for p in parts], dim=dim))
 
     # ---- products ---------------------------------------------------------------------------
@@ -476,12 +456,12 @@ class RSSEngine(Engine):
             z += self.rand.zero_share(z.shape)
             return self._reshare(z)
         if isinstance(a, Shares):
-            c = _public(b)
+            c = public_tensor(b)
             return Shares(op(a.a, c), op(a.b, c))
         if isinstance(b, Shares):
-            c = _public(a)
+            c = public_tensor(a)
             return Shares(op(c, b.a), op(c, b.b))
-        return op(_public(a), _public(b))
+        return op(public_tensor(a), public_tensor(b))
 
     def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """conv_weight_matrix of the sum of ``parts``, cached by the identity of the parts: weight shares
@@ -505,7 +485,7 @@ class RSSEngine(Engine):
             xa, ya = _arr(a.a), _arr(b.a)
             z = xa * (ya + _arr(b.b))
             z += _arr(a.b) * ya
-            z += self.rand.zero_share_np(_numel(shape)).reshape(_nshape(shape))
+            z += self.rand.zero_share_np(numel(shape)).reshape(_nshape(shape))
             return self._reshare_np(z, shape)
         return self._product(a, b, torch.mul)
 
@@ -562,7 +542,7 @@ class RSSEngine(Engine):
         if not 1 <= d <= 62:
             raise ValueError(f"truncation by {d} bits is outside 1..62")
         shape = tuple(x.shape)
-        n, ns = _numel(shape), _nshape(shape)
+        n, ns = numel(shape), _nshape(shape)
         wrap = _ring_int(1 << (64 - d))  # 2^(64-d) as an int64 (d = 1 gives -2^63)
         # With arithmetic shifts: lshr(v, d) - lshr(v, 63) 2^(64-d) = v >> d, and m v' = v' & (v >> 63)
         # for m = lshr(v, 63); so t0 = (A >> d) - 2^(62-d), u = r - (A >> 63),
@@ -630,7 +610,7 @@ class RSSEngine(Engine):
     def _msb_steps(self, x: Shares) -> Any:
         """:meth:`msb` as a stepwise protocol (yields each round's (send, recv))."""
         shape = tuple(x.shape)
-        n = _numel(shape)
+        n = numel(shape)
         beta = self.rand.zero_share_xor_np(8 * n).reshape(8, n)  # one draw per key for the 8 AND rounds
         s = np.empty((2, n), dtype=np.int64)
         s[0] = _arr(x.a).reshape(-1)
@@ -663,7 +643,7 @@ class RSSEngine(Engine):
         top ^= (gen.view(np.uint64) >> 63).view(np.int64)
         return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
 
-    def _xor_public(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
+    def _xorpublic_tensor(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
         if c.dim() == 0 or c.shape == b.a.shape:  # no broadcasting beyond b: touch component 0 only
             if self.party == 0:
                 return BoolShares(b.a ^ c, b.b)
@@ -675,17 +655,17 @@ class RSSEngine(Engine):
 
     def bit_not(self, b: BoolShares) -> BoolShares:
         """1 - b: XOR 1 into component 0. Local."""
-        return self._xor_public(b, _ONE)
+        return self._xorpublic_tensor(b, _ONE)
 
     def bit_xor(self, a: Any, b: Any) -> Any:
         """a xor b (either may be a public 0/1 int64 tensor). Local."""
         if isinstance(a, BoolShares) and isinstance(b, BoolShares):
             return BoolShares(a.a ^ b.a, a.b ^ b.b)
         if isinstance(a, BoolShares):
-            return self._xor_public(a, _public(b))
+            return self._xorpublic_tensor(a, public_tensor(b))
         if isinstance(b, BoolShares):
-            return self._xor_public(b, _public(a))
-        return _public(a) ^ _public(b)
+            return self._xorpublic_tensor(b, public_tensor(a))
+        return public_tensor(a) ^ public_tensor(b)
 
     def bit_and(self, a: Any, b: Any) -> Any:
         """a and b. Secret x secret: 1 round, 8 B per element from every party. Public: local."""
@@ -695,18 +675,18 @@ class RSSEngine(Engine):
             ba = _arr(b.a)
             z = _arr(a.a) & (ba ^ _arr(b.b))
             z ^= _arr(a.b) & ba
-            beta = self.rand.zero_share_xor_np(_numel(shape))
+            beta = self.rand.zero_share_xor_np(numel(shape))
             beta &= 1
             z ^= beta.reshape(_nshape(shape))
             s = self._reshare_np(z, shape)
             return BoolShares(s.a, s.b)
         if isinstance(a, BoolShares):
-            c = _public(b)
+            c = public_tensor(b)
             return BoolShares(a.a & c, a.b & c)
         if isinstance(b, BoolShares):
-            c = _public(a)
+            c = public_tensor(a)
             return BoolShares(b.a & c, b.b & c)
-        return _public(a) & _public(b)
+        return public_tensor(a) & public_tensor(b)
 
     def bit_cat(self, bs: Sequence[BoolShares], dim: int) -> BoolShares:
         """Concatenate bit tensors. Local."""
@@ -728,7 +708,7 @@ class RSSEngine(Engine):
         Round A: P0 inputs t = b0 xor b1. Round B: [t][b2] by RSS mul; b = t + b2 - 2 t b2."""
         i = self.party
         shape = tuple(b.shape)
-        n, ns = _numel(shape), _nshape(shape)
+        n, ns = numel(shape), _nshape(shape)
         if i == 0:
             x_next = self.rand.key_stream_np(1, n).reshape(ns)
             t_own = (_arr(b.a) ^ _arr(b.b)) - x_next
@@ -762,11 +742,11 @@ class RSSEngine(Engine):
         w = u t; result w + v. Public x: x * b2a(b), 2 rounds, bytes P0 16, P1 8, P2 8 (of b's size).
         """
         if not isinstance(x, Shares):
-            return self.mul(_public(x), self.b2a(b))
+            return self.mul(public_tensor(x), self.b2a(b))
         i = self.party
         bshape = tuple(b.shape)
         shape = broadcast_shape(tuple(x.shape), bshape)
-        nb, n, ns = _numel(bshape), _numel(shape), _nshape(shape)
+        nb, n, ns = numel(bshape), numel(shape), _nshape(shape)
         xa, xb = _arr(x.a), _arr(x.b)
         if i == 0:
             x_next = self.rand.key_stream_np(1, nb)
@@ -816,136 +796,13 @@ def _merged_exchange(
         for peer, shape in recv.items():
             recv_parts.setdefault(peer, []).append((i, tuple(shape)))
     merged_send = {peer: (ts[0] if len(ts) == 1 else torch.cat(ts)) for peer, ts in send_parts.items()}
-    merged_recv = {peer: (sum(_numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
+    merged_recv = {peer: (sum(numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
     got = outer.exchange(merged_send, merged_recv)
     out: dict[int, dict[int, torch.Tensor]] = {i: {} for i, _, _ in posted}
     for peer, parts in recv_parts.items():
         flat, start = got[peer], 0
         for i, shape in parts:
-            n = _numel(shape)
+            n = numel(shape)
             out[i][peer] = flat[start : start + n].reshape(shape)
             start += n
     return out
-
-
-class Client:
-    """The client (party 3): shares its input and reconstructs the revealed output.
-
-    Its randomness is private (a fresh OS key unless ``randomness`` is given)."""
-
-    party = CLIENT
-
-    def __init__(self, transport: Transport, randomness: Randomness | None = None):
-        if transport.party != CLIENT:
-            raise ValueError(f"the client is party {CLIENT}, got a transport for party {transport.party}")
-        self.transport = transport
-        self.rand = randomness if randomness is not None else PartyKeys(CLIENT).session(secrets.token_bytes(16))
-
-    def share_input(self, x: torch.Tensor) -> None:
-        """Send (x_i, x_{i+1}) to P_i with x0, x1 uniform and x2 = x - x0 - x1. 1 round; 48 B per
-        element sent by the client (16 to each server)."""
-        x = _public(x)
-        x0, x1 = self.rand.private(x.shape), self.rand.private(x.shape)
-        comps = (x0, x1, x - x0 - x1)
-        self.transport.exchange({i: torch.stack((comps[i], comps[(i + 1) % 3])) for i in range(3)}, {})
-
-    def receive_output(self, shape: Sequence[int]) -> torch.Tensor:
-        """Receive x_i from every P_i and return x0 + x1 + x2. 1 round; the client sends nothing."""
-        shape = tuple(int(s) for s in shape)
-        got = self.transport.exchange({}, {i: shape for i in range(3)})
-        return got[0] + got[1] + got[2]
-
-
-class PartyFailure(RuntimeFault):
-    """A party's thread failed; ``party`` names it (3 = client) and ``__cause__`` holds the error."""
-
-    def __init__(self, party: int, exc: BaseException):
-        who = "the client" if party == CLIENT else f"party P{party}"
-        super().__init__(f"{who} failed: {type(exc).__name__}: {exc}")
-        self.party = party
-
-
-def run_threads(
-    fn_party: Callable[[RSSEngine], R],
-    fn_client: Callable[[Client], C] | None = None,
-    *,
-    frac_bits: int = 16,
-    timeout: float = 30.0,
-    session_id: str | None = None,
-    scheduler: str = "threads",
-) -> tuple[list[R], C | None, list[dict[str, StepStats]]]:
-    """Run ``fn_party`` on P0, P1, P2 and ``fn_client`` on the client, all in this process.
-
-    ``scheduler``: ``"threads"`` gives each party its own OS thread (big tensor products of
-    different parties overlap on several cores); ``"lockstep"`` runs them as greenlets in this
-    thread, switching at every wait (:class:`siguard.runtime.mpc.transport.LockstepNetwork`: a round costs
-    less than half as much, which round-bound plans such as the guard feel). The protocol, the
-    messages and the statistics are the same.
-
-    The servers first agree on keys (:func:`siguard.runtime.mpc.prg.setup_keys`, step "setup"), then derive
-    the session's PRF streams. Returns (the three servers' results, the client's result or None,
-    the per-step transport statistics of parties 0..3). When a party raises, the network is
-    aborted so nobody waits for it, and the first failure (preferring a root cause over the
-    aborts it triggered) is raised as :class:`PartyFailure` naming the party.
-    """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(SCHEDULERS)})")
-    session = session_id if session_id is not None else secrets.token_hex(8)
-    net: InProcessNetwork | LockstepNetwork
-    if scheduler == "lockstep":
-        net = LockstepNetwork(4, session=session, timeout=timeout)
-    else:
-        net = InProcessNetwork(4, timeout=timeout, session=session)
-    results: list[Any] = [None, None, None]
-    client_result: list[Any] = [None]
-
-    def server(i: int) -> None:
-        transport = net.transport(i)
-        keys = setup_keys(transport)
-        results[i] = fn_party(RSSEngine(i, transport, keys.session(session), frac_bits))
-
-    def client() -> None:
-        client_result[0] = fn_client(Client(net.transport(CLIENT)))
-
-    bodies: dict[int, Callable[[], None]] = {i: (lambda i=i: server(i)) for i in range(3)}
-    if fn_client is not None:
-        bodies[CLIENT] = client
-    if isinstance(net, LockstepNetwork):
-        failures = net.run(bodies)
-    else:
-        failures = _run_in_threads(net, bodies)
-    stats = [net.transport(p).stats for p in range(4)]
-    net.close()
-    if failures:
-        root = [f for f in failures if not isinstance(f[1], TransportAborted)] or failures
-        party, exc = root[0]
-        raise PartyFailure(party, exc) from exc
-    return results, client_result[0], stats
-
-
-#: how :func:`run_threads` runs the parties of one process
-SCHEDULERS = ("threads", "lockstep")
-
-
-def _run_in_threads(net: InProcessNetwork, bodies: dict[int, Callable[[], None]]) -> list[tuple[int, BaseException]]:
-    """Each body in its own thread; returns the failures (party, exception) in the order they happened,
-    aborting the network at the first so nobody waits for a dead party."""
-    failures: list[tuple[int, BaseException]] = []
-    lock = threading.Lock()
-
-    def guarded(party: int, body: Callable[[], None]) -> None:
-        try:
-            body()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            with lock:
-                failures.append((party, exc))
-            net.abort(f"party {party} failed: {type(exc).__name__}: {exc}")
-
-    names = {CLIENT: "siguard-client"}
-    threads = [threading.Thread(target=guarded, args=(p, body), name=names.get(p, f"siguard-P{p}"), daemon=True)
-               for p, body in bodies.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return failures

@@ -262,7 +262,8 @@ class Transport(ABC):
         """Release resources; the in-process transport has none."""
 
 
-_ABORT = object()
+#: put on a link's queue when the network is aborted (every receive on that link then fails)
+ABORT = object()
 
 
 class InProcessNetwork:
@@ -296,7 +297,7 @@ class InProcessNetwork:
                 return
             self.abort_reason = reason
         for link in self._links.values():
-            link.put(_ABORT)
+            link.put(ABORT)
 
     def close(self) -> None:
         self.abort("network closed")
@@ -336,8 +337,8 @@ class InProcessTransport(Transport):
                 self.party,
                 peer,
             ) from None
-        if item is _ABORT:
-            network._links[(peer, self.party)].put(_ABORT)  # leave it for any later receive on this link
+        if item is ABORT:
+            network._links[(peer, self.party)].put(ABORT)  # leave it for any later receive on this link
             raise TransportAborted(
                 f"party {self.party}: aborted while waiting for party {peer}: {network.abort_reason}",
                 self.party,

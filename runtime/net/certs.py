@@ -33,7 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from siguard.core.errors import InputError
 
-__all__ = ["ROLES", "make_certs", "issue_certificate", "fingerprint_of_pem"]
+from .config import render_config
+
+__all__ = ["ROLES", "make_certs", "issue_certificate"]
 
 #: the four roles that get a certificate, in party order (0, 1, 2, client)
 ROLES = ("P0", "P1", "P2", "client")
@@ -181,15 +183,8 @@ def make_certs(
         written[role], written[f"{role}_key"] = d / f"{role}.pem", d / f"{role}.key"
     config = d / "parties.toml"
     if write_config and (force or not config.exists()):
-        from .config import render_config
 
         servers = {r: (hosts.get(r, "127.0.0.1"), port_base + i) for i, r in enumerate(ROLES[:3])}
         config.write_text(render_config(servers, cert_dir=".", with_keys=True))
         written["config"] = config
     return written
-
-
-def fingerprint_of_pem(data: bytes) -> str:
-    """SHA-256 fingerprint (hex) of the DER form of a PEM certificate."""
-    cert = x509.load_pem_x509_certificate(data)
-    return cert.fingerprint(hashes.SHA256()).hex()

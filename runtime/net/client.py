@@ -5,7 +5,7 @@ present the certificate pinned for it in ``parties.toml``), say hello to P0 and 
 id, token and the plan's public input/output shapes back, check the input against them, join the
 session at P1 and P2, compare the three servers' plan hash, protocol version and fractional bits
 (with each other and with ``plan_hash`` if configured), secret-share the input
-(:meth:`siguard.runtime.mpc.rss.Client.share_input`: 16 bytes per element to each server, from the OS CSPRNG
+(:meth:`siguard.runtime.mpc.client.Client.share_input`: 16 bytes per element to each server, from the OS CSPRNG
 via a fresh private PRF key) and reconstruct the revealed output. The client learns nothing but
 the output (and public information: shapes, the plan hash, rounds and bytes per step).
 
@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 from siguard.core.errors import InputError, RuntimeFault
-from siguard.runtime.local import check_inputs
-from siguard.runtime.mpc.rss import Client
+from siguard.runtime.inputs import check_inputs
+from siguard.runtime.mpc.client import Client
 from siguard.runtime.mpc.transport import TransportError
 from siguard.runtime.ring import decode, encode
+from siguard.runtime.stats import summarize
 
 from .config import CLIENT, PartiesConfig, party_name
 from .tls import (
@@ -64,7 +65,7 @@ class QueryResult:
 
 
 class _Specs:
-    """The public part of the plan the client needs for :func:`siguard.runtime.local.check_inputs`."""
+    """The public part of the plan the client needs for :func:`siguard.runtime.inputs.check_inputs`."""
 
     def __init__(self, inputs: list[dict[str, Any]], frac_bits: int):
         self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]]} for s in inputs]
@@ -242,7 +243,6 @@ def _raw_inputs(specs: list[dict[str, Any]], inputs: Any) -> dict[str, np.ndarra
 def _summary(stats_msgs: dict[int, dict[str, Any]], transport: NetTransport) -> dict[str, Any]:
     if len(stats_msgs) != 3:
         return {}
-    from siguard.runtime.stats import summarize
 
     per_party = []
     for j in range(3):

@@ -37,7 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
 from siguard.core.errors import InputError
+from siguard.runtime.mpc.transport import CLIENT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,7 +50,6 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config", "render_config", "party_name"]
 
-CLIENT = 3
 PARTY_NAMES = ("P0", "P1", "P2", "client")
 
 
@@ -128,8 +131,7 @@ class PartiesConfig:
 
 
 def _fingerprint(path: Path, where: str) -> str:
-    from cryptography import x509
-
+    """SHA-256 (hex) of the DER form of the PEM certificate at ``path``: what peers pin."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -138,9 +140,7 @@ def _fingerprint(path: Path, where: str) -> str:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError:
         raise InputError(f"{where}: {path} is not a PEM certificate") from None
-    from cryptography.hazmat.primitives import serialization
-
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _entry(doc: Mapping[str, Any], party: int, base: Path, where: str) -> PartyEntry:

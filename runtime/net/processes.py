@@ -29,7 +29,10 @@ import numpy as np
 
 from siguard.compiler.plan import Plan
 from siguard.core.errors import RuntimeFault
-from siguard.runtime.local import RunResult, check_inputs
+from siguard.runtime.inputs import RunResult, check_inputs
+
+from .certs import make_certs
+from .config import render_config
 
 __all__ = ["Trio", "run_processes", "free_ports", "write_loopback_config", "siguard_command", "child_env"]
 
@@ -76,8 +79,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 def write_loopback_config(directory: Path, cert_dir: Path | None = None, host: str = "127.0.0.1") -> Path:
     """Certificates (unless ``cert_dir`` holds them) and a ``parties.toml`` on ``host`` with
     free ports, in ``directory``. Returns the configuration's path."""
-    from .certs import make_certs
-    from .config import render_config
 
     directory.mkdir(parents=True, exist_ok=True)
     if cert_dir is None:
@@ -244,7 +245,6 @@ def run_processes(
     with tempfile.TemporaryDirectory(prefix="siguard-processes-") as tmp:
         work = Path(keep) if keep is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        from .certs import make_certs
 
         certs = work / "certs"
         make_certs(certs, write_config=False, force=True)

@@ -47,7 +47,15 @@ from typing import Any
 import torch
 
 from siguard.compiler.plan import PROTOCOL, PROTOCOL_VERSION
-from siguard.runtime.mpc.transport import FrameHeader, Transport, TransportAborted, TransportError, TransportTimeout
+from siguard.runtime.mpc.transport import (
+    ABORT,
+    FrameHeader,
+    StepStats,
+    Transport,
+    TransportAborted,
+    TransportError,
+    TransportTimeout,
+)
 
 from .config import party_name
 
@@ -548,7 +556,6 @@ class Heartbeat:
                     pass
 
 
-_ABORT = object()
 
 
 class Mailbox:
@@ -563,11 +570,12 @@ class Mailbox:
         self._queues[peer].put(item)
 
     def get(self, peer: int, timeout: float) -> Any:
-        """The next item from ``peer``; :data:`_ABORT` once aborted; raises queue.Empty on timeout."""
+        """The next item from ``peer``; :data:`~siguard.runtime.mpc.transport.ABORT` once aborted; raises
+        queue.Empty on timeout."""
         q = self._queues[peer]
         item = q.get(timeout=timeout)
-        if item is _ABORT:
-            q.put(_ABORT)  # for any later receive
+        if item is ABORT:
+            q.put(ABORT)  # for any later receive
         return item
 
     def abort(self, reason: str) -> bool:
@@ -577,7 +585,7 @@ class Mailbox:
                 return False
             self.reason = reason
         for q in self._queues.values():
-            q.put(_ABORT)
+            q.put(ABORT)
         return True
 
 
@@ -616,7 +624,7 @@ class NetTransport(Transport):
                 f"{me}: no message from {party_name(peer)} within {self.timeout:g} s ({self._where()})",
                 self.party, peer,
             ) from None
-        if item is _ABORT:
+        if item is ABORT:
             raise TransportAborted(f"{me}: {self.mailbox.reason} ({self._where()})", self.party, peer)
         return item
 
@@ -669,7 +677,6 @@ def stats_to_json(stats: Mapping[str, Any]) -> dict[str, list]:
 
 def stats_from_json(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`stats_to_json`."""
-    from siguard.runtime.mpc.transport import StepStats
 
     out = {}
     for name, (rounds, sent, received, framing) in doc.items():

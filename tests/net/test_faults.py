@@ -189,7 +189,7 @@ def test_malformed_shares_are_rejected_by_the_servers(serving, net_plans, digit_
 
 def test_client_disconnecting_mid_query_leaves_the_servers_serving(serving, net_plans, digit_inputs, tmp_path,
                                                                     monkeypatch):
-    import siguard.runtime.mpc.rss
+    import siguard.runtime.mpc.client
 
     trio, config, _ = serving
     before = [trio.log(i).count("failed") for i in range(3)]
@@ -199,7 +199,7 @@ def test_client_disconnecting_mid_query_leaves_the_servers_serving(serving, net_
             link.close()
         raise RuntimeError("client vanished")
 
-    monkeypatch.setattr(siguard.runtime.mpc.rss.Client, "receive_output", vanish)
+    monkeypatch.setattr(siguard.runtime.mpc.client.Client, "receive_output", vanish)
     with pytest.raises(RuntimeError, match="client vanished"):
         QueryClient(load_config(config), timeout=5).run(digit_inputs[:1])
     monkeypatch.undo()

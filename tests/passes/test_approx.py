@@ -10,8 +10,8 @@ import pytest
 
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import inspect_json, render
+from siguard.core.config import AccuracyBudget, parse_budget, parse_overrides
 from siguard.core.errors import InputError
-from siguard.passes.approx import AccuracyBudget, parse_budget, parse_overrides
 from siguard.pipeline import CompileOptions, compile_model, write_plan
 from siguard.runtime.local import run_reference
 from tests.conftest import ort_run

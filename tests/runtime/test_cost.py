@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from siguard.runtime.kernels.cost import PRIMITIVE_COSTS, CostEngine
-from siguard.runtime.mpc.rss import run_threads
+from siguard.runtime.mpc.inprocess import run_threads
 from siguard.runtime.mpc.transport import StepStats
 
 

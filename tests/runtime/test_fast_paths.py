@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from siguard.runtime.mpc import rss
-from siguard.runtime.mpc.rss import RSSEngine, Shares, run_threads
+from siguard.runtime.mpc.inprocess import run_threads
+from siguard.runtime.mpc.rss import RSSEngine, Shares
 from siguard.runtime.ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 
 MASK = (1 << 64) - 1
@@ -84,7 +85,8 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
         ws = e.input("model", w if e.party == 0 else None, w.shape)
         xs = e.input("P1", x if e.party == 1 else None, x.shape)
         xs = e.add(xs, e.input("P2", torch.zeros_like(x) if e.party == 2 else None, x.shape))  # all slots random
-        assert rss._zero_slot(ws.b) == (e.party == 1) and rss._zero_slot(ws.a) == (e.party == 2)
+        assert isinstance(ws, rss.ServerInput)  # the owner's component is P0's alone: P1's slot b, P2's slot a are 0
+        assert (not ws.b.any()) == (e.party == 1) and (not ws.a.any()) == (e.party == 2)
         before = calls[e.party]
         y = e.conv2d(xs, ws, (1, 1), (1, 1), (1, 1), 1)
         products = calls[e.party] - before
@@ -133,36 +135,3 @@ def test_matmul_with_owner_weights_and_prepared_matrices_are_reused():
     want = [[_signed(sum(int(x[i, k]) * int(w[k, j]) for k in range(7))) for j in range(5)] for i in range(3)]
     assert torch.equal(mm, torch.tensor(want))
     assert torch.equal(y1, conv_bigint(xc, wc, 1, 1)) and torch.equal(y2, y1)
-
-
-def test_zero_slot_detection_is_conservative():
-    assert not rss._zero_slot(torch.zeros(4, dtype=torch.int64))  # a real tensor: not known to stay zero
-    assert not rss._zero_slot(torch.ones((), dtype=torch.int64).expand(3, 3))
-    assert not rss._zero_slot(rss._ZERO.expand(1))
-    assert rss._zero_slot(rss._ZERO.expand(2, 3))
-
-
-def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
-    from siguard.compiler.plan import Plan
-    from siguard.pipeline import CompileOptions, compile_model, write_plan
-    from siguard.runtime.local import op_breakdown, run_reference
-    from siguard.runtime.local import run_threads as run_plan
-
-    write_plan(compile_model(mlp_onnx, CompileOptions(batch=2)), tmp_path / "plan")
-    plan = Plan.load(tmp_path / "plan")
-    x = np.random.default_rng(0).uniform(0, 1, (2, 64)).astype(np.float32)
-    one = run_plan(plan, x, timeout=60)
-    many = run_plan(plan, x, timeout=60, queries=3)
-    ref = run_reference(plan, x).output
-    assert np.abs(many.output - ref).max() < 1e-2
-    assert len(many.stats["query_seconds_all"]) == 3 and many.stats["query_seconds"] > 0
-    assert many.stats["totals"] == one.stats["totals"]  # the last query's counts, not the sum
-    assert many.stats["setup"]["rounds"] == one.stats["setup"]["rounds"]
-    rows = op_breakdown(plan, many.stats)
-    assert sum(r["steps"] for r in rows) == len(plan.steps)  # local steps included
-    assert set(many.stats["step_seconds"]) == {s["name"] for s in plan.steps}
-    step_rounds = {r["name"]: r["rounds"] for r in many.stats["steps"]}
-    assert sum(r["rounds"] for r in rows) == sum(step_rounds.get(s["name"], 0) for s in plan.steps)
-    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
-    with pytest.raises(ValueError):
-        run_plan(plan, x, queries=0)

@@ -16,7 +16,7 @@ from siguard.compiler.plan import Plan
 from siguard.pipeline import CompileOptions, compile_model, write_plan
 from siguard.runtime.local import run_reference
 from siguard.runtime.local import run_threads as run_plan
-from siguard.runtime.mpc.rss import SCHEDULERS, PartyFailure, run_threads
+from siguard.runtime.mpc.inprocess import SCHEDULERS, PartyFailure, run_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 8

@@ -532,7 +532,7 @@ def test_layer_norm_and_prelu_round_counts():
 def test_secure_engine_agrees_with_plain():
     """The same code on three RSS parties: comparison-only functions are identical, the others
     differ by a few ulps (the secure truncation errs by up to 1 ulp, each)."""
-    from siguard.runtime.mpc.rss import run_threads
+    from siguard.runtime.mpc.inprocess import run_threads
 
     logits = encode(_logits(k=5, rows=6), FRAC)
     wide = encode(np.linspace(-8, 8, 12).reshape(3, 4), FRAC)

@@ -7,7 +7,7 @@ import torch
 from siguard.runtime.kernels.cost import CostEngine
 from siguard.runtime.kernels.nonlinear import relu
 from siguard.runtime.kernels.plain import Clear, PlainEngine
-from siguard.runtime.mpc.rss import PartyFailure, run_threads
+from siguard.runtime.mpc.inprocess import PartyFailure, run_threads
 from tests.runtime.test_cost import check
 from tests.runtime.test_rss import compare, open_at_p0, rand_words, with_edges
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from siguard.runtime.kernels.plain import Clear, ClearBits, PlainEngine
-from siguard.runtime.mpc.rss import BoolShares, PartyFailure, RSSEngine, Shares, run_threads
+from siguard.runtime.mpc.inprocess import PartyFailure, run_threads
+from siguard.runtime.mpc.rss import BoolShares, RSSEngine, Shares
 from siguard.runtime.mpc.transport import (
     FrameHeader,
     InProcessNetwork,

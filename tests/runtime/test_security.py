@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
-from siguard.runtime.mpc.rss import run_threads
+from siguard.runtime.mpc.inprocess import run_threads
 from siguard.runtime.mpc.transport import InProcessTransport
 from siguard.runtime.ring import rshift_logical
 
