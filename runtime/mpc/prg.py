@@ -1,6 +1,6 @@
 """Correlated randomness for 3-party replicated sharing: an AES-128-CTR PRF and pairwise keys.
 
-Keys (PROTOCOLS §2). Server P_i samples a 16-byte key k_i and sends it to its predecessor
+Keys (docs/protocols.md §2). Server P_i samples a 16-byte key k_i and sends it to its predecessor
 P_{i-1} once, at setup; afterwards P_i holds (k_i, k_{i+1}) -- the same index pattern as its
 shares (x_i, x_{i+1}). Key k_j is therefore known to exactly P_j and P_{j-1}, and F_{k_j} is a
 value that the third party P_{j+1} cannot predict. Every server also holds a *common* key (known

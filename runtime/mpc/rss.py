@@ -1,6 +1,6 @@
 """3-party replicated secret sharing over Z_2^64 (semi-honest, honest majority): the secure Engine.
 
-Layout (PROTOCOLS §1): x = x0 + x1 + x2 mod 2^64 and server P_i holds (x_i, x_{i+1}) as the
+Layout (docs/protocols.md §1): x = x0 + x1 + x2 mod 2^64 and server P_i holds (x_i, x_{i+1}) as the
 two slots ``a``, ``b`` of a :class:`Shares`. Component j is held by P_j (slot a) and P_{j-1}
 (slot b). Bits are XOR-shared the same way (:class:`BoolShares`), one bit per element in the
 least significant bit of each share word (every share word is 0 or 1).
@@ -585,7 +585,7 @@ class RSSEngine(Engine):
     def msb(self, x: Shares) -> BoolShares:
         """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
 
-        A2B-free carry-out (PROTOCOLS §5). Component x_j alone is a Boolean sharing of x_j with only
+        A2B-free carry-out (docs/protocols.md §5). Component x_j alone is a Boolean sharing of x_j with only
         component j non-zero, so P_i's slots (x_i, x_{i+1}) are also its Boolean shares of
         s = x0 ^ x1 ^ x2.
 

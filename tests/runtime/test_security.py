@@ -1,4 +1,4 @@
-"""Statistical checks of what each server sees (PROTOCOLS §10).
+"""Statistical checks of what each server sees (docs/protocols.md §8).
 
 * every share component of fresh sharings (client input, mul, trunc, b2a outputs, msb bits) is
   uniform for fixed secrets;
