@@ -366,7 +366,8 @@ def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's options (README.md and benchmarks/README.md quote command lines of it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18", "resnet34"], choices=list(SHAPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -391,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme-path", default=str(ROOT / "README.md"))
     ap.add_argument("--worker-threads", nargs=5, metavar=("PLAN", "X", "REPEAT", "OUT", "SCHEDULER"),
                     help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.worker_threads:
         plan, x, repeat, out, scheduler = args.worker_threads
