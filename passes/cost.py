@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from siguard.compiler.ir import Graph, Node
+from siguard.runtime.executor import StepContext
 from siguard.runtime.kernels.cost import CostEngine, MetaShares
 from siguard.runtime.kernels.handlers import handler_for
 from siguard.runtime.ring import encode
@@ -28,23 +29,10 @@ def _secret(shape) -> MetaShares:
     return MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta"))
 
 
-class _GraphContext:
-    """The handler context (see siguard.runtime.executor.StepContext) over an IR graph."""
-
-    def __init__(self, engine: CostEngine, graph: Graph, frac_bits: int):
-        self.e = engine
-        self.graph = graph
-        self.frac_bits = frac_bits
-
-    def scale_of(self, name: str) -> int:
-        s = self.graph.values[name].scale
-        return self.frac_bits if s is None else int(s)
-
-
 def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
     """Run the node's runtime handler on the cost engine (shapes only) and return its cost."""
     engine = CostEngine(frac_bits)
-    ctx = _GraphContext(engine, graph, frac_bits)
+    ctx = StepContext(engine, frac_bits, {name: v.scale for name, v in graph.values.items()})
     args = []
     for name in node.inputs:
         v = graph.values[name]

@@ -44,7 +44,6 @@ class InsertGuard(Pass):
         self.config = config or GuardConfig()
 
     def _weights(self):
-
         if isinstance(self.defender, DefenderWeights):
             return self.defender
         path = Path(self.defender)

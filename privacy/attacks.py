@@ -379,7 +379,6 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
     """
     import torch
 
-
     with single_threaded():
         torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
         model = train_classifier(make_mlp(input_shape, num_classes), x_in, y_in, epochs=epochs, seed=seed)

@@ -79,7 +79,6 @@ class AuditData:
 
     @classmethod
     def from_files(cls, members: str | Path, nonmembers: str | Path, shadow: str | Path) -> AuditData:
-
         xm, ym = load_npz(members, "members")
         xn, yn = load_npz(nonmembers, "non-members")
         xs, ys = load_npz(shadow, "shadow")
@@ -133,7 +132,6 @@ def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
 
 
 def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> tuple[Any, Any]:
-
     if not model.exists():
         raise InputError(f"model file {model} does not exist")
     plan, gplan = Plan.load(plan_dir), Plan.load(guarded_dir)
@@ -161,7 +159,6 @@ class _Runner:
         self.weights = plan.load_weights()
 
     def _one(self, x: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
-
         if self.mode == "reference":
             r = run_reference(self.plan, x, self.weights)
         elif self.mode in ("threads", "lockstep"):
@@ -175,7 +172,6 @@ class _Runner:
         """Outputs of all rows of ``x``, the summed time, rounds and MB per party. The progress bar counts the
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
         from tqdm import tqdm
-
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:

@@ -52,7 +52,6 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
     ``mode``: how the plans run, one of :data:`siguard.privacy.audit.MODES` (see
     :func:`siguard.privacy.audit.run_audit`)."""
 
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -119,7 +119,6 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     import torch
     from sklearn.metrics import roc_auc_score
 
-
     t0 = time.perf_counter()
     mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
     torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
@@ -244,7 +243,6 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
-
 
     configs = configs or CONFIGS
     t0 = time.perf_counter()

@@ -75,7 +75,6 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
     ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
     import onnxruntime as ort
 
-
     try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     except Exception as exc:

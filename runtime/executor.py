@@ -2,11 +2,11 @@
 
 Call tree (override points)::
 
-    Executor.run(inputs)
-      ├─ _input_step(step)         client input -> secret shares           (op "input")
-      ├─ run_step(step)            one plan step
+    Executor.run(inputs[, env, start, stop])
+      ├─ engine.input(...)         client input -> secret shares           (op "input")
+      ├─ run_step(step, env)       one plan step (the per-step hook)
       │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
-      └─ _reveal_step(step)        open the output to the client only      (op "reveal")
+      └─ engine.reveal(...)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
 re-raised as :class:`siguard.core.errors.RuntimeFault` naming the step, the op and the party.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,19 +35,22 @@ __all__ = ["Executor", "StepContext", "encode_public_constants"]
 
 
 class StepContext:
-    """What a handler may use besides its arguments: the engine and the plan's value table."""
+    """What a handler may use besides its arguments: the engine, the fractional bits and each value's
+    fixed-point scale (None = the default ``frac_bits``). Built from a plan (:meth:`for_plan`) by the
+    executor, and from an IR graph by the cost pass."""
 
-    def __init__(self, engine: Engine, plan: Plan):
+    def __init__(self, engine: Engine, frac_bits: int, scales: Mapping[str, int | None]):
         self.e = engine
-        self.plan = plan
+        self.frac_bits = int(frac_bits)
+        self._scales = scales
 
-    @property
-    def frac_bits(self) -> int:
-        return self.plan.frac_bits
+    @classmethod
+    def for_plan(cls, engine: Engine, plan: Plan) -> StepContext:
+        return cls(engine, plan.frac_bits, {name: v["scale"] for name, v in plan.values.items()})
 
     def scale_of(self, name: str) -> int:
-        s = self.plan.values[name]["scale"]
-        return self.plan.frac_bits if s is None else int(s)
+        s = self._scales[name]
+        return self.frac_bits if s is None else int(s)
 
 
 def encode_public_constants(plan: Plan) -> dict[str, torch.Tensor]:
@@ -68,7 +71,7 @@ class Executor:
     def __init__(self, plan: Plan, engine: Engine, progress: Callable[[int, int, dict], None] | None = None):
         self.plan = plan
         self.engine = engine
-        self.ctx = StepContext(engine, plan)
+        self.ctx = StepContext.for_plan(engine, plan)
         self.progress = progress
         self.constants = encode_public_constants(plan)
         self.weights: dict[str, Any] = {}
@@ -111,18 +114,25 @@ class Executor:
         return "the reference executor" if p is None else f"party P{p}"
 
     # ---- running ------------------------------------------------------------------------------
-    def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
-        """Execute every step. ``inputs`` maps input names to ring tensors where the client's
+    def run(self, inputs: dict[str, torch.Tensor] | None = None, *, env: dict[str, Any] | None = None,
+            start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor | None]:
+        """Execute the steps. ``inputs`` maps input names to ring tensors where the client's
         data is available to this engine (the plain engine), else None. Returns the revealed
-        outputs (ring tensors at the receiver, None elsewhere)."""
+        outputs (ring tensors at the receiver, None elsewhere).
+
+        ``env``, ``start``, ``stop``: run only steps ``start`` to ``stop - 1`` on the live values in
+        ``env`` (updated in place: a checkpoint that a later call resumes from). The approximation
+        search measures each candidate this way, re-running only the steps after the node it decides."""
         if self.plan.doc["weights"] and not self.weights:
             raise RuntimeFault(f"{self._who()}: weights were not shared before running")
-        env: dict[str, Any] = {}
+        env = {} if env is None else env
         outputs: dict[str, torch.Tensor | None] = {}
         steps = self.plan.steps
+        stop = len(steps) if stop is None else stop
         timings = self.step_seconds = {}
         clock = time.perf_counter
-        for i, step in enumerate(steps):
+        for i in range(start, stop):
+            step = steps[i]
             if self.progress is not None:
                 self.progress(i, len(steps), step)
             t0 = clock()

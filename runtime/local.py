@@ -60,7 +60,6 @@ def run_threads(
     ``query_seconds``: the query alone, from the servers' first step to the reveal, without the
     key set-up and the weights' sharing that a server does once at start (``seconds`` has all)."""
 
-
     xs = check_inputs(plan, inputs)
     w = plan.load_weights() if weights is None else weights
     f = plan.frac_bits

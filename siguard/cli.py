@@ -24,13 +24,11 @@ __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-
     return load_npy(path, "input")
 
 
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace) -> int:
-
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
@@ -56,7 +54,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-
     plan = Plan.load(args.plan)
     text = render(plan, args.format)
     if args.out:
@@ -68,7 +65,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-
     plan = Plan.load(args.plan)
     x = _load_npy(args.input)
     if args.mode == "reference":
@@ -100,7 +96,6 @@ def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: s
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-
     run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed,
              progress=not args.no_progress and sys.stderr.isatty())
     return 0

@@ -12,7 +12,6 @@ __all__ = ["register", "cmd_audit"]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-
     data = AuditData.from_files(args.members, args.nonmembers, args.shadow)
     doc = run_audit(args.model, args.plan, args.guarded_plan, data, report_dir=args.report, mode=args.mode,
                     shadow_epochs=args.shadow_epochs, seed=args.seed, timeout=args.timeout,

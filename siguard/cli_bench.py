@@ -30,7 +30,6 @@ def _bench_input(plan, path: str | None, seed: int) -> np.ndarray:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
     plan = Plan.load(args.plan)

@@ -253,7 +253,6 @@ NONLINEAR = (
 
 @register(*NONLINEAR)
 def _nonlinear(ctx, step, args):
-
     fn = nonlinear.get_implementation(step["op"], step["impl"])
     params = dict(step["attrs"])
     params.update(step.get("impl_params") or {})
@@ -263,8 +262,6 @@ def _nonlinear(ctx, step, args):
 # ---- the SIGuard guard ---------------------------------------------------------------------------
 @register("guard")
 def _guard(ctx, step, args):
-
-
     fields = GuardConfig.__dataclass_fields__
     cfg = GuardConfig(**{k: v for k, v in step["attrs"].items() if k in fields})
     return [secure_guard(ctx.e, *args, config=cfg)]
