@@ -16,8 +16,9 @@ from siguard.compiler.plan import Plan
 from siguard.compiler.report import render
 from siguard.core.config import GuardConfig, parse_budget
 from siguard.core.errors import InputError, SiguardError
-from siguard.passes.approx import Approximate, Calibrate
+from siguard.passes.approx import Approximate
 from siguard.passes.base import PassContext, PassManager
+from siguard.passes.calibrate import Calibrate
 from siguard.passes.canonicalize import Canonicalize
 from siguard.passes.cost import CostAnnotation
 from siguard.passes.fixedpoint import FixedPoint

@@ -224,7 +224,7 @@ def guard_scenario(tmp_path_factory):
 
 
 def test_parse_guard_label_round_trips():
-    from siguard.passes.approx import guard_label, parse_guard_label
+    from siguard.passes.candidates import guard_label, parse_guard_label
 
     knobs = {"exp_degree": 3, "recip_degree": 4, "norm_iterations": 1}
     assert parse_guard_label(guard_label(knobs)) == knobs
