@@ -245,6 +245,16 @@ def _resolve_relative(pkg: str, dots: str, rest: str) -> str:
     return ".".join(base + ([rest] if rest else []))
 
 
+def _map_lines(text: str, pattern: re.Pattern, fn) -> str:
+    """Each line that ``pattern`` matches (without its newline) replaced by ``fn(match)`` (None: kept)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        m = pattern.match(line.rstrip("\n"))
+        new = fn(m) if m else None
+        out.append(line if new is None else new + line[len(line.rstrip("\n")):])
+    return "".join(out)
+
+
 def rewrite_relative(path: Path, text: str) -> str:
     """Relative imports that do not resolve from the file's place: resolve them from its old place and rewrite."""
     pkg = package_of(path)
@@ -252,22 +262,16 @@ def rewrite_relative(path: Path, text: str) -> str:
         return text
     # the package the file had in the old layout (``runtime`` for runtime/mpc/rss.py), without the namespace
     old_pkg = new_to_old(module_of(path)).rpartition(".")[0] if path.name != "__init__.py" else new_to_old(pkg)
-    out = []
-    for line in text.splitlines(keepends=True):
-        m = _FROM_REL.match(line.rstrip("\n"))
-        if not m:
-            out.append(line)
-            continue
+
+    def rewrite(m: re.Match) -> str | None:
         head, dots, rest, imp, names = m.groups()
         target = _resolve_relative(pkg, dots, rest)
         if rest and module_exists(target):
-            out.append(line)
-            continue
+            return None
         if not rest:  # from . import name: fine if every name is a module or the package's own attribute
             single = names.split(" as ")[0].strip().strip("(")
             if module_exists(f"{target}.{single}") or "," in names or "(" in names:
-                out.append(line)
-                continue
+                return None
         old_base = _resolve_relative(old_pkg, dots, rest) if old_pkg else None
         new = old_to_new(old_base) if old_base else None
         if new is None and old_pkg and not rest:
@@ -276,15 +280,13 @@ def rewrite_relative(path: Path, text: str) -> str:
             if full and module_exists(full):
                 parent, _, leaf = full.rpartition(".")
                 alias = f" as {single}" if leaf != single and " as " not in names else ""
-                out.append(f"{head}{_relativise(pkg, parent)}{imp}{leaf}{alias}{names[len(single):]}"
-                           + ("\n" if line.endswith("\n") else ""))
-                continue
+                return f"{head}{_relativise(pkg, parent)}{imp}{leaf}{alias}{names[len(single):]}"
         if new is None or not module_exists(new):
-            print(f"restructure: warning: cannot resolve {line.strip()!r} in {path.relative_to(ROOT)}")
-            out.append(line)
-            continue
-        out.append(f"{head}{_relativise(pkg, new)}{imp}{names}" + ("\n" if line.endswith("\n") else ""))
-    return "".join(out)
+            print(f"restructure: warning: cannot resolve {m.group(0).strip()!r} in {path.relative_to(ROOT)}")
+            return None
+        return f"{head}{_relativise(pkg, new)}{imp}{names}"
+
+    return _map_lines(text, _FROM_REL, rewrite)
 
 
 def _relativise(pkg: str, target: str) -> str:
@@ -295,20 +297,16 @@ def _relativise(pkg: str, target: str) -> str:
 
 def rewrite_from_package(text: str) -> str:
     """``from runtime import rss`` -> ``from siguard.runtime.mpc import rss``."""
-    out = []
-    for line in text.splitlines(keepends=True):
-        m = _FROM_PKG.match(line.rstrip("\n"))
-        if not m:
-            out.append(line)
-            continue
+
+    def rewrite(m: re.Match) -> str | None:
         head, pkg, imp, names = m.groups()
         targets = {old_to_new(f"{pkg}.{n.split(' as ')[0].strip()}").rpartition(".")[0] for n in names.split(",")}
         if len(targets) != 1:
-            print(f"restructure: warning: split by hand: {line.strip()!r}")
-            out.append(line)
-            continue
-        out.append(f"{head}{targets.pop()}{imp}{names}" + ("\n" if line.endswith("\n") else ""))
-    return "".join(out)
+            print(f"restructure: warning: split by hand: {m.group(0).strip()!r}")
+            return None
+        return f"{head}{targets.pop()}{imp}{names}"
+
+    return _map_lines(text, _FROM_PKG, rewrite)
 
 
 _FROM_ABS = re.compile(r"^([ \t]*)from[ \t]+([\w.]+)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.M)
@@ -319,7 +317,7 @@ def rewrite_moved_symbols(text: str) -> str:
 
     def sub(m: re.Match) -> str:
         indent, module, names = m.group(1), m.group(2), m.group(3)
-        moved = SYMBOL_MOVES.get(module)
+        moved = {k: v for k, v in SYMBOL_MOVES.get(module, {}).items() if module_exists(v)}
         if not moved:
             return m.group(0)
         comment = ""
@@ -337,6 +335,8 @@ def rewrite_moved_symbols(text: str) -> str:
     text = _FROM_ABS.sub(sub, text)
     for module, names in SYMBOL_MOVES.items():  # dotted uses: siguard.runtime.mpc.rss.Client
         for name, new in names.items():
+            if not module_exists(new):
+                continue
             text = re.sub(rf"(?<![\w.]){re.escape(module)}\.{name}\b", f"{new}.{name}", text)
     return text
 
