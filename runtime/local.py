@@ -12,8 +12,8 @@ from siguard.runtime.kernels.plain import PlainEngine
 from siguard.runtime.mpc.inprocess import run_threads as run_parties
 
 from .executor import Executor
-from .inputs import RunResult, check_inputs
 from .ring import decode, encode
+from .runs import RunResult, check_inputs
 from .stats import summarize
 
 __all__ = ["run_reference", "run_threads"]

@@ -61,6 +61,7 @@ MOVES = {
     "runtime.config": "runtime.net.config",
     "runtime.certs": "runtime.net.certs",
     "runtime.processes": "runtime.net.processes",
+    "runtime.inputs": "runtime.kernels.inputs",  # added by issue 16 on the old layout: an Engine-level clamp
 }
 # names that moved out of a module (namespaced old module -> {name: new module}); imports of them are split
 SYMBOL_MOVES = {
@@ -86,8 +87,8 @@ SYMBOL_MOVES = {
     },
     "siguard.runtime.kernels.guard": {"GuardConfig": "siguard.core.config"},
     "siguard.runtime.local": {
-        "RunResult": "siguard.runtime.inputs",
-        "check_inputs": "siguard.runtime.inputs",
+        "RunResult": "siguard.runtime.runs",
+        "check_inputs": "siguard.runtime.runs",
         "op_breakdown": "siguard.runtime.stats",
         "format_breakdown": "siguard.runtime.stats",
     },

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from siguard.core.errors import InputError, RuntimeFault
-from siguard.runtime.inputs import check_inputs
 from siguard.runtime.mpc.client import Client
 from siguard.runtime.mpc.transport import TransportError
 from siguard.runtime.ring import decode, encode
+from siguard.runtime.runs import check_inputs
 from siguard.runtime.stats import summarize
 
 from .config import CLIENT, PartiesConfig, party_name
@@ -65,7 +65,7 @@ class QueryResult:
 
 
 class _Specs:
-    """The public part of the plan the client needs for :func:`siguard.runtime.inputs.check_inputs`."""
+    """The public part of the plan the client needs for :func:`siguard.runtime.runs.check_inputs`."""
 
     def __init__(self, inputs: list[dict[str, Any]], frac_bits: int):
         self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]]} for s in inputs]

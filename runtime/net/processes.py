@@ -29,7 +29,7 @@ import numpy as np
 
 from siguard.compiler.plan import Plan
 from siguard.core.errors import RuntimeFault
-from siguard.runtime.inputs import RunResult, check_inputs
+from siguard.runtime.runs import RunResult, check_inputs
 
 from .certs import make_certs
 from .config import render_config
