@@ -297,15 +297,16 @@ def _relativise(pkg: str, target: str) -> str:
 
 
 def rewrite_from_package(text: str) -> str:
-    """``from runtime import rss`` -> ``from siguard.runtime.mpc import rss``."""
+    """``from runtime import rss`` -> ``from siguard.runtime.mpc import rss`` (one line per new package)."""
 
     def rewrite(m: re.Match) -> str | None:
         head, pkg, imp, names = m.groups()
-        targets = {old_to_new(f"{pkg}.{n.split(' as ')[0].strip()}").rpartition(".")[0] for n in names.split(",")}
-        if len(targets) != 1:
-            print(f"restructure: warning: split by hand: {m.group(0).strip()!r}")
-            return None
-        return f"{head}{targets.pop()}{imp}{names}"
+        by_parent: dict[str, list[str]] = {}
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            parent = old_to_new(f"{pkg}.{name.split(' as ')[0].strip()}").rpartition(".")[0]
+            by_parent.setdefault(parent, []).append(name)
+        indent = head[: len(head) - len(head.lstrip())]
+        return "\n".join(f"{indent}from {parent}{imp}{', '.join(items)}" for parent, items in by_parent.items())
 
     return _map_lines(text, _FROM_PKG, rewrite)
 
@@ -470,8 +471,11 @@ def checkout_path(dry: bool) -> bool:
     if "_ROOT = os.path.dirname" in text:
         return False
     doc_end = text.index('"""', 3) + 3
+    future = re.search(r"^from __future__ import [^\n]*\n", text[doc_end:], flags=re.M)
+    if future:  # the block goes after it (it must stay the first statement)
+        doc_end += future.end()
     tail = re.sub(r"^((?:from|import) .*?)$", r"\1  # noqa: E402", text[doc_end:], flags=re.M)
-    new = text[:doc_end] + "\n\nimport os\n" + _CHECKOUT + tail
+    new = text[:doc_end].rstrip("\n") + "\n\nimport os\n" + _CHECKOUT + tail
     if not dry:
         path.write_text(new)
     return True
