@@ -85,7 +85,8 @@ SYMBOL_MOVES = {
         "MODES": "siguard.core.config",
         "OBJECTIVES": "siguard.core.config",
     },
-    "siguard.runtime.kernels.guard": {"GuardConfig": "siguard.core.config"},
+    "siguard.runtime.kernels.guard": {"GuardConfig": "siguard.core.config", "SCHEDULE_DEFAULTS": "siguard.core.config"},
+    "siguard.runtime.net.certs": {"fingerprint_of_pem": "siguard.runtime.net.config"},
     "siguard.runtime.local": {
         "RunResult": "siguard.runtime.runs",
         "check_inputs": "siguard.runtime.runs",

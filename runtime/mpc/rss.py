@@ -107,7 +107,7 @@ class Shares(SharePair):
 class ServerInput(Shares):
     """Shares of a value input by a server (e.g. the weights): component ``zero`` (= owner + 2) is 0,
     a fact every party knows from the plan. The party holding that component has it as a broadcast
-    zero view (:func:`_zero_slot`). Products with such a value use a cheaper split of the cross
+    zero view of one word. Products with such a value use a cheaper split of the cross
     terms (:meth:`RSSEngine._product`); single-argument local maps keep the marker."""
 
     __slots__ = ("zero",)
@@ -308,7 +308,7 @@ class RSSEngine(Engine):
         """Add server ``owner``'s input of ``value`` to round ``rnd``; returns the function that
         builds the shares from the round's result. Draws from k_{owner+1} (at its two holders)."""
         i, o = self.party, owner
-        zero = _ZERO.expand(shape)  # component o+2: recognised by _zero_slot, stored as one word
+        zero = _ZERO.expand(shape)  # component o+2: known to be zero, stored as one word
         if i == o:
             if value is None:
                 raise ValueError(f"P{o} owns this input but was given no value")

@@ -48,7 +48,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config", "render_config", "party_name"]
+__all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config", "render_config", "party_name",
+           "fingerprint_of_pem"]
 
 PARTY_NAMES = ("P0", "P1", "P2", "client")
 
@@ -130,17 +131,21 @@ class PartiesConfig:
         return ctx
 
 
+def fingerprint_of_pem(data: bytes) -> str:
+    """SHA-256 fingerprint (hex) of the DER form of a PEM certificate: what peers pin."""
+    return x509.load_pem_x509_certificate(data).fingerprint(hashes.SHA256()).hex()
+
+
 def _fingerprint(path: Path, where: str) -> str:
-    """SHA-256 (hex) of the DER form of the PEM certificate at ``path``: what peers pin."""
+    """:func:`fingerprint_of_pem` of the certificate file at ``path`` (one clear error if unreadable)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{where}: cannot read certificate {path}: {exc.strerror}") from None
     try:
-        cert = x509.load_pem_x509_certificate(data)
+        return fingerprint_of_pem(data)
     except ValueError:
         raise InputError(f"{where}: {path} is not a PEM certificate") from None
-    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _entry(doc: Mapping[str, Any], party: int, base: Path, where: str) -> PartyEntry:
