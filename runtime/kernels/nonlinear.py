@@ -40,12 +40,12 @@ from .approx import (
     msb_many,
     mul_bit_many,
     mul_many,
-    poly_rounds,
     ring_const,
     ring_int,
     step_function,
     trunc_many,
 )
+from .cost import CostEngine, MetaShares
 from .engine import Bits, Engine, Secret
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "DESCRIPTIONS",
     "PAD_VALUE",
     "get_implementation",
+    "describe",
     "relu",
     "leaky_relu",
     "prelu",
@@ -1242,25 +1243,34 @@ def _build(op: str, impl: str) -> tuple[Impl, str] | None:
     family, num = m.group(1), int(m.group(2))
     if family == "fit" and op in FIT_TARGETS and num >= 1:
         return _with_fit(op, num), (
-            f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant; {10 + poly_rounds(num)} rounds"
+            f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant"
         )
     if op == "exp" and family == "limit" and num >= 1:
-        return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]; {3 * num + 10} rounds"
+        return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]"
     if op == "reciprocal" and family == "newton" and num >= 0:
-        return _with_impl(reciprocal, impl), f"{num} Newton iterations; guess exp (CrypTen) or from lo/hi; 6/iteration"
+        return _with_impl(reciprocal, impl), f"{num} Newton iterations; guess exp (CrypTen) or from lo/hi"
     if family == "chebyshev" and num >= 2:
-        rounds = 10 + poly_rounds(num)
         if op in ("sigmoid", "tanh", "erf"):
             return _with_impl({"sigmoid": sigmoid, "tanh": tanh, "erf": erf}[op], impl), (
-                f"clip to [-B, B] + degree-{num} Chebyshev; {rounds} rounds"
+                f"clip to [-B, B] + degree-{num} Chebyshev"
             )
         if op in ("gelu", "softplus"):
             return _with_impl({"gelu": gelu, "softplus": softplus}[op], impl), (
-                f"relu(x) + degree-{num} Chebyshev of the even remainder at min(|x|, B); {rounds} rounds"
+                f"relu(x) + degree-{num} Chebyshev of the even remainder at min(|x|, B)"
             )
         if op == "lrn":
-            return _with_impl(lrn, impl), f"D^-beta by clipped degree-{num} Chebyshev; {rounds + 8} rounds"
+            return _with_impl(lrn, impl), f"D^-beta by clipped degree-{num} Chebyshev"
     return None
+
+
+def describe(op: str, impl: str, shape: Sequence[int] = (2, 10), **attrs: Any) -> str:
+    """``impl``'s description and its round count on a secret of ``shape`` (the last axis is a softmax's K),
+    with the op's ``attrs``. The count is what the cost engine measures running the implementation, never a
+    number written by hand (the tests check the cost engine against the transport's counts)."""
+    fn = get_implementation(op, impl)
+    engine = CostEngine(16)
+    fn(engine, MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta")), **attrs)
+    return f"{DESCRIPTIONS[op][impl]}; {engine.total['rounds']} rounds on a {tuple(shape)} secret"
 
 
 def get_implementation(op: str, impl: str) -> Impl:
@@ -1277,56 +1287,56 @@ def get_implementation(op: str, impl: str) -> Impl:
 
 def _populate() -> None:
     exact = "exact"
-    _register("relu", exact, _plain(relu), "x * NOT msb(x); exact; 10 rounds")
-    _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc; 12 rounds")
-    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)); 13 rounds (secret slope)")
-    _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact; 10 rounds")
-    _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]; 12 rounds")
-    _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window; 10 ceil(log2 k) rounds")
-    _register("max", "tree", _plain(reduce_max), "comparison tree; 10 ceil(log2 k) rounds")
-    _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first; 10 ceil(log2 k)")
+    _register("relu", exact, _plain(relu), "x * NOT msb(x); exact")
+    _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc")
+    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)) (secret slope)")
+    _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact")
+    _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]")
+    _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window")
+    _register("max", "tree", _plain(reduce_max), "comparison tree")
+    _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first")
     for n in range(4, 11):
         _register("exp", f"limit{n}", *_build("exp", f"limit{n}"))  # type: ignore[misc]
-    _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r; 21 rounds")
+    _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r")
     for k in range(1, 13):
         _register("reciprocal", f"newton{k}", *_build("reciprocal", f"newton{k}"))  # type: ignore[misc]
     _register(
         "sqrt",
         "newton_rsqrt",
         _with_impl(sqrt, "newton_rsqrt"),
-        "coupled Newton for x^-1/2, sqrt(x) as its g half; 31 rounds",
+        "coupled Newton for x^-1/2, sqrt(x) as its g half",
     )
     for name, desc in [
-        ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess); 93 rounds (K=10)"),
-        ("crypten", "exact max, exp limit8, 10 Newton iterations from 3exp(1-2x)+0.003; 151 rounds (K=10)"),
-        ("exp2", "exact max, exp by thresholds + polynomial, Newton on [1, K]; 90 rounds (K=10)"),
-        ("piranha", "exact max, clipped linear (z+2)/2 or 0.001, Newton on [2, 2K]; 79 rounds (K=10)"),
-        ("secureml", "relu / sum relu, uniform if the sum is 0; threshold guess + 4 Newton; 47 rounds"),
+        ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess)"),
+        ("crypten", "exact max, exp limit8, 10 Newton iterations from 3exp(1-2x)+0.003"),
+        ("exp2", "exact max, exp by thresholds + polynomial, Newton on [1, K]"),
+        ("piranha", "exact max, clipped linear (z+2)/2 or 0.001, Newton on [2, 2K]"),
+        ("secureml", "relu / sum relu, uniform if the sum is 0; threshold guess + 4 Newton"),
     ]:
         _register("softmax", name, _with_impl(softmax, name), desc)
     _register(
         "log_softmax",
         "max_exp_log",
         _with_impl(log_softmax, "max_exp_log"),
-        "z - ln(sum e^z): exp limit8, log by thresholds + degree-8 Chebyshev; 88 rounds (K=10)",
+        "z - ln(sum e^z): exp limit8, log by thresholds + degree-8 Chebyshev",
     )
     _register(
-        "sigmoid", "exp_recip", _with_impl(sigmoid, "exp_recip"), "1/(1+e^-|x|) (limit8, 2 Newton) + sign; 49 rounds"
+        "sigmoid", "exp_recip", _with_impl(sigmoid, "exp_recip"), "1/(1+e^-|x|) (limit8, 2 Newton) + sign"
     )
-    _register("tanh", "sigmoid", _with_impl(tanh, "sigmoid"), "2 sigmoid(2x) - 1; 49 rounds")
-    _register("erf", "chebyshev", _with_impl(erf, "chebyshev"), "clip to [-B, B] + degree-24 Chebyshev; 27 rounds")
-    _register("gelu", "erf", _with_impl(gelu, "erf"), "x * Phi(x), Phi by clipped degree-24 Chebyshev; 30 rounds")
-    _register("gelu", "tanh", _with_impl(gelu, "tanh"), "0.5x(1+tanh(u)) = x sigmoid(2u), u cubic; 60 rounds")
+    _register("tanh", "sigmoid", _with_impl(tanh, "sigmoid"), "2 sigmoid(2x) - 1")
+    _register("erf", "chebyshev", _with_impl(erf, "chebyshev"), "clip to [-B, B] + degree-24 Chebyshev")
+    _register("gelu", "erf", _with_impl(gelu, "erf"), "x * Phi(x), Phi by clipped degree-24 Chebyshev")
+    _register("gelu", "tanh", _with_impl(gelu, "tanh"), "0.5x(1+tanh(u)) = x sigmoid(2u), u cubic")
     _register(
-        "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly; 47 rounds"
+        "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly"
     )
     _register(
         "layer_norm",
         "newton_rsqrt",
         _with_impl(layer_norm, "newton_rsqrt"),
-        "mean, variance, coupled-Newton inverse sqrt; 39 rounds",
+        "mean, variance, coupled-Newton inverse sqrt",
     )
-    _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts; 39-63 rounds")
+    _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts")
     defaults = {"sigmoid": (sigmoid, 32), "tanh": (tanh, 32), "gelu": (gelu, 16), "softplus": (softplus, 16)}
     for op, (fn, d) in {**defaults, "lrn": (lrn, 8)}.items():
         _register(op, "chebyshev", _with_impl(fn, "chebyshev"), f"as chebyshev{d}")
