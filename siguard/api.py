@@ -16,7 +16,6 @@ import numpy as np
 from siguard.compiler.plan import Plan
 from siguard.compiler.report import render
 from siguard.pipeline import CompileOptions, compile_model, write_plan
-from siguard.runtime.local import run_reference, run_threads
 
 __all__ = ["compile", "load_plan", "inspect", "run", "MODES"]
 
@@ -68,6 +67,7 @@ def _weights(plan: Plan) -> dict[str, np.ndarray]:
 def run(plan: Plan | str | Path, inputs: Any, *, mode: str = "threads", **kw: Any):
     """Run a plan on ``inputs`` (an array, or a dict name -> array) in one of :data:`MODES`. Returns a RunResult;
     ``kw`` (``timeout``, ``queries``) go to :func:`siguard.runtime.local.run_threads` in the secure modes."""
+    from siguard.runtime.local import run_reference, run_threads
 
     p = plan if isinstance(plan, Plan) else Plan.load(plan)
     if mode == "reference":

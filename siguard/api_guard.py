@@ -13,12 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from siguard.privacy.audit import AuditData, format_table, run_audit
-from siguard.privacy.datasets import load_npz
-from siguard.privacy.defender import export_defender, to_probabilities
-from siguard.privacy.defender import train_defender as fit
-from siguard.privacy.targets import model_outputs
-
 __all__ = ["train_defender", "audit", "format_audit"]
 
 
@@ -27,6 +21,10 @@ def train_defender(model: str | Path, members: str | Path, nonmembers: str | Pat
     """Train the guard's defender on ``model``'s outputs (onnxruntime) for the records of the ``members`` .npz
     against the ``nonmembers`` .npz (the owner's reference set) and export it to ONNX at ``out``.
     Returns the training report (``val_accuracy``, ``train_accuracy``, ``best_epoch`` …)."""
+    from siguard.privacy.datasets import load_npz
+    from siguard.privacy.defender import export_defender, to_probabilities
+    from siguard.privacy.defender import train_defender as fit
+    from siguard.privacy.targets import model_outputs
 
     x_in, _ = load_npz(members, "members", labels=False)
     x_out, _ = load_npz(nonmembers, "non-members", labels=False)
@@ -44,6 +42,7 @@ def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, memb
 
     ``mode``: ``threads``, ``lockstep``, ``processes`` or ``reference`` (see
     :func:`siguard.privacy.audit.run_audit`)."""
+    from siguard.privacy.audit import AuditData, run_audit
 
     data = AuditData.from_files(members, nonmembers, shadow)
     kw.setdefault("log", lambda _m: None)
@@ -53,5 +52,6 @@ def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, memb
 
 def format_audit(doc: dict[str, Any]) -> str:
     """The audit's terminal table."""
+    from siguard.privacy.audit import format_table
 
     return format_table(doc)

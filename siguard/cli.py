@@ -10,25 +10,21 @@ from pathlib import Path
 
 import numpy as np
 
-from siguard.compiler.plan import Plan
-from siguard.compiler.report import render
-from siguard.core.config import parse_budget, parse_overrides
 from siguard.core.errors import InputError, SiguardError
-from siguard.pipeline import CompileOptions, compile_model, load_npy, write_plan
-from siguard.privacy.demo import run_demo
-from siguard.runtime.local import run_reference, run_threads
-from siguard.runtime.net.processes import run_processes
-from siguard.runtime.stats import format_stats
 
 __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
+    from siguard.pipeline import load_npy
+
     return load_npy(path, "input")
 
 
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace) -> int:
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
@@ -36,6 +32,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                       ("margin", args.guard_margin)) if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
+    from siguard.core.config import parse_budget, parse_overrides
 
     mode, overrides = parse_overrides(args.approx)
     if args.calibration is not None and not Path(args.calibration).exists():
@@ -54,6 +51,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from siguard.compiler.plan import Plan
+    from siguard.compiler.report import render
+
     plan = Plan.load(args.plan)
     text = render(plan, args.format)
     if args.out:
@@ -65,6 +65,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import run_reference, run_threads
+
     plan = Plan.load(args.plan)
     x = _load_npy(args.input)
     if args.mode == "reference":
@@ -72,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.mode in ("threads", "lockstep"):
         result = run_threads(plan, x, timeout=args.timeout, scheduler=args.mode)
     elif args.mode == "processes":
+        from siguard.runtime.net.processes import run_processes
 
         result = run_processes(args.plan, x, timeout=args.timeout)
     else:  # argparse restricts the choices
@@ -91,11 +95,14 @@ def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: s
     if y.ndim == 2:
         print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
     if stats:
+        from siguard.runtime.stats import format_stats
 
         print(format_stats(stats))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from siguard.privacy.demo import run_demo
+
     run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed,
              progress=not args.no_progress and sys.stderr.isatty())
     return 0

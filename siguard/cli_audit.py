@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from siguard.privacy.audit import AuditData, format_table, run_audit
-
 __all__ = ["register", "cmd_audit"]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from siguard.privacy.audit import AuditData, format_table, run_audit
+
     data = AuditData.from_files(args.members, args.nonmembers, args.shadow)
     doc = run_audit(args.model, args.plan, args.guarded_plan, data, report_dir=args.report, mode=args.mode,
                     shadow_epochs=args.shadow_epochs, seed=args.seed, timeout=args.timeout,

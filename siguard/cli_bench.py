@@ -9,11 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siguard.cli import _load_npy
-from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError
-from siguard.runtime.local import run_threads
-from siguard.runtime.stats import format_breakdown, op_breakdown
 
 __all__ = ["register", "cmd_bench"]
 
@@ -21,6 +17,7 @@ __all__ = ["register", "cmd_bench"]
 def _bench_input(plan, path: str | None, seed: int) -> np.ndarray:
     """The user's .npy input, or uniform values in [0, 1) of the plan's input shape."""
     if path is not None:
+        from siguard.cli import _load_npy
 
         return _load_npy(path)
     if len(plan.inputs) != 1:
@@ -30,6 +27,10 @@ def _bench_input(plan, path: str | None, seed: int) -> np.ndarray:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import run_threads
+    from siguard.runtime.stats import format_breakdown, op_breakdown
+
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")
     plan = Plan.load(args.plan)

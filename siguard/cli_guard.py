@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from siguard.api_guard import train_defender
 from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_guard_train"]
@@ -17,6 +16,7 @@ CHANCE_LEVEL = 0.55
 
 def cmd_guard_train(args: argparse.Namespace) -> int:
     """Outputs of MODEL on members and non-members -> softmax -> defender -> ONNX file; prints its accuracy."""
+    from siguard.api_guard import train_defender
 
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")

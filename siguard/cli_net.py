@@ -11,13 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from siguard.cli import print_result
-from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError
-from siguard.runtime.net.certs import make_certs
-from siguard.runtime.net.client import QueryClient
-from siguard.runtime.net.config import load_config
-from siguard.runtime.net.server import PartyServer, ServerStopped
 
 __all__ = ["register", "cmd_party", "cmd_query", "cmd_certs"]
 
@@ -40,6 +34,9 @@ def _timeout(args: argparse.Namespace, config: Any) -> float:
 
 def cmd_party(args: argparse.Namespace) -> int:
     """A long-running compute server; exits 0 on SIGTERM/SIGINT, 3 when a peer fails."""
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.net.config import load_config
+    from siguard.runtime.net.server import PartyServer, ServerStopped
 
     config = load_config(args.config)
     plan = Plan.load(args.plan)
@@ -81,6 +78,8 @@ def _load_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """One query: share the input, reconstruct the output, write it."""
+    from siguard.runtime.net.client import QueryClient
+    from siguard.runtime.net.config import load_config
 
     config = load_config(args.config)
     x = _load_input(args.input)
@@ -99,6 +98,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         Path(args.stats_json).write_text(json.dumps(
             {"session": result.session, "seconds": result.seconds, "plan_hash": result.plan_hash,
              "stats": result.stats}))
+    from siguard.cli import print_result
 
     print_result(f"query {result.session}", next(iter(result.outputs)), y, result.seconds, args.output,
                  result.stats if args.stats else None)
@@ -117,6 +117,7 @@ def _hosts(pairs: list[str]) -> dict[str, str]:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """A local CA and certificates for P0, P1, P2 and the client, plus a parties.toml."""
+    from siguard.runtime.net.certs import make_certs
 
     written = make_certs(args.out, _hosts(args.host), port_base=args.port_base, days=args.days, force=args.force)
     names = ", ".join(p.name for k, p in written.items() if not k.endswith("_key"))

@@ -1,4 +1,4 @@
-"""Imports inside functions: none of a siguard module, and third-party ones only for the listed heavy deps.
+"""Imports inside functions: of a siguard module only where listed, and third-party ones only for listed heavy deps.
 
 A function-level import of another siguard module is how a layer used to reach upward past a cycle; the
 layers themselves are import-linter contracts (pyproject.toml, run in CI by tools/lint_imports.py).
@@ -10,6 +10,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_FOLDERS = ("compiler", "passes", "runtime", "privacy", "siguard")
+
+#: files that may import siguard modules inside functions, and why (nothing else may)
+FRONT_DOOR = {
+    "siguard/cli.py": "a command loads only what it runs: `siguard run` does not import the compiler and onnx",
+    "siguard/cli_audit.py": "as cli.py",
+    "siguard/cli_bench.py": "as cli.py",
+    "siguard/cli_guard.py": "as cli.py",
+    "siguard/cli_net.py": "as cli.py: a party server does not import the compiler",
+    "siguard/api.py": "the Python API loads a function's packages when it is called",
+    "siguard/api_guard.py": "as api.py",
+}
 
 #: third-party modules imported inside functions, and why (each is heavy or needed on one path only)
 LAZY = {
@@ -23,6 +34,7 @@ LAZY = {
     "threadpoolctl": "pinning BLAS threads while training the defender only",
     "tqdm": "the audit's progress bar only",
     "torch": "privacy helpers and the net CLI that run without torch otherwise",
+    "scipy": "special functions for fitted approximations only; a one-shot run does not load scipy",
 }
 
 
@@ -43,7 +55,7 @@ def _function_level_imports():
 
 def test_no_function_level_import_of_a_siguard_module():
     found = [f"{p.relative_to(ROOT)}:{line}: {'.' * level}{mod}" for p, line, mod, level in _function_level_imports()
-             if level or mod.split(".")[0] == "siguard"]
+             if (level or mod.split(".")[0] == "siguard") and p.relative_to(ROOT).as_posix() not in FRONT_DOOR]
     assert not found, "import these at module level (or move the shared thing lower):\n" + "\n".join(found)
 
 
