@@ -402,7 +402,7 @@ def write_report(doc: dict[str, Any], curves: dict[str, dict[str, Any]], report_
     files["html"] = "index.html"
     files["json"] = "audit.json"
     doc["files"] = files
-    env = jinja2.Environment(loader=jinja2.PackageLoader("privacy", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("siguard.privacy", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     html = env.get_template("audit.html.j2").render(doc=doc, kinds=OUTPUT_KINDS, files=files)
     (d / "index.html").write_text(html)

@@ -5,6 +5,7 @@ layers themselves are import-linter contracts (pyproject.toml, run in CI by tool
 """
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def test_the_checker_sees_a_function_level_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     found = [mod for _, _, mod, _ in _function_level_imports()]
     assert found == ["siguard.passes"]
+
+
+def test_every_module_is_imported_once_under_the_namespace():
+    """Loading the package and its templates never imports a top-level ``compiler``/``privacy``/... as a second
+    copy (a resource loader given the bare folder name did: two module objects, two classes per exception)."""
+    code = (
+        "import sys, siguard.pipeline, siguard.privacy.audit, siguard.compiler.report as r, siguard.runtime.local\n"
+        "r._env().get_template('plan.txt.j2')\n"
+        "import jinja2; jinja2.PackageLoader('siguard.privacy', 'templates')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('compiler', 'passes', 'runtime', 'privacy')))\n"
+    )
+    sources = [p for folder in PACKAGE_FOLDERS for p in (ROOT / folder).rglob("*.py")]
+    loaders = [p for p in sources if "PackageLoader(" in p.read_text()]
+    assert loaders and all('PackageLoader("siguard.' in p.read_text() for p in loaders), loaders
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -13,7 +13,8 @@ What it does, in order:
    ``__init__.py``. Modules it does not list (new ones included) stay where they are.
 2. Rewrite every Python file's imports to the namespace: ``compiler.x`` -> ``siguard.compiler.x``,
    ``runtime.rss`` -> ``siguard.runtime.mpc.rss`` and so on, as dotted names anywhere in code and strings
-   (``import runtime.rss``, ``monkeypatch.setattr(runtime.rss.Client, ...)``, ``python -m privacy.experiments``),
+   (``import runtime.rss``, ``monkeypatch.setattr(runtime.rss.Client, ...)``, ``python -m privacy.experiments``,
+   ``jinja2.PackageLoader("privacy", ...)``),
    and relative imports in moved files (or written for the old location) to the new location: relative
    within one package, absolute across packages.
 3. Rewrite the same dotted names and the moved files' paths (``runtime/rss.py`` -> ``runtime/mpc/rss.py``)
@@ -344,6 +345,14 @@ def rewrite_moved_symbols(text: str) -> str:
     return text
 
 
+_PACKAGE_STRING = re.compile(r"""(PackageLoader\(|files\(|import_module\()(["'])(""" + "|".join(FOLDERS) + r")(\2|\.)")
+
+
+def rewrite_package_strings(text: str) -> str:
+    """Package names in strings that load resources or modules: ``PackageLoader("privacy", ...)``."""
+    return _PACKAGE_STRING.sub(lambda m: f"{m.group(1)}{m.group(2)}{NAMESPACE}.{m.group(3)}{m.group(4)}", text)
+
+
 def rewrite_paths(text: str) -> str:
     """Paths of moved files: ``runtime/rss.py`` -> ``runtime/mpc/rss.py`` (not ``tests/runtime/rss.py``)."""
     for old, new in MOVES.items():
@@ -403,6 +412,7 @@ def rewrite_tree(dry: bool) -> list[Path]:
             new = rewrite_from_package(new)
         new = rewrite_dotted(new)
         new = rewrite_moved_symbols(new)
+        new = rewrite_package_strings(new)
         new = rewrite_paths(new)
         if path.suffix == ".py" and new != text:
             new = wrap_docstrings(new)
