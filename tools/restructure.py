@@ -341,7 +341,7 @@ def rewrite_moved_symbols(text: str) -> str:
         for name, new in names.items():
             if not module_exists(new):
                 continue
-            text = re.sub(rf"(?<![\w.]){re.escape(module)}\.{name}\b", f"{new}.{name}", text)
+            text = re.sub(rf"(?<![\w.]){re.escape(module)}([.:]){name}\b", rf"{new}\g<1>{name}", text)
     return text
 
 
