@@ -219,13 +219,29 @@ def _known_old(dotted: str) -> str | None:
     return None
 
 
+def _defines(module: str, name: str) -> bool:
+    """Whether the (namespaced) module's file defines or imports ``name`` at the top level (a submodule counts)."""
+    if module_exists(f"{module}.{name}"):
+        return True
+    path = path_of(module.removeprefix(NAMESPACE + ".")).with_suffix(".py")
+    if not path.is_file():
+        path = path.with_suffix("") / "__init__.py"
+    if not path.is_file():
+        return False
+    pattern = rf"^(def|class|async def) {name}\b|^{name}\b\s*[:=]|^(from|import) .*\b{name}\b"
+    return re.search(pattern, path.read_text(), flags=re.M) is not None
+
+
 def rewrite_dotted(text: str) -> str:
     def sub(m: re.Match) -> str:
         name = m.group(0)
         prefix = _known_old(name)
         if prefix is None:
             return name
-        return old_to_new(prefix) + name[len(prefix):]
+        rest = name[len(prefix):]
+        if rest and not _defines(old_to_new(prefix), rest.split(".")[1]):
+            return name  # not an attribute of that module: a path in a document ("passes.bounds.changes")
+        return old_to_new(prefix) + rest
 
     def sub_stale(m: re.Match) -> str:
         name = m.group(0)
