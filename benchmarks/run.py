@@ -1,12 +1,13 @@
 """The benchmark runner: SIGuard secure inference (with and without the guard) next to onnxruntime and CrypTen.
 
-    python benchmarks/run.py [--models mlp cnn resnet18 resnet34] [--batches 1 8] [--guard off|on|both]
+    python benchmarks/run.py [--models mlp cnn resnet18 resnet34 resnet18_224] [--batches 1 8] [--guard off|on|both]
         [--modes threads lockstep processes lan wan] [--repeat 3] [--guard-batch 32]
         [--crypten-python PATH] [--json benchmarks/results/bench.json] [--md benchmarks/results/bench.md]
     python benchmarks/run.py --readme [--json benchmarks/results/bench.json] [--readme-path README.md]
 
 For every model (digits MLP and CNN trained on scikit-learn's digits; ResNet-18 and ResNet-34 in
-their CIFAR-10 form, 10 classes, random weights -- a timing does not depend on weight values),
+their CIFAR-10 form, 10 classes, random weights -- a timing does not depend on weight values;
+``resnet18_224``: ResNet-18 in its ImageNet form on 224x224, not in the default set),
 batch and guard setting, the plan is compiled once and run in each selected mode:
 
 * ``threads``: three server threads and a client thread in one child process. The servers share
@@ -54,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
 PAPER_GUARD = {"guard_s": 1.1, "total_s": 4.39, "share": 1.1 / 4.39}
-SHAPES = {"mlp": (64,), "cnn": (1, 8, 8), "resnet18": (3, 32, 32), "resnet34": (3, 32, 32)}
+SHAPES = {"mlp": (64,), "cnn": (1, 8, 8), "resnet18": (3, 32, 32), "resnet34": (3, 32, 32),
+          "resnet18_224": (3, 224, 224)}
 NETNS_MODELS = ("mlp", "resnet18")
 CRYPTEN_ENV = "SIGUARD_CRYPTEN_PYTHON"
 
@@ -76,6 +78,8 @@ def build_onnx(name: str, work: Path) -> Path:
         export(train_digits_cnn(), path, torch.zeros(1, 1, 8, 8), opset=17, dynamic_batch=True)
     elif name in ("resnet18", "resnet34"):
         export(resnet_cifar(int(name[6:])), path, torch.zeros(1, 3, 32, 32), opset=17, dynamic_batch=True)
+    elif name == "resnet18_224":
+        export(resnet18_imagenet(), path, torch.zeros(1, 3, 224, 224), opset=17, dynamic_batch=True)
     else:
         raise SystemExit(f"unknown model {name} (choose from {', '.join(SHAPES)})")
     return path
@@ -103,6 +107,29 @@ def compile_plan(onnx_path: Path, batch: int, guard: bool, guard_cfg: dict, work
         opts = CompileOptions(batch=batch, guard=random_defender(10) if guard else None, guard_config=dict(guard_cfg))
         write_plan(compile_model(onnx_path, opts), out)
     return out
+
+
+def resnet18_imagenet():
+    """ResNet-18 in its ImageNet form (224x224 input): 7x7/2 conv stem with BN and ReLU, 3x3/2 max
+    pool, four stages of two basic blocks (64-512 channels), global average pool, fc to 1000.
+    Random weights (fixed seed), eval mode."""
+    import torch
+    from torch import nn
+
+    from tests.models import ResNetCifar
+
+    class ResNet18ImageNet(ResNetCifar):
+        def __init__(self) -> None:
+            super().__init__((2, 2, 2, 2), num_classes=1000)
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+            return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
+
+    torch.manual_seed(0)
+    return ResNet18ImageNet().eval()
 
 
 def sample_input(name: str, batch: int) -> np.ndarray:
@@ -240,9 +267,10 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
     return json.loads(lines[-1])
 
 
-def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
-    """The guard alone on ``batch`` queries' logits (10 classes) between three threads."""
+def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") -> dict[str, Any]:
+    """The guard alone on ``batch`` queries' logits (10 classes) between three parties (``scheduler``)."""
     from siguard.core.config import GuardConfig
+    from siguard.passes.guard import gradient_bound_bits
     from siguard.runtime.kernels.guard import secure_guard
     from siguard.runtime.mpc.inprocess import run_threads as run_parties
     from siguard.runtime.ring import encode
@@ -250,7 +278,8 @@ def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
     d = random_defender(10)
     ws = [d.W1.T, d.b1, d.W2.T, d.b2, d.w3.T, d.b3]
     z = np.random.default_rng(1).normal(0, 3, (batch, 10))
-    cfg = GuardConfig(**guard_cfg)
+    cfg = GuardConfig.for_schedule(**guard_cfg)
+    cfg = GuardConfig.for_schedule(**{**guard_cfg, "grad_bound_bits": gradient_bound_bits(d, cfg.c1, cfg.c3)})
     timing: list[float] = []
 
     def party(e):
@@ -263,9 +292,10 @@ def guard_batch_cost(batch: int, guard_cfg: dict) -> dict[str, Any]:
             timing.append(time.perf_counter() - t0)
         return out
 
-    _, _, stats = run_parties(party, None, timeout=3600)
+    _, _, stats = run_parties(party, None, timeout=3600, scheduler=scheduler)
     g = stats[0]["guard"]
-    return {"batch": batch, "seconds": timing[0], "seconds_per_query": timing[0] / batch, "rounds": g.rounds,
+    return {"batch": batch, "scheduler": scheduler, "seconds": timing[0], "seconds_per_query": timing[0] / batch,
+            "rounds": g.rounds,
             "mb_per_party": [stats[p]["guard"].payload_bytes / 1e6 for p in range(3)]}
 
 
@@ -317,7 +347,7 @@ def markdown(doc: dict[str, Any]) -> str:
                          f"{s['guard_s']:.3f} | {100 * s['share']:.1f} % | 1.1 s of 4.39 s = 25 % |")
     gb = doc.get("guard_batch")
     if gb and "error" not in gb:
-        lines += ["", f"Guard alone at batch {gb['batch']} (threads): {gb['seconds']:.2f} s, "
+        lines += ["", f"Guard alone at batch {gb['batch']} ({gb.get('scheduler', 'threads')}): {gb['seconds']:.2f} s, "
                       f"{gb['seconds_per_query'] * 1e3:.1f} ms per query, {gb['rounds']} rounds."]
     return "\n".join(lines) + "\n"
 
@@ -358,7 +388,13 @@ def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
         sg = version("siguard")
     except Exception:
         sg = "source"
-    return {"machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}",
+    from benchmarks.ring_matmul import cpu_model
+    from siguard.runtime.linalg import cpu_profile
+
+    ring = cpu_profile()
+    return {"machine": f"{platform.system()} {platform.machine()}, {cpu_model()}, torch CPU capability "
+                       f"{ring['capability']}, ring products on {ring['backend']}",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "ring_gemm": ring,
             "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "siguard": sg,
             "date": time.strftime("%Y-%m-%d"), "repeat": repeat,
@@ -464,9 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": _meta(args.repeat, crypten_meta), "rows": rows, "guard_shares": shares, "paper": PAPER_GUARD}
     if args.guard_batch and args.guard != "off":
         try:
-            doc["guard_batch"] = guard_batch_cost(args.guard_batch, guard_cfg)
+            local = next((m for m in ("lockstep", "threads") if m in args.modes), "threads")
+            doc["guard_batch"] = guard_batch_cost(args.guard_batch, guard_cfg, local)
             gb = doc["guard_batch"]
-            print(f"guard alone at batch {gb['batch']}: {gb['seconds']:.2f} s, {gb['seconds_per_query'] * 1e3:.1f} ms "
+            print(f"guard alone at batch {gb['batch']} ({gb['scheduler']}): {gb['seconds']:.2f} s, "
+                  f"{gb['seconds_per_query'] * 1e3:.1f} ms "
                   f"per query, {gb['rounds']} rounds", flush=True)
         except Exception as exc:  # a benchmark reports, it does not stop
             doc["guard_batch"] = {"error": f"{type(exc).__name__}: {exc}"}

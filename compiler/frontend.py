@@ -4,8 +4,11 @@ Pipeline of :func:`load_model` (each step fails with one clear :class:`~siguard.
 
 1. read the file (external-data files beside it are loaded too, as torch's dynamo exporter writes
    them) or take a ``ModelProto``; run ``onnx.checker.check_model``; inline local functions;
-2. choose the output (``output`` or the first float tensor output) and prune every node that does
-   not feed it -- so a classifier's ArgMax/label branch never has to be supported;
+   IR-version-3 conventions: initializers listed among the graph inputs are constants unless the
+   caller names them in ``inputs`` (the model moves to IR version 4 so the tools below accept it);
+2. choose the output (:func:`select_output`: ``output``, else the first float tensor output, else
+   the probabilities feeding a skl2onnx classifier's ZipMap) and prune every node that does not
+   feed it -- so a classifier's ArgMax/label branch never has to be supported;
 3. reject op types that cannot be lowered, all of them in one :class:`UnsupportedOpsError`;
 4. convert to opset :data:`TARGET_OPSET` (18) with ``onnx.version_converter``. 18 is the first opset
    in which every op we lower takes its axes/pads/split as *inputs* (ReduceMean & co. moved in 18),
@@ -13,7 +16,10 @@ Pipeline of :func:`load_model` (each step fails with one clear :class:`~siguard.
    converter cannot take there (e.g. opset 20 with ``Gelu``, which has no down-adapter) is kept at
    its own opset; the lowering below reads both the attribute and the input forms;
 5. fix the symbolic batch dimension (first dim of each graph input) to ``batch``; any other symbolic
-   dimension is an error; then strict ``onnx.shape_inference`` (with data propagation);
+   dimension is an error; fold weight-producing subgraphs (nodes whose inputs are all initializers:
+   the model zoo's ConstantOfShape weights, constant Unsqueeze/Concat chains) into initializers;
+   then strict ``onnx.shape_inference`` (with data propagation), whose failure names the first
+   value it could not type and what produces it;
 6. fold at compile time every node whose inputs are all constant (plus ``Shape``/``Size`` of a value
    with a static shape) with ``onnx.reference.ReferenceEvaluator`` -- this removes the
    Shape/Gather/Concat/Unsqueeze/ConstantOfShape/Cast/Range chains that feed Reshape and Expand;
@@ -54,7 +60,7 @@ from siguard.compiler.ops import default_impl
 from siguard.core.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
 from siguard.core.shapes import normalize_axis
 
-__all__ = ["load_model", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
+__all__ = ["load_model", "select_output", "with_output", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
 
 TARGET_OPSET = 18
 
@@ -63,19 +69,20 @@ SUPPORTED_ONNX_OPS: list[str] = sorted(
     [
         "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant",
         "ConstantOfShape", "Conv", "Div", "Dropout", "Erf", "Exp", "Flatten", "Gather", "Gelu", "Gemm",
-        "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "Identity", "LRN", "LayerNormalization",
-        "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mul", "Neg", "PRelu", "Pad", "Pow", "Reciprocal",
-        "ReduceMean", "ReduceSum", "Relu", "Reshape", "Shape", "Sigmoid", "Size", "Slice", "Softmax",
-        "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
+        "Expand", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "LRN",
+        "LayerNormalization", "LeakyRelu", "LogSoftmax", "MatMul", "MaxPool", "Mish", "Mul", "Neg", "PRelu",
+        "Pad", "Pow", "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "Resize",
+        "Shape", "Sigmoid", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum",
+        "Swish", "Tanh", "Transpose", "Unsqueeze", "Where",
     ]
 )  # fmt: skip
 
 #: ONNX ops accepted only when all their inputs are constant (shape arithmetic, masks).
 CONSTANT_ONLY_ONNX_OPS: list[str] = sorted(
     [
-        "Abs", "And", "CastLike", "Ceil", "Equal", "Expand", "Floor", "Greater", "GreaterOrEqual",
-        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Range", "ReduceMax",
-        "ReduceMin", "ReduceProd", "Tile", "Where",
+        "Abs", "And", "CastLike", "Ceil", "Equal", "Floor", "Greater", "GreaterOrEqual",
+        "Less", "LessOrEqual", "Max", "Min", "Mod", "Not", "Or", "Range",
+        "ReduceMin", "ReduceProd", "Tile",
     ]
 )  # fmt: skip
 
@@ -99,14 +106,22 @@ _PARAM_SLOTS: dict[str, tuple[int, ...]] = {
 }
 
 
-def load_model(src: str | os.PathLike | onnx.ModelProto, *, batch: int = 1, output: str | None = None) -> Graph:
+def load_model(
+    src: str | os.PathLike | onnx.ModelProto,
+    *,
+    batch: int = 1,
+    output: str | None = None,
+    inputs: list[str] | tuple[str, ...] | None = None,
+) -> Graph:
     """Compile an ONNX model (path or ``ModelProto``) to an IR :class:`~siguard.compiler.ir.Graph`.
 
     ``batch`` replaces the symbolic first dimension of every graph input (a fixed first dimension
     is kept; asking for another batch than a fixed one is an error unless ``batch`` is 1).
     ``output`` names the ONNX value to compute (a graph output or any node output); by default the
-    first float tensor graph output. The returned graph has one output, static shapes everywhere,
-    and weights as float32/float64 arrays in ``Value.data``.
+    first float tensor graph output. ``inputs`` names graph inputs that stay the client's inputs
+    even though an initializer of the same name gives them a default (IR version 3 lists every
+    initializer among the graph inputs; by default such inputs are constants). The returned graph
+    has one output, static shapes everywhere, and weights as float32/float64 arrays in ``Value.data``.
 
     Raises :class:`ModelError` (one line) for unreadable, invalid or un-inferable models,
     :class:`UnsupportedOpsError` listing every unsupported op type with all its nodes, and
@@ -116,11 +131,68 @@ def load_model(src: str | os.PathLike | onnx.ModelProto, *, batch: int = 1, outp
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     model, label, path = _read(src)
     try:
-        return _Frontend(model, label, path, int(batch), output).run()
+        return _Frontend(model, label, path, int(batch), output, tuple(inputs or ())).run()
     except SiguardError:
         raise
     except Exception as e:  # never a raw traceback for a bad model; the cause stays chained
         raise ModelError(f"{label}: cannot compile model: {type(e).__name__}: {_one_line(e)}") from e
+
+
+# ---- which output: shared by compile, calibration, ``guard train`` and the audit -------------------
+
+#: how to get a plain probability tensor out of skl2onnx (said when a classifier's outputs cannot be used)
+REEXPORT_HINT = (
+    "re-export with skl2onnx's options={id(model): {'zipmap': False}} (or to_onnx(..., options={'zipmap': False})), "
+    "or name a float tensor with --output"
+)
+_OUTPUT_HINT = "name a float tensor with --output"
+
+
+def _is_float_tensor(vi: onnx.ValueInfoProto) -> bool:
+    return vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in _FLOAT_TYPES
+
+
+def select_output(model: onnx.ModelProto, output: str | None = None, label: str = "model") -> str:
+    """The ONNX value that ``compile`` computes (and that ``guard train`` and the audit read).
+
+    1. ``output`` if given (any graph output or node output);
+    2. else the first float tensor graph output;
+    3. else, for a classifier exported by skl2onnx with its default ZipMap (outputs: an int64 label
+       and a sequence of maps), the float tensor feeding the ZipMap node -- the probabilities;
+    4. else a :class:`ModelError` listing the outputs and saying how to re-export.
+    """
+    if output is not None:
+        return output
+    g = model.graph
+    for o in g.output:
+        if _is_float_tensor(o):
+            return o.name
+    outputs = {o.name for o in g.output}
+    for node in g.node:
+        if node.op_type == "ZipMap" and node.domain == "ai.onnx.ml" and node.output[0] in outputs:
+            return node.input[0]
+    listing = ", ".join(f"{o.name} ({_type_name(o)})" for o in g.output)
+    ml = any(n.domain == "ai.onnx.ml" for n in g.node) or any(not o.type.HasField("tensor_type") for o in g.output)
+    raise ModelError(f"{label}: no float tensor output to compile (outputs: {listing}); "
+                     f"{REEXPORT_HINT if ml else _OUTPUT_HINT}")  # fmt: skip
+
+
+def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose only graph output is ``name`` (a float tensor, e.g. what
+    :func:`select_output` chose), so onnxruntime returns exactly the value compile computes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    found = [o for o in g.output if o.name == name]
+    vi = onnx.ValueInfoProto()
+    if found:
+        vi.CopyFrom(found[0])
+    else:
+        vi.name = name
+        vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    g.ClearField("output")
+    g.output.append(vi)
+    return out
 
 
 # ---- reading and checking ------------------------------------------------------------------------
@@ -217,8 +289,17 @@ class _Unsupported(Exception):
 class _Frontend:
     """One compilation: ``run`` walks the numbered steps of the module docstring."""
 
-    def __init__(self, model: onnx.ModelProto, label: str, path: Path | None, batch: int, output: str | None):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        label: str,
+        path: Path | None,
+        batch: int,
+        output: str | None,
+        inputs: tuple[str, ...] = (),
+    ):
         self.model = model
+        self.inputs = inputs
         self.label = label
         self.path = path
         self.batch = batch
@@ -235,6 +316,7 @@ class _Frontend:
         for i, n in enumerate(model.graph.node):
             if not n.name:
                 n.name = f"{n.op_type}_{i}"
+        self._initializer_inputs(model)
         out_name, out_vi = self._choose_output(model)
         self._prune(model, out_name, out_vi)
         self._reject_unknown_ops(model)
@@ -244,32 +326,50 @@ class _Frontend:
         model, nodes, consts, info = self._fold(model, out_name)
         return _Lowering(self, model, nodes, consts, info, out_name).run()
 
+    # -- 1b. IR-version-3 conventions --
+    def _initializer_inputs(self, model: onnx.ModelProto) -> None:
+        """Initializers listed as graph inputs are constants, except the inputs the user names.
+
+        IR version 3 requires every initializer to be a graph input too (the value is the input's
+        default); from IR version 4 on they need not be. The model is moved to IR version >= 4 with
+        the defaults kept as constants, so the version converter and shape inference accept it.
+        """
+        g = model.graph
+        inputs = {i.name for i in g.input}
+        unknown = [n for n in self.inputs if n not in inputs]
+        if unknown:
+            listing = ", ".join(i.name for i in g.input) or "none"
+            raise ModelError(f"{self.label}: unknown input {unknown[0]!r} (graph inputs: {listing})")
+        named = set(self.inputs)
+        if named:
+            kept = [t for t in g.initializer if t.name not in named]
+            g.ClearField("initializer")
+            g.initializer.extend(kept)
+        if model.ir_version < 4:
+            model.ir_version = 4
+
     # -- 2. output choice and pruning --
     def _choose_output(self, model: onnx.ModelProto) -> tuple[str, onnx.ValueInfoProto]:
         outputs = {o.name: o for o in model.graph.output}
         listing = ", ".join(f"{o.name} ({_type_name(o)})" for o in model.graph.output)
-        if self.output is None:
-            for o in model.graph.output:
-                if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in _FLOAT_TYPES:
-                    return o.name, o
-            raise ModelError(f"{self.label}: no float tensor output to compile (outputs: {listing})")
-        if self.output in outputs:
-            vi = outputs[self.output]
+        name = select_output(model, self.output, self.label)
+        if self.output is None and name not in outputs:
+            self.warnings.append(f"compiling {name!r}, the probabilities feeding the classifier's ZipMap")
+        if name in outputs:
+            vi = outputs[name]
         else:
             produced = {o for n in model.graph.node for o in n.output if o}
-            if self.output not in produced:
-                raise ModelError(f"{self.label}: unknown output {self.output!r} (graph outputs: {listing})")
+            if name not in produced:
+                raise ModelError(f"{self.label}: unknown output {name!r} (graph outputs: {listing})")
             try:
                 inferred = onnx.shape_inference.infer_shapes(model)
             except Exception:
                 inferred = model
-            found = [v for v in inferred.graph.value_info if v.name == self.output]
-            vi = found[0] if found else helper.make_value_info(self.output, onnx.TypeProto())
+            found = [v for v in inferred.graph.value_info if v.name == name]
+            vi = found[0] if found else helper.make_value_info(name, onnx.TypeProto())
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _FLOAT_TYPES:
-            raise ModelError(
-                f"{self.label}: output {self.output!r} is a {_type_name(vi)} tensor; only float outputs compile"
-            )
-        return self.output, vi
+            raise ModelError(f"{self.label}: output {name!r} is a {_type_name(vi)} tensor; only float outputs compile")
+        return name, vi
 
     def _prune(self, model: onnx.ModelProto, out_name: str, out_vi: onnx.ValueInfoProto) -> None:
         g = model.graph
@@ -371,14 +471,41 @@ class _Frontend:
         try:
             return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
         except Exception as e:
-            raise ModelError(f"{self.label}: shape inference failed: {_one_line(e)}") from e
+            where = _untyped_value(model)
+            raise ModelError(f"{self.label}: shape inference failed: {where}{_one_line(e, 200)}") from e
 
     # -- 6. compile-time evaluation --
+    def _prefold(self, model: onnx.ModelProto, consts: dict[str, np.ndarray]) -> onnx.ModelProto:
+        """Evaluate weight-producing subgraphs (nodes whose inputs are all constants: ConstantOfShape
+        of an initializer shape, constant Unsqueeze/Concat chains, ...) into initializers *before*
+        the first shape inference, which then sees plain initializers instead of computed values."""
+        remaining: list[onnx.NodeProto] = []
+        folded = 0
+        for node in model.graph.node:
+            ins = [i for i in node.input if i]
+            if (
+                node.domain in _DEFAULT_DOMAINS
+                and node.op_type not in ("Shape", "Size")
+                and (node.op_type in SUPPORTED_ONNX_OPS or node.op_type in CONSTANT_ONLY_ONNX_OPS)
+                and all(i in consts for i in ins)
+                and not _subgraph_refs(node)
+            ):
+                values = self._evaluate(node, consts, None)
+                if values is not None:
+                    folded += 1
+                    for name, arr in zip(node.output, values, strict=True):
+                        if name:
+                            consts[name] = arr
+                    continue
+            remaining.append(node)
+        return self._rebuild(model, remaining, consts) if folded else model
+
     def _fold(
         self, model: onnx.ModelProto, out_name: str
     ) -> tuple[onnx.ModelProto, list[onnx.NodeProto], dict[str, np.ndarray], _Info]:
         """Fold constant nodes; returns the inferred model, its remaining nodes, constants, shapes."""
         consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        model = self._prefold(model, consts)
         nodes = list(model.graph.node)
         for _ in range(8):
             model = self._infer(model)
@@ -417,14 +544,14 @@ class _Frontend:
             g.initializer.append(numpy_helper.from_array(np.asarray(consts[name]), name))
         return new
 
-    def _evaluate(self, node: onnx.NodeProto, consts: dict, info: _Info) -> list[np.ndarray] | None:
+    def _evaluate(self, node: onnx.NodeProto, consts: dict, info: _Info | None) -> list[np.ndarray] | None:
         """The outputs of ``node`` if they can be computed now, else None."""
         if node.domain not in _DEFAULT_DOMAINS:
             return None
         op = node.op_type
         ins = [i for i in node.input if i]
         if op in ("Shape", "Size") and ins[0] not in consts:
-            shape = info.static_shape(ins[0])
+            shape = None if info is None else info.static_shape(ins[0])
             if shape is None:
                 return None
             if op == "Size":
@@ -447,6 +574,30 @@ class _Frontend:
                 f"{self.label}: cannot evaluate constant node {node.name} ({op}): {_one_line(e, 150)}"
             ) from e
         return [np.asarray(r) for r in results]
+
+
+def _untyped_value(model: onnx.ModelProto) -> str:
+    """Where shape inference loses a type: the first value a node reads that has no type after a
+    lenient inference, with what produces it ("" if every read value is typed)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    typed = {vi.name for vi in list(g.input) + list(g.value_info) + list(g.output) if vi.type.HasField("tensor_type")}
+    typed |= {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    for node in g.node:
+        for v in node.input:
+            if v and v not in typed:
+                src = producer.get(v)
+                origin = (
+                    f"output of {src.op_type} node {src.name!r}, whose type could not be inferred"
+                    if src is not None
+                    else "neither a graph input, an initializer nor a node output"
+                )
+                return f"value {v!r} read by {node.op_type} node {node.name!r} has no type ({origin}); "
+    return ""
 
 
 def _type_name(vi: onnx.ValueInfoProto) -> str:
@@ -768,7 +919,9 @@ class _Lowering:
         self._unary("identity")
 
     def _lower_Pow(self) -> None:
-        """x ** c for a constant c in {1, 2, 3, 0.5, -1, -0.5} (decomposed norms write x ** 2, x ** 0.5)."""
+        """x ** c for a constant c: an integer 1 <= |c| <= 16 by square-and-multiply (floor(log2 |c|)
+        squarings and popcount(|c|) - 1 more products; a negative c then takes the reciprocal), or
+        0.5, -0.5 (decomposed norms write x ** 2, x ** 0.5)."""
         x = self.node.input[0]
         c = self.const_input(1, "exponent")
         if c is None or c.size != 1:
@@ -776,32 +929,70 @@ class _Lowering:
         e = float(c.reshape(-1)[0])
         shape, out = self.out_shape(), self.node.output[0]
         ref = self.ir(x)
-        if e == 1.0:
-            self.emit("identity", [ref], {}, shape, out)
-        elif e in (2.0, 3.0):
-            sq = self.emit("mul", [ref, ref], {}, shape, out if e == 2.0 else None)
-            if e == 3.0:
-                self.emit("mul", [sq, ref], {}, shape, out)
-        elif e == 0.5:
-            self.emit("sqrt", [ref], {}, shape, out)
-        elif e == -1.0:
-            self.emit("reciprocal", [ref], {}, shape, out)
-        elif e == -0.5:
-            self.emit("reciprocal", [self.emit("sqrt", [ref], {}, shape)], {}, shape, out)
+        if e in (0.5, -0.5):
+            root = self.emit("sqrt", [ref], {}, shape, out if e == 0.5 else None)
+            if e == -0.5:
+                self.emit("reciprocal", [root], {}, shape, out)
+            return
+        if e != int(e) or not 1 <= abs(e) <= 16:
+            raise _Unsupported(f"exponent {e:g} (supported: integers 1 to 16 and their negatives, 0.5, -0.5)")
+        n = abs(int(e))
+        final = out if e > 0 else None  # the last product is the output, unless a reciprocal follows
+        if n == 1:
+            power = self.emit("identity", [ref], {}, shape, out) if e > 0 else ref
         else:
-            raise _Unsupported(f"exponent {e:g} (supported: 1, 2, 3, 0.5, -1, -0.5)")
+            m = n.bit_length() - 1
+            squares = [ref]
+            for k in range(1, m + 1):  # x^(2^k)
+                name = final if (k == m and n == 1 << m) else None
+                squares.append(self.emit("mul", [squares[-1], squares[-1]], {}, shape, name))
+            factors = [squares[k] for k in range(m + 1) if n >> k & 1]
+            power = factors[0]
+            for k, f in enumerate(factors[1:], start=2):
+                power = self.emit("mul", [power, f], {}, shape, final if k == len(factors) else None)
+        if e < 0:
+            self.emit("reciprocal", [power], {}, shape, out)
 
     def _lower_LeakyRelu(self) -> None:
         self._unary("leaky_relu", {"alpha": float(self.attrs.get("alpha", 0.01))})
 
     def _lower_PRelu(self) -> None:
         x, slope = self.node.input[0], self.node.input[1]
-        self.emit("prelu", [self.ir(x), self.ir(slope)], {}, self.out_shape(), self.node.output[0])
+        x_shape = self.shape(x)
+        s_shape = self.shape(slope)
+        if self.fe.source_opset < 7 and len(s_shape) == 1 and len(x_shape) > 2 and s_shape[0] == x_shape[1] > 1:
+            # PRelu-6 applies a 1-D slope per channel (axis 1); from opset 7 it broadcasts from the
+            # right, and the version converter leaves the slope as it is.
+            c_shape = (s_shape[0],) + (1,) * (len(x_shape) - 2)
+            if slope not in self.consts:
+                raise _Unsupported("per-channel slope of PRelu-6 is not a constant")
+            ref = self.derived_const(slope, np.asarray(self.consts[slope]).reshape(c_shape))
+        else:
+            ref = self.ir(slope)
+        self.emit("prelu", [self.ir(x), ref], {}, self.out_shape(), self.node.output[0])
 
     def _lower_HardSigmoid(self) -> None:
         self._unary(
             "hard_sigmoid", {"alpha": float(self.attrs.get("alpha", 0.2)), "beta": float(self.attrs.get("beta", 0.5))}
         )
+
+    def _lower_HardSwish(self) -> None:
+        self._unary("hard_swish")
+
+    def _lower_Mish(self) -> None:
+        """x * tanh(softplus(x)), composed from the softplus and tanh implementations."""
+        x, shape = self.ir(self.node.input[0]), self.out_shape()
+        sp = self.emit("softplus", [x], {}, shape)
+        th = self.emit("tanh", [sp], {}, shape)
+        self.emit("mul", [x, th], {}, shape, self.node.output[0])
+
+    def _lower_Swish(self) -> None:
+        """x * sigmoid(alpha * x) (opset 24's Swish; older exports write Sigmoid and Mul)."""
+        alpha = float(self.attrs.get("alpha", 1.0))
+        x, shape = self.ir(self.node.input[0]), self.out_shape()
+        scaled = x if alpha == 1.0 else self.emit("mul", [x, self.public_scalar(alpha)], {}, shape)
+        s = self.emit("sigmoid", [scaled], {}, shape)
+        self.emit("mul", [x, s], {}, shape, self.node.output[0])
 
     def _lower_Gelu(self) -> None:
         approx = self.attrs.get("approximate", "none")
@@ -946,33 +1137,67 @@ class _Lowering:
                 extra[i] = max(0, (out - 1) * s + e - padded)
         return pads, extra
 
+    def _spatial_input(self, x: str, what: str) -> tuple[str, tuple[int, ...], bool]:
+        """IR ref and NCHW shape of a Conv/pool input; a 1-D (NCL) input is lifted to (N, C, 1, L).
+
+        Lifting rewrites ``self.attrs`` into the 2-D form (a leading kernel/stride/dilation of 1,
+        no padding on the new axis); :meth:`_spatial_output` reshapes the result back.
+        """
+        shape = self.shape(x)
+        if len(shape) != 3:
+            return self.ir(x), self._spatial(x, what), False
+        s4 = (shape[0], shape[1], 1, shape[2])
+        ref = self.emit("reshape", [self.ir(x)], {"shape": list(s4)}, s4)
+        a = self.attrs
+        for key in ("kernel_shape", "strides", "dilations"):
+            if key in a:
+                a[key] = [1] + [int(v) for v in a[key]]
+        if "pads" in a:
+            begin, end = (int(v) for v in a["pads"])
+            a["pads"] = [0, begin, 0, end]
+        return ref, s4, True
+
+    def _spatial_output(self, op: str, inputs: list[str], attrs: dict[str, Any], lifted: bool) -> None:
+        out = self.out_shape()
+        if not lifted:
+            self.emit(op, inputs, attrs, out, self.node.output[0])
+            return
+        t = self.emit(op, inputs, attrs, (out[0], out[1], 1, out[2]))
+        self.emit("reshape", [t], {"shape": list(out)}, out, self.node.output[0])
+
     def _lower_Conv(self) -> None:
         x, w, b = self.inp(0), self.inp(1), self.inp(2)
-        shape = self._spatial(x, "Conv")
+        ref, shape, lifted = self._spatial_input(x, "Conv")
         w_shape = self.shape(w)
+        w_ref = self.ir(w)
+        if lifted:
+            w4 = (w_shape[0], w_shape[1], 1, w_shape[2])
+            if w in self.consts:
+                w_ref = self.derived_const(w, np.asarray(self.consts[w]).reshape(w4))
+            else:
+                w_ref = self.emit("reshape", [w_ref], {"shape": list(w4)}, w4)
+            w_shape = w4
         kernel = [int(k) for k in self.attrs.get("kernel_shape", w_shape[2:])]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
         pads, _ = self._pads(shape[2:], kernel, strides, dilations, False)
-        inputs = [self.ir(x), self.ir(w)] + ([self.ir(b)] if b else [])
+        inputs = [ref, w_ref] + ([self.ir(b)] if b else [])
         attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(self.attrs.get("group", 1))}
-        self.emit("conv", inputs, attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("conv", inputs, attrs, lifted)
 
     def _lower_MaxPool(self) -> None:
         self.require_unused_outputs(1, "Indices")
-        x = self.node.input[0]
-        shape = self._spatial(x, "MaxPool")
+        ref, shape, lifted = self._spatial_input(self.node.input[0], "MaxPool")
         kernel = [int(k) for k in self.attrs["kernel_shape"]]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
         pads, extra = self._pads(shape[2:], kernel, strides, dilations, bool(self.attrs.get("ceil_mode", 0)))
         pads = [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
         attrs = {"kernel": kernel, "strides": strides, "pads": pads, "dilations": dilations}
-        self.emit("maxpool", [self.ir(x)], attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("maxpool", [ref], attrs, lifted)
 
     def _lower_AveragePool(self) -> None:
-        x = self.node.input[0]
-        shape = self._spatial(x, "AveragePool")
+        ref, shape, lifted = self._spatial_input(self.node.input[0], "AveragePool")
         kernel = [int(k) for k in self.attrs["kernel_shape"]]
         strides = [int(s) for s in self.attrs.get("strides", [1, 1])]
         dilations = [int(d) for d in self.attrs.get("dilations", [1, 1])]
@@ -980,7 +1205,6 @@ class _Lowering:
             raise _Unsupported("dilated average pooling")
         include = bool(self.attrs.get("count_include_pad", 0))
         pads, extra = self._pads(shape[2:], kernel, strides, dilations, bool(self.attrs.get("ceil_mode", 0)))
-        ref = self.ir(x)
         if include and any(extra) and any(pads):
             # The explicit pads count in the divisor, ceil_mode's extra end padding does not:
             # pad explicitly with zeros, then pool counting only the (now real) elements.
@@ -993,7 +1217,7 @@ class _Lowering:
             include = False  # no explicit pads: only the ceil overhang, which is never counted
         pads = [pads[0], pads[1], pads[2] + extra[0], pads[3] + extra[1]]
         attrs = {"kernel": kernel, "strides": strides, "pads": pads, "count_include_pad": include}
-        self.emit("avgpool", [ref], attrs, self.out_shape(), self.node.output[0])
+        self._spatial_output("avgpool", [ref], attrs, lifted)
 
     def _lower_GlobalAveragePool(self) -> None:
         rank = len(self.shape(self.node.input[0]))
@@ -1045,6 +1269,9 @@ class _Lowering:
             axes = list(range(rank))
         axes = sorted({_norm_axis(a, rank) for a in axes})
         self._unary(op, {"axes": axes, "keepdims": bool(self.attrs.get("keepdims", 1))})
+
+    def _lower_ReduceMax(self) -> None:
+        self._reduce("reduce_max", self.opset >= 18)
 
     def _lower_ReduceMean(self) -> None:
         self._reduce("reduce_mean", self.opset >= 18)
@@ -1131,8 +1358,8 @@ class _Lowering:
 
     def _lower_Pad(self) -> None:
         mode = self.attrs.get("mode", "constant")
-        if mode != "constant":
-            raise _Unsupported(f"mode {mode!r} (only constant padding)")
+        if mode not in ("constant", "reflect", "edge"):
+            raise _Unsupported(f"mode {mode!r} (constant, reflect and edge padding only)")
         x = self.node.input[0]
         shape = self.shape(x)
         rank = len(shape)
@@ -1152,6 +1379,9 @@ class _Lowering:
             pads = full
         if len(pads) != 2 * rank:
             raise _Unsupported(f"{len(pads)} pads for rank {rank}")
+        if mode != "constant":
+            self._pad_by_gather(x, shape, pads, mode)
+            return
         grow = [max(p, 0) for p in pads]
         crop = [min(p, 0) for p in pads]
         ref = self.ir(x)
@@ -1169,6 +1399,28 @@ class _Lowering:
             "steps": [1] * len(axes),
         }
         self.emit("slice", [ref], attrs, self.out_shape(), self.node.output[0])
+
+    def _pad_by_gather(self, x: str, shape: tuple[int, ...], pads: list[int], mode: str) -> None:
+        """Reflect/edge padding (and negative pads, which crop) as one gather per padded axis:
+        the index pattern is public, so it costs nothing on shares."""
+        rank = len(shape)
+        axes = [a for a in range(rank) if pads[a] or pads[a + rank]]
+        if not axes:
+            self._unary("identity")
+            return
+        ref, cur = self.ir(x), list(shape)
+        for j, a in enumerate(axes):
+            begin, end = pads[a], pads[a + rank]
+            n = cur[a]
+            if mode == "reflect" and (n < 2 or max(begin, end) >= n):
+                raise _Unsupported(f"reflect padding of {max(begin, end)} on an axis of size {n}")
+            idx = np.pad(np.arange(n), (max(begin, 0), max(end, 0)), mode="reflect" if mode == "reflect" else "edge")
+            idx = idx[-min(begin, 0) : len(idx) + min(end, 0)]
+            cur[a] = len(idx)
+            last = j == len(axes) - 1
+            ref = self.emit(
+                "gather", [ref], {"indices": idx.tolist(), "axis": a}, tuple(cur), self.node.output[0] if last else None
+            )
 
     def _lower_Slice(self) -> None:
         x = self.node.input[0]
@@ -1237,6 +1489,91 @@ class _Lowering:
         if idx.size and (idx.min() < 0 or idx.max() >= shape[axis]):
             raise _Unsupported("indices out of range")
         self._unary("gather", {"indices": idx.tolist(), "axis": axis})
+
+    def _broadcast_to(self, ref: str, shape: tuple[int, ...], target: tuple[int, ...], out: str | None) -> str:
+        """numpy broadcasting of a secret as layout steps: a reshape adding leading 1s, then one
+        gather of repeated index 0 per broadcast axis (free on shares)."""
+        shape = tuple(shape)
+        if len(shape) < len(target):
+            shape = (1,) * (len(target) - len(shape)) + shape
+            ref = self.emit("reshape", [ref], {"shape": list(shape)}, shape, None)
+        axes = [a for a, (s, t) in enumerate(zip(shape, target, strict=True)) if s != t]
+        if not axes:
+            return self.emit("identity", [ref], {}, shape, out) if out else ref
+        cur = list(shape)
+        for j, a in enumerate(axes):
+            if cur[a] != 1:
+                raise _Unsupported(f"cannot broadcast {shape} to {target}")
+            cur[a] = target[a]
+            last = j == len(axes) - 1
+            ref = self.emit("gather", [ref], {"indices": [0] * target[a], "axis": a}, tuple(cur), out if last else None)
+        return ref
+
+    def _lower_Expand(self) -> None:
+        x = self.node.input[0]
+        self.const_input(1, "shape")
+        self._broadcast_to(self.ir(x), self.shape(x), self.out_shape(), self.node.output[0])
+
+    def _lower_Where(self) -> None:
+        """Where(c, a, b) for a constant condition: b + c * (a - b) with c a public 0/1 mask (a
+        product by an integer constant: no truncation). Both branches must be finite."""
+        cond = self.const_input(0, "condition")
+        a, b = self.node.input[1], self.node.input[2]
+        for v in (a, b):
+            if not self.info.is_float(v):
+                raise _Unsupported(f"integer operand {v!r}")
+            if v in self.consts and not np.all(np.abs(np.asarray(self.consts[v], dtype=np.float64)) < 2.0**20):
+                raise _Unsupported(f"branch {v!r} holds values beyond the fixed-point range (e.g. -inf masks)")
+        out_shape, out = self.out_shape(), self.node.output[0]
+        mask = np.broadcast_to(np.asarray(cond, dtype=bool), out_shape)
+        if mask.all() or not mask.any():
+            keep = a if mask.all() else b
+            self._broadcast_to(self.ir(keep), self.shape(keep), out_shape, out)
+            return
+        diff = self.emit("sub", [self.ir(a), self.ir(b)], {}, out_shape)
+        m = self._add_const(f"{self.base}_mask", np.asarray(cond, dtype=np.float32), secret=False)
+        sel = self.emit("mul", [diff, m], {}, out_shape)
+        self.emit("add", [sel, self.ir(b)], {}, out_shape, out)
+
+    def _lower_Resize(self) -> None:
+        """Nearest-neighbour Resize with constant scales/sizes: one gather per resized axis. The
+        source index of every output position is taken from onnx's reference Resize run on the
+        public index grid, so every coordinate_transformation_mode and nearest_mode is honoured."""
+        mode = self.attrs.get("mode", "nearest")
+        if mode != "nearest":
+            raise _Unsupported(f"mode {mode!r} (nearest only)")
+        x = self.node.input[0]
+        shape, out_shape = self.shape(x), self.out_shape()
+        feeds: dict[str, np.ndarray] = {}
+        for k in range(1, len(self.node.input)):
+            name = self.inp(k)
+            if name is not None:
+                feeds[name] = np.asarray(self.const_input(k, "roi/scales/sizes"))
+        ref = self.ir(x)
+        axes = [a for a in range(len(shape)) if shape[a] != out_shape[a]]
+        if not axes:
+            self._unary("identity")
+            return
+        rank = len(shape)
+        scales = self.const_input(2, "scales")
+        # With full-rank scales >= 1 the other axes of the probe can be 1 (the index map of one axis
+        # does not depend on them): small probes for big feature maps. Otherwise the full grid.
+        small = (
+            self.inp(3) is None and "axes" not in self.attrs and scales is not None and scales.size == rank
+        )  # fmt: skip
+        cur = list(shape)
+        for j, a in enumerate(axes):
+            thin = small and all(float(scales[i]) >= 1.0 for i in range(rank) if i != a)
+            probe = [shape[i] if (i == a or not thin) else 1 for i in range(rank)]
+            grid = np.broadcast_to(
+                np.arange(shape[a], dtype=np.float32).reshape([-1 if i == a else 1 for i in range(rank)]), probe
+            )
+            res = _run_reference(self.node, {x: np.ascontiguousarray(grid), **feeds}, self.opset)[0]
+            line = np.asarray(res)[tuple(slice(None) if i == a else 0 for i in range(len(shape)))].astype(np.int64)
+            cur[a] = out_shape[a]
+            last = j == len(axes) - 1
+            ref = self.emit("gather", [ref], {"indices": line.tolist(), "axis": a}, tuple(cur),
+                            self.node.output[0] if last else None)  # fmt: skip
 
     def _lower_ConstantOfShape(self) -> None:
         raise _Unsupported("shape is not constant")

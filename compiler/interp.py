@@ -184,6 +184,8 @@ OP_HANDLERS: dict[str, Callable[..., Tensor]] = {
     "gelu": _gelu,
     "softplus": lambda n, x: torch.logaddexp(x, torch.zeros_like(x)),
     "hard_sigmoid": lambda n, x: torch.clamp(float(n.attrs["alpha"]) * x + float(n.attrs["beta"]), 0.0, 1.0),
+    "hard_swish": lambda n, x: x * torch.clamp(x / 6.0 + 0.5, 0.0, 1.0),
+    "reduce_max": lambda n, x: torch.amax(x, dim=[int(a) for a in n.attrs["axes"]], keepdim=bool(n.attrs["keepdims"])),
     "lrn": _lrn,
     "layer_norm": _layer_norm,
     "truncate": lambda n, x: x,  # fixed-point rescaling only; identity on real numbers

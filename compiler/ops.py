@@ -37,6 +37,8 @@ erf                 the error function
 gelu                x * Phi(x) (x; approximate = "none" | "tanh")
 softplus            log(1 + e^x)
 hard_sigmoid        max(0, min(1, alpha * x + beta)) (x; alpha, beta)
+hard_swish          x * max(0, min(1, x / 6 + 1 / 2)) (ONNX HardSwish, MobileNetV3)
+reduce_max          maximum over axes (x; axes, keepdims)
 lrn                 ONNX LRN across channels (x; size, alpha, beta, bias)
 layer_norm          (x - mean) / sqrt(var + epsilon) * scale + bias over axes >= axis
                     (x, scale[, bias]; axis, epsilon)
@@ -116,10 +118,12 @@ OPS: dict[str, OpSpec] = {
         _spec("gelu", "nonlinear", ("erf",), ("approximate",)),
         _spec("softplus", "nonlinear", ("exp_log",)),
         _spec("hard_sigmoid", "nonlinear", ("exact",), ("alpha", "beta")),
+        _spec("hard_swish", "nonlinear", ("exact",)),
+        _spec("reduce_max", "nonlinear", ("tree",), ("axes", "keepdims")),
         _spec("lrn", "nonlinear", ("newton",), ("size", "alpha", "beta", "bias")),
         _spec("layer_norm", "nonlinear", ("newton_rsqrt",), ("axis", "epsilon")),
         # the SIGuard guard (inputs: logits, W1, b1, W2, b2, w3, b3 of the defender)
-        _spec("guard", "guard", ("memguard-freeze", "memguard-paper"),
+        _spec("guard", "guard", ("memguard-parallel", "memguard-freeze", "memguard-paper"),
               ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin")),
         # fixed point
         _spec("truncate", "fixed-point", ("exact",), ("bits",)),

@@ -8,7 +8,12 @@ A plan directory holds
   parties compare this hash at handshake so they provably run the same plan.
 * ``weights.npz`` -- the model owner's float weights, tagged with the plan hash they belong to.
   Only the model owner's server reads it (and secret-shares it); it is never part of the hash.
-* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`siguard.compiler.report`).
+* ``owner.json`` -- facts measured on the model owner's data, kept out of the public plan
+  (:data:`OWNER_FACTS`): calibrated value ranges, the approximation pass's fitted ranges and
+  measured errors, the model file's name and SHA-256, compile timings and warnings. Tagged with the
+  plan hash like the weights; only the owner has it. ``siguard inspect`` merges it in when present.
+* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`siguard.compiler.report`),
+  with the owner's facts: they are the owner's documents too.
 
 Loading validates the document against ``schema/plan.schema.json`` and recomputes the hash;
 a plan is data and loading it never executes code from it.
@@ -16,6 +21,7 @@ a plan is data and loading it never executes code from it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from functools import lru_cache
@@ -26,13 +32,95 @@ import numpy as np
 
 from siguard.core.errors import PlanError
 
-__all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "compute_hash"]
+__all__ = [
+    "Plan", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "OWNER_FACTS", "OWNER_FILE", "compute_hash",
+    "split_owner_facts", "merge_owner_facts",
+]
 
 PLAN_FORMAT = "siguard-plan"
 PLAN_VERSION = 1
 PROTOCOL = "rss3-z2^64-semihonest"
 PROTOCOL_VERSION = 1
 _HASH_KEY = "__plan_hash__"
+OWNER_FILE = "owner.json"
+OWNER_FORMAT = "siguard-owner-facts"
+
+#: what moves from plan.json to owner.json (derived from the owner's model file or calibration data)
+OWNER_FACTS = (
+    "values.*.range",  # calibrated min/max of every intermediate (logits included)
+    "steps.*.approx.range",  # the range an approximation was fitted on (before coarsening)
+    "steps.*.approx.error",  # errors measured on the calibration data
+    "steps.*.approx.bounds",  # why the bounds pass changed an approximation, quoting weight-derived bounds
+    "passes.bounds.changes",  # the bounds pass's notes quote the same bounds (a count stays public)
+    "approximation.measured",  # end-to-end error of the chosen plan on the calibration data
+    "model.source",  # the model file's name
+    "model.source_sha256",  # a commitment to the owner's model file (would confirm a guessed model)
+    "passes.*.seconds",  # compile timings (the search's time depends on the data)
+    "warnings",  # headroom and calibration warnings quote measured ranges
+)
+
+
+def split_owner_facts(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(public document, owner facts): a copy of ``doc`` with every :data:`OWNER_FACTS` entry
+    nulled (or removed, for the model's source fields and timings), and those entries."""
+    pub = copy.deepcopy(doc)
+    facts: dict[str, Any] = {"values": {}, "steps": {}, "approximation": {}, "model": {}, "passes": [],
+                             "warnings": []}
+    for name, v in pub.get("values", {}).items():
+        if v.get("range") is not None:
+            facts["values"][name] = v["range"]
+            v["range"] = None
+    for step in pub.get("steps", []):
+        a = step.get("approx")
+        if a:
+            moved = {k: a[k] for k in ("range", "error", "bounds") if a.get(k) is not None}
+            if moved:
+                facts["steps"][step["name"]] = moved
+                a.update({k: None for k in moved})
+    appr = pub.get("approximation")
+    if appr and appr.get("measured") is not None:
+        facts["approximation"]["measured"] = appr["measured"]
+        appr["measured"] = None
+    for k in ("source", "source_sha256"):
+        if k in pub.get("model", {}):
+            facts["model"][k] = pub["model"].pop(k)
+    seconds = [p.pop("seconds", None) for p in pub.get("passes", [])]
+    facts["passes"] = seconds if any(x is not None for x in seconds) else []
+    for p in pub.get("passes", []):
+        if p.get("name") == "bounds" and p.get("changes"):
+            facts["bounds_changes"], n = p["changes"], len(p["changes"])
+            p["changes"] = [f"{n} change(s) to fit the bounds derived from the weights (in owner.json; each input's "
+                            "domain is in inputs)"]
+    facts["warnings"], pub["warnings"] = list(pub.get("warnings", [])), []
+    return pub, facts
+
+
+def merge_owner_facts(doc: dict[str, Any], facts: dict[str, Any] | None) -> dict[str, Any]:
+    """The inverse of :func:`split_owner_facts`: a copy of ``doc`` with ``facts`` put back."""
+    full = copy.deepcopy(doc)
+    if not facts:
+        return full
+    for name, rng in facts.get("values", {}).items():
+        if name in full["values"]:
+            full["values"][name]["range"] = rng
+    for step in full["steps"]:
+        if step["name"] in facts.get("steps", {}) and step.get("approx"):
+            step["approx"].update(facts["steps"][step["name"]])
+    if "measured" in facts.get("approximation", {}) and "approximation" in full:
+        full["approximation"]["measured"] = facts["approximation"]["measured"]
+    full["model"].update(facts.get("model", {}))
+    for p, sec in zip(full.get("passes", []), facts.get("passes", []), strict=False):
+        if sec is not None:
+            p["seconds"] = sec
+    for p in full.get("passes", []):
+        if p.get("name") == "bounds" and facts.get("bounds_changes"):
+            p["changes"] = list(facts["bounds_changes"])
+    full["warnings"] = list(facts.get("warnings", [])) or full.get("warnings", [])
+    return full
+
+
+def _has_facts(facts: dict[str, Any]) -> bool:
+    return any(bool(v) for v in facts.values())
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -50,12 +138,30 @@ def _schema() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "schema" / "plan.schema.json").read_text())
 
 
+@lru_cache(maxsize=1)
+def _validator() -> Any:
+    """The schema's validator, built (and the schema itself checked) once per process."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(_schema())
+    cls.check_schema(_schema())
+    return cls(_schema())
+
+
 class Plan:
     """A loaded, validated plan. ``doc`` is the JSON document; ``directory`` where it lives."""
 
-    def __init__(self, doc: dict[str, Any], directory: Path | None = None):
+    def __init__(self, doc: dict[str, Any], directory: Path | None = None, owner: dict[str, Any] | None = None):
         self.doc = doc
         self.directory = directory
+        #: the owner's facts (owner.json) where available, else None; see :data:`OWNER_FACTS`
+        self.owner = owner
+
+    def with_owner_facts(self) -> Plan:
+        """This plan with the owner's facts merged back in (for reports); itself if there are none."""
+        if not self.owner:
+            return self
+        return Plan(merge_owner_facts(self.doc, self.owner), self.directory, self.owner)
 
     # ---- accessors ----------------------------------------------------------------------------
     @property
@@ -96,9 +202,8 @@ class Plan:
             raise PlanError(f"{where}: not a SIGuard plan (missing format marker)")
         if doc.get("version") != PLAN_VERSION:
             raise PlanError(f"{where}: plan version {doc.get('version')!r} is not supported (expected {PLAN_VERSION})")
-        try:
-            jsonschema.validate(doc, _schema())
-        except jsonschema.ValidationError as exc:
+        exc = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+        if exc is not None:
             path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             raise PlanError(f"{where}: schema violation at {path}: {exc.message}") from None
         actual = compute_hash(doc)
@@ -136,14 +241,21 @@ class Plan:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanError(f"{path}: not valid JSON ({exc})") from None
         cls.validate(doc, str(path))
-        return cls(doc, path.parent)
+        return cls(doc, path.parent, _load_owner_facts(path.parent / OWNER_FILE, doc["plan_hash"]))
 
     def save(self, directory: str | Path, weights: dict[str, np.ndarray] | None = None) -> Path:
-        """Write ``plan.json`` (with a fresh hash) and, if given, ``weights.npz``."""
+        """Write ``plan.json`` (the public part, with a fresh hash), ``owner.json`` (the owner's facts,
+        moved out of the document: see :data:`OWNER_FACTS`) and, if given, ``weights.npz``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        public, facts = split_owner_facts(self.doc)
+        if _has_facts(facts):
+            self.doc, self.owner = public, facts
         self.doc["plan_hash"] = compute_hash(self.doc)
         (d / "plan.json").write_text(json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
+        if self.owner:
+            owner_doc = {"format": OWNER_FORMAT, "plan_hash": self.plan_hash, **self.owner}
+            (d / OWNER_FILE).write_text(json.dumps(owner_doc, indent=1, allow_nan=False) + "\n")
         if weights is not None:
             arrays = {k: np.asarray(v) for k, v in weights.items()}
             arrays[_HASH_KEY] = np.array(self.plan_hash)
@@ -175,3 +287,14 @@ class Plan:
             if not np.all(np.isfinite(a)):
                 raise PlanError(f"{p}: weight {w['name']!r} contains NaN or infinity")
         return arrays
+
+
+def _load_owner_facts(path: Path, plan_hash: str) -> dict[str, Any] | None:
+    """owner.json's facts if it exists and belongs to this plan, else None."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != OWNER_FORMAT or doc.get("plan_hash") != plan_hash:
+        return None
+    return {k: v for k, v in doc.items() if k not in ("format", "plan_hash")}

@@ -119,6 +119,7 @@ def _approx_row(a: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def inspect_json(plan: Plan) -> dict[str, Any]:
     """The machine-readable summary printed by ``siguard inspect --format json``."""
+    plan = plan.with_owner_facts()
     crit, _ = critical_path_rounds(plan)
     d = plan.doc
     return {
@@ -135,7 +136,8 @@ def inspect_json(plan: Plan) -> dict[str, Any]:
              "inputs": s["inputs"], "outputs": s["outputs"], "source": s.get("source"),
              "rounds": s["cost"]["rounds"], "bytes": s["cost"]["bytes"],
              "bytes_per_party": s["cost"]["bytes_per_party"],
-             **({"approx": s["approx"]} if s.get("approx") else {})}
+             **({"approx": s["approx"]} if s.get("approx") else {}),
+             **({"phases": s["cost"]["phases"]} if s["cost"].get("phases") else {})}
             for s in d["steps"]
         ],
         "approximation": d.get("approximation"),
@@ -163,15 +165,19 @@ def _op_summary(plan: Plan) -> list[dict[str, Any]]:
 
 
 def render(plan: Plan, fmt: str = "text") -> str:
-    """Render ``plan`` in one of :data:`FORMATS`."""
+    """Render ``plan`` in one of :data:`FORMATS` (with the owner's facts where available)."""
+    plan = plan.with_owner_facts()
     if fmt == "json":
         return json.dumps(inspect_json(plan), indent=1)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     crit, path = critical_path_rounds(plan)
+    rows = _rows(plan)
     ctx = {
         "plan": plan.doc,
-        "rows": _rows(plan),
+        "rows": rows,
+        # step names are shown whole (a convolution and its truncation differ only at the end)
+        "name_width": max([len("TOTAL (sum of steps)"), *(len(r["name"]) for r in rows)]),
         "ops": _op_summary(plan),
         "totals": plan.totals,
         "total_mb": _mb(plan.totals["bytes"]),
@@ -181,5 +187,7 @@ def render(plan: Plan, fmt: str = "text") -> str:
         "critical_path": set(path),
         "edges": list(dataflow_graph(plan).edges()),
         "approximation": plan.doc.get("approximation"),
+        "guards": [{"name": s["name"], "impl": s["impl"], **s["cost"]["phases"]} for s in plan.steps
+                   if s["cost"].get("phases")],
     }
     return _env().get_template(f"plan.{ 'txt' if fmt == 'text' else fmt }.j2").render(**ctx)

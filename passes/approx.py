@@ -263,7 +263,14 @@ class Approximate(Pass):
         noisy: the freeze schedule is path dependent)."""
 
         fields = GuardConfig.__dataclass_fields__
-        base = GuardConfig(**{k: v for k, v in node.attrs.items() if k in fields})
+        base = GuardConfig.for_schedule(**{k: v for k, v in node.attrs.items() if k in fields})
+        if base.schedule == "parallel":  # sign steps in ratio space: no per-step approximation to choose
+            cost = node_cost(graph, node, ctx.frac_bits)
+            rec = {"rounds": int(cost["rounds"]), "bytes": int(cost["bytes"])}
+            record = {"op": "guard", "impl": "sign-steps", "how": "default", "degree": None, "iterations": None,
+                      "range": None, "error": None, "candidates": 0, "cost": rec,
+                      "most_accurate": {"impl": "sign-steps", **rec}}
+            return record, f"{node.name} (guard): sign steps, no internal approximation [{cost['rounds']} rounds]"
         accurate = {k: getattr(base, k) for k in GUARD_KNOBS}
         chosen, how = dict(accurate), "default"
         if node.name in self.overrides:

@@ -56,6 +56,22 @@ def candidate(label: str, impl: str, params: dict[str, Any] | None = None, *, se
     return Candidate(label, impl, items, degree, iterations, fit_range, search)
 
 
+def _pow2_toward(v: float, up: bool) -> float:
+    """The nearest signed power of two beyond v in the direction ``up`` (toward +inf) or down; 0 stays 0."""
+    if v == 0:
+        return 0.0
+    k = math.log2(abs(v))
+    k = math.ceil(k) if (v > 0) == up else math.floor(k)
+    return math.copysign(2.0**k, v)
+
+
+def coarsen_range(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] widened outward to signed powers of two (or 0): fitted ranges go into the public plan's
+    ``impl_params``, and this way they reveal only the binary order of magnitude of the owner's
+    calibrated range, not its values (README, *Threat model*)."""
+    return _pow2_toward(lo, up=False), _pow2_toward(hi, up=True)
+
+
 def _widen(lo: float, hi: float) -> tuple[float, float]:
     mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0 * RANGE_MARGIN
     half = max(half, 0.5)
@@ -78,7 +94,7 @@ def _softmax_candidates(node: Node, graph: Graph, sample: np.ndarray | None, f: 
     axis = int(node.attrs.get("axis", -1)) % len(shape)
     k = int(shape[axis])
     spread, _ = _softmax_stats(sample, axis, k)
-    spread_m = spread * RANGE_MARGIN + 1.0
+    spread_m = coarsen_range(0.0, spread * RANGE_MARGIN + 1.0)[1]  # public via exp_lo and saturate
     # the sum of e^(z - max) lies in [1, K] whatever the data: the Newton guess is fitted on that
     # guaranteed range (a guess fitted on the calibrated sums diverges on a held-out sum beyond them)
     s_hi = float(k)
@@ -110,7 +126,7 @@ def _fit_candidates(op: str, rng: tuple[float, float] | None, degrees: Sequence[
     """Range-fitted Chebyshev candidates (runtime "fit<d>") on the widened calibrated range."""
     if rng is None:
         return []
-    lo, hi = _widen(*rng)
+    lo, hi = coarsen_range(*_widen(*rng))
     if bounds is not None:
         lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
     if not hi > lo:
@@ -137,7 +153,7 @@ def candidates_for(node: Node, graph: Graph, rng: tuple[float, float] | None, sa
     if op == "reciprocal":
         cands = [candidate("newton10", "newton10", iterations=10)]
         if rng is not None and rng[0] > 0:
-            lo, hi = round(rng[0] / RANGE_MARGIN, 6), round(rng[1] * RANGE_MARGIN, 6)
+            lo, hi = coarsen_range(rng[0] / RANGE_MARGIN, rng[1] * RANGE_MARGIN)
             cands += [candidate(f"newton{k}@range", f"newton{k}", {"lo": lo, "hi": hi}, iterations=k,
                                 fit_range=(lo, hi)) for k in range(1, 7)]
         return cands, "newton10", "newton10"
@@ -158,7 +174,7 @@ def candidates_for(node: Node, graph: Graph, rng: tuple[float, float] | None, sa
     if op == "sqrt":
         cands = [candidate("newton_rsqrt", "newton_rsqrt")]
         if rng is not None and rng[1] > 0:
-            lo, hi = round(max(rng[0] / RANGE_MARGIN, 2.0**-12), 6), round(rng[1] * RANGE_MARGIN, 6)
+            lo, hi = coarsen_range(max(rng[0] / RANGE_MARGIN, 2.0**-12), rng[1] * RANGE_MARGIN)
             cands += [candidate(f"newton_rsqrt{k}@range", "newton_rsqrt", {"lo": lo, "hi": hi, "iterations": k},
                             iterations=k, fit_range=(lo, hi)) for k in range(0, 5)]
         return cands, "newton_rsqrt", "newton_rsqrt"

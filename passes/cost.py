@@ -10,7 +10,9 @@ import torch
 from siguard.compiler.ir import Graph, Node
 from siguard.runtime.executor import StepContext
 from siguard.runtime.kernels.cost import CostEngine, MetaShares
+from siguard.runtime.kernels.guard import guard_phases
 from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.inputs import client_input
 from siguard.runtime.ring import encode
 
 from .base import Pass, PassContext
@@ -43,13 +45,19 @@ def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
     step = {"name": node.name, "op": node.op, "impl": node.impl, "inputs": node.inputs, "outputs": node.outputs,
             "attrs": {k: v for k, v in node.attrs.items() if k != "_impl_params"},
             "impl_params": node.attrs.get("_impl_params")}  # as the plan stores them (compiler/backend.py)
+    if node.op == "guard":
+        engine.guard_marks = []
     outs = handler_for(node.op)(ctx, step, args)
     for name, out in zip(node.outputs, outs, strict=True):
         want = tuple(graph.values[name].shape)
         got = tuple(out.shape)
         if got != want:
             raise ValueError(f"{node.name} ({node.op}): runtime shape {got} differs from the IR's {want}")
-    return cost_record(engine.total)
+    record = cost_record(engine.total)
+    if engine.guard_marks:
+
+        record["phases"] = guard_phases(engine.guard_marks)
+    return record
 
 
 def io_costs(graph: Graph, frac_bits: int) -> dict[str, Any]:
@@ -57,7 +65,7 @@ def io_costs(graph: Graph, frac_bits: int) -> dict[str, Any]:
     out: dict[str, Any] = {"input": {}, "reveal": {}}
     for name in graph.inputs:
         e = CostEngine(frac_bits)
-        e.input("client", None, graph.values[name].shape)
+        client_input(e, None, graph.values[name].shape, (0, 0))  # share, check, clamp: the bounds cost nothing
         out["input"][name] = cost_record(e.total)
     for name in graph.outputs:
         e = CostEngine(frac_bits)
@@ -88,9 +96,12 @@ class CostAnnotation(Pass):
     name = "cost"
 
     def run(self, graph: Graph, ctx: PassContext) -> list[str]:
-        total_rounds = 0
+        node_rounds = 0
         for node in graph.nodes:
             node.cost = node_cost(graph, node, ctx.frac_bits)
-            total_rounds += node.cost["rounds"]
-        graph.meta["io_costs"] = io_costs(graph, ctx.frac_bits)  # the backend's input, reveal and setup steps
-        return [f"{len(graph.nodes)} nodes costed: {total_rounds} rounds in total"]
+            node_rounds += node.cost["rounds"]
+        io = graph.meta["io_costs"] = io_costs(graph, ctx.frac_bits)
+        io_rounds = sum(c["rounds"] for kind in ("input", "reveal") for c in io[kind].values())
+        # the plan's TOTAL counts the input and reveal steps too: say both, so the two lines agree
+        return [f"{len(graph.nodes)} nodes costed: {node_rounds} rounds, {node_rounds + io_rounds} in total with "
+                f"the input sharing and reveal steps ({io_rounds})"]

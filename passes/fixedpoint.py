@@ -11,7 +11,6 @@ from .base import Pass, PassContext
 __all__ = ["FixedPoint"]
 
 _PRODUCTS = ("mul", "matmul", "conv")
-_HEADROOM_BITS = 62  # comparisons and exact truncation need |x| < 2^62 in ring units
 
 
 def _is_small_integer(data: np.ndarray) -> bool:
@@ -34,8 +33,9 @@ class FixedPoint(Pass):
        un-truncated sum without rounding.
     5. Nonlinear ops and layout ops take and return scale f (their implementations truncate
        internally). Average pooling and means rescale inside their handler.
-    6. With calibrated ranges, a value whose pre-truncation magnitude could reach 2^62 ring
-       units is reported as an overflow risk (warning). Without ranges nothing is checked.
+    6. Headroom is not checked here: a calibrated range is a maximum over samples, not a bound.
+       The bounds pass (:mod:`siguard.passes.bounds`) checks every value, and each product before its
+       truncation, against sound bounds from the input domain.
 
     It refuses to change a graph whose adds mix scales it cannot reconcile (raises).
     """
@@ -69,7 +69,6 @@ class FixedPoint(Pass):
                     new_nodes.append(t)
                     out.scale = f
                     changes.append(f"{node.name}: product at scale {prod}, truncate by {prod - f} -> {out.name}")
-                    self._check_headroom(ctx, raw, prod)
                 else:
                     outs[0].scale = prod
             elif node.op in ("add", "sub"):
@@ -101,8 +100,6 @@ class FixedPoint(Pass):
         for v in graph.values.values():
             if v.scale is None:
                 v.scale = f
-        if not any(v.range for v in graph.values.values()):
-            ctx.warn("no calibration data: fixed-point headroom was not checked (use --calibration X.npy)")
         return changes
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -135,14 +132,3 @@ class FixedPoint(Pass):
         clone = Value(graph.fresh_name(v.name), v.shape, v.dtype, v.visibility, v.owner, v.data, scale, v.range)
         graph.add_value(clone)
         node.inputs[k] = clone.name
-
-    @staticmethod
-    def _check_headroom(ctx: PassContext, value: Value, scale: int) -> None:
-        if value.range is None:
-            return
-        bound = max(abs(value.range[0]), abs(value.range[1])) * 2.0**scale
-        if bound >= 2.0**_HEADROOM_BITS:
-            ctx.warn(
-                f"{value.name}: calibrated magnitude {max(abs(value.range[0]), abs(value.range[1])):.3g} at scale "
-                f"{scale} reaches 2^{np.log2(bound):.1f} ring units (limit 2^{_HEADROOM_BITS}); lower --frac-bits"
-            )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ class InsertGuard(Pass):
        attributes (part of the plan, so timing reveals nothing).
     4. The plan's only output becomes ``guarded_probs`` (batch, k); the raw output is no longer
        revealed. Without a defender the pass is not run and the plan reveals the model's output.
+    5. ``grad_bound_bits`` becomes the smallest b with c1 |grad h| + c3 < 2^b for every input, from the
+       defender's weights: |dh/dx_i| <= sum_a |W1_ai| sum_b |W2_ba| |w3_b| (all ReLU masks open). Only
+       this power of two is public; the parallel schedule's sign test takes its headroom from it.
     """
 
     name = "guard"
@@ -76,6 +80,7 @@ class InsertGuard(Pass):
                                       data=np.ascontiguousarray(arr, dtype=np.float64)))
             names.append(v.name)
         graph.add_value(Value(GUARD_OUTPUT, tuple(shape)))
+        self.config = replace(self.config, grad_bound_bits=gradient_bound_bits(d, self.config.c1, self.config.c3))
         attrs = {k_: v for k_, v in asdict(self.config).items()}
         node = Node("guard", "guard", [logits, *names], [GUARD_OUTPUT], attrs,
                     impl=f"memguard-{self.config.schedule}", source="SIGuard guard")
@@ -88,3 +93,10 @@ class InsertGuard(Pass):
             f"{c.rounds} rounds x {c.steps} steps, schedule {c.schedule}, validator {c.validator}"
         )
         return changes
+
+
+def gradient_bound_bits(d: Any, c1: float, c3: float) -> int:
+    """The smallest b >= 0 with c1 |grad h(x)| + c3 < 2^b for every x (rule 5 of :class:`InsertGuard`)."""
+    path = np.abs(d.W1).T @ (np.abs(d.W2).T @ np.abs(d.w3[0]))  # (k,): every ReLU open
+    bound = abs(c1) * float(path.max()) + abs(c3)
+    return max(0, math.ceil(math.log2(bound * 1.001)))

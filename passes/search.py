@@ -145,8 +145,7 @@ class GuardEvaluator:
         self.weights = w  # W1^T, b1, W2^T, b2, w3^T, b3 as the guard node takes them
         d = DefenderWeights(w[0].T, w[1], w[2].T, w[3], w[4].T, w[5])
         c = config
-        oracle = guard_reference(self.z, d, rounds=c.rounds, steps=c.steps, c1=c.c1, c2=c.c2, c3=c.c3, lr=c.lr,
-                                 schedule=c.schedule, validator=c.validator, margin=c.margin, c3_max=c.c3_max)
+        oracle = guard_reference(self.z, d, **c.oracle_options())
         self.plain = softmax(self.z)
         self.oracle_guarded = np.asarray(oracle.guarded, dtype=np.float64)
         # the same test on both sides: the released vector moved from softmax(z) (oracle: accepted noise

@@ -361,7 +361,8 @@ class ShadowData:
 
 def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input_shape: tuple[int, ...],
                  num_classes: int, epochs: int = 150, seed: int = 1,
-                 x_reference: np.ndarray | None = None, y_out: np.ndarray | None = None) -> ShadowData:
+                 x_reference: np.ndarray | None = None, y_out: np.ndarray | None = None,
+                 hidden: tuple[int, ...] = (128, 64)) -> ShadowData:
     """Train a shadow model like the target (:func:`siguard.privacy.targets.make_mlp`, same recipe) and query it.
 
     Args:
@@ -373,6 +374,7 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
             adaptive attacker's shadow defender.
         y_out: optional labels (M,) of the shadow non-members; with them the shadow data carries labels for
             the label-aware attacks.
+        hidden: the hidden widths of the MLP (the target's, which the attacker knows).
 
     Returns:
         :class:`ShadowData` with logits (N + M, k) and membership (N + M,), members first.
@@ -381,7 +383,7 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
 
     with single_threaded():
         torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
-        model = train_classifier(make_mlp(input_shape, num_classes), x_in, y_in, epochs=epochs, seed=seed)
+        model = train_classifier(make_mlp(input_shape, num_classes, hidden), x_in, y_in, epochs=epochs, seed=seed)
 
     def logits(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

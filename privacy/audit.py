@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,9 @@ from typing import Any
 import numpy as np
 
 from siguard.compiler.plan import Plan
+from siguard.core.config import GuardConfig
 from siguard.core.errors import InputError
+from siguard.progress import progress_bar
 from siguard.runtime.kernels.guard import guard_progress
 from siguard.runtime.local import run_reference, run_threads
 from siguard.runtime.net.processes import run_processes
@@ -114,10 +115,14 @@ def _defender_from_plan(plan: Any) -> Any:
                            w3=w["guard.w3"].T, b3=w["guard.b3"])
 
 
+def _guard_config(step: dict[str, Any]) -> Any:
+    fields = GuardConfig.__dataclass_fields__
+    return GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
+
+
 def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:
-    a = step["attrs"]
-    keys = ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin", "c3_max")
-    return {k: a[k] for k in keys if k in a}
+    """The float oracle's options for the guard step's configuration (the same algorithm)."""
+    return _guard_config(step).oracle_options()
 
 
 def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
@@ -137,7 +142,7 @@ def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> t
     plan, gplan = Plan.load(plan_dir), Plan.load(guarded_dir)
     digest = _sha256(model)
     for label, p, d in (("--plan", plan, plan_dir), ("--guarded-plan", gplan, guarded_dir)):
-        src = p.doc["model"].get("source_sha256")
+        src = p.with_owner_facts().doc["model"].get("source_sha256")  # an owner's fact (owner.json)
         if src != digest:
             raise InputError(f"{label} {d} was compiled from a different model (sha256 {str(src)[:16]}…, "
                              f"{model.name} is {digest[:16]}…)")
@@ -171,7 +176,6 @@ class _Runner:
     def run(self, x: np.ndarray, desc: str, progress: bool) -> dict[str, Any]:
         """Outputs of all rows of ``x``, the summed time, rounds and MB per party. The progress bar counts the
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
-        from tqdm import tqdm
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:
@@ -179,9 +183,9 @@ class _Runner:
                              f"{list(want)}")
         chunks = range(0, len(x), self.batch)
         g = _guard_step(self.plan)
-        per_batch = g["attrs"]["rounds"] * (g["attrs"]["steps"] + 1) if g and self.mode != "processes" else 1
-        bar = tqdm(total=len(chunks) * per_batch, desc=desc, unit="batch" if per_batch == 1 else "it",
-                   disable=not progress, file=sys.stderr, leave=False, mininterval=0.5)
+        per_batch = _guard_config(g).iterations if g and self.mode != "processes" else 1
+        # a tqdm bar on a terminal, a plain line every few seconds otherwise (siguard.progress)
+        bar = progress_bar(len(chunks) * per_batch, desc, enabled=progress, unit="batch" if per_batch == 1 else "it")
         outs, seconds, rounds, sent = [], 0.0, 0, np.zeros(3)
         with bar, guard_progress(lambda done, _total: bar.update(1)):
             for i in chunks:
@@ -413,23 +417,26 @@ def format_table(doc: dict[str, Any]) -> str:
     """The terminal table: one row per attack (AUC, advantage in brackets) and per output set a column;
     then label accuracy, L1 distortion, time and traffic."""
     outs = doc["outputs"]
-    width = 22
-    head = f"{'':26s}" + "".join(f"{outs[o]['title']:>{width}s}" for o in OUTPUT_KINDS)
+    width = max([22, *(len(outs[o]["title"]) + 2 for o in OUTPUT_KINDS)])
+    attacks = outs["plaintext"]["attacks"]
+    labels = {key: "AUC (adv) " + row["name"] + (" *" if row["label_aware"] else "") for key, row in attacks.items()}
+    lw = max([26, *(len(t) + 1 for t in labels.values())])  # every row label whole, every column aligned
+    head = f"{'':{lw}s}" + "".join(f"{outs[o]['title']:>{width}s}" for o in OUTPUT_KINDS)
     lines = [head, "-" * len(head)]
-    for key, row in outs["plaintext"]["attacks"].items():
-        name = row["name"] + (" *" if row["label_aware"] else "")
+    for key in attacks:
         cells = "".join(f"{outs[o]['attacks'][key]['auc']:>{width - 8}.3f} ({outs[o]['attacks'][key]['advantage']:.3f})"
                         for o in OUTPUT_KINDS)
-        lines.append(f"{'AUC (adv) ' + name:26s}{cells}")
-    lines.append(f"{'best attack AUC (adv)':26s}" + "".join(
+        lines.append(f"{labels[key]:{lw}s}{cells}")
+    lines.append(f"{'best attack AUC (adv)':{lw}s}" + "".join(
         f"{outs[o]['best_attack']['auc']:>{width - 8}.3f} ({outs[o]['best_attack']['advantage']:.3f})"
         for o in OUTPUT_KINDS))
-    lines.append(f"{'label accuracy':26s}" + "".join(f"{outs[o]['label_accuracy']:>{width}.3f}" for o in OUTPUT_KINDS))
-    lines.append(f"{'labels = plaintext':26s}" + "".join(f"{outs[o]['top1_agreement']:>{width}.3f}"
-                                                         for o in OUTPUT_KINDS))
-    lines.append(f"{'mean L1 distortion':26s}" + "".join(f"{outs[o]['mean_l1']:>{width}.4f}" for o in OUTPUT_KINDS))
-    lines.append(f"{'time (s)':26s}" + "".join(f"{outs[o]['seconds']:>{width}.2f}" for o in OUTPUT_KINDS))
-    lines.append(f"{'MB sent per party (max)':26s}" + "".join(
+    lines.append(f"{'label accuracy':{lw}s}" + "".join(f"{outs[o]['label_accuracy']:>{width}.3f}"
+                                                        for o in OUTPUT_KINDS))
+    lines.append(f"{'labels = plaintext':{lw}s}" + "".join(f"{outs[o]['top1_agreement']:>{width}.3f}"
+                                                            for o in OUTPUT_KINDS))
+    lines.append(f"{'mean L1 distortion':{lw}s}" + "".join(f"{outs[o]['mean_l1']:>{width}.4f}" for o in OUTPUT_KINDS))
+    lines.append(f"{'time (s)':{lw}s}" + "".join(f"{outs[o]['seconds']:>{width}.2f}" for o in OUTPUT_KINDS))
+    lines.append(f"{'MB sent per party (max)':{lw}s}" + "".join(
         f"{max(outs[o]['mb_per_party']):>{width}.2f}" if outs[o]["mb_per_party"] else f"{'-':>{width}s}"
         for o in OUTPUT_KINDS))
     gap = doc["floor"]["label_only_gap"]

@@ -104,7 +104,9 @@ def format_demo_table(doc: dict[str, Any]) -> str:
     labels, distortion, time and traffic."""
 
     outs = doc["outputs"]
-    w = 20
+    # wide enough for every title and the longest attack name (never cut: "true-label confidence")
+    w = max([20, *(len(outs[k]["title"]) + 2 for k in OUTPUT_KINDS),
+             *(len(outs[k]["best_attack"]["name"]) + 2 for k in OUTPUT_KINDS)])
     head = f"{'':34s}" + "".join(f"{outs[k]['title']:>{w}s}" for k in OUTPUT_KINDS)
     lines = [head, "-" * len(head)]
 
@@ -112,7 +114,7 @@ def format_demo_table(doc: dict[str, Any]) -> str:
         lines.append(f"{label:34s}" + "".join(f"{cell(outs[k]):>{w}s}" for k in OUTPUT_KINDS))
 
     row("best attack AUC (advantage)", lambda o: f"{o['best_attack']['auc']:.3f} ({o['best_attack']['advantage']:.3f})")
-    row("  which attack", lambda o: o["best_attack"]["name"][: w - 2])
+    row("  which attack", lambda o: o["best_attack"]["name"])
     row("shadow neural attack AUC (adv)", lambda o: f"{o['attacks']['neural']['auc']:.3f} "
                                                      f"({o['attacks']['neural']['advantage']:.3f})")
     row("label accuracy", lambda o: f"{o['label_accuracy']:.3f}")

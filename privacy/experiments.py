@@ -64,6 +64,8 @@ SATURATION_GAP = 14.0
 MIN_ACCEPTANCE = 0.85
 MAX_ADVANTAGE = 0.05
 STEP_BUDGET = 300
+#: the targets' hidden widths: the demo's MLP, and a wider one that overfits more (100 % training accuracy)
+TARGETS: dict[str, tuple[int, ...]] = {"demo": (128, 64), "overfit": (256, 256)}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "guard_schedules.json"
 
 
@@ -114,7 +116,7 @@ def _splits(n_total: int, n: int, parts: int, seed: int) -> list[np.ndarray]:
 
 
 def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str, dict[str, Any]]],
-              log: Callable[[str], None]) -> dict[str, Any]:
+              log: Callable[[str], None], hidden: tuple[int, ...] = (128, 64)) -> dict[str, Any]:
     """One repetition: fresh splits, target, defender, shadow model and attacks for ``seed``."""
     import torch
     from sklearn.metrics import roc_auc_score
@@ -122,8 +124,8 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     t0 = time.perf_counter()
     mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
     torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
-    target = train_classifier(make_mlp(data.input_shape, data.num_classes), data.x[mem], data.y[mem], epochs=epochs,
-                              seed=seed)
+    target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
+                              epochs=epochs, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:  # the deployed path: ONNX through onnxruntime
         onnx_path = export_onnx(target, Path(tmp) / "target.onnx", data.input_shape)
         z_mem, z_non, z_ref = (predict_onnx(onnx_path, data.x[i]).astype(np.float64) for i in (mem, non, ref))
@@ -133,7 +135,8 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     test_acc = float((z_non.argmax(1) == data.y[non]).mean())
 
     shadow = train_shadow(data.x[s_mem], data.y[s_mem], data.x[s_non], input_shape=data.input_shape,
-                          num_classes=data.num_classes, epochs=epochs, seed=seed + 1000, x_reference=data.x[s_ref])
+                          num_classes=data.num_classes, epochs=epochs, seed=seed + 1000, x_reference=data.x[s_ref],
+                          hidden=hidden)
     shadow_plain = shadow.plain_outputs()  # a non-adaptive attacker: unguarded outputs of its shadow model
     attacks = {"neural": NeuralAttack(seed=seed), "max-prob": MaxProbabilityAttack(), "entropy": EntropyAttack()}
     for atk in attacks.values():
@@ -240,7 +243,7 @@ def _summarise(runs: list[dict[str, Any]], configs: list[tuple[str, dict[str, An
 
 def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int = 150, seeds: tuple[int, ...] = (0,),
                    configs: list[tuple[str, dict[str, Any]]] | None = None,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, target: str = "demo") -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
 
@@ -255,7 +258,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
     log(f"dataset {data.name}: {n} per split (members, non-members, owner reference, shadow in/out/reference), "
         f"{epochs} epochs, seeds {list(seeds)}")
     with single_threaded():  # small matrices: BLAS and torch threads only add synchronisation
-        runs = [_run_seed(data, n, epochs, seed, configs, log) for seed in seeds]
+        runs = [_run_seed(data, n, epochs, seed, configs, log, TARGETS[target]) for seed in seeds]
     summary = _summarise(runs, configs)
     plain = {k: float(np.mean([_get(r["plaintext"], p) for r in runs])) for k, p in
              {"neural_auc": ("attacks", "neural", "auc"), "max_prob_auc": ("attacks", "max-prob", "auc"),

@@ -52,8 +52,9 @@ __all__ = [
     "softmax",
 ]
 
-SCHEDULES = ("freeze", "paper")
-VALIDATORS = ("sign", "margin")
+SCHEDULES = ("freeze", "paper", "parallel")
+STEPS = ("l2", "sign")
+VALIDATORS = ("sign", "margin", "hybrid")
 _EPS = 1e-12
 
 
@@ -157,12 +158,15 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
                     c1: float = 1.0, c2: float = 10.0, c3: float = 0.1, lr: float = 0.2, schedule: str = "freeze",
                     c3_max: float = 100.0,
                     validator: str = "sign", margin: float = 0.5, release_prob: float = 1.0,
-                    seed: int = 0) -> GuardResult:
+                    seed: int = 0, step: str = "l2", lr_growth: float = 1.1) -> GuardResult:
     """Run the guard (module docstring) on a batch of logits (B, k) in float64; returns a :class:`GuardResult`.
 
     ``rounds`` = R, ``steps`` = T, ``schedule`` in :data:`SCHEDULES`, ``validator`` in :data:`VALIDATORS`,
     ``margin`` for the "margin" validator, ``release_prob`` and ``seed`` for phase II. ``c3_max`` caps c3's
-    growth (the secure guard needs it for fixed-point headroom; MemGuard itself lets c3 grow).
+    growth (the secure guard needs it for fixed-point headroom; MemGuard itself lets c3 grow). ``step`` in
+    :data:`STEPS`: "l2" moves e by lr along the normalised gradient (MemGuard), "sign" by lr along the sign of
+    every coordinate of the gradient, the hinge's sign taking precedence where the hinge is active.
+    ``lr_growth``: each round's learning rate is the previous failed round's times this.
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != defender.num_classes:
@@ -171,16 +175,75 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if validator not in VALIDATORS:
         raise ValueError(f"validator must be one of {VALIDATORS}, got {validator!r}")
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {STEPS}, got {step!r}")
+    if validator == "hybrid" and schedule != "parallel":
+        raise ValueError("the hybrid validator needs the parallel schedule")
     if rounds < 0 or steps < 0 or not 0.0 <= release_prob <= 1.0:
         raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
     with single_threaded():
         return _guard(z, defender, rounds=rounds, steps=steps, c1=c1, c2=c2, c3=c3, lr=lr, schedule=schedule,
-                      validator=validator, margin=margin, release_prob=release_prob, seed=seed, c3_max=c3_max)
+                      validator=validator, margin=margin, release_prob=release_prob, seed=seed, c3_max=c3_max,
+                      step=step, lr_growth=lr_growth)
+
+
+#: sign steps: the tests of sgn(q - p) and of S read "negative" only below -2^-TIE_BITS in ratio units (see
+#: :func:`_direction`), as the parties do (siguard.runtime.kernels.guard.TIE_BITS): at fixed point both operands vanish
+#: exactly for classes far below the label, and the truncation's +-1 ulp must not decide their sign
+TIE = 2.0**-14
+
+
+def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: DefenderWeights, *, c1: float,
+               c2: float, c3: np.ndarray, step: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(direction d (B, k), a (B,), viol (B, k)) at u: the update is e <- e - lr d.
+
+    "l2": d = g / ||g||.  "sign": in ratio space r = e^(u - u_l) (D = sum r; r0, D0 the same at e = 0):
+    sigma_i = -1 if r_i D0 - r0_i D < -TIE (i.e. q_i < p_i) else +1; gq = c1 sgn(a) grad_h + c3 sigma;
+    S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D: the same sign); d_i = sgn(hinge_i) where the hinge is
+    active (viol_i, or i = l with a violation), else -1 if S_i < -TIE, else +1."""
+    if step == "l2":
+        g, _, a, viol = guard_loss_gradient(u, p, onehot, defender, c1=c1, c2=c2, c3=c3)
+        return g / np.sqrt((g * g).sum(axis=1, keepdims=True) + _EPS), a, viol
+    c3c = np.reshape(np.asarray(c3, dtype=np.float64), (-1, 1))
+    q = softmax(u)
+    a, m1, m2 = defender.forward(q)
+    viol = _hinge_terms(u, onehot)
+    r = q / (q * onehot).sum(axis=1, keepdims=True)
+    r0 = p / (p * onehot).sum(axis=1, keepdims=True)
+    sig = np.where(r * r0.sum(axis=1, keepdims=True) - r0 * r.sum(axis=1, keepdims=True) < -TIE, -1.0, 1.0)
+    gq = c1 * _sgn(a)[:, None] * defender.input_gradient(m1, m2) + c3c * sig
+    s = gq * r.sum(axis=1, keepdims=True) - (r * gq).sum(axis=1, keepdims=True)
+    hinge = viol - onehot * viol.sum(axis=1, keepdims=True)
+    d = np.where(hinge != 0.0, np.sign(hinge), np.where(s < -TIE, -1.0, 1.0))
+    return d, a, viol
+
+
+def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, defender: DefenderWeights, *,
+             steps: int, lr: np.ndarray, c1: float, c2: float, c3: np.ndarray, freeze: bool, tiers: tuple[str, ...],
+             margin: float, step: str, accepted: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One round of T steps from e = 0. For each validator in ``tiers``: (hit (B,) bool, e_hit (B, k),
+    t_hit (B,)): with ``freeze`` the first e that passes the test at some t (only where not ``accepted``
+    yet), else the e after the last step if it passes (t = T+1)."""
+    B, k = u0.shape
+    e = np.zeros((B, k))
+    hits = [(np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for _ in tiers]
+    for t in range(1, steps + 2):
+        d, a, viol = _direction(u0 + e, p, onehot, defender, c1=c1, c2=c2, c3=c3, step=step)
+        kept = viol.sum(axis=1) == 0
+        for v, (got, e_v, t_v) in zip(tiers, hits, strict=True):
+            ok = kept & (a0 * a <= 0.0 if v == "sign" else np.abs(a) <= margin)
+            now = (ok & ~accepted & ~got) if freeze else (ok if t == steps + 1 else np.zeros(B, dtype=bool))
+            e_v[now], t_v[now] = e[now], t
+            got |= now
+        if t == steps + 1:
+            break
+        e = e - lr[:, None] * d
+    return hits
 
 
 def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int, c1: float, c2: float, c3: float,
            lr: float, schedule: str, validator: str, margin: float, release_prob: float, seed: int,
-           c3_max: float) -> GuardResult:
+           c3_max: float, step: str, lr_growth: float) -> GuardResult:
     """The body of :func:`guard_reference` on validated float64 logits z (B, k)."""
     B, k = z.shape
     u0 = z - z.max(axis=1, keepdims=True)
@@ -194,28 +257,35 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
     accepted = np.zeros(B, dtype=bool)
     acc_round = np.zeros(B, dtype=np.int64)
     acc_step = np.zeros(B, dtype=np.int64)
-    c3_q = np.full(B, float(c3))
-    lr_q = np.full(B, float(lr))
-    for r in range(1, rounds + 1):
-        e = np.zeros((B, k))
-        found = np.zeros(B, dtype=bool)
-        for t in range(1, steps + 2):
-            g, _, a, viol = guard_loss_gradient(u0 + e, p, onehot, defender, c1=c1, c2=c2, c3=c3_q)
-            valid = a0 * a <= 0.0 if validator == "sign" else np.abs(a) <= margin
-            ok = (viol.sum(axis=1) == 0) & valid
-            if schedule == "freeze":
-                take = ok & ~accepted
-            else:
-                take = ok if t == steps + 1 else np.zeros(B, dtype=bool)
-            e_star[take] = e[take]
-            accepted |= take
-            found |= take
-            acc_round[take], acc_step[take] = r, t
-            if t == steps + 1:
-                break
-            e = e - lr_q[:, None] * g / np.sqrt((g * g).sum(axis=1, keepdims=True) + _EPS)
-        c3_q = np.where(found, np.minimum(10.0 * c3_q, c3_max), c3_q)  # capped for fixed-point headroom
-        lr_q = np.where(found, lr_q, 1.1 * lr_q)
+    opts = dict(c1=c1, c2=c2, margin=margin, step=step)
+    if schedule == "parallel":
+        # the R rounds as R independent candidates in one batch: round r starts from e = 0 with c3 and
+        # lr growth^(r-1) -- what the sequential freeze schedule runs in every round before a query's first
+        # success -- and the query keeps the first success in (round, step) order: freeze's output. "hybrid":
+        # the first success of the sign test in that order; failing that, the first of the margin test.
+        tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
+        tile = lambda x: np.concatenate([x] * rounds)  # noqa: E731
+        lrs = np.repeat(lr * lr_growth ** np.arange(rounds), B)
+        hits = _descend(tile(u0), tile(p), tile(onehot), tile(a0), defender, steps=steps, lr=lrs,
+                        c3=np.full(B * rounds, float(c3)), freeze=True, tiers=tiers,
+                        accepted=np.zeros(B * rounds, dtype=bool), **opts)
+        for got, e_v, t_v in hits:
+            for r in range(rounds):
+                rows = slice(r * B, (r + 1) * B)
+                now = got[rows] & ~accepted
+                e_star[now], acc_step[now], acc_round[now] = e_v[rows][now], t_v[rows][now], r + 1
+                accepted |= now
+    else:
+        c3_q = np.full(B, float(c3))
+        lr_q = np.full(B, float(lr))
+        for r in range(1, rounds + 1):
+            ((found, e_take, t_take),) = _descend(u0, p, onehot, a0, defender, steps=steps, lr=lr_q, c3=c3_q,
+                                                  freeze=schedule == "freeze", tiers=(validator,),
+                                                  accepted=accepted, **opts)
+            e_star[found], acc_step[found], acc_round[found] = e_take[found], t_take[found], r
+            accepted |= found
+            c3_q = np.where(found, np.minimum(10.0 * c3_q, c3_max), c3_q)  # capped for fixed-point headroom
+            lr_q = np.where(found, lr_q, lr_growth * lr_q)
 
     guarded = softmax(u0 + e_star)
     released = np.random.default_rng(seed).random(B) < release_prob  # plaintext phase II, not MPC

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from siguard.core.errors import InputError
+from siguard.compiler.frontend import select_output, with_output
+from siguard.core.errors import InputError, SiguardError
 
 __all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx", "model_outputs"]
 
@@ -61,12 +62,20 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
 
 
 def predict_onnx(path: str | Path, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """The model's outputs through onnxruntime (the plaintext oracle), in batches."""
+    """The model's outputs through onnxruntime (the plaintext oracle), in batches: the value that
+    ``siguard compile`` computes (:func:`siguard.compiler.frontend.select_output`; for a default skl2onnx
+    classifier, the probabilities feeding its ZipMap)."""
+    import onnx
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
+    model = onnx.load(str(path))
+    name = select_output(model, label=str(path))
+    if name == model.graph.output[0].name:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(with_output(model, name).SerializeToString(), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0].name
+    outs = [sess.run(None, {inp: x[i : i + batch].astype(np.float32)})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
 
 
@@ -86,5 +95,7 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
                          f"{['?' if f is None else f for f in fixed]}")
     try:
         return predict_onnx(model, x)
+    except SiguardError:
+        raise  # already one clear line (e.g. no output to read, and how to re-export)
     except Exception as exc:
         raise InputError(f"{what}: the model fails on 'x' ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

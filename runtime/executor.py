@@ -3,7 +3,7 @@
 Call tree (override points)::
 
     Executor.run(inputs[, env, start, stop])
-      ├─ engine.input(...)         client input -> secret shares           (op "input")
+      ├─ input step                client input -> checked, clamped shares  (op "input")
       ├─ run_step(step, env)       one plan step (the per-step hook)
       │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
       └─ engine.reveal(...)        open the output to the client only      (op "reveal")
@@ -28,6 +28,7 @@ from siguard.compiler.plan import Plan
 from siguard.core.errors import RuntimeFault, SiguardError
 from siguard.runtime.kernels.engine import Engine
 from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.inputs import client_bounds, client_input
 
 from .ring import encode
 
@@ -78,6 +79,7 @@ class Executor:
         #: wall seconds this party spent in each step of the last :meth:`run` (communication included)
         self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
+        self._bounds = {spec["name"]: client_bounds(spec, plan.frac_bits) for spec in plan.inputs}
 
     # ---- set-up -------------------------------------------------------------------------------
     def _compute_last_use(self) -> dict[str, int]:
@@ -108,6 +110,15 @@ class Executor:
                     raise
                 except Exception as exc:
                     raise RuntimeFault(f"sharing weight {name!r} failed on {self._who()}: {exc}") from exc
+
+    def use_weights(self, shared: dict[str, Any]) -> None:
+        """Start a session with the weights shared at set-up (:meth:`share_weights`), re-randomised
+        by :meth:`siguard.runtime.kernels.engine.Engine.rerandomise`: no two sessions (and no two queries of one
+        session) compute on the same share components. 0 rounds, 0 bytes."""
+        forget = getattr(self.engine, "forget_prepared", None)
+        if forget is not None:  # matrices prepared from the previous components would keep them alive
+            forget()
+        self.weights = {name: self.engine.rerandomise(w) for name, w in shared.items()}
 
     def _who(self) -> str:
         p = self.engine.party
@@ -141,9 +152,12 @@ class Executor:
                     if step["op"] == "input":
                         name = step["outputs"][0]
                         value = None if inputs is None else inputs[name]
-                        env[name] = self.engine.input(
-                            step["attrs"].get("owner", "client"), value, tuple(self.plan.values[name]["shape"])
-                        )
+                        shape = tuple(self.plan.values[name]["shape"])
+                        owner = step["attrs"].get("owner", "client")
+                        if owner == "client":  # checked for consistency and clamped: runtime/kernels/inputs.py
+                            env[name] = client_input(self.engine, value, shape, self._bounds[name])
+                        else:
+                            env[name] = self.engine.input(owner, value, shape)
                     elif step["op"] == "reveal":
                         name = step["inputs"][0]
                         outputs[name] = self.engine.reveal(self._get(env, name), step["attrs"].get("to", "client"))

@@ -19,6 +19,8 @@ from .stats import summarize
 __all__ = ["run_reference", "run_threads"]
 
 
+
+
 def run_reference(
     plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray, weights: dict[str, np.ndarray] | None = None
 ) -> RunResult:
@@ -71,11 +73,13 @@ def run_threads(
     def party(engine) -> tuple[dict[str, float], list[float]]:
         ex = Executor(plan, engine)
         ex.share_weights(w if engine.party == 0 else None)
+        shared = ex.weights
         times = []
         for q in range(queries):
             if q:
                 engine.transport.reset_stats(keep_prefix="setup")
             t_query = time.perf_counter()
+            ex.use_weights(shared)  # fresh weight share components for every query
             ex.run(None)
             times.append(time.perf_counter() - t_query)
         return ex.step_seconds, times

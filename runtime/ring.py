@@ -46,14 +46,17 @@ def encode(x: np.ndarray | torch.Tensor | float, frac_bits: int) -> torch.Tensor
     """Real values -> ring elements round(x * 2^f) as int64. Rejects NaN/inf and overflow."""
     t = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x)
     t = t.to(torch.float64)
-    if not torch.isfinite(t).all():
-        raise ValueError("cannot encode NaN or infinite values")
     limit = MAX_ABS_REAL(frac_bits)
-    if t.numel() and t.abs().max().item() >= limit:
-        raise ValueError(
-            f"value {t.abs().max().item():.4g} too large for {frac_bits} fractional bits (limit {limit:.4g})"
-        )
-    return torch.round(t * float(2**frac_bits)).to(torch.int64)
+    if t.numel():
+        lo, hi = torch.aminmax(t)  # one pass, no temporary; NaN propagates, so one test covers all three
+        if not max(-lo.item(), hi.item()) < limit:
+            if not torch.isfinite(t).all():
+                raise ValueError("cannot encode NaN or infinite values")
+            raise ValueError(
+                f"value {t.abs().max().item():.4g} too large for {frac_bits} fractional bits (limit {limit:.4g})"
+            )
+    scaled = t * float(2**frac_bits)
+    return torch.round(scaled, out=scaled).to(torch.int64)
 
 
 def decode(x: torch.Tensor, frac_bits: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,27 @@ from siguard.core.errors import InputError
 from .ring import MAX_ABS_REAL
 
 __all__ = ["RunResult", "check_inputs"]
+
+
+def _check_domain(name: str, a: np.ndarray, domain: Any, frac_bits: int) -> None:
+    """Refuse an input outside the plan's input domain (passes/bounds.py: the range on which no
+    intermediate can overflow), naming the first offending value and the bound. A plan without a
+    domain (compiled before it was recorded) gets the old limit: a product of two inputs must stay
+    below 2^62 ring units at scale 2f."""
+    if not a.size:
+        return
+    if domain is None:
+        lim = MAX_ABS_REAL(frac_bits) / 2**frac_bits
+        lo, hi = -lim, lim
+    else:
+        lo, hi = float(domain[0]), float(domain[1])
+    bad = (a < lo) | (a > hi)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        v = float(a[idx])
+        raise InputError(f"input {name!r} holds {v:.6g} at index {list(idx)}, outside the plan's input domain "
+                         f"[{lo:g}, {hi:g}] (beyond it an intermediate could overflow; recompile with --input-range "
+                         "or rescale the input)")
 
 
 @dataclass
@@ -29,7 +51,12 @@ class RunResult:
 
 
 def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-    """Validate user inputs against the plan: names, shapes, numeric dtype, finiteness, range.
+    """Validate user inputs against the plan: names, shapes, float dtype, finiteness, range.
+
+    Float arrays of any width are accepted (float16/32/64): encoding rounds each value to the
+    fixed-point grid (2^-frac_bits), which is exact for float64 too. Integer and boolean arrays are
+    refused, as onnxruntime refuses them for a float input (raw integer pixels fed to a model that
+    expects scaled floats would be a silent wrong answer).
 
     A single array is accepted for a single-input plan. Returns float64 arrays by input name."""
     specs = plan.inputs
@@ -43,19 +70,19 @@ def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict
         if name not in inputs:
             raise InputError(f"missing input {name!r} (plan inputs: {', '.join(s['name'] for s in specs)})")
         a = np.asarray(inputs[name])
-        if a.dtype.kind not in "fiu":
-            raise InputError(f"input {name!r} has dtype {a.dtype}; expected a real numeric array (float32)")
+        if a.dtype.kind != "f":  # floats of any width: encoding rounds them to the 2^-f grid either way
+            raise InputError(f"input {name!r} has dtype {a.dtype}; the plan expects {spec.get('dtype', 'float32')} "
+                             f"(any float dtype is accepted; convert other arrays explicitly, e.g. .astype('float32'))")
         if a.shape != shape:
             hint = " (recompile with --batch N to change the batch size)" if a.shape[1:] == shape[1:] else ""
             raise InputError(f"input {name!r} has shape {a.shape}; the plan expects {shape}{hint}")
         a = a.astype(np.float64)
         if not np.all(np.isfinite(a)):
             raise InputError(f"input {name!r} contains NaN or infinite values")
-        # a product of two such values must stay below 2^62 ring units at scale 2f
-        limit = MAX_ABS_REAL(plan.frac_bits) / 2**plan.frac_bits
-        if a.size and np.abs(a).max() >= limit:
-            raise InputError(
-                f"input {name!r} has magnitude {np.abs(a).max():.3g}, beyond the fixed-point limit {limit:.3g}"
-            )
+        _check_domain(name, a, spec.get("domain"), plan.frac_bits)
+        if spec.get("domain_source") == "unproven":
+            logging.getLogger("siguard.runtime").warning(
+                "input %r: this plan's fixed-point headroom is not proven (the compiler found no safe input domain); "
+                "an intermediate may overflow", name)
         out[name] = a
     return out

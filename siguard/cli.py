@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -16,9 +17,36 @@ __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-    from siguard.pipeline import load_npy
+    from siguard.compiler.arrays import load_npy
 
     return load_npy(path, "input")
+
+
+class CodeDefault:
+    """A default shown in ``--help``, read from the code's own default when the help is printed.
+
+    ``source`` is ``"module:Class"`` (a dataclass, instantiated without arguments) and ``field`` the
+    attribute: the help text never restates a default, so it cannot drift from the code (and the
+    module is imported only when the help is shown)."""
+
+    def __init__(self, source: str, field: str | None = None):
+        self.source, self.field = source, field
+
+    def value(self):
+        import importlib
+
+        module, _, name = self.source.partition(":")
+        obj = getattr(importlib.import_module(module), name)()
+        return obj if self.field is None else getattr(obj, self.field)
+
+    def __str__(self) -> str:
+        v = self.value()
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _code_default(action: argparse.Action, source: str, field: str | None = None) -> None:
+    """Let ``action``'s help say ``%(code_default)s`` for the code's default (see :class:`CodeDefault`)."""
+    action.code_default = CodeDefault(source, field)
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -28,8 +56,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
-                                      ("schedule", args.guard_schedule), ("validator", args.guard_validator),
-                                      ("margin", args.guard_margin)) if v is not None}
+                                      ("lr_growth", args.guard_lr_growth), ("schedule", args.guard_schedule),
+                                      ("validator", args.guard_validator), ("margin", args.guard_margin))
+                    if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
     from siguard.core.config import parse_budget, parse_overrides
@@ -37,9 +66,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     mode, overrides = parse_overrides(args.approx)
     if args.calibration is not None and not Path(args.calibration).exists():
         raise InputError(f"calibration file {args.calibration} does not exist")
-    opts = CompileOptions(batch=args.batch, output=args.output, frac_bits=args.frac_bits, guard=args.guard,
-                          guard_config=guard_config, calibration=args.calibration, approx=mode, overrides=overrides,
-                          accuracy_budget=parse_budget(args.accuracy_budget), objective=args.objective)
+    given = {k: v for k, v in (("batch", args.batch), ("frac_bits", args.frac_bits), ("objective", args.objective))
+             if v is not None}  # unset options keep CompileOptions' defaults (what --help shows)
+    if any("=" not in item for item in args.approx or ()):
+        given["approx"] = mode
+    opts = CompileOptions(output=args.output, guard=args.guard, guard_config=guard_config,
+                          calibration=args.calibration, overrides=overrides,
+                          accuracy_budget=parse_budget(args.accuracy_budget), input_range=args.input_range, **given)
     result = compile_model(args.model, opts)
     out = write_plan(result, args.o)
     t = result.plan.totals
@@ -71,9 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     x = _load_npy(args.input)
     if args.mode == "reference":
-        result = run_reference(plan, x)
+        with _guard_progress(plan):
+            result = run_reference(plan, x)
     elif args.mode in ("threads", "lockstep"):
-        result = run_threads(plan, x, timeout=args.timeout, scheduler=args.mode)
+        with _guard_progress(plan):
+            result = run_threads(plan, x, timeout=args.timeout, scheduler=args.mode)
     elif args.mode == "processes":
         from siguard.runtime.net.processes import run_processes
 
@@ -86,6 +121,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_result(args.mode, plan.outputs[0]["name"], y, result.seconds, args.output,
                  result.stats if args.stats else None)
     return 0
+
+
+@contextlib.contextmanager
+def _guard_progress(plan):
+    """The guard's iterations as progress on stderr while a guarded plan runs in this process (a tqdm bar
+    on a terminal, a plain line every few seconds otherwise: :mod:`siguard.progress`); nothing otherwise."""
+    step = next((s for s in plan.steps if s["op"] == "guard"), None)
+    if step is None:
+        yield
+        return
+    from siguard.progress import progress_bar
+    from siguard.runtime.kernels.guard import guard_progress
+
+    total = int(step["attrs"]["rounds"]) * (int(step["attrs"]["steps"]) + 1)
+    with progress_bar(total, "guarded query") as bar, guard_progress(lambda done, _total: bar.update(1)):
+        yield
 
 
 def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: str | None,
@@ -103,8 +154,7 @@ def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: s
 def cmd_demo(args: argparse.Namespace) -> int:
     from siguard.privacy.demo import run_demo
 
-    run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed,
-             progress=not args.no_progress and sys.stderr.isatty())
+    run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed, progress=not args.no_progress)
     return 0
 
 
@@ -122,33 +172,67 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile an ONNX model into a plan directory")
     c.add_argument("model", help="ONNX file (external data beside it is read too)")
     c.add_argument("-o", required=True, metavar="PLAN", help="output plan directory")
-    c.add_argument("--batch", type=int, default=1, help="fix a symbolic batch dimension to N (default 1)")
+    opts = "siguard.pipeline:CompileOptions"
+    _code_default(c.add_argument("--batch", type=int, default=None,
+                                 help="fix a symbolic batch dimension to N (default %(code_default)s)"), opts, "batch")
     c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
-    c.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits (default 16)")
+    _code_default(c.add_argument("--frac-bits", type=int, default=None,
+                                 help="fixed-point fractional bits (default %(code_default)s)"), opts, "frac_bits")
+    c.add_argument("--input-range", action="append", metavar="LO,HI|NAME=LO,HI", default=None,
+                   help="declared input domain (write --input-range=-1,1; repeat NAME=LO,HI per input): compile fails "
+                        "if an intermediate could overflow on it. Default: the largest safe [-2^k, 2^k] "
+                        "(see the README's Numerical safety section)")
     a = c.add_argument_group("approximations (see the README's Approximations section)")
     a.add_argument("--calibration", metavar="X.npy", default=None,
                    help="calibration inputs (N, ...): onnxruntime records every value's range on them and the "
                         "approximation pass measures candidates on them (without: default ranges and implementations)")
-    a.add_argument("--accuracy-budget", metavar="top1=F,prob=F", default=None,
-                   help="end-to-end budget on the calibration data against onnxruntime: top-1 agreement >= top1 and "
-                        "max absolute change of the revealed output <= prob (default top1=0.995,prob=0.01)")
-    a.add_argument("--approx", action="append", metavar="MODE|NODE=IMPL", default=None,
-                   help="auto (default: cheapest within the budget), exact (most accurate), crypten (CrypTen's "
-                        "defaults), default (the ops' defaults); NODE=IMPL (repeatable) overrides one node")
-    a.add_argument("--objective", choices=("rounds", "bytes"), default="rounds",
-                   help="what the approximation pass minimises (default rounds)")
+    _code_default(a.add_argument(
+        "--accuracy-budget", metavar="top1=F,prob=F", default=None,
+        help="end-to-end budget on the calibration data against onnxruntime: top-1 agreement >= top1 and "
+             "max absolute change of the revealed output <= prob (default %(code_default)s)"),
+        "siguard.core.config:AccuracyBudget")
+    _code_default(a.add_argument(
+        "--approx", action="append", metavar="MODE|NODE=IMPL", default=None,
+        help="auto (cheapest within the budget), exact (most accurate), crypten (CrypTen's defaults), default (the "
+             "ops' defaults); NODE=IMPL (repeatable) overrides one node (default %(code_default)s)"), opts, "approx")
+    _code_default(a.add_argument("--objective", choices=("rounds", "bytes"), default=None,
+                                 help="what the approximation pass minimises (default %(code_default)s)"),
+                  opts, "objective")
     g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
     g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
                    help="insert the guard with this defender (from `siguard guard train`)")
-    g.add_argument("--guard-rounds", type=int, default=None, help="outer rounds R (default 6)")
-    g.add_argument("--guard-steps", type=int, default=None, help="gradient steps per round T (default 49)")
-    g.add_argument("--guard-lr", type=float, default=None, help="initial step size (default 0.2)")
-    g.add_argument("--guard-schedule", choices=("freeze", "paper"), default=None,
-                   help="freeze: test every step and keep each query's first success (default); "
-                        "paper: test at the end of each round")
-    g.add_argument("--guard-validator", choices=("sign", "margin"), default=None,
-                   help="sign: the defender's decision flipped (default); margin: |h| within --guard-margin")
-    g.add_argument("--guard-margin", type=float, default=None, help="margin of the margin validator (default 0.5)")
+    from siguard.core.config import SCHEDULE_DEFAULTS
+
+    guard = "siguard.core.config:GuardConfig"
+
+    def sequential(key: str) -> str:  # the sequential schedules' own defaults (siguard.core.config.SCHEDULE_DEFAULTS)
+        return ", ".join(f"{name} {v[key]}" for name, v in SCHEDULE_DEFAULTS.items() if name != "parallel")
+
+    _code_default(g.add_argument("--guard-schedule", choices=tuple(SCHEDULE_DEFAULTS), default=None,
+                                 help="parallel: the R rounds as R candidates of one batch, sign steps, the first "
+                                      "success; freeze: sequential rounds, test every step, keep the first success; "
+                                      "paper: sequential rounds, test at the end of each round (default "
+                                      "%(code_default)s)"), guard, "schedule")
+    _code_default(g.add_argument("--guard-rounds", type=int, default=None,
+                                 help=f"rounds (candidates) R; {sequential('rounds')} (default %(code_default)s)"),
+                  guard, "rounds")
+    _code_default(g.add_argument("--guard-steps", type=int, default=None,
+                                 help=f"steps per round T; {sequential('steps')} (default %(code_default)s)"),
+                  guard, "steps")
+    _code_default(g.add_argument("--guard-lr", type=float, default=None,
+                                 help=f"the first round's step size; {sequential('lr')} (default %(code_default)s)"),
+                  guard, "lr")
+    _code_default(g.add_argument("--guard-lr-growth", type=float, default=None,
+                                 help=f"each round's step size over the previous round's; {sequential('lr_growth')} "
+                                      "(default %(code_default)s)"), guard, "lr_growth")
+    _code_default(g.add_argument("--guard-validator", choices=("sign", "margin", "hybrid"), default=None,
+                                 help="sign: the defender's decision flipped; margin: |h| within --guard-margin; "
+                                      "hybrid (parallel only): the first flip, failing that the first |h| within the "
+                                      f"margin; {sequential('validator')} (default %(code_default)s)"),
+                  guard, "validator")
+    _code_default(g.add_argument("--guard-margin", type=float, default=None,
+                                 help="margin of the margin and hybrid validators (default %(code_default)s)"),
+                  guard, "margin")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")
@@ -167,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost about half: faster when rounds dominate, e.g. a guarded plan at a small batch); "
                         "processes: three server processes and a client process over TLS on loopback")
     r.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
-    r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a peer (default 60)")
+    r.add_argument("--timeout", type=float, default=60.0, help="seconds a party waits for a SILENT peer: one that "
+                   "neither sends nor computes (no thread, no heartbeat); a live one is waited for (default 60)")
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the whole story on bundled real data: train, guard, compile, run, audit",
@@ -180,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=("threads", "lockstep", "processes", "reference"), default="threads",
                    help="how the plans run (default threads; lockstep: one thread, see siguard run --help)")
     d.add_argument("--seed", type=int, default=0, help="seed of the data split and training (default 0)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, a plain line every few seconds otherwise)")
     d.set_defaults(func=cmd_demo)
 
     # command groups that live in their own modules (networked runtime, guard, audit, bench)
@@ -202,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or bool(os.environ.get("SIGUARD_DEBUG"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        # the passes' warnings are in the plan (``inspect`` lists them); `compile` prints each one once itself,
+        # and the demo's compilations have none its user could act on
+        logging.getLogger("siguard.passes").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except SiguardError as exc:

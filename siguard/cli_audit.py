@@ -15,7 +15,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     data = AuditData.from_files(args.members, args.nonmembers, args.shadow)
     doc = run_audit(args.model, args.plan, args.guarded_plan, data, report_dir=args.report, mode=args.mode,
                     shadow_epochs=args.shadow_epochs, seed=args.seed, timeout=args.timeout,
-                    progress=not args.no_progress and sys.stderr.isatty(),
+                    progress=not args.no_progress,
                     log=lambda m: print(m, file=sys.stderr))
     print(format_table(doc))
     if args.report:
@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--shadow-epochs", type=int, default=150, help="training epochs of the shadow model (default 150, "
                    "the recipe of siguard.privacy.targets)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacker's training (default 0)")
-    a.add_argument("--timeout", type=float, default=600.0, help="per-batch timeout of a secure run in s (default 600)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a.add_argument("--timeout", type=float, default=600.0, help="seconds a party of a secure run waits for a "
+                   "silent peer (a live one, computing, is waited for; default 600)")
+    a.add_argument("--no-progress", action="store_true",
+                   help="no progress (default: a bar on a terminal, a plain line every few seconds otherwise)")
     a.set_defaults(func=cmd_audit)

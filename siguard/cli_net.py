@@ -117,11 +117,22 @@ def _hosts(pairs: list[str]) -> dict[str, str]:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """A local CA and certificates for P0, P1, P2 and the client, plus a parties.toml."""
-    from siguard.runtime.net.certs import make_certs
+    from siguard.runtime.net.certs import make_certs, make_request, sign_request
 
+    if args.request:  # on the party's own host: a key that never leaves it, and a request for the CA
+        hosts = _hosts(args.host)
+        paths = make_request(args.out, args.request, [hosts[args.request]] if args.request in hosts else [],
+                             force=args.force)
+        print(f"wrote {paths['key']} (private: keep it on this host) and {paths['csr']} (send it to the CA)")
+        return 0
+    if args.sign:  # at the CA: issue a certificate for a request
+        cert = sign_request(args.out, args.sign, args.name, days=args.days, force=args.force)
+        print(f"wrote {cert} (send it back; add it to parties.toml: a server's [Pi] cert, or a client under [clients])")
+        return 0
     written = make_certs(args.out, _hosts(args.host), port_base=args.port_base, days=args.days, force=args.force)
     names = ", ".join(p.name for k, p in written.items() if not k.endswith("_key"))
-    print(f"wrote {names} and the private keys to {args.out} (keep ca.key offline; give each party only its key)")
+    print(f"wrote {names} to {args.out} and each party's private key in its own directory (P0/, P1/, P2/, client/): "
+          "give each party only its directory; keep ca.key offline")
     return 0
 
 
@@ -165,6 +176,12 @@ def register(sub: Any) -> None:
     c.add_argument("--port-base", type=int, default=7400, help="P<i> listens on PORT_BASE + i (default 7400)")
     c.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     c.add_argument("--force", action="store_true", help="replace existing files")
+    c.add_argument("--request", default=None, metavar="NAME",
+                   help="on a party's host: write a fresh key NAME.key and a signing request NAME.csr into --out "
+                        "(NAME: P0, P1, P2 or a client's name)")
+    c.add_argument("--sign", default=None, metavar="FILE.csr",
+                   help="at the CA (--out holds ca.pem and ca.key): issue NAME.pem for a signing request")
+    c.add_argument("--name", default=None, help="with --sign: the role to certify (default: the request's file name)")
     c.set_defaults(func=cmd_certs)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from siguard.compiler.arrays import load_npy
 from siguard.compiler.backend import build_plan
 from siguard.compiler.frontend import load_model
 from siguard.compiler.plan import Plan
@@ -18,6 +19,7 @@ from siguard.core.config import GuardConfig, parse_budget
 from siguard.core.errors import InputError, SiguardError
 from siguard.passes.approx import Approximate
 from siguard.passes.base import PassContext, PassManager
+from siguard.passes.bounds import Bounds, parse_input_range
 from siguard.passes.calibrate import Calibrate
 from siguard.passes.canonicalize import Canonicalize
 from siguard.passes.cost import CostAnnotation
@@ -34,6 +36,7 @@ class CompileOptions:
 
     batch: int = 1
     output: str | None = None
+    inputs: tuple[str, ...] = ()  # graph inputs kept as inputs though an initializer gives a default (IR 3)
     frac_bits: int = 16
     guard: Any = None  # defender ONNX path (or siguard.privacy.defender.DefenderWeights); None = no guard
     guard_config: dict[str, Any] = field(default_factory=dict)  # siguard.core.config.GuardConfig fields
@@ -42,6 +45,7 @@ class CompileOptions:
     overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
     accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or siguard.core.config.AccuracyBudget; None = default
     objective: str = "rounds"  # rounds | bytes
+    input_range: Any = None  # "LO,HI", ["NAME=LO,HI", ...] or {name: (lo, hi)}; None = derived (siguard.passes.bounds)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,17 +64,6 @@ def _version() -> str:
         return f"siguard {version('siguard')}"
     except Exception:
         return "siguard (source tree)"
-
-
-def load_npy(path: str | Path, what: str = "input") -> np.ndarray:
-    """An ``.npy`` array from a user's file, or one clear InputError (``what`` names the file's role)."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{what} file {p} does not exist")
-    try:
-        return np.load(p, allow_pickle=False)
-    except Exception as exc:
-        raise InputError(f"{p}: not a readable .npy array ({exc})") from None
 
 
 def _calibration_array(data: Any) -> np.ndarray | None:
@@ -95,9 +88,9 @@ def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str
     fixed), canonicalized and in fixed point: what the approximation pass runs candidates on."""
 
     try:
-        g = load_model(model, batch=min(n, 256), output=opts.output)
+        g = load_model(model, batch=min(n, 256), output=opts.output, inputs=opts.inputs)
     except SiguardError:  # a fixed batch axis
-        g = load_model(model, batch=opts.batch, output=opts.output)
+        g = load_model(model, batch=opts.batch, output=opts.output, inputs=opts.inputs)
     PassManager([Canonicalize()]).run(g, PassContext(frac_bits=opts.frac_bits))
     for name, rng in ranges.items():
         if name in g.values:
@@ -126,8 +119,9 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         raise InputError(f"--frac-bits must be between 8 and 24 (got {opts.frac_bits})")
     budget = opts.accuracy_budget if not isinstance(opts.accuracy_budget, (str, type(None))) else \
         parse_budget(opts.accuracy_budget)
-    graph = load_model(model, batch=opts.batch, output=opts.output)
+    graph = load_model(model, batch=opts.batch, output=opts.output, inputs=opts.inputs)
     ctx = PassContext(frac_bits=opts.frac_bits, options=dict(opts.extra))
+    ctx.warnings.extend(graph.meta.get("warnings", []))  # the frontend's (e.g. the ZipMap output choice)
     passes = [Canonicalize()]
     x_cal = _calibration_array(opts.calibration)
     calibrate = None
@@ -137,12 +131,17 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     if opts.guard is not None:
 
         try:
-            config = GuardConfig(**opts.guard_config)
+            config = GuardConfig.for_schedule(**opts.guard_config)
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid guard option: {exc}") from None
         passes.append(InsertGuard(opts.guard, config))
     approximate = Approximate(None, None, opts.approx, opts.overrides, budget, opts.objective)
-    passes += [FixedPoint(), approximate, FuseTruncation(), CostAnnotation()]
+    # the bounds pass checks the final implementations (after fusion) and may widen their ranges,
+    # which the cost pass then counts
+    declared = parse_input_range(opts.input_range if opts.input_range is not None else opts.extra.get("input_range"),
+                                 list(graph.inputs))
+    bounds = Bounds(declared, x_cal)
+    passes += [FixedPoint(), approximate, FuseTruncation(), bounds, CostAnnotation()]
     pm = PassManager(passes)
     for p in passes:  # the approximation pass needs what calibration measured
         if p is approximate and calibrate is not None and calibrate.result is not None:
@@ -159,6 +158,11 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
     plan, weights = build_plan(graph, frac_bits=opts.frac_bits, model_info=info,
                                passes=[r.to_json() for r in pm.records], warnings=ctx.warnings,
                                version_string=_version())
+    domain = graph.meta.get("input_domain", {})
+    for spec in plan.doc["inputs"]:  # public: the client refuses inputs outside it (siguard.runtime.runs.check_inputs)
+        if spec["name"] in domain:
+            spec["domain"] = domain[spec["name"]]
+            spec["domain_source"] = graph.meta["input_domain_source"]
     records = graph.meta.get("approx", {})
     for step in plan.doc["steps"]:
         if step["name"] in records:

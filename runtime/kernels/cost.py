@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from siguard.runtime.linalg import ring_conv2d, ring_matmul
 from siguard.runtime.ring import numel
 
 from .engine import Engine, TensorBox, check_parallel_call
@@ -42,6 +42,8 @@ _RESHARE = PrimitiveCost(1, (8, 8, 8))
 
 PRIMITIVE_COSTS: dict[str, PrimitiveCost] = {
     "input:client": PrimitiveCost(1, (0, 0, 0), 48),
+    # the servers' consistency check of the client's input: one SHA-256 digest per input, not per element
+    "input:client:check": PrimitiveCost(1, (32, 32, 32)),
     "input:P0": PrimitiveCost(1, (8, 0, 0)),  # owner "model"
     "input:P1": PrimitiveCost(1, (0, 8, 0)),
     "input:P2": PrimitiveCost(1, (0, 0, 8)),
@@ -115,6 +117,8 @@ class CostEngine(Engine):
     """
 
     party = None
+    #: a list to collect the guard's phase marks in (siguard.runtime.kernels.guard.guard_phases), or None
+    guard_marks: list | None = None
 
     def __init__(self, frac_bits: int = 16):
         self.frac_bits = frac_bits
@@ -159,13 +163,21 @@ class CostEngine(Engine):
         results, longest = [], 0
         for c in calls:
             before = self._total.rounds
-            results.append(check_parallel_call(self, c)(*c[1:]))
+            method = c[0] if c[0] == self._branch else check_parallel_call(self, c)
+            results.append(method(*c[1:]))
             longest = max(longest, self._total.rounds - before)
             for t, r0 in zip(targets, start, strict=True):
                 t.rounds = r0
         for t in targets:
             t.rounds += longest
         return results
+
+    def fork(self, *branches: Callable[[], Any]) -> list[Any]:
+        """The branches' rounds overlap (the longest counts), their bytes add (see Engine.fork)."""
+        return self.parallel(*[(self._branch, b) for b in branches])
+
+    def _branch(self, body: Callable[[], Any]) -> Any:
+        return body()
 
     def _charge(self, primitive: str, n: int) -> None:
         c = PRIMITIVE_COSTS[primitive]
@@ -181,6 +193,8 @@ class CostEngine(Engine):
         if owner not in key:
             raise ValueError(f"unknown input owner {owner!r}")
         self._charge(key[owner], numel(shape))
+        if owner == "client":
+            self._charge("input:client:check", 1)
         return MetaShares(_meta(shape))
 
     def reveal(self, x: MetaShares, to: str = "client") -> torch.Tensor:
@@ -240,7 +254,7 @@ class CostEngine(Engine):
         return self._product("mul", a, b, torch.mul)
 
     def matmul(self, a: Any, b: Any) -> Any:
-        return self._product("matmul", a, b, torch.matmul)
+        return self._product("matmul", a, b, ring_matmul)
 
     def conv2d(
         self,
@@ -252,7 +266,7 @@ class CostEngine(Engine):
         groups: int,
     ) -> Any:
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
-        return self._product("conv2d", x, w, lambda u, v: F.conv2d(u, v, None, st, pad, dil, groups))
+        return self._product("conv2d", x, w, lambda u, v: ring_conv2d(u, v, st, pad, dil, groups))
 
     def trunc(self, x: MetaShares, bits: int) -> MetaShares:
         if not 0 <= bits <= 62:

@@ -198,6 +198,21 @@ class Engine(ABC):
         ``e.parallel((e.msb, x), (e.trunc, x, d))``, in 8 rounds instead of 10. Here: in order."""
         return [check_parallel_call(self, c)(*c[1:]) for c in calls]
 
+    def fork(self, *branches: Callable[[], Any]) -> list[Any]:
+        """Run independent pieces of protocol code (zero-argument callables written against this engine)
+        and return their results in order.
+
+        The secure engine runs them side by side so that their k-th rounds travel together (one exchange
+        per round, messages to the same peer concatenated in branch order): rounds = the longest branch's,
+        bytes add up. Unlike :meth:`parallel` a branch may be any code (products, comparisons, nested
+        forks); it must not depend on another branch's result. Here (the reference): in order."""
+        return [b() for b in branches]
+
+    def rerandomise(self, x: Value) -> Value:
+        """The same secret with fresh share components (the secure engine re-randomises a server's
+        input, e.g. the weights, at every session start: 0 rounds). Here: x itself."""
+        return x
+
     # ---- conveniences built on the above (shared by both engines) ---------------------------
     def shape(self, x: Value) -> torch.Size:
         return x.shape

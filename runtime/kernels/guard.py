@@ -1,12 +1,36 @@
 """The SIGuard guard on secret shares: MemGuard's noise search with fixed iteration counts.
 
 Written once against :class:`siguard.runtime.kernels.engine.Engine` (so the fixed-point reference, the secure
-parties and the cost model run the same code) from the existing building blocks only: softmax,
-argmax, comparisons (msb), bit selections (mul_bit), products, truncation, polynomials and the
-Newton inverse square root. The float64 oracle of the same algorithm is
-:func:`siguard.privacy.memguard.guard_reference`.
+parties and the cost model run the same code) from the existing building blocks only: comparisons
+(msb), bit selections (mul_bit), products, truncation, one exponential and one reciprocal per query,
+and :meth:`Engine.fork` / :meth:`Engine.parallel` so that independent work shares rounds. The float64
+oracle of the same algorithm is :func:`siguard.privacy.memguard.guard_reference` (the tests hold the two to
+the same decisions). Notes on the protocols and their costs: docs/guard.md.
 
 Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h > 0 = member)::
+
+    p = softmax(z); l = argmax z; a0 = h(p)
+    candidates r = 1..R, all at once (schedule "parallel", the default):
+        e = 0; lr_r = lr growth^(r-1)
+        for t = 1..T+1:
+            q = softmax(z + e); a = h(q)
+            ok_t = [no j: q_j > q_l] and valid(a)       valid: sign  a0 a <= 0 (the decision flipped)
+                                                                margin |a| <= margin
+                                                                hybrid: both tests kept, sign first
+            if t == T+1: break
+            gq = c1 sgn(a) grad_h(q) + c3 sgn(q - p); S_i = sum_j q_j (gq_i - gq_j)   (g_i = q_i S_i)
+            d_i = sgn(hinge_i) where the label hinge is active (viol_i, or i = l with any violation)
+                  else sgn(S_i)
+            e = e - lr_r d                                 (a sign step: every logit moves by lr_r)
+    release softmax(z + e) of the first ok in (tier, round, step) order, else p
+
+Every round before a query's first success has failed, so running the rounds as independent
+candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
+instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
+power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
+costs 45 rounds, the guard 64 + 45 T + 75 for R x T candidates (1,489 at the default 8 x 30).
+
+The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
     p = softmax(z); l = onehot(argmax z); a0 = h(p); q = p; q* = p; accepted = 0
     for r in 1..R:                                   # rounds
@@ -22,7 +46,7 @@ Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h
             g  = q * gq - q (q . gq) + c2 (viol - l sum(viol))      (softmax Jacobian; multi-class hinge)
             delta = -lr g / ||g||
             q = q * exp(delta) / sum(q * exp(delta))                (= softmax(u + delta), see below)
-        c3 = found ? 10 c3 : c3;  lr = found ? lr : 1.1 lr
+        c3 = found ? 10 c3 : c3;  lr = found ? lr : growth lr
     reveal q*
 
 Why these forms (each keeps rounds down without changing what is computed):
@@ -56,11 +80,24 @@ import torch
 
 from siguard.core.config import GuardConfig
 
-from .approx import eval_poly, fit_chebyshev, msb_many, mul_bit_many, mul_many, ring_int, step_function, trunc_many
+from .approx import (
+    _pack_bits,
+    _unpack_bits,
+    eval_poly,
+    fit_chebyshev,
+    msb_many,
+    mul_bit_many,
+    mul_many,
+    pack,
+    ring_int,
+    step_function,
+    trunc_many,
+    unpack,
+)
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
-__all__ = ["secure_guard", "defender_score", "guard_progress"]
+__all__ = ["secure_guard", "defender_score", "guard_progress", "guard_phases"]
 
 #: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
 #: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
@@ -80,9 +117,35 @@ def guard_progress(callback: Callable[[int, int], None]) -> Iterator[None]:
 
 
 def _report(e: Engine, done: int, total: int) -> None:
+    """Progress after ``done`` of ``total`` iterations; on the cost engine, also a phase mark (guard_phases)."""
     hook = _PROGRESS
     if hook is not None and getattr(e, "party", 0) == 0:
         hook(done, total)
+    _mark(e, "iteration")
+
+
+def _mark(e: Engine, label: str) -> None:
+    marks = getattr(e, "guard_marks", None)  # set by the cost pass on its engine (siguard.passes.cost.node_cost)
+    if marks is not None:
+        total = e.total
+        marks.append((label, int(total["rounds"]), int(max(total["bytes_per_party"]))))
+
+
+def guard_phases(marks: list[tuple[str, int, int]]) -> dict[str, Any]:
+    """The guard's cost split into its phases from the cost engine's marks: ``once`` (per query, before the
+    first iteration), ``per_iteration`` (each of the ``iterations`` sequential iterations but the last; for
+    the parallel schedule an iteration is a step of all candidates at once), and ``final`` (the last
+    iteration's evaluation, the selection of the released vector and its normalisation). Rounds and bytes
+    of the busiest party; rounds add up to the guard's."""
+    its = [m for m in marks if m[0] == "iteration"]
+    start, end = marks[0], marks[-1]
+    n = len(its)
+    per = ((its[-1][1] - its[0][1]) // (n - 1), (its[-1][2] - its[0][2]) // (n - 1)) if n > 1 else (0, 0)
+    return {"once": {"rounds": its[0][1] - start[1], "bytes": its[0][2] - start[2]},
+            "per_iteration": {"rounds": per[0], "bytes": per[1]}, "iterations": n,
+            "final": {"rounds": end[1] - its[-1][1], "bytes": end[2] - its[-1][2]}}
+
+
 
 
 _t = ring_int  # a public ring integer as a shared 0-dim tensor
@@ -157,7 +220,7 @@ def _select(e: Engine, cur: Secret, new: Secret, bit: Bits) -> Secret:
 
 
 def _update_constants(e: Engine, cfg: GuardConfig, c3: Any, lr: Any, found: Bits) -> tuple[Any, Any]:
-    """c3 <- found ? 10 c3 : c3 (capped at c3_max); lr <- found ? lr : 1.1 lr.
+    """c3 <- found ? 10 c3 : c3 (capped at c3_max); lr <- found ? lr : lr_growth lr.
 
     While c3 is public (before the first update) the cap is checked in the clear; afterwards one
     comparison decides it obliviously. Cost: (msb 8 + AND 1 when c3 is secret) + trunc 2 for
@@ -168,7 +231,7 @@ def _update_constants(e: Engine, cfg: GuardConfig, c3: Any, lr: Any, found: Bits
         grow = e.bit_and(found, e.bit_not(over))
     else:
         grow = found if float(c3.item()) * 10 <= cfg.c3_max * 2**f * (1 + 1e-9) else _zero_bits(e, found)
-    inc_lr = e.mul_public_real(lr, 0.1)
+    inc_lr = e.mul_public_real(lr, cfg.lr_growth - 1.0)
     d_c3, d_lr = mul_bit_many(e, [e.mul(c3, _t(9)), inc_lr], [grow, e.bit_not(found)])
     return e.add(c3, d_c3), e.add(lr, d_lr)
 
@@ -238,13 +301,24 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
                  **overrides: Any) -> Secret:
     """Guarded probabilities q* (B, k) at scale f for logits z (B, k); see the module docstring.
 
+    The parallel schedule (default) runs :func:`_guard_parallel`, the sequential ones :func:`_guard_sequential`.
+    On the cost engine, the marks of :func:`guard_phases` split the cost into its phases."""
+    cfg = config or GuardConfig()
+    if overrides:
+        cfg = GuardConfig(**{**cfg.__dict__, **overrides})
+    _mark(e, "start")
+    out = (_guard_parallel if cfg.schedule == "parallel" else _guard_sequential)(e, cfg, z, W1, b1, W2, b2, w3, b3)
+    _mark(e, "end")
+    return out
+
+
+def _guard_sequential(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, b3) -> Secret:
+    """The ``freeze`` and ``paper`` schedules (module docstring): R sequential rounds of T + 1 iterations.
+
     Probabilities live at scale qs (about 2f) inside the guard, so that confident queries (a top-2
     logit gap up to ~22) keep non-zero runner-up probabilities and hence a gradient; the gradient is
     brought to [1, 2) by its power-of-two magnitude before the L2 normalisation, so that the tiny
     gradients of such queries are normalised like large ones (as in floating point)."""
-    cfg = config or GuardConfig()
-    if overrides:
-        cfg = GuardConfig(**{**cfg.__dict__, **overrides})
     f = e.frac_bits
     qs = _prob_scale(f)
     k = int(z.shape[-1])
@@ -364,3 +438,221 @@ def secure_guard(e: Engine, z: Secret, W1, b1, W2, b2, w3, b3, config: GuardConf
 
 def _np_recip(x):
     return 1.0 / x
+
+
+# ---- the parallel schedule: every round a candidate of one batch, sign steps in ratio space -----------
+LN2 = math.log(2.0)
+#: the hinge's weight in the sign test S' = S + 2^61 H (ring units): larger than any |S| the bound allows
+_HINGE_BIT = 61
+#: the two sign tests whose operands vanish exactly for classes far below the label (r_j = r0_j = 0 at fixed
+#: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
+#: +-1 ulp cannot flip them (the oracle applies the same rule: siguard.privacy.memguard)
+TIE_BITS = 14
+
+
+def s_shift(cfg: GuardConfig, k: int, f: int) -> int:
+    """Bits by which the ratios r (scale 2f) are truncated before the products of S = sum_j r_j (gq_i - gq_j),
+    so that |S| < 2^60 whatever the query: |gq| <= 2^grad_bound_bits (the defender's public gradient bound,
+    set by the guard pass from its weights), sum_j r_j <= k e^(2 lr_max) while the label is kept and at most
+    one step beyond it, |gq_i - gq_j| <= 2 |gq|."""
+    qs = _prob_scale(f)
+    bound_bits = math.ceil(math.log2(2.0 * k * math.exp(2.0 * cfg.lr_max) * 1.02)) + 1 + cfg.grad_bound_bits
+    return max(0, qs + f + bound_bits - 60)
+
+
+def _tile(e: Engine, x: Secret, n: int) -> Secret:
+    """(B, ...) -> (n B, ...): the candidates' rows, candidate r at rows r B .. (r + 1) B - 1."""
+    return e.local(lambda t: t.repeat(n, *([1] * (t.dim() - 1))), x)
+
+
+def _prefix_or(e: Engine, bits: Bits) -> Bits:
+    """Inclusive prefix OR along the last axis (Kogge-Stone): ceil(log2 n) AND rounds."""
+    n = bits.shape[-1]
+    d = 1
+    while d < n:
+        lo = e.bit_local(lambda t, d=d: t[..., : n - d], bits)
+        hi = e.bit_local(lambda t, d=d: t[..., d:], bits)
+        both_not = e.bit_and(e.bit_not(hi), e.bit_not(lo))  # NOT (hi OR lo)
+        head = e.bit_local(lambda t, d=d: t[..., :d], bits)
+        bits = e.bit_cat([head, e.bit_not(both_not)], -1)
+        d *= 2
+    return bits
+
+
+def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, b3) -> Secret:
+    """The ``parallel`` schedule with sign steps (module docstring), in ratio space.
+
+    Every round is a candidate: the R rounds run as one batch of R B rows (round r with lr r, all from
+    e = 0 with c3), and each query keeps the first success in (round, step) order -- the sequential freeze
+    schedule's output, since every round before a query's first success has failed. The state is the
+    vector of ratios r_j = q_j / q_l = e^(u_j - u_l) (scale qs), so r_l = 1 and no step normalises:
+
+    * a sign step moves u by -lr sgn(g): r_j <- r_j e^(2 lr (b_j - b_l)) with b = [g < 0], i.e. times
+      e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one AND round, one mul_bit
+      (exact), one truncation;
+    * the label check is r_j > 1 (local); sgn(q - p) = sgn(r D0 - r0 D) with D = sum r (products);
+    * h is positively homogeneous in (x, biases): D h(r / D) = h'(r) with every bias times D, so the
+      ReLU masks, the sign of a and the test |a| <= margin (|D a| <= margin D) need no reciprocal;
+    * sgn(g_i) = sgn(S_i) with S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D); the hinge is folded in
+      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits;
+      S = sgn(a) S_h + S_c splits into the defender's part and c3's, both known before sgn(a): the msb
+      tests both signs and a mux on [a < 0] picks one.
+    Only the released vector is normalised, once: q* = r* / sum r*.
+
+    Rounds per step: products 1, msb || trunc 8, mul_bit 2, matmul 1, msb || trunc 8, mul_bit 2, then
+    three branches in one fork (score 1 + msb 8 | backward 8 + S_h 1 | hinge bits 6 + products 2) 9,
+    the sign test of S_c + S_h and S_c - S_h 8, the mux on [a < 0] 1, AND 1, mul_bit 2, trunc 2: 45.
+    See :func:`guard_phases`."""
+    f = e.frac_bits
+    qs = _prob_scale(f)  # the ratios' scale in products
+    qr = qs + 8  # the ratios' own scale: r_j down to 2^-qr (a logit gap up to ~27) stays non-zero
+    B, k = int(z.shape[0]), int(z.shape[1])
+    R, T = cfg.rounds, cfg.steps
+    n = R * B
+    H1, H2 = int(W1.shape[1]), int(W2.shape[1])
+
+    # ---- once per query: r0 = e^(z - max z) with r0_l = 1 exactly, D0 = sum r0 ------------------------
+    top, onehot = max_and_argmax(e, z, axis=-1, scale=0)
+    ex = exp_steps(e, e.sub(z, top), lo=-(qr - 1) * LN2, hi=0.0, out_scale=qr)
+
+    def fix_label() -> tuple[Secret, Secret, Secret, Secret]:
+        (corr,) = mul_many(e, [(onehot, e.sub(_t(1 << qr), ex))])
+        r0 = e.add(ex, corr)
+        total = e.local(lambda v: v.sum(-1, keepdim=True), r0)
+        d0, r0_32, r0_s = e.parallel((e.trunc, total, qr - f), (e.trunc, r0, qr - qs),
+                                     (e.trunc, r0, qr - qs + shift))
+        return r0, d0, r0_32, r0_s
+
+    def label_row() -> Secret:  # W1's row of the label, (B, H1): the label's column of the backward pass
+        return e.matmul(onehot, W1)
+
+    def scaled_w3() -> Secret:  # c1 w3 laid out as rows: the backward pass starts from c1 h
+        row = _w3_row(e, w3, (n, H2))
+        return row if cfg.c1 == 1.0 else e.mul_public_real(row, cfg.c1)
+
+    shift = s_shift(cfg, k, f)
+    (r0, d0, r0_32, r0_s), w1l, w3c_row = e.fork(fix_label, label_row, scaled_w3)
+    r0t, d0t, r0t_32, r0t_s, onehot_t, w1l_t = (_tile(e, v, R) for v in (r0, d0, r0_32, r0_s, onehot, w1l))
+    b_row = e.local(lambda a, b, c: torch.cat([a, b, c]).reshape(1, -1), b1, b2, b3)
+    w2_t = e.local(lambda v: v.t().contiguous(), W2)
+    w1_t = e.local(lambda v: v.t().contiguous(), W1)
+    lrs = [cfg.lr * cfg.lr_growth**i for i in range(R)]
+    col = lambda vals: torch.tensor([round(v * 2**f) for v in vals for _ in range(B)],  # noqa: E731
+                                    dtype=torch.int64).reshape(n, 1)
+    up, down = col([math.exp(2 * x) - 1 for x in lrs]), col([math.exp(-2 * x) - 1 for x in lrs])
+    c3_ring = _t(round(cfg.c3 * 2**f))
+    margin_ring = _t(round(cfg.margin * 2**f))
+
+    r, r32, r_s, d = r0t, r0t_32, r0t_s, d0t
+    history: list[Secret] = []
+    tiers = ("sign", "margin") if cfg.validator == "hybrid" else (cfg.validator,)
+    anyvs: list[Bits] = []  # per step: any label violation (n, 1)
+    valids: list[list[Bits]] = [[] for _ in tiers]  # per tier and step: the validator's test (n, 1)
+    s0: Bits | None = None
+    for t in range(T + 1):
+        last = t == T
+        _report(e, t, T + 1)
+        history.append(r)
+        # products: the first layer, every bias times D, and the two sides of sgn(q - p)
+        rw1, (bd, rd0, r0d, r_at_l) = e.fork(
+            lambda r32=r32: e.matmul(r32, W1),
+            lambda r=r, r32=r32, d=d: mul_many(e, [(d, b_row), (r32, d0t), (r0t_32, d), (onehot_t, r)]))
+        r_other = e.sub(r, r_at_l)  # r with the label's entry 0: a step never moves r_l = 1
+        bd1, bd2, bd3 = (e.local(lambda v, a=a, b=b: v[:, a:b].contiguous(), bd)
+                         for a, b in ((0, H1), (H1, H1 + H2), (H1 + H2, H1 + H2 + 1)))
+        pre1 = e.add(rw1, e.mul(bd1, _t(1 << (qs - f))))  # D (r/D W1 + b1), scale qs + f
+        sig_arg = e.add(e.sub(rd0, r0d), _t(1 << (qs + f - TIE_BITS)))  # [r D0 - r0 D < -2^-TIE_BITS]
+        checks = [pre1, sig_arg, e.sub(_t(1 << qr), r)]  # [h1 < 0], [q < p], [r_j > 1]
+        packed, shapes = pack(e, checks)
+        bits_1, x1 = e.parallel((e.msb, packed), (e.trunc, pre1, qs))
+        m1, m_sig, viol = _unpack_bits(e, bits_1, shapes)
+        h1 = e.mul_bit(x1, e.bit_not(m1))
+        pre2 = e.add(e.matmul(h1, W2), bd2)
+        m2, x2 = e.parallel((e.msb, pre2), (e.trunc, pre2, f))
+        d2 = e.bit_not(m2)
+        if last:
+            h2, y = e.mul_bit(x2, d2), None
+        else:
+            h2, y = mul_bit_many(e, [x2, w3c_row], [d2, d2])
+
+        def score(h2=h2, bd3=bd3, d=d) -> list[Bits]:
+            da = e.add(e.matmul(h2, w3), bd3)  # D a, scale 2f
+            if tiers == ("sign",):
+                return msb_many(e, [da])
+            md = e.mul(d, margin_ring)  # margin D, scale 2f
+            return msb_many(e, [da, e.sub(md, da), e.add(da, md)])
+
+        def pairwise(v: Secret, r_s: Secret = r_s) -> Secret:
+            """S_i = sum_j r_j (v_i - v_j) for v (n, k + 1) (the label's entry last): one product round."""
+            diffs = e.local(lambda w: w.unsqueeze(-1) - w[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
+            rj = e.local(lambda w: w.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
+            return e.local(lambda w: w.sum(-1), e.mul(rj, diffs))
+
+        def backward(y=y, m1=m1) -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
+            g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
+            gm, gl = e.fork(lambda: e.matmul(g1, w1_t),
+                            lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_t)))
+            return pairwise(e.trunc(e.cat([gm, gl], -1), f))
+
+        def hinge(viol=viol, m_sig=m_sig, last=last) -> tuple[Bits, Secret | None, Secret | None]:
+            """[any violation]; the hinge's sign H (n, k + 1); S of c3 sgn(q - p)."""
+            anyv = e.bit_not(_and_all(e, e.bit_not(viol)))
+            if last:
+                return anyv, None, None
+            va, sa, anya = unpack(e, e.b2a(_pack_bits(e, [viol, m_sig, anyv])),
+                                  [torch.Size((n, k)), torch.Size((n, k)), torch.Size((n, 1))])
+            sc = e.sub(c3_ring, e.mul(sa, e.mul(c3_ring, _t(2))))  # c3 sgn(q - p), sgn(x) = 1 - 2 [x < 0]
+            sl = e.local(lambda v: v.sum(-1, keepdim=True), e.mul(onehot_t, sc))
+            return anyv, e.cat([va, e.neg(anya)], -1), pairwise(e.cat([sc, sl], -1))
+
+        branches = [score, hinge] if last else [score, hinge, backward]
+        out = e.fork(*branches)
+        sbits, (anyv, hv, s_c) = out[0], out[1]
+        m_a = sbits[0]
+        if s0 is None:
+            s0 = m_a  # t = 0: every candidate row holds p itself
+        anyvs.append(anyv)
+        for i, tier in enumerate(tiers):  # sign: flipped; margin: not (D a > margin D) and not (D a < -margin D)
+            valids[i].append(e.bit_xor(m_a, s0) if tier == "sign" else e.bit_not(e.bit_xor(sbits[1], sbits[2])))
+        if last:
+            break
+
+        # ---- the step's direction bits b = [g < 0] (with the label's entry b_l last) ----------------------
+        # S = sgn(a) S_h + S_c: the sign test of both candidates S_c + S_h and S_c - S_h (the hinge folded in
+        # as 2^61 H), then a mux on [a < 0]; |S| < 2^60 (s_shift)
+        s_h = out[2]
+        big = e.add(e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT))), _t(1 << (qs - shift + f - TIE_BITS)))
+        b_pos, b_neg = msb_many(e, [e.add(big, s_h), e.sub(big, s_h)])
+        flip = e.bit_local(lambda v: v.expand(n, k + 1).contiguous(), m_a)
+        bits = e.bit_xor(b_pos, e.bit_and(flip, e.bit_xor(b_pos, b_neg)))
+        bj = e.bit_local(lambda v: v[:, :k].contiguous(), bits)
+        bl = e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), bits)
+        # r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
+        xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))
+        rx, ry = mul_bit_many(e, [r_other, r_other], [e.bit_local(lambda v: v[:, :k].contiguous(), xy),
+                                          e.bit_local(lambda v: v[:, k:].contiguous(), xy)])
+        incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
+        wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
+        dsum = e.local(lambda v: v.sum(-1, keepdim=True), wide_r)
+        inc, d, r32, r_s = e.parallel((e.trunc, incr, f), (e.trunc, dsum, qr), (e.trunc, wide_r, qr + f - qs),
+                                      (e.trunc, wide_r, qr + f - qs + shift))
+        r = e.add(r, inc)
+
+    # ---- final selection: the first success in (tier, round, step) order, else p ---------------------------
+    nt, N = len(tiers), R * (T + 1)
+    ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anyvs, -1)] * nt, -1)),
+                   e.bit_cat([e.bit_cat(v, -1) for v in valids], -1))  # (n, nt (T + 1))
+    ok = e.bit_local(lambda v: v.reshape(R, B, nt, T + 1).permute(1, 2, 0, 3).reshape(B, nt * N), ok)
+    ok = e.bit_cat([ok, e.bit_not(_zero_bits(e, e.bit_local(lambda v: v[:, :1], ok)))], -1)  # p: always "ok"
+    seen = _prefix_or(e, ok)
+    before = e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[:, :1], seen)),
+                        e.bit_local(lambda v: v[:, :-1], seen)], -1)
+    first = e.bit_and(ok, e.bit_not(before))  # (B, nt N + 1): exactly one bit set per query
+    stack = e.local(lambda *hs: torch.stack(hs, 0).reshape(T + 1, R, B, k).permute(2, 1, 0, 3)
+                    .reshape(B, N, k).repeat(1, nt, 1), *history)
+    cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), r0)], 1)  # (B, nt N + 1, k)
+    wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, nt * N + 1, k).contiguous(), first)
+    r_star = e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale qr
+    total = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), r_star), qr - f)  # in [1, k], scale f
+    inv = reciprocal(e, total, impl="newton4", lo=1.0, hi=float(k))
+    return e.trunc(e.mul(r_star, inv), qr)

@@ -246,6 +246,8 @@ NONLINEAR = (
     "gelu",
     "softplus",
     "hard_sigmoid",
+    "hard_swish",
+    "reduce_max",
     "lrn",
     "layer_norm",
 )
@@ -263,5 +265,5 @@ def _nonlinear(ctx, step, args):
 @register("guard")
 def _guard(ctx, step, args):
     fields = GuardConfig.__dataclass_fields__
-    cfg = GuardConfig(**{k: v for k, v in step["attrs"].items() if k in fields})
+    cfg = GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
     return [secure_guard(ctx.e, *args, config=cfg)]

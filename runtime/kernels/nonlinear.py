@@ -27,9 +27,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.special import erf as _erf_np
-from scipy.special import expit as _expit_np
-from scipy.special import ndtr as _ndtr_np
 
 from siguard.core.shapes import normalize_axis
 
@@ -48,6 +45,27 @@ from .approx import (
 from .cost import CostEngine, MetaShares
 from .engine import Bits, Engine, Secret
 
+
+# scipy.special, imported when a fit needs it (not by every run: scipy.special pulls in numpy.f2py and
+# every text codec, a few tenths of a second of a one-shot `siguard run` that has no such op)
+def _erf_np(a):
+    from scipy.special import erf
+
+    return erf(a)
+
+
+def _expit_np(a):
+    from scipy.special import expit
+
+    return expit(a)
+
+
+def _ndtr_np(a):
+    from scipy.special import ndtr
+
+    return ndtr(a)
+
+
 __all__ = [
     "IMPLEMENTATIONS",
     "DESCRIPTIONS",
@@ -59,6 +77,8 @@ __all__ = [
     "prelu",
     "clip",
     "hard_sigmoid",
+    "hard_swish",
+    "reduce_max_axes",
     "maxpool2d",
     "reduce_max",
     "argmax_onehot",
@@ -207,6 +227,17 @@ def hard_sigmoid(e: Engine, x: Secret, alpha: float = 0.2, beta: float = 0.5) ->
     return _clip_ring(e, _rtrunc(e, y, f), 0, 1 << f)
 
 
+def hard_swish(e: Engine, x: Secret) -> Secret:
+    """x * hard_sigmoid(x) with alpha = 1/6, beta = 1/2 (ONNX HardSwish): the hard sigmoid exactly
+    as :func:`hard_sigmoid` (one rounding truncation, one clip = two comparisons in one msb), then
+    one product and one rounding truncation. |error| <= |x| * (0.5 ulp + |x| * 2^-(f+1)) + 0.5 ulp
+    (exact 0 for x <= -3, x up to the truncations' rounding for x >= 3).
+    Cost: trunc 2 + clip 10 + mul 1 + trunc 2 = 15 rounds; 216 / 184 / 184 bytes per element
+    (P0 / P1 / P2), as the cost model counts and ``tests/compiler/test_secure_wild_models.py`` checks."""
+    h = hard_sigmoid(e, x, 1.0 / 6.0, 0.5)
+    return _rtrunc(e, e.mul(x, h), e.frac_bits)
+
+
 # ---- max, max pooling, argmax ---------------------------------------------------------------------
 def _tree_max(e: Engine, v: Secret) -> Secret:
     """Maximum over axis 0 of ``v`` (shape (k, *rest)) by a tree: ceil(log2 k) levels, each ONE
@@ -261,6 +292,23 @@ def _tree_argmax(e: Engine, v: Secret, scale: int) -> tuple[Secret, Secret]:
     top = e.local(lambda t: t[0], v)
     onehot = e.local(lambda t: t[0, :k], masks)
     return top, onehot
+
+
+def reduce_max_axes(e: Engine, x: Secret, axes: Sequence[int] = (-1,), keepdims: bool = True) -> Secret:
+    """Maximum over several ``axes`` (ONNX ReduceMax): the axes are moved to the front and
+    flattened, then one comparison tree over their k elements (ties are irrelevant: the value is
+    returned). Exact. Cost: 10 * ceil(log2 k) rounds, k = the product of the reduced sizes; (k - 1)
+    comparisons and selections per output element: (k - 1) * 88 / 80 / 80 bytes (P0 / P1 / P2)."""
+    nd = len(x.shape)
+    ax = sorted({normalize_axis(int(a), nd) for a in axes})
+    rest = [d for i, d in enumerate(x.shape) if i not in ax]
+    k = int(np.prod([x.shape[a] for a in ax], dtype=np.int64))
+    flat = e.local(lambda t: t.permute(*ax, *[i for i in range(nd) if i not in ax]).reshape(k, *rest).contiguous(), x)
+    m = _tree_max(e, flat)
+    if not keepdims:
+        return m
+    kept = [1 if i in ax else int(d) for i, d in enumerate(x.shape)]
+    return e.local(lambda t: t.reshape(kept), m)
 
 
 def reduce_max(e: Engine, x: Secret, axis: int = -1, keepdims: bool = False) -> Secret:
@@ -1289,9 +1337,11 @@ def _populate() -> None:
     exact = "exact"
     _register("relu", exact, _plain(relu), "x * NOT msb(x); exact")
     _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc")
-    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)) (secret slope)")
+    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu))")
     _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact")
     _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]")
+    _register("hard_swish", exact, _plain(hard_swish), "x * hard_sigmoid(x): one clip, one product")
+    _register("reduce_max", "tree", _plain(reduce_max_axes), "comparison tree over the reduced axes")
     _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window")
     _register("max", "tree", _plain(reduce_max), "comparison tree")
     _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first")

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from siguard.runtime.linalg import ring_conv2d, ring_matmul
 
 from .engine import Engine, TensorBox
 
@@ -80,10 +81,10 @@ class PlainEngine(Engine):
         return self._wrap(a, b, result=_raw(a) * _raw(b))
 
     def matmul(self, a, b):
-        return self._wrap(a, b, result=torch.matmul(_raw(a), _raw(b)))
+        return self._wrap(a, b, result=ring_matmul(_raw(a), _raw(b)))
 
     def conv2d(self, x, w, stride, padding, dilation, groups):
-        y = F.conv2d(_raw(x), _raw(w), None, tuple(stride), tuple(padding), tuple(dilation), groups)
+        y = ring_conv2d(_raw(x), _raw(w), tuple(stride), tuple(padding), tuple(dilation), groups)
         return self._wrap(x, w, result=y)
 
     def trunc(self, x, bits):

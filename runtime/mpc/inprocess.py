@@ -113,6 +113,8 @@ def _run_in_threads(net: InProcessNetwork, bodies: dict[int, Callable[[], None]]
     names = {CLIENT: "siguard-client"}
     threads = [threading.Thread(target=guarded, args=(p, body), name=names.get(p, f"siguard-P{p}"), daemon=True)
                for p, body in bodies.items()]
+    for p, t in zip(bodies, threads, strict=True):
+        net.attach(p, t)
     for t in threads:
         t.start()
     for t in threads:

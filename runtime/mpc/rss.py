@@ -21,38 +21,38 @@ Speed. With small tensors a round costs Python and per-op overhead, not arithmet
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
 of the share tensors (a numpy op on a few words costs about a third of a torch op and, unlike a
 torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
-and drop the terms of known-zero slots; matmul and conv2d stay in torch. Share tensors are never
-modified in place (several values may share storage). The words sent and the results are the
+and drop the terms of known-zero slots; matmul and conv2d run in :mod:`siguard.runtime.linalg` (exact
+mod 2^64: torch's int64 kernels or float64 BLAS on 22/21/21-bit digits, chosen per CPU and shape).
+Share tensors are never modified in place (several values may share storage). The words sent and the results are the
 same as computing the textbook formulas in the docstrings, except for products with a server's
 input (:class:`ServerInput`, e.g. the weights: one of its components is 0), whose cross terms are
 split so that each party computes one convolution or matmul instead of two (6 -> 3 products in
-all, none on the critical path twice); convolutions with small output planes run as one im2col
-matmul (:func:`siguard.runtime.ring.conv2d_ring`) with the weight matrix prepared once per engine.
+all, none on the critical path twice); a weight operand's matrix form (the slot sum, the im2col
+matrix of a kernel, its float64 limbs) is prepared once per engine.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from siguard.core.errors import RuntimeFault
 from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
+from siguard.runtime.linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
 from siguard.runtime.ring import (
     SIGN_BIT,
     broadcast_shape,
-    conv2d_by_matmul,
-    conv2d_ring,
-    conv_uses_matmul,
-    conv_weight_matrix,
     numel,
 )
 
 from .prg import Randomness
 from .transport import CLIENT, Transport
 
-__all__ = ["Shares", "ServerInput", "BoolShares", "RSSEngine", "public_tensor"]
+__all__ = ["Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "public_tensor"]
 
 
 _TWO_62 = 1 << 62
@@ -117,6 +117,20 @@ class ServerInput(Shares):
         self.zero = zero
 
 
+class InconsistentInput(RuntimeFault):
+    """The client gave the two holders of a share component different copies (see
+    :meth:`RSSEngine._check_consistent`)."""
+
+
+_DIGEST_WORDS = 4  # a SHA-256 digest as int64 words
+
+
+def _digest_words(t: torch.Tensor) -> torch.Tensor:
+    """SHA-256 of a ring tensor's little-endian words, as 4 int64 words."""
+    data = np.ascontiguousarray(t.numpy(), dtype="<i8").tobytes()
+    return torch.from_numpy(np.frombuffer(hashlib.sha256(data).digest(), dtype="<i8").astype(np.int64))
+
+
 class BoolShares(SharePair):
     """Party P_i's XOR-replicated shares of a bit tensor: ``a`` = b_i, ``b`` = b_{i+1}, each 0/1."""
 
@@ -124,11 +138,15 @@ class BoolShares(SharePair):
 
 
 _ZERO = torch.zeros((), dtype=torch.int64)
-_MATRIX_CACHE = 256  # prepared weight matrices kept per engine (ResNet-34 uses 7 per slot)
+_MATRIX_CACHE = 256  # prepared weight forms kept per engine (ResNet-34: one per conv and the fc, 37)
 
 
 def _slot_sum(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def public_tensor(x: Any) -> torch.Tensor:
@@ -265,6 +283,52 @@ class RSSEngine(Engine):
                     del pending[i]
         return results
 
+    def fork(self, *branches: Callable[[], Any]) -> list[Any]:
+        """Run independent branches of protocol code with their rounds merged (see Engine.fork).
+
+        Each branch runs in its own greenlet; while the fork is open, this engine's transport is a
+        :class:`_ForkTransport` whose ``exchange`` (called from inside a branch) hands the round's
+        (send, recv) to the branch's driver -- the greenlet that called ``fork`` -- and waits for the
+        reply. The driver resumes the live branches in order, and once each has posted its round (or
+        finished) sends them as ONE exchange (:func:`_merged_exchange`, messages per peer concatenated in
+        branch order) through its own transport. Every server runs the same branches in the same order
+        with the same message sizes, so the concatenations agree, and each branch draws its PRF words at
+        the same point of the same round at both holders of a key, as it would alone. Nested forks work:
+        an inner driver's merged exchange is itself a branch's round of the outer fork. Overhead: a
+        greenlet per branch (~5-10 us) and a switch per branch and round (~1 us)."""
+        if len(branches) <= 1:
+            return [b() for b in branches]
+        import greenlet
+
+        outer = self.transport
+        proxy = outer if isinstance(outer, _ForkTransport) else _ForkTransport(outer)
+        driver = greenlet.getcurrent()
+        results: list[Any] = [None] * len(branches)
+        pending: dict[int, tuple[Any, Any]] = {}
+        lets = [greenlet.greenlet(_branch_body(b), parent=driver) for b in branches]
+        for g in lets:
+            proxy.drivers[g] = driver
+        self.transport = proxy
+        try:
+            for i, g in enumerate(lets):
+                _post(i, g.switch(), pending, results)
+            while pending:
+                replies = _merged_exchange(proxy, [(i, m[0], m[1]) for i, m in pending.items()])
+                live, pending = pending, {}
+                for i in live:
+                    _post(i, lets[i].switch(replies[i]), pending, results)
+        except BaseException:
+            for g in lets:  # unwind the branches still suspended in a round, here rather than at collection
+                if g and not g.dead:
+                    g.throw(greenlet.GreenletExit)
+            raise
+        finally:
+            for g in lets:
+                proxy.drivers.pop(g, None)
+            if proxy is not outer:
+                self.transport = outer
+        return results
+
     def _stepwise(self, call: tuple[Any, ...]) -> Any:
         return getattr(self, f"_{check_parallel_call(self, call).__name__}_steps")(*call[1:])
 
@@ -284,23 +348,66 @@ class RSSEngine(Engine):
 
     # ---- input and output -------------------------------------------------------------------
     def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Shares:
-        """Share a ring tensor. 1 round.
+        """Share a ring tensor. 1 round (2 for the client's input).
 
-        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i; servers send nothing
-          (client: 48 B per element).
+        * ``owner="client"``: the :class:`Client` sends (x_i, x_{i+1}) to P_i (client: 48 B per
+          element), then the servers check that the two copies of every component agree
+          (:meth:`_check_consistent`: 1 more round, 32 B per party per input). 2 rounds in all.
         * ``owner="model"`` (= "P0"), or "P1"/"P2": input by server P_o with x_{o+1} = F_{k_{o+1}},
           x_{o+2} = 0, x_o = x - x_{o+1}; P_o sends x_o to P_{o+2}. Bytes: 8 from P_o only.
         """
         shape = tuple(int(s) for s in shape)
         if owner == "client":
             got = self.transport.exchange({}, {CLIENT: (2, *shape)})[CLIENT]
-            return Shares(got[0], got[1])
+            x = Shares(got[0], got[1])
+            self._check_consistent(x)
+            return x
         owner_party = {"model": 0, "P0": 0, "P1": 1, "P2": 2}.get(owner)
         if owner_party is None:
             raise ValueError(f"unknown input owner {owner!r} (expected 'client', 'model', 'P0', 'P1' or 'P2')")
         rnd = _Round()
         finish = self._input_by_server(rnd, owner_party, value, shape)
         return finish(rnd.run(self.transport))
+
+    def _check_consistent(self, x: Shares) -> None:
+        """Abort unless the client gave both holders of every component the same copy.
+
+        Component j is held by P_j (slot a) and P_{j-1} (slot b). Each P_i sends SHA-256 of its
+        slot b (x_{i+1}) to P_{i+1}, which compares it with the digest of its own slot a. The
+        receiver already holds that component, so the digest tells it nothing new. A client that
+        adds delta to one copy (and so would get back products with single share components of
+        the weights) is caught before the input is used. 1 round, 32 B per party (not per
+        element); raises :class:`InconsistentInput` at the server that detects it."""
+        got = self.transport.exchange({self.next: _digest_words(x.b)}, {self.prev: (_DIGEST_WORDS,)})[self.prev]
+        if not torch.equal(got, _digest_words(x.a)):
+            j, other = self.party, self.prev
+            raise InconsistentInput(
+                f"inconsistent client input: the client sent P{other} and P{j} different copies of share "
+                f"component x{j} (P{j} detected it); the session is aborted"
+            )
+
+    def forget_prepared(self) -> None:
+        """Drop the prepared weight matrices (and the shares they keep alive): called when fresh weight
+        shares replace the old ones (:meth:`siguard.runtime.executor.Executor.use_weights`)."""
+        self._matrices.clear()
+
+    def rerandomise(self, x: Any) -> Any:
+        """Fresh components for a server's input (the weights) at a session start: add the zero sharing
+        (r, -r, 0), r from the common key (all three servers, never the client), to the components
+        (zero+1, zero+2, zero); the zero component stays 0, so products keep their cheap split. Other
+        values are returned as they are. 0 rounds, 0 bytes; one PRF word per element at each server."""
+        if not isinstance(x, ServerInput):
+            return x
+        r = self.rand.common(tuple(x.shape))  # fresh words, ours to overwrite
+        z, i = x.zero, self.party
+        sign = {(z + 1) % 3: 1, (z + 2) % 3: -1}
+        slots = [x.a, x.b]
+        moved = [k for k in (0, 1) if (i + k) % 3 in sign]
+        for n, k in enumerate(moved):  # the last shifted slot is written into r's memory (one allocation less)
+            out = r if n == len(moved) - 1 else None
+            op = torch.add if sign[(i + k) % 3] > 0 else torch.sub
+            slots[k] = op(slots[k], r) if out is None else op(slots[k], r, out=out)
+        return ServerInput(slots[0], slots[1], z)
 
     def _input_by_server(
         self, rnd: _Round, owner: int, value: torch.Tensor | None, shape: tuple[int, ...]
@@ -463,18 +570,27 @@ class RSSEngine(Engine):
             return Shares(op(c, b.a), op(c, b.b))
         return op(public_tensor(a), public_tensor(b))
 
-    def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """conv_weight_matrix of the sum of ``parts``, cached by the identity of the parts: weight shares
-        live as long as the engine, so the transposed copy is made once per server start, not per query."""
-        key = tuple(id(p) for p in parts)
+    def _weight_sum(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The slot sum of a server's input (the weights' y_{c+1} + y_{c+2}), cached like :meth:`_prepared`."""
+        return parts[0] if len(parts) == 1 else self._prepared(parts, _same)
+
+    def _prepared(self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Any] = prepare) -> Any:
+        """``make`` (:func:`siguard.runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
+        by the identity of the parts: weight shares live as long as a session (they are re-randomised at
+        each, :meth:`rerandomise`), so the sum, the transposed copy and the float64 limbs are made once per
+        session, not per use; :meth:`forget_prepared` drops the old ones."""
+        key = (make, *(id(p) for p in parts))
         hit = self._matrices.get(key)
         if hit is not None and all(p is q for p, q in zip(hit[0], parts, strict=True)):
             return hit[1]
-        m = conv_weight_matrix(_slot_sum(parts))
+        m = make(_slot_sum(parts))
         if len(self._matrices) >= _MATRIX_CACHE:
             self._matrices.pop(next(iter(self._matrices)))
         self._matrices[key] = (parts, m)
         return m
+
+    def _conv_matrix(self, parts: tuple[torch.Tensor, ...]) -> Prepared:
+        return self._prepared(parts, prepare_conv)
 
     def mul(self, a: Any, b: Any) -> Any:
         """Elementwise a * b (broadcasting), no truncation. Secret x secret: 1 round, 8 B per output
@@ -491,8 +607,12 @@ class RSSEngine(Engine):
 
     def matmul(self, a: Any, b: Any) -> Any:
         """torch.matmul on ring elements: Z_i = X_i @ (Y_i + Y_{i+1}) + X_{i+1} @ Y_i + alpha_i.
-        1 round, 8 B per output element from every party (any inner dimension). Public: local."""
-        return self._product(a, b, torch.matmul)
+        1 round, 8 B per output element from every party (any inner dimension). Public: local.
+        Products run in :func:`siguard.runtime.linalg.ring_matmul`; a server's input on the right (the
+        weights) is prepared once per engine (:meth:`_prepared`)."""
+        if isinstance(b, ServerInput) and isinstance(a, Shares) and len(b.shape) == 2:
+            return self._product(a, b, ring_matmul, self._prepared)
+        return self._product(a, b, ring_matmul)
 
     def conv2d(
         self,
@@ -504,12 +624,15 @@ class RSSEngine(Engine):
         groups: int,
     ) -> Any:
         """conv2d (bilinear, so the matmul rule applies): conv(X_i, W_i + W_{i+1}) + conv(X_{i+1}, W_i)
-        + alpha_i. 1 round, 8 B per output element from every party. Public operand: local."""
+        + alpha_i. 1 round, 8 B per output element from every party. Public operand: local.
+        Products run in :func:`siguard.runtime.linalg.ring_conv2d`; where that is a matmul, the kernel's
+        matrix (and limbs) are prepared once per engine (:meth:`_conv_matrix`)."""
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
-        if isinstance(x, Shares) and isinstance(w, Shares) and conv_uses_matmul(x.shape, w.shape, st, pad, dil, groups):
+        if isinstance(x, Shares) and isinstance(w, Shares) and conv_prepared(x.shape, w.shape, st, pad, dil, groups):
             kernel = tuple(w.shape[2:])
-            return self._product(x, w, lambda u, m: conv2d_by_matmul(u, m, kernel, st, pad), self._conv_matrix)
-        return self._product(x, w, lambda u, v: conv2d_ring(u, v, st, pad, dil, groups))
+            return self._product(x, w, lambda u, m: ring_conv2d(u, m, st, pad, dil, 1, kernel), self._conv_matrix)
+        conv = lambda u, v: ring_conv2d(u, v, st, pad, dil, groups)  # noqa: E731
+        return self._product(x, w, conv, self._weight_sum if isinstance(w, ServerInput) else None)
 
     def trunc(self, x: Shares, bits: int) -> Shares:
         """floor(x / 2^d) or that minus 1, for |x| < 2^62. 2 rounds; bytes P0 16, P1 8, P2 8.
@@ -779,6 +902,43 @@ class RSSEngine(Engine):
         return Shares(_tensor(w + va, shape), _tensor(wb + vb, shape))
 
 
+class _ForkTransport:
+    """A server's transport while :meth:`RSSEngine.fork` runs: ``exchange`` from a branch greenlet goes to
+    that branch's driver (see ``fork``); from any other greenlet (the outermost driver) to the real
+    transport. Everything else (steps, statistics, the party) is the real transport's."""
+
+    def __init__(self, real: Transport):
+        self.real = real
+        self.drivers: dict[Any, Any] = {}  # branch greenlet -> the greenlet that forked it
+
+    def exchange(self, send: Mapping[int, torch.Tensor],
+                 recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+        import greenlet
+
+        driver = self.drivers.get(greenlet.getcurrent())
+        if driver is None:
+            return self.real.exchange(send, recv)
+        return driver.switch((_ROUND, send, recv))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+_ROUND, _DONE = object(), object()
+
+
+def _branch_body(body: Callable[[], Any]) -> Callable[[], tuple[Any, Any]]:
+    return lambda: (_DONE, body())
+
+
+def _post(i: int, msg: tuple[Any, ...], pending: dict[int, tuple[Any, Any]], results: list[Any]) -> None:
+    """Record what branch ``i`` handed its driver: a round to merge, or its result."""
+    if msg[0] is _ROUND:
+        pending[i] = (msg[1], msg[2])
+    else:
+        results[i] = msg[1]
+
+
 def _merged_exchange(
     outer: Transport, posted: Sequence[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]]
 ) -> dict[int, dict[int, torch.Tensor]]:
@@ -806,3 +966,5 @@ def _merged_exchange(
             out[i][peer] = flat[start : start + n].reshape(shape)
             start += n
     return out
+
+

@@ -13,7 +13,12 @@ separately, per named step (:meth:`Transport.step`).
 
 :class:`InProcessNetwork` runs all parties as threads of one process with one
 ``queue.SimpleQueue`` per directed link (C-implemented, about half the per-round cost of
-``queue.Queue``). Every receive has a deadline; :meth:`InProcessNetwork.abort` wakes every blocked
+``queue.Queue``). A receive waits as long as its peer is *live*, and at most the timeout for a
+*silent* one: party threads are registered with :meth:`InProcessNetwork.attach`; a peer whose
+thread runs and is not blocked in a receive is computing (live, however long it takes); a peer
+blocked in a receive is live if the party it waits for is (a cycle of waits is silence); a peer
+with no registered thread, or one whose thread ended without sending, is silent.
+:meth:`InProcessNetwork.abort` (called the moment a party thread raises) wakes every blocked
 receiver with :class:`TransportAborted`, so a dead thread never hangs the others.
 
 :class:`LockstepNetwork` runs all parties in ONE OS thread as greenlets: a party that waits for a
@@ -110,6 +115,8 @@ class FrameHeader(NamedTuple):
         shape = struct.unpack_from(f"<{ndim}Q", data, off)
         off += 8 * ndim
         n_step, n_session = lengths & 0xFFFF, lengths >> 16
+        if len(data) != off + n_session + n_step:  # a header is exactly its declared fields
+            raise ValueError(f"frame header of {len(data)} bytes declares {off + n_session + n_step}")
         session = data[off : off + n_session].decode()
         step = data[off + n_session : off + n_session + n_step].decode()
         return cls(session, step, sender, seq, tuple(shape))
@@ -273,14 +280,39 @@ class InProcessNetwork:
     later receive raise :class:`TransportAborted`; ``close()`` aborts with "network closed".
     """
 
+    #: seconds between liveness checks while a receive waits
+    tick = 0.5
+
     def __init__(self, n_parties: int = 4, timeout: float = 30.0, session: str = ""):
         self.n_parties = n_parties
-        self.timeout = timeout
+        self.timeout = timeout  # seconds to wait for a SILENT peer (a live one is waited for)
         self.session = session
         self._links = {(s, d): queue.SimpleQueue() for s in range(n_parties) for d in range(n_parties) if s != d}
         self._transports: dict[int, InProcessTransport] = {}
         self._lock = threading.Lock()
         self.abort_reason: str | None = None
+        self.threads: dict[int, threading.Thread] = {}  # party -> the thread running it
+        self.waiting: dict[int, int] = {}  # party -> the peer it has been blocked on for a tick or more
+
+    def attach(self, party: int, thread: threading.Thread) -> None:
+        """Declare that ``thread`` runs ``party``: its peers then wait for it as long as it is live."""
+        self.threads[party] = thread
+
+    def live(self, party: int) -> bool:
+        """Whether ``party`` is computing, or waits (transitively) for a party that is.
+
+        A party with no attached thread, a finished thread, or a cycle of waits is not live."""
+        seen = set()
+        while party not in seen:
+            seen.add(party)
+            thread = self.threads.get(party)
+            if thread is None or (thread.ident is not None and not thread.is_alive()):
+                return False  # unknown, or ended (a thread not started yet counts as live)
+            peer = self.waiting.get(party)
+            if peer is None:
+                return True  # running: computing, however long
+            party = peer
+        return False
 
     def transport(self, party: int) -> InProcessTransport:
         if not 0 <= party < self.n_parties:
@@ -328,15 +360,12 @@ class InProcessTransport(Transport):
 
     def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
         network = self.network
+        get = self._get[peer]
+        tick = network.tick
         try:
-            item = self._get[peer](timeout=max(deadline - time.monotonic(), 0.0))
+            item = get(timeout=min(max(deadline - time.monotonic(), 0.0), tick))
         except queue.Empty:
-            raise TransportTimeout(
-                f"party {self.party}: no message from party {peer} within {self.timeout} s "
-                f"(step {self.current_step!r})",
-                self.party,
-                peer,
-            ) from None
+            item = self._wait_live(peer, deadline - self.timeout)
         if item is ABORT:
             network._links[(peer, self.party)].put(ABORT)  # leave it for any later receive on this link
             raise TransportAborted(
@@ -345,6 +374,40 @@ class InProcessTransport(Transport):
                 peer,
             )
         return item
+
+    def _wait_live(self, peer: int, quiet_since: float) -> tuple[FrameHeader, torch.Tensor] | object:
+        """Keep waiting for ``peer`` while it is live; raise once it was silent for the timeout
+        (or at once when its thread ended without sending)."""
+        network, get, party = self.network, self._get[peer], self.party
+        network.waiting[party] = peer
+        try:
+            while True:
+                now = time.monotonic()
+                thread = network.threads.get(peer)
+                if thread is not None and thread.ident is not None and not thread.is_alive():
+                    try:
+                        return get(block=False)  # sent just before it ended
+                    except queue.Empty:
+                        raise TransportError(
+                            f"party {party}: party {peer} ended without sending its message "
+                            f"(step {self.current_step!r})", party, peer,
+                        ) from None
+                if network.live(peer):
+                    quiet_since = now
+                remaining = quiet_since + self.timeout - now
+                if remaining <= 0:
+                    raise TransportTimeout(
+                        f"party {party}: no message from party {peer} within {self.timeout} s "
+                        f"(step {self.current_step!r})",
+                        party,
+                        peer,
+                    )
+                try:
+                    return get(timeout=min(remaining, network.tick))
+                except queue.Empty:
+                    continue
+        finally:
+            network.waiting.pop(party, None)
 
 
 class LockstepNetwork:

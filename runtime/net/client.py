@@ -68,7 +68,9 @@ class _Specs:
     """The public part of the plan the client needs for :func:`siguard.runtime.runs.check_inputs`."""
 
     def __init__(self, inputs: list[dict[str, Any]], frac_bits: int):
-        self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]]} for s in inputs]
+        self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]], "domain": s.get("domain"),
+                        "domain_source": s.get("domain_source")}
+                       for s in inputs]
         self.frac_bits = int(frac_bits)
 
 
@@ -76,9 +78,9 @@ class QueryClient:
     """Runs queries against the trio of ``config``.
 
     ``timeout``: seconds for connecting and the handshake, and after which a silent server
-    counts as dead. ``query_timeout``: the longest wait for one round's message (the output
-    arrives after the whole inference). ``expected_hash``: the plan hash to insist on (default:
-    ``plan_hash`` from the configuration, else only the servers' agreement is checked).
+    counts as dead. ``query_timeout``: how long a round may wait for a SILENT server (counted from the
+    last bytes it sent, heartbeats included: a server that computes is waited for). ``expected_hash``: the
+    plan hash to insist on (default: ``plan_hash`` from the configuration, else only the servers' agreement is checked).
     """
 
     def __init__(self, config: PartiesConfig, *, timeout: float = 30.0, query_timeout: float = 3600.0,

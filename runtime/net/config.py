@@ -6,6 +6,7 @@ Format (paths are relative to the file's directory)::
     # plan_hash = "..."        # optional: the plan the client expects (else it only checks
     #                          # that the three servers agree)
     # timeout = 30             # optional default for --timeout (seconds)
+    # revoked = ["<sha256>"]   # optional: certificate fingerprints refused whatever else says
 
     [P0]
     host = "10.0.0.1"          # address the others dial
@@ -20,9 +21,15 @@ Format (paths are relative to the file's directory)::
     cert = "client.pem"        # the certificate clients present
     key = "client.key"         # only needed where queries are made
 
+    [clients]                  # optional: more clients, each with its own certificate
+    alice = "alice.pem"
+
 Identity is decided by certificate pinning: a peer is the party whose configured certificate it
 presented (after TLS verified it against ``ca``), so a certificate from another CA, or one that
 is not in the file, is refused, and a server cannot be impersonated by the client's certificate.
+Every client may have its own certificate (``[clients]``), and a certificate whose SHA-256
+fingerprint is listed in ``revoked`` is refused (remove a client by revoking its certificate; the
+servers read the list at start).
 Errors are :class:`siguard.core.errors.InputError` with one clear line.
 """
 
@@ -33,7 +40,7 @@ import os
 import ssl
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +97,8 @@ class PartiesConfig:
     parties: dict[int, PartyEntry]
     plan_hash: str | None = None
     timeout: float | None = None
+    clients: dict[str, str] = field(default_factory=dict)  # name -> fingerprint of the extra clients
+    revoked: frozenset[str] = frozenset()
 
     def __getitem__(self, party: int) -> PartyEntry:
         return self.parties[party]
@@ -99,10 +108,18 @@ class PartiesConfig:
         if not der_cert:
             return None
         fp = hashlib.sha256(der_cert).hexdigest()
+        if fp in self.revoked:
+            return None
         for p, entry in self.parties.items():
             if entry.fingerprint == fp:
                 return p
+        if fp in self.clients.values():
+            return CLIENT
         return None
+
+    def is_revoked(self, der_cert: bytes | None) -> bool:
+        """True iff ``der_cert``'s fingerprint is in the revocation list."""
+        return bool(der_cert) and hashlib.sha256(der_cert).hexdigest() in self.revoked
 
     def ssl_context(self, party: int, server_side: bool) -> ssl.SSLContext:
         """A TLS 1.3 context for ``party``: its own certificate and key, the CA, peer
@@ -199,7 +216,7 @@ def load_config(path: str | os.PathLike) -> PartiesConfig:
         raise InputError(f"{p}: not valid TOML ({exc})") from None
     where = str(p)
     base = p.resolve().parent
-    known = {"ca", "plan_hash", "timeout", *PARTY_NAMES}
+    known = {"ca", "plan_hash", "timeout", "clients", "revoked", *PARTY_NAMES}
     extra = set(doc) - known
     if extra:
         raise InputError(f"{where}: unknown entries {', '.join(sorted(extra))} (expected {', '.join(sorted(known))})")
@@ -228,7 +245,24 @@ def load_config(path: str | os.PathLike) -> PartiesConfig:
     timeout = doc.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
         raise InputError(f"{where}: timeout must be a positive number of seconds")
-    return PartiesConfig(p, ca_path, parties, plan_hash, float(timeout) if timeout is not None else None)
+    clients_doc = doc.get("clients", {})
+    if not isinstance(clients_doc, dict):
+        raise InputError(f"{where}: [clients] must be a table of name = certificate file")
+    clients: dict[str, str] = {}
+    for name, cert in clients_doc.items():
+        if not isinstance(cert, str) or not cert:
+            raise InputError(f"{where}: [clients] {name} must be a certificate file name")
+        cp = Path(cert) if Path(cert).is_absolute() else base / cert
+        if not cp.exists():
+            raise InputError(f"{where}: certificate {cp} of client {name!r} does not exist")
+        clients[name] = _fingerprint(cp, where)
+        if clients[name] in seen and seen[clients[name]] != "client":
+            raise InputError(f"{where}: client {name!r} uses {seen[clients[name]]}'s certificate")
+    revoked = doc.get("revoked", [])
+    if not isinstance(revoked, list) or not all(isinstance(r, str) and len(r) == 64 for r in revoked):
+        raise InputError(f"{where}: revoked must be a list of SHA-256 fingerprints (64 hex digits)")
+    return PartiesConfig(p, ca_path, parties, plan_hash, float(timeout) if timeout is not None else None,
+                         clients, frozenset(r.lower() for r in revoked))
 
 
 def render_config(
@@ -249,7 +283,7 @@ def render_config(
 
     lines = [
         "# SIGuard parties: host, port and certificate of each party (paths relative to this file).",
-        "# A party needs its own 'key' only; delete the other keys' lines on each host.",
+        "# A party needs its own 'key' only (in its own directory): give each host only its directory.",
         f"ca = {q(str(d / 'ca.pem'))}",
     ]
     for k, v in (extra or {}).items():
@@ -258,8 +292,8 @@ def render_config(
         host, port = servers[role]
         lines += ["", f"[{role}]", f"host = {q(host)}", f"port = {int(port)}", f"cert = {q(str(d / (role + '.pem')))}"]
         if with_keys:
-            lines.append(f"key = {q(str(d / (role + '.key')))}")
+            lines.append(f"key = {q(str(d / role / (role + '.key')))}")
     lines += ["", "[client]", f"cert = {q(str(d / 'client.pem'))}"]
     if with_keys:
-        lines.append(f"key = {q(str(d / 'client.key'))}")
+        lines.append(f"key = {q(str(d / 'client' / 'client.key'))}")
     return "\n".join(lines) + "\n"

@@ -64,6 +64,7 @@ from .tls import (
     NetTransport,
     TLSLink,
     accept,
+    clean_text,
     compare_hello,
     dial,
     hello_message,
@@ -74,10 +75,11 @@ __all__ = ["PartyServer", "ServerStopped", "SETUP_SESSION"]
 
 SETUP_SESSION = "setup"
 _CLOSED_MEMORY = 4096  # finished session ids remembered (late frames for them are dropped)
+_MAX_HANDSHAKES = 16  # TLS handshakes in progress at once (each costs a thread and an ECDHE)
 
 
 def _session_number(sid: str) -> int | None:
-    if len(sid) > 1 and sid[0] == "q" and sid[1:].isdigit():
+    if 1 < len(sid) <= 20 and sid[0] == "q" and sid[1:].isascii() and sid[1:].isdigit():
         return int(sid[1:])
     return None
 
@@ -157,6 +159,17 @@ class PartyServer:
         self._next_session = 1  # P0: the next number to assign
         self._last_announced = 0  # P1, P2: the last number P0 announced
         self._slots = threading.BoundedSemaphore(max(1, int(max_sessions)))
+        # Denial of service: at most this many TLS handshakes (and first messages) at once, and at most
+        # this many connection threads in all; a connection beyond either is closed at once.
+        self.max_handshakes = _MAX_HANDSHAKES
+        self.max_connections = 4 * max(1, int(max_sessions)) + _MAX_HANDSHAKES
+        self._handshakes = threading.BoundedSemaphore(self.max_handshakes)
+        self._connections = threading.BoundedSemaphore(self.max_connections)
+        self.refused_busy = 0
+        # The largest frame a server may send in one round: the busiest step's bytes (the cost model,
+        # checked against the transport by the tests) plus margin; frames are checked before allocation.
+        steps = [*plan.steps, {"cost": plan.doc["setup"]}]
+        self._max_peer_payload = max(max(s["cost"]["bytes_per_party"]) for s in steps) + (1 << 16)
         self._heartbeat = Heartbeat(min(max(self.timeout / 4, 0.2), 5.0))
         self._heartbeat.hooks.append(self._sweep)
         self._listener: socket.socket | None = None
@@ -170,8 +183,8 @@ class PartyServer:
 
     # ---- logging and state --------------------------------------------------------------------
     def _log(self, line: str) -> None:
-        try:
-            self._log_fn(line)
+        try:  # reasons may quote what a peer or client sent: one printable line, bounded
+            self._log_fn(clean_text(line, 2000))
         except Exception:  # noqa: BLE001 - a closed stdout must not break the server
             pass
 
@@ -255,6 +268,7 @@ class PartyServer:
             self.fail(f"{entry.name} at {entry.address} presented a certificate that is not {entry.name}'s "
                       "(refused: not the certificate in parties.toml)")
             return
+        link.max_payload = self._max_peer_payload
         try:
             link.send_control(self._hello)
             theirs = link.recv_control(deadline)
@@ -320,12 +334,13 @@ class PartyServer:
         elif kind == "abort":
             s = self._session(str(msg.get("session")), create=False)
             if s is not None:
-                self._abort_session(s, f"{party_name(j)} aborted the session: {msg.get('reason')}", notify_peers=False)
+                self._abort_session(s, f"{party_name(j)} aborted the session: {clean_text(msg.get('reason'))}",
+                                    notify_peers=False)
         elif kind == "goodbye":
             if msg.get("orderly"):
                 self.stop(f"{party_name(j)} shut down")
             else:
-                self.fail(f"{party_name(j)} stopped: {msg.get('reason')}")
+                self.fail(f"{party_name(j)} stopped: {clean_text(msg.get('reason'))}")
         else:
             raise LinkError(f"unexpected control message {kind!r} from {party_name(j)}")
 
@@ -386,6 +401,13 @@ class PartyServer:
         the other servers. Idempotent."""
         if not s.mailbox.abort(reason):
             return
+        with self._lock:
+            if s.state == "new" and s.announced.is_set():
+                # a query P0 announced that never ran here (its client did not join, or P0 aborted it):
+                # it failed at P0, so it counts as failed here too and the three servers agree
+                s.state = "failed"
+                self.sessions_failed += 1
+                self._log(f"{self.name}: session {s.sid} failed: {reason}")
         if notify_peers:
             for link in list(self._mesh.values()):
                 link.try_send_control({"kind": "abort", "session": s.sid, "reason": reason})
@@ -399,7 +421,8 @@ class PartyServer:
         link.peer = CLIENT
         expected = "hello" if self.party == 0 else "join"
         if msg.get("kind") != expected:
-            self._refuse_client(link, f"expected a {expected!r} message at {self.name}, got {msg.get('kind')!r}")
+            self._refuse_client(link, f"expected a {expected!r} message at {self.name}, got "
+                                      f"{clean_text(repr(msg.get('kind')), 40)}")
             return
         mismatch = compare_hello(self._hello, msg, self.name, "the client")
         if mismatch:
@@ -424,7 +447,9 @@ class PartyServer:
     def _welcome(self, sid: str, token: str | None) -> dict[str, Any]:
         extra: dict[str, Any] = {
             "session": sid,
-            "inputs": [{"name": s["name"], "shape": list(s["shape"])} for s in self.plan.inputs],
+            "inputs": [{"name": s["name"], "shape": list(s["shape"]), "domain": s.get("domain"),
+                        "domain_source": s.get("domain_source")}
+                       for s in self.plan.inputs],
             "outputs": [{"name": s["name"], "shape": list(s["shape"])} for s in self.plan.outputs],
             "timeout": self.timeout,
         }
@@ -459,7 +484,7 @@ class PartyServer:
     def _join_session(self, link: TLSLink, msg: dict[str, Any], deadline: float) -> _Session | None:
         sid = str(msg.get("session"))
         if _session_number(sid) is None:
-            self._refuse_client(link, f"no session {sid!r}")
+            self._refuse_client(link, f"no session {clean_text(repr(sid), 40)}")
             return None
         s = self._session(sid)
         if s is None:
@@ -511,7 +536,7 @@ class PartyServer:
                 raise RuntimeFault(f"{self.name} has no keys (set-up did not finish)")
             engine = RSSEngine(self.party, transport, self.keys.session(s.sid), self.plan.frac_bits)
             ex = Executor(self.plan, engine, progress=self._progress if self.step_delay > 0 else None)
-            ex.weights = self.weights
+            ex.use_weights(self.weights)  # fresh components for this session (0 rounds)
             ex.run(None)
             s.state = "done"
             link.send_control({
@@ -522,8 +547,9 @@ class PartyServer:
             self.sessions_done += 1
             self._log(f"{self.name}: session {s.sid} done in {time.monotonic() - t0:.3f} s")
         except Exception as exc:  # noqa: BLE001 - the session fails, the server goes on
-            s.state = "failed"
-            self.sessions_failed += 1
+            with self._lock:
+                s.state = "failed"
+                self.sessions_failed += 1
             self._abort_session(s, str(exc), notify_peers=True)
             self._log(f"{self.name}: session {s.sid} failed: {s.mailbox.reason}")
         finally:
@@ -539,7 +565,8 @@ class PartyServer:
 
     def _on_client_control(self, s: _Session, link: TLSLink, msg: dict[str, Any]) -> None:
         if msg["kind"] == "abort":
-            self._abort_session(s, f"the client cancelled the query: {msg.get('reason')}", notify_peers=True)
+            self._abort_session(s, f"the client cancelled the query: {clean_text(msg.get('reason'))}",
+                                notify_peers=True)
 
     def _on_client_close(self, s: _Session, link: TLSLink, reason: str) -> None:
         if s.state in ("new", "running"):
@@ -558,17 +585,42 @@ class PartyServer:
                     break
                 time.sleep(0.05)  # e.g. out of file descriptors: try again
                 continue
+            if not self._connections.acquire(blocking=False):
+                self.refused_busy += 1
+                if self.refused_busy in (1, 10, 100) or self.refused_busy % 1000 == 0:
+                    self._log(f"{self.name}: refused a connection from {addr[0]}: {self.max_connections} connections "
+                              f"open ({self.refused_busy} refused so far)")
+                sock.close()
+                continue
             threading.Thread(target=self._handle_incoming, args=(sock, addr), daemon=True,
                              name=f"siguard-{self.name}-conn").start()
 
     def _handle_incoming(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            self._handle_connection(sock, addr)
+        finally:
+            self._connections.release()
+
+    def _handle_connection(self, sock: socket.socket, addr: Any) -> None:
         deadline = time.monotonic() + self.timeout
+        if not self._handshakes.acquire(blocking=False):
+            self.refused_busy += 1
+            self._log(f"{self.name}: refused a connection from {addr[0]}:{addr[1]}: "
+                      f"{self.max_handshakes} handshakes in progress")
+            sock.close()
+            return
         try:
             link = accept(sock, addr, self._server_ctx, local=self.party, deadline=deadline)
         except LinkError as exc:
             self._log(f"{self.name}: refused a connection from {addr[0]}:{addr[1]}: {exc}")
             return
+        finally:
+            self._handshakes.release()
         who = self.config.identify(link.peer_der)
+        if who is None and self.config.is_revoked(link.peer_der):
+            self._log(f"{self.name}: refused a connection from {link.address}: its certificate is revoked")
+            link.close()
+            return
         try:
             if who is None:
                 self._log(f"{self.name}: refused a connection from {link.address}: its certificate is not one of "
@@ -579,7 +631,7 @@ class PartyServer:
                 self._handle_client(link, link.recv_control(deadline), deadline)
             elif who > self.party and not self._mesh_ready.is_set() and who not in self._mesh:
                 link.peer = who
-                link.max_payload = 1 << 36
+                link.max_payload = self._max_peer_payload
                 self._accept_peer(link, who, deadline)
             else:
                 reason = f"unexpected connection with {party_name(who)}'s certificate from {link.address}"

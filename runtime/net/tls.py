@@ -25,8 +25,10 @@ checks a deadline (handshakes and hellos) or the link's *liveness*: a connection
 nothing, not even a heartbeat, arrived for ``liveness`` seconds is declared dead. A
 :class:`Heartbeat` thread sends a ping on every link idle for a fraction of that time. A peer
 that dies therefore shows up as EOF or reset at once, and a peer that vanishes silently within
-``liveness`` seconds; receivers in a session additionally wait at most the transport timeout
-for each round's message (:class:`NetTransport`).
+``liveness`` seconds. A receiver in a session (:class:`NetTransport`) waits for a round's message
+as long as the peer's link is live: the transport timeout counts from the last bytes (data or
+heartbeat) received from that peer, so a peer that computes for minutes is waited for, and one
+that is silent for the timeout is reported.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ __all__ = [
     "accept",
     "hello_message",
     "compare_hello",
+    "clean_text",
     "stats_to_json",
     "stats_from_json",
 ]
@@ -470,6 +473,15 @@ class TLSLink:
         self.close()
 
 
+def clean_text(value: Any, limit: int = 300) -> str:
+    """A peer-supplied string made safe to log or forward: one line, printable characters only
+    (control characters, escapes and newlines become "?"), at most ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
 def _parse_control(payload: bytes | bytearray, who: str) -> dict[str, Any]:
     try:
         msg = json.loads(payload)
@@ -617,13 +629,21 @@ class NetTransport(Transport):
 
     def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
         me = party_name(self.party)
-        try:
-            item = self.mailbox.get(peer, max(deadline - time.monotonic(), 0.0))
-        except queue.Empty:
-            raise TransportTimeout(
-                f"{me}: no message from {party_name(peer)} within {self.timeout:g} s ({self._where()})",
-                self.party, peer,
-            ) from None
+        link = self.links.get(peer)
+        quiet_since = deadline - self.timeout  # the round's start
+        while True:
+            if link is not None:  # heartbeats count: the timeout is for a SILENT peer
+                quiet_since = max(quiet_since, link.last_recv)
+            remaining = quiet_since + self.timeout - time.monotonic()
+            try:
+                item = self.mailbox.get(peer, min(max(remaining, 0.0), _TICK_MS / 1000 * 4))
+                break
+            except queue.Empty:
+                if remaining <= 0:
+                    raise TransportTimeout(
+                        f"{me}: no message from {party_name(peer)} within {self.timeout:g} s ({self._where()})",
+                        self.party, peer,
+                    ) from None
         if item is ABORT:
             raise TransportAborted(f"{me}: {self.mailbox.reason} ({self._where()})", self.party, peer)
         return item

@@ -205,14 +205,14 @@ def test_unsupported_attribute_forms_are_collected():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
     pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")
     nodes = [
-        helper.make_node("Pad", ["x", "pads"], ["p"], name="reflect_pad", mode="reflect"),
+        helper.make_node("Pad", ["x", "pads"], ["p"], name="wrap_pad", mode="wrap"),
         helper.make_node("Cast", ["p"], ["c"], name="to_int", to=TensorProto.INT64),
         helper.make_node("Cast", ["c"], ["y"], name="back", to=TensorProto.FLOAT),
     ]
-    model = _make_model(nodes, [x], ["y"], [pads])
+    model = _make_model(nodes, [x], ["y"], [pads], opset=19)
     with pytest.raises(UnsupportedOpsError) as info:
         load_model(model)
-    assert "reflect_pad" in " ".join(info.value.unsupported["Pad"])
+    assert "wrap_pad" in " ".join(info.value.unsupported["Pad"])
     assert "to_int" in " ".join(info.value.unsupported["Cast"])
 
 
@@ -411,11 +411,29 @@ OP_CASES = {
     "hard_sigmoid": ("HardSigmoid", (2, 3), {"alpha": 0.3, "beta": 0.4}, []),
     "layer_norm": ("LayerNormalization", (2, 3, 4), {"epsilon": 1e-3}, [f32(4), f32(4)]),
     "layer_norm_axis1": ("LayerNormalization", (2, 3, 4), {"axis": 1}, [f32(3, 4)]),
+    # issue 17: 1-D conv/pool (lifted to 2-D), reflect/edge padding, modern activations, layout ops
+    "conv1d": ("Conv", (2, 3, 9), {"pads": [1, 2], "strides": [2], "dilations": [2]}, [f32(4, 3, 3), f32(4)]),
+    "conv1d_groups_same": ("Conv", (1, 4, 8), {"group": 2, "auto_pad": "SAME_UPPER"}, [f32(6, 2, 4)]),
+    "maxpool1d": ("MaxPool", (2, 3, 9), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}, []),
+    "avgpool1d_ceil": ("AveragePool", (2, 3, 8), {"kernel_shape": [3], "strides": [2], "ceil_mode": 1}, []),
+    "pad_reflect": ("Pad", (1, 2, 4, 5), {"mode": "reflect"}, [i64(0, 0, 1, 3, 0, 0, 2, 1)]),
+    "pad_edge_crop": ("Pad", (1, 2, 4, 5), {"mode": "edge"}, [i64(0, 0, 2, -1, 0, 0, -1, 3)]),
+    "hard_swish": ("HardSwish", (2, 3, 5), {}, []),
+    "mish": ("Mish", (2, 7), {}, []),
+    "reduce_max_keep": ("ReduceMax", (2, 3, 4, 5), {}, [i64(2, -1)]),
+    "reduce_max_drop": ("ReduceMax", (2, 3, 4), {"keepdims": 0}, [i64(1)]),
+    "expand": ("Expand", (3, 1, 4), {}, [i64(2, 3, 5, 4)]),
+    "resize_nearest_scales": ("Resize", (1, 2, 3, 4), {}, ["", np.array([1, 1, 2, 1.5], np.float32)]),
+    "resize_nearest_down_up": ("Resize", (1, 2, 6, 4), {"nearest_mode": "ceil"},
+                               ["", np.array([1, 1, 0.5, 2], np.float32)]),
+    "resize_nearest_sizes_half_pixel": ("Resize", (1, 2, 5, 4),
+                                        {"coordinate_transformation_mode": "half_pixel", "nearest_mode": "floor"},
+                                        ["", "", i64(1, 2, 3, 7)]),
 }  # fmt: skip
 POSITIVE_CASES = {
     "sqrt": ("Sqrt", (2, 3), {}, []),
     "reciprocal": ("Reciprocal", (2, 3), {}, []),
-    **{f"pow_{e:g}": ("Pow", (2, 3), {}, [np.float32(e)]) for e in (1, 2, 3, 0.5, -1, -0.5)},
+    **{f"pow_{e:g}": ("Pow", (2, 3), {}, [np.float32(e)]) for e in (1, 2, 3, 0.5, -1, -0.5, 4, 7, 8, -3)},
 }
 OPSET_CASES = {  # (opset, case): attribute forms and old semantics
     "softmax_v11_coerce": (11, ("Softmax", (2, 3, 4), {"axis": 1}, [])),
@@ -423,6 +441,7 @@ OPSET_CASES = {  # (opset, case): attribute forms and old semantics
     "reduce_mean_v13_attr": (13, ("ReduceMean", (2, 3, 4), {"axes": [1, 2]}, [])),
     "squeeze_v11_attr": (11, ("Squeeze", (2, 1, 4), {"axes": [1]}, [])),
     "clip_v6_attrs": (6, ("Clip", (2, 5), {"min": -0.3, "max": 0.4}, [])),
+    "reduce_max_v13_attr": (13, ("ReduceMax", (2, 3, 4), {"axes": [0, 2]}, [])),
     "pad_v2_attrs": (2, ("Pad", (1, 2, 3), {"pads": [0, 1, 2, 0, 2, 1], "value": 1.5}, [])),
     "slice_v9_attrs": (9, ("Slice", (3, 10), {"starts": [1], "ends": [-2], "axes": [1]}, [])),
     "gelu_v20": (20, ("Gelu", (2, 7), {}, [])),

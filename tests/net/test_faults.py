@@ -130,7 +130,7 @@ def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, t
     text = config.read_text()
     cfg = load_config(config)
     bad = text.replace(f'cert = "{cfg[3].cert}"', f'cert = "{other}/client.pem"').replace(
-        f'key = "{cfg[3].key}"', f'key = "{other}/client.key"')
+        f'key = "{cfg[3].key}"', f'key = "{other}/client/client.key"')
     assert bad != text
     (tmp_path / "bad.toml").write_text(bad)
     with pytest.raises(RuntimeFault, match="refused our certificate|certificate") as info:
@@ -271,6 +271,42 @@ def test_sigkill_of_a_server_mid_inference_stops_everyone_with_a_clear_message(s
     assert not (tmp_path / "y.npy").exists()
 
 
+def test_a_server_computing_longer_than_the_timeout_is_waited_for(start_trio, net_plans, digit_inputs, tmp_path):
+    """Liveness, not patience: P1 sleeps 1.3 s before every step (alive, heartbeating, silent on the
+    session) with --timeout 1 everywhere; the query completes, with the right answer."""
+    plan = net_plans[1]
+    trio = start_trio(plan.directory, timeout=1, threads=1, party_args={1: ["--step-delay", "1.3"]})
+    trio.wait_ready()
+    np.save(tmp_path / "x.npy", digit_inputs[:1])
+    t0 = time.monotonic()
+    proc = _query_cli(trio.config, tmp_path / "x.npy", tmp_path / "y.npy", timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, (proc.stderr, trio.log(0)[-1000:], trio.log(1)[-1000:])
+    assert elapsed > 1.3  # at least one step's delay: the peers waited longer than --timeout
+    assert np.abs(np.load(tmp_path / "y.npy") - run_threads(plan, digit_inputs[:1]).output).max() <= TOL
+    assert _all_up(trio)
+
+
+def test_the_three_servers_count_the_same_failed_sessions(start_trio, net_plans, digit_inputs, tmp_path):
+    """A query refused for its input after P0 announced the session fails at P0 and is never joined at P1,
+    P2: all three count it as failed (P0 said "2 failed" where P1 and P2 said 0)."""
+    plan = net_plans[1]
+    trio = start_trio(plan.directory, timeout=5, threads=1)
+    trio.wait_ready()
+    from siguard.core.errors import InputError
+
+    client = QueryClient(load_config(trio.config), timeout=5)
+    for _ in range(2):
+        with pytest.raises(InputError, match="shape"):
+            client.run(digit_inputs[:3])  # batch 3 for a batch-1 plan: refused after P0's welcome
+    assert np.abs(client.run(digit_inputs[:1]).output - run_threads(plan, digit_inputs[:1]).output).max() <= TOL
+    _wait_for(lambda: all(trio.log(i).count("session q2 failed") == 1 for i in range(3)), 20,
+              "every server to close the refused sessions")
+    trio.stop()
+    for i in range(3):
+        assert f"P{i}: stopped (1 queries served, 2 failed)" in trio.log(i), trio.log(i)[-1500:]
+
+
 def test_a_frozen_server_is_detected_by_heartbeats(start_trio, net_plans):
     trio = start_trio(net_plans[1].directory, timeout=3)
     trio.wait_ready()
@@ -309,7 +345,7 @@ def test_unreachable_peers_are_named(start_trio, net_plans, digit_inputs, tmp_pa
 def test_tampered_plan_on_one_server_fails_the_handshake(start_trio, net_plans, tmp_path):
     plan = net_plans[1]
     doc = copy.deepcopy(plan.doc)
-    doc["warnings"].append("edited after compilation")
+    doc["created_by"] = "edited after compilation"  # a public field (warnings now go to owner.json)
     tampered = Plan(doc).save(tmp_path / "tampered")  # a consistent hash: it loads, but it differs
     other = Plan.load(tampered).plan_hash
     assert other != plan.plan_hash

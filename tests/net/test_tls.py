@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import stat
 import subprocess
@@ -58,9 +59,14 @@ def test_certs_command_writes_a_ca_party_certificates_and_config(tmp_path):
     cmd = [*siguard_command(), "certs", "--out", str(out), "--host", "P1=10.77.0.12"]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE((out / "ca.key").stat().st_mode) == 0o600
     for name in ("ca", "P0", "P1", "P2", "client"):
         assert (out / f"{name}.pem").exists()
-        assert stat.S_IMODE((out / f"{name}.key").stat().st_mode) == 0o600
+    for name in ("P0", "P1", "P2", "client"):  # each party's key in that party's own directory, and only there
+        assert stat.S_IMODE((out / name / f"{name}.key").stat().st_mode) == 0o600
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o700
+        assert sorted(p.name for p in (out / name).iterdir()) == [f"{name}.key"]
+        assert not (out / f"{name}.key").exists()
     cfg = load_config(out / "parties.toml")
     assert cfg[1].host == "10.77.0.12" and cfg[1].port == 7401
     assert len({cfg[i].fingerprint for i in range(4)}) == 4
@@ -85,8 +91,7 @@ def test_certs_command_writes_a_ca_party_certificates_and_config(tmp_path):
 def test_bad_configurations_get_one_clear_line(tmp_path, net_certs, edit, message):
     text = render_config({f"P{i}": ("127.0.0.1", 7400 + i) for i in range(3)}, cert_dir=net_certs)
     text = text.replace(str(net_certs) + "/", "")
-    for f in net_certs.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(net_certs, tmp_path, dirs_exist_ok=True)  # keys are in per-party directories
     path = tmp_path / "parties.toml"
     path.write_text(edit(text))
     with pytest.raises(InputError, match=message) as info:

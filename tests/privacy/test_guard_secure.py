@@ -47,8 +47,9 @@ def scenario(tmp_path_factory):
 
 
 def _plan(s, batch: int, name: str, **guard_config) -> Plan:
-    res = compile_model(s["target"], CompileOptions(batch=batch, guard=s["defender"], guard_config=guard_config))
-    write_plan(res, s["dir"] / name)
+    if not (s["dir"] / name / "plan.json").exists():
+        res = compile_model(s["target"], CompileOptions(batch=batch, guard=s["defender"], guard_config=guard_config))
+        write_plan(res, s["dir"] / name)
     return Plan.load(s["dir"] / name)
 
 
@@ -59,59 +60,100 @@ def _accepted(revealed: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 def test_guarded_plan_reveals_only_the_guarded_vector(scenario):
-    plan = _plan(scenario, 2, "plan-small", rounds=1, steps=2)
+    plan = _plan(scenario, 2, "plan-small", rounds=2, steps=3)
     assert [o["name"] for o in plan.outputs] == ["guarded_probs"]
     assert [s["op"] for s in plan.steps].count("guard") == 1
     assert not any(s["op"] == "softmax" for s in plan.steps)
     guard = next(s for s in plan.steps if s["op"] == "guard")
-    assert guard["impl"] == "memguard-freeze" and guard["cost"]["rounds"] > 0
+    assert guard["impl"] == "memguard-parallel" and guard["cost"]["rounds"] > 0
     assert {w["name"] for w in plan.doc["weights"]} >= {f"guard.{n}" for n in ("W1", "b1", "W2", "b2", "w3", "b3")}
+    ph = guard["cost"]["phases"]  # the split inspect shows adds up to the step's cost
+    assert ph["iterations"] == 3 + 1
+    assert ph["once"]["rounds"] + 3 * ph["per_iteration"]["rounds"] + ph["final"]["rounds"] == guard["cost"]["rounds"]
 
 
-@pytest.mark.parametrize("schedule", ["freeze", "paper"])
+def test_default_guard_costs_at_most_3000_rounds(scenario):
+    plan = _plan(scenario, 1, "plan-default")
+    guard = next(s for s in plan.steps if s["op"] == "guard")
+    assert guard["attrs"]["schedule"] == "parallel"
+    assert guard["cost"]["rounds"] <= 3000, guard["cost"]
+
+
+@pytest.mark.parametrize("schedule", ["parallel", pytest.param("freeze", marks=pytest.mark.slow),
+                                      pytest.param("paper", marks=pytest.mark.slow)])
 def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
-    """500 queries: labels kept for every query, accept decisions agree with the oracle on >= 95 %."""
+    """500 queries: labels kept for every query, noise decisions agree with the oracle of the same configuration."""
+    from siguard.core.config import GuardConfig
+
     x, logits = scenario["x"], scenario["logits"]
-    plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule, validator="sign")
+    plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule)
+    guard = next(s for s in plan.steps if s["op"] == "guard")
+    cfg = GuardConfig.for_schedule(**{k: v for k, v in guard["attrs"].items() if k in GuardConfig.__dataclass_fields__})
     out = run_reference(plan, x).output
-    ref = guard_reference(logits, scenario["weights"], schedule=schedule, validator="sign")
+    ref = guard_reference(logits, scenario["weights"], **cfg.oracle_options())
     assert len(x) >= 500
     assert ref.accepted.mean() >= 0.3, "the scenario must exercise acceptance"
     assert (out.argmax(1) == logits.argmax(1)).all(), "the guard changed a label"
     noised, ref_noised = _accepted(out, logits), _accepted(ref.guarded, logits)
     agree = (noised == ref_noised).mean()
-    assert agree >= 0.95, agree  # measured 0.984 on Fashion-MNIST (freeze and paper alike)
+    # measured on Fashion-MNIST: parallel 0.998, freeze and paper 0.984
+    assert agree >= (0.98 if schedule == "parallel" else 0.95), agree
     both = noised & ref_noised
     # where both accepted, the revealed vectors are close to the oracle's
-    assert np.median(np.abs(out[both] - ref.guarded[both]).sum(1)) < 0.05
+    assert np.median(np.abs(out[both] - ref.guarded[both]).sum(1)) < (1e-3 if schedule == "parallel" else 0.05)
     assert np.allclose(out.sum(1), 1.0, atol=5e-3)
 
 
-@pytest.mark.slow
-def test_secure_guard_agrees_with_fixed_point_reference(scenario):
-    """Three parties (threads) on 16 queries with the default schedule give the reference's decisions."""
-    x, logits = scenario["x"][::32][:16], scenario["logits"][::32][:16]
+#: Secure and reference runs differ by the secure truncation's +-1 ulp (floor or floor - 1, at random); a noise
+#: decision flips only when that moves a test across its threshold on the way to the query's first success.
+#: Measured by giving the reference engine the same random -1/0 error (benchmarks/guard_flip_rate.py): 0 and 1
+#: flips in 200 queries, twice each; FLIPS_PER_QUERY = 0.01 is a generous upper bound. With it the chance of
+#: more than MAX_FLIPS flips in QUERIES queries is below 2e-6 (binomial tail, checked below), so one unlucky
+#: draw does not fail the suite, while a protocol error (a wrong share, a misaligned candidate) flips tens.
+QUERIES = 100
+FLIPS_PER_QUERY = 0.01
+MAX_FLIPS = 8
+
+
+def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
+    """Three parties (lockstep) on 100 queries: labels kept, noise decisions as the reference's up to the
+    truncation's flips, the same vectors up to a few ulp, and the guard's rounds and bytes as the plan says."""
+    from math import comb
+
+    tail = sum(comb(QUERIES, j) * FLIPS_PER_QUERY**j * (1 - FLIPS_PER_QUERY) ** (QUERIES - j)
+               for j in range(MAX_FLIPS + 1, QUERIES + 1))
+    assert tail < 2e-6
+    x, logits = scenario["x"][:QUERIES], scenario["logits"][:QUERIES]
     plan = _plan(scenario, len(x), "plan-secure")
-    secure = run_threads(plan, x, timeout=900).output
-    ref = run_reference(plan, x).output
+    run = run_threads(plan, x, timeout=600, scheduler="lockstep")
+    secure, ref = run.output, run_reference(plan, x).output
     assert (secure.argmax(1) == logits.argmax(1)).all()
-    assert (_accepted(secure, logits) == _accepted(ref, logits)).mean() >= 14 / 16
-    assert np.abs(secure - ref).max() < 0.05
+    flips = int((_accepted(secure, logits) != _accepted(ref, logits)).sum())
+    assert flips <= MAX_FLIPS, flips
+    close = np.abs(secure - ref).max(1) < 1e-3
+    assert close.mean() >= 1 - MAX_FLIPS / QUERIES, close.mean()
+    guard = next(s for s in plan.steps if s["op"] == "guard")
+    measured = next(r for r in run.stats["steps"] if r["name"] == guard["name"])
+    assert measured["rounds"] == guard["cost"]["rounds"]
+    assert measured["bytes_per_party"] == guard["cost"]["bytes_per_party"]
 
 
-def test_messages_do_not_depend_on_acceptance(scenario):
+@pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
+def test_messages_do_not_depend_on_acceptance(scenario, scheduler):
     """A query that gets noise at once and a query that never does send identical message sizes and counts."""
-    cfg = {"rounds": 1, "steps": 4, "validator": "sign"}
+    from siguard.core.config import GuardConfig
+
+    cfg = {"rounds": 2, "steps": 4, "lr": 0.5}
     x, logits = scenario["x"], scenario["logits"]
-    ref = guard_reference(logits, scenario["weights"], **cfg)
+    ref = guard_reference(logits, scenario["weights"], **GuardConfig.for_schedule(**cfg).oracle_options())
     fixed = run_reference(_plan(scenario, len(x), "plan-all", **cfg), x).output
     l1 = np.abs(fixed - ref.plain).sum(1)
-    early = np.flatnonzero(ref.accepted & (ref.accept_step <= 2) & (l1 > 0.01))
+    early = np.flatnonzero(ref.accepted & (ref.accept_round == 1) & (ref.accept_step <= 2) & (l1 > 0.01))
     never = np.flatnonzero(~ref.accepted & (l1 < 1e-3))
     if len(early) == 0 or len(never) == 0:
         pytest.fail(f"scenario lacks an early ({len(early)}) or a never ({len(never)}) accepted query")
     plan = _plan(scenario, 1, "plan-one", **cfg)
-    runs = [run_threads(plan, x[i : i + 1], timeout=300) for i in (early[0], never[0])]
+    runs = [run_threads(plan, x[i : i + 1], timeout=300, scheduler=scheduler) for i in (early[0], never[0])]
     assert _accepted(runs[0].output, logits[early[0] : early[0] + 1])[0]
     assert not _accepted(runs[1].output, logits[never[0] : never[0] + 1])[0]
     views = [[(s["name"], s["rounds"], s["bytes_per_party"], s["received_per_party"]) for s in r.stats["steps"]]

@@ -185,3 +185,94 @@ def test_ties_take_the_lowest_index_and_bad_options_fail(defender):
         guard_reference(np.zeros((1, K)), defender, validator="both")
     with pytest.raises(ValueError, match=r"\(B, 10\)"):
         guard_reference(np.zeros((2, 3)), defender)
+
+
+# ---- the parallel schedule with sign steps (the default) -------------------------------------------------
+def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int, c1: float, c3: float, lr: float,
+                     growth: float, validator: str, margin: float) -> tuple[np.ndarray, bool]:
+    """The parallel schedule for one query with scalar loops: every round r from e = 0 with lr growth^r, sign
+    steps (the hinge's sign first; sign tests in ratio space, "negative" below -2^-14), the first success in
+    (round, step) order; "hybrid": the first decision flip in that order, else the first |a| <= margin."""
+    k = len(z)
+    u0 = z - z.max()
+    p = np.exp(u0) / np.exp(u0).sum()
+    lab = int(np.argmax(z))
+    a0 = float(h.score(p[None])[0])
+    tiers = ["sign", "margin"] if validator == "hybrid" else [validator]
+    first: dict[str, np.ndarray | None] = {v: None for v in tiers}
+    tie = 2.0**-14
+    r0 = np.exp(u0 - u0[lab])
+    for r in range(rounds):
+        e = np.zeros(k)
+        for t in range(1, steps + 2):
+            u = u0 + e
+            q = np.exp(u - u.max()) / np.exp(u - u.max()).sum()
+            pre1 = h.W1 @ q + h.b1
+            pre2 = h.W2 @ np.maximum(pre1, 0) + h.b2
+            a = float(h.w3[0] @ np.maximum(pre2, 0) + h.b3[0])
+            viol = [1.0 if (j != lab and u[j] > u[lab]) else 0.0 for j in range(k)]
+            for v in tiers:
+                valid = (a0 * a <= 0) if v == "sign" else (abs(a) <= margin)
+                if sum(viol) == 0 and valid and first[v] is None:
+                    first[v] = e.copy()
+            if t == steps + 1:
+                break
+            grad_h = h.W1.T @ ((pre1 >= 0) * (h.W2.T @ ((pre2 >= 0) * h.w3[0])))
+            ratio = np.exp(u - u[lab])  # ratios to the label
+            sig = [-1.0 if ratio[i] * r0.sum() - r0[i] * ratio.sum() < -tie else 1.0 for i in range(k)]  # sgn(q - p)
+            gq = [c1 * (1.0 if a >= 0 else -1.0) * grad_h[i] + c3 * sig[i] for i in range(k)]
+            d = np.zeros(k)
+            for i in range(k):
+                hinge = viol[i] if i != lab else -sum(viol)
+                s = sum(ratio[j] * (gq[i] - gq[j]) for j in range(k))
+                d[i] = np.sign(hinge) if hinge != 0 else (-1.0 if s < -tie else 1.0)
+            e = e - lr * growth**r * d
+    for v in tiers:
+        if first[v] is not None:
+            return first[v], True
+    return np.zeros(k), False
+
+
+@pytest.mark.parametrize("validator", ["sign", "margin", "hybrid"])
+def test_parallel_sign_steps_equal_literal_algorithm(defender, logits, validator):
+    opts = dict(rounds=3, steps=6, c1=1.0, c3=0.1, lr=0.15, validator=validator, margin=0.3)
+    res = guard_reference(logits[:60], defender, schedule="parallel", step="sign", lr_growth=1.4, **opts)
+    assert res.accepted.any() and not res.accepted.all()
+    for i in range(60):
+        e, acc = literal_parallel(logits[i], defender, growth=1.4, **opts)
+        assert acc == res.accepted[i]
+        np.testing.assert_allclose(res.noise[i], e, atol=1e-12)
+    assert res.label_preserved.all()
+
+
+@pytest.mark.parametrize("validator", ["sign", "margin"])
+def test_parallel_schedule_gives_the_sequential_freeze_output(defender, logits, validator):
+    """Every round before a query's first success has failed, so the rounds as independent candidates give
+    freeze's output exactly (c3 grows only after a success, which freeze never uses again)."""
+    opts = dict(rounds=4, steps=9, lr=0.3, lr_growth=1.2, validator=validator, margin=0.3, step="l2")
+    par = guard_reference(logits, defender, schedule="parallel", **opts)
+    seq = guard_reference(logits, defender, schedule="freeze", **opts)
+    assert seq.accepted.any() and (seq.accept_round > 1).any()
+    np.testing.assert_array_equal(par.accepted, seq.accepted)
+    np.testing.assert_array_equal(par.accept_round, seq.accept_round)
+    np.testing.assert_allclose(par.guarded, seq.guarded, atol=1e-15)
+
+
+def test_sign_steps_move_every_logit_by_the_learning_rate(defender, logits):
+    res = guard_reference(logits, defender, schedule="parallel", step="sign", rounds=1, steps=3, lr=0.25)
+    moved = res.accepted & (res.accept_step > 1)
+    assert moved.any()
+    gaps = np.abs(res.noise[moved])  # after s steps every |e_i| is a multiple of lr up to s lr
+    steps = (res.accept_step[moved] - 1)[:, None]
+    assert np.allclose(gaps / 0.25, np.round(gaps / 0.25)) and (gaps <= steps * 0.25 + 1e-12).all()
+    assert np.allclose(np.abs(res.noise[res.accepted & (res.accept_step == 2)]), 0.25)
+
+
+def test_hybrid_prefers_a_flipped_decision(defender, logits):
+    opts = dict(schedule="parallel", step="sign", rounds=3, steps=8, lr=0.1)
+    sign = guard_reference(logits, defender, validator="sign", **opts)
+    hybrid = guard_reference(logits, defender, validator="hybrid", margin=0.3, **opts)
+    np.testing.assert_array_equal(hybrid.noise[sign.accepted], sign.noise[sign.accepted])
+    assert (hybrid.accepted >= sign.accepted).all() and hybrid.accepted.sum() > sign.accepted.sum()
+    with pytest.raises(ValueError, match="hybrid validator needs the parallel schedule"):
+        guard_reference(logits, defender, validator="hybrid")

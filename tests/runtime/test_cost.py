@@ -106,8 +106,9 @@ def test_locals_cost_nothing():
 
 def test_client_input_and_reveal_to_client():
     got = check(lambda e, c: e.reveal(c, "client"), [], client_inputs=[(2, 5)], client_output=(2, 5))
-    assert got["rounds"] == 2
-    assert got["bytes_per_party"] == [80, 80, 80]
+    # input 1 round + the servers' consistency check 1 round (one 32-byte digest each) + reveal 1 round
+    assert got["rounds"] == 3
+    assert got["bytes_per_party"] == [80 + 32, 80 + 32, 80 + 32]
     assert got["client_bytes"] == 480
 
 

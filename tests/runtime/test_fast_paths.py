@@ -79,7 +79,7 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
     The opened result is exactly the ring convolution (activations with all three components random)."""
     x, w = rand_words(x_shape, 5, 2**40), rand_words(w_shape, 6, 2**20)
     calls = {0: 0, 1: 0, 2: 0}
-    real = rss.conv2d_by_matmul, rss.conv2d_ring
+    real = rss.ring_conv2d
 
     def party(e):
         ws = e.input("model", w if e.party == 0 else None, w.shape)
@@ -101,11 +101,11 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
 
         return wrapped
 
-    rss.conv2d_by_matmul, rss.conv2d_ring = counting(real[0]), counting(real[1])
+    rss.ring_conv2d = counting(real)
     try:
         results, _, _ = run_threads(party, None, timeout=30)
     finally:
-        rss.conv2d_by_matmul, rss.conv2d_ring = real
+        rss.ring_conv2d = real
     assert torch.equal(results[0][0], conv_bigint(x, w, 1, 1))
     assert [r[1] for r in results] == [1, 1, 1]  # one product per party on a server's input
 
@@ -135,3 +135,30 @@ def test_matmul_with_owner_weights_and_prepared_matrices_are_reused():
     want = [[_signed(sum(int(x[i, k]) * int(w[k, j]) for k in range(7))) for j in range(5)] for i in range(3)]
     assert torch.equal(mm, torch.tensor(want))
     assert torch.equal(y1, conv_bigint(xc, wc, 1, 1)) and torch.equal(y2, y1)
+
+
+def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
+    from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.runtime.local import run_reference
+    from siguard.runtime.local import run_threads as run_plan
+    from siguard.runtime.stats import op_breakdown
+
+    write_plan(compile_model(mlp_onnx, CompileOptions(batch=2)), tmp_path / "plan")
+    plan = Plan.load(tmp_path / "plan")
+    x = np.random.default_rng(0).uniform(0, 1, (2, 64)).astype(np.float32)
+    one = run_plan(plan, x, timeout=60)
+    many = run_plan(plan, x, timeout=60, queries=3)
+    ref = run_reference(plan, x).output
+    assert np.abs(many.output - ref).max() < 1e-2
+    assert len(many.stats["query_seconds_all"]) == 3 and many.stats["query_seconds"] > 0
+    assert many.stats["totals"] == one.stats["totals"]  # the last query's counts, not the sum
+    assert many.stats["setup"]["rounds"] == one.stats["setup"]["rounds"]
+    rows = op_breakdown(plan, many.stats)
+    assert sum(r["steps"] for r in rows) == len(plan.steps)  # local steps included
+    assert set(many.stats["step_seconds"]) == {s["name"] for s in plan.steps}
+    step_rounds = {r["name"]: r["rounds"] for r in many.stats["steps"]}
+    assert sum(r["rounds"] for r in rows) == sum(step_rounds.get(s["name"], 0) for s in plan.steps)
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+    with pytest.raises(ValueError):
+        run_plan(plan, x, queries=0)

@@ -96,3 +96,83 @@ def test_fused_relu_is_relu_of_the_truncation():
     cost = CostEngine()
     relu(cost, cost.input("model", None, (10,)), shift=16)
     assert cost.total["rounds"] == 1 + 10  # input + fused ReLU (unfused: trunc 2 + 10)
+
+
+# ---- Engine.fork: arbitrary independent branches (products, comparisons, nested forks) share rounds ----
+
+def _branches(e, x, y):
+    """Branches of different kinds and lengths: mul + trunc (3), msb then mul_bit (10), a nested fork of
+    b2a(msb) (10) and a matmul (1), and a branch without any round (local)."""
+    def prod():
+        return e.trunc(e.mul(x, y), 8)
+
+    def select():
+        return e.mul_bit(y, e.msb(x))
+
+    def nested():
+        column = e.local(lambda t: t.reshape(-1, 1), x)
+        row = e.local(lambda t: t.reshape(1, -1), y)
+        return e.fork(lambda: e.b2a(e.msb(y)), lambda: e.matmul(column, row))
+
+    def local():
+        return e.add(x, y)
+
+    return [prod, select, nested, local]
+
+
+def test_fork_values_equal_the_plain_engine():
+    x = rand_words((40,), 2**30, 51)
+    y = rand_words((40,), 2**20, 52)
+
+    def program(e, X, Y):
+        p, s, (b, mm), loc = e.fork(*_branches(e, X, Y))
+        return [p, s, b, mm, loc]
+
+    got = compare(program, x, y, exact=False)
+    (p_want, p_got), (s_want, s_got), (b_want, b_got), (mm_want, mm_got), (l_want, l_got) = got
+    assert torch.equal(p_want, (x * y) >> 8) and (p_got - p_want).abs().max() <= 1
+    assert torch.equal(s_got, s_want) and torch.equal(s_want, torch.where(x < 0, y, 0))
+    assert torch.equal(b_got, b_want) and torch.equal(b_want, (y < 0).to(torch.int64))
+    assert torch.equal(mm_got, mm_want) and torch.equal(mm_want, x.reshape(-1, 1) * y.reshape(1, -1))
+    assert torch.equal(l_got, x + y)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
+def test_fork_rounds_are_the_longest_branch_and_bytes_add(scheduler):
+    n = 30
+
+    def counted(fork):
+        def party(e):
+            x = e.input("model", torch.arange(n) - 10 if e.party == 0 else None, (n,))
+            y = e.input("model", (torch.arange(n) - 5) << 4 if e.party == 0 else None, (n,))
+            with e.transport.step("op"):
+                branches = _branches(e, x, y)
+                out = e.fork(*branches) if fork else [b() for b in branches]
+            return open_at_p0(e, out[1])
+
+        res, _, stats = run_threads(party, None, scheduler=scheduler, timeout=20)
+        op = [stats[p]["op"] for p in range(3)]
+        return res[0], {s.rounds for s in op}, [s.payload_bytes for s in op]
+
+    seq, seq_rounds, seq_bytes = counted(False)
+    par, par_rounds, par_bytes = counted(True)
+    assert seq_rounds == {3 + 10 + 10} and par_rounds == {10}  # the nested fork is merged either way
+    assert par_bytes == seq_bytes
+    assert torch.equal(par, seq) and torch.equal(par, torch.where(torch.arange(n) < 10, (torch.arange(n) - 5) << 4, 0))
+
+
+def test_cost_model_counts_fork_like_the_transport():
+    def program(e, x, y):
+        e.fork(*_branches(e, x, y))
+
+    got = check(program, [(7,), (7,)])
+    assert got["rounds"] == 10
+
+
+def test_a_failing_branch_fails_the_fork():
+    def party(e):
+        x = e.input("model", torch.arange(4) if e.party == 0 else None, (4,))
+        e.fork(lambda: e.msb(x), lambda: e.trunc(x, 99))
+
+    with pytest.raises(PartyFailure, match="outside 1..62"):
+        run_threads(party, None, timeout=5)

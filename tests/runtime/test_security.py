@@ -160,6 +160,8 @@ def view_rows(view, n):
     for step, _, msg in view:
         if step == "setup":  # the key exchange
             continue
+        if msg.numel() == 4 and n != 4:  # the input consistency check: a digest of what the receiver holds
+            continue
         assert msg.numel() % n == 0
         rows.extend(msg.reshape(-1, n))
     return torch.stack(rows)
