@@ -1,7 +1,7 @@
 """Which guard schedule to ship: acceptance, label preservation, distortion and attack advantage per configuration.
 
-    python -m siguard.privacy.experiments [--dataset fashion-mnist|digits] [--out
-    benchmarks/results/guard_schedules.json]
+    python -m siguard.privacy.experiments [--dataset fashion-mnist|digits] [--target demo|overfit]
+        [--configs schedules|defaults] [--out benchmarks/results/guard_schedules.json]
 
 Setup (disjoint splits of one dataset, ``n`` = 1000 each on Fashion-MNIST):
 - owner: target members (the target's training set), evaluation non-members, reference non-members
@@ -56,6 +56,19 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("freeze 6x49 margin 0.5", {"validator": "margin"}),
     ("freeze 6x49 margin 0.1", {"validator": "margin", "margin": 0.1}),
     ("freeze 1x300 margin 0.15", {"rounds": 1, "steps": 300, "validator": "margin", "margin": 0.15}),
+]
+
+#: the guard's schedules next to the default's neighbours (README, "The guard": the defaults' table);
+#: ``--configs defaults``
+P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 30, "lr": 0.04}
+DEFAULTS_CONFIGS: list[tuple[str, dict[str, Any]]] = [
+    ("paper 6x49 sign", {"schedule": "paper"}),
+    ("freeze 6x49 margin 0.1", {"validator": "margin", "margin": 0.1}),
+    ("par 10x30 .04 hybrid .05", {**P, "validator": "hybrid", "margin": 0.05}),
+    ("par 8x30 .05 hybrid .05", {**P, "rounds": 8, "lr": 0.05, "validator": "hybrid", "margin": 0.05}),
+    ("par 10x30 .04 hybrid .03", {**P, "validator": "hybrid", "margin": 0.03}),
+    ("par 10x30 .04 hybrid .1", {**P, "validator": "hybrid", "margin": 0.1}),
+    ("par 10x30 .04 sign", {**P}),
 ]
 
 #: a top-2 logit gap above this leaves the softmax gradient (~e^-gap) below sqrt(eps) = 1e-6 of the
@@ -334,9 +347,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1000, help="size of each split (default 1000)")
     p.add_argument("--epochs", type=int, default=150, help="target and shadow training epochs (default 150)")
     p.add_argument("--seeds", type=int, default=3, help="repetitions with seeds 0..N-1 (default 3)")
+    p.add_argument("--target", choices=tuple(TARGETS), default="demo",
+                   help="the target MLP: demo (128-64) or overfit (256-256); the shadow model has the same")
+    p.add_argument("--configs", choices=("schedules", "defaults"), default="schedules",
+                   help="schedules: the sequential schedules' table; defaults: the parallel default's neighbours")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON record (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
-    record = run_experiment(args.dataset, n=args.n, epochs=args.epochs, seeds=tuple(range(args.seeds)))
+    configs = DEFAULTS_CONFIGS if args.configs == "defaults" else CONFIGS
+    record = run_experiment(args.dataset, n=args.n, epochs=args.epochs, seeds=tuple(range(args.seeds)),
+                            configs=configs, target=args.target)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -28,7 +28,7 @@ Every round before a query's first success has failed, so running the rounds as 
 candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
 instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
 power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
-costs 45 rounds, the guard 64 + 45 T + 75 for R x T candidates (1,489 at the default 8 x 30).
+costs 45 rounds, the guard 64 + 45 T + 76 for R x T candidates (1,490 at the default 10 x 30).
 
 The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
