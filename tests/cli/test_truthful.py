@@ -88,14 +88,14 @@ def test_compile_help_states_the_codes_defaults(capsys):
 
 def test_compile_help_follows_a_changed_default(capsys, monkeypatch):
     """Derived, not restated: change the code's default and the help changes with it."""
-    import siguard.runtime.kernels.guard
+    import siguard.core.config
 
     @dataclasses.dataclass(frozen=True)
     class Changed(siguard.core.config.GuardConfig):
         margin: float = 0.375
         rounds: int = 11
 
-    monkeypatch.setattr(siguard.runtime.kernels.guard, "GuardConfig", Changed)
+    monkeypatch.setattr(siguard.core.config, "GuardConfig", Changed)
     shown = _help_defaults(_compile_help(capsys))
     assert shown["--guard-margin"] == "0.375" and shown["--guard-rounds"] == "11"
 
