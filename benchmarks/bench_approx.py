@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
-from runtime.local import run_reference  # noqa: E402
+from siguard.pipeline import CompileOptions, compile_model  # noqa: E402
+from siguard.runtime.local import run_reference  # noqa: E402
 
 CONFIGS = ("default", "crypten", "exact", "auto")
 

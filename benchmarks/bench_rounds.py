@@ -4,12 +4,12 @@
                                       [--out benchmarks/results/rounds.json]
 
 Each primitive runs ``--iters`` times back to back between the three server threads of
-:func:`runtime.rss.run_threads` (after a warm-up), on a secret of shape (batch, 10) -- the guard's
+:func:`siguard.runtime.mpc.inprocess.run_threads` (after a warm-up), on a secret of shape (batch, 10) -- the guard's
 logits shape; the table gives wall microseconds per protocol round at P0 (best of ``--repeat``
 runs: on a shared machine the minimum is the stable statistic; the JSON records the load average
 before and after, as other processes on the cores change the numbers by 2-3x). "ping" is the
 transport alone (every server passes a (batch, 10) tensor around the ring once per round). The guard row
-runs :func:`runtime.guard.secure_guard` with one outer round of ``--guard-steps`` inner steps on
+runs :func:`siguard.runtime.kernels.guard.secure_guard` with one outer round of ``--guard-steps`` inner steps on
 the defender shape of the design (k = 10 -> 128 -> 64 -> 1); "guard step" is the cost of one
 inner step, from the difference between ``--guard-steps`` and 2 steps.
 """
@@ -30,9 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.guard import GuardConfig, secure_guard  # noqa: E402
-from runtime.ring import encode  # noqa: E402
-from runtime.rss import run_threads  # noqa: E402
+from siguard.core.config import GuardConfig  # noqa: E402
+from siguard.runtime.kernels.guard import secure_guard  # noqa: E402
+from siguard.runtime.mpc.inprocess import run_threads  # noqa: E402
+from siguard.runtime.ring import encode  # noqa: E402
 
 K = 10
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_security.py [--repeat 5] [--out benchmarks/results/security.json]
 
-1. Fresh weight shares: :meth:`runtime.rss.RSSEngine.rerandomise` of the weights at a session start
+1. Fresh weight shares: :meth:`siguard.runtime.mpc.rss.RSSEngine.rerandomise` of the weights at a session start
    (one common-key AES word and one add per weight at each server; 0 rounds, 0 bytes), for the weight
    counts of the digits MLP, ResNet-18 and ResNet-34 (CIFAR form). Median seconds of ``--repeat``.
 2. The client input step: rounds and bytes per party from the cost model (share 1 round, consistency
@@ -27,11 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.cost import CostEngine  # noqa: E402
-from runtime.inputs import client_input  # noqa: E402
-from runtime.prg import PartyKeys, new_key  # noqa: E402
-from runtime.rss import RSSEngine, ServerInput, run_threads  # noqa: E402
-from runtime.transport import InProcessNetwork  # noqa: E402
+from siguard.runtime.kernels.cost import CostEngine  # noqa: E402
+from siguard.runtime.kernels.inputs import client_input  # noqa: E402
+from siguard.runtime.mpc.inprocess import run_threads  # noqa: E402
+from siguard.runtime.mpc.prg import PartyKeys, new_key  # noqa: E402
+from siguard.runtime.mpc.rss import RSSEngine, ServerInput  # noqa: E402
+from siguard.runtime.mpc.transport import InProcessNetwork  # noqa: E402
 
 WEIGHTS = {"digits MLP": 64 * 64 + 64 * 32 + 32 * 10, "ResNet-18": 11_173_962, "ResNet-34": 21_282_122}
 SHAPES = [(1, 64), (1, 3, 32, 32), (8, 3, 32, 32)]

@@ -25,8 +25,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.pipeline import CompileOptions, compile_model  # noqa: E402
-from runtime.local import run_threads  # noqa: E402
+from siguard.pipeline import CompileOptions, compile_model  # noqa: E402
+from siguard.runtime.local import run_threads  # noqa: E402
 
 
 def _model(name: str, workdir: Path) -> tuple[str, tuple[int, ...]]:

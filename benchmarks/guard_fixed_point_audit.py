@@ -22,14 +22,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan  # noqa: E402
-from compiler.plan import Plan  # noqa: E402
-from privacy.attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow  # noqa: E402
-from privacy.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
-from privacy.defender import DefenderWeights, export_defender, train_defender  # noqa: E402
-from privacy.memguard import guard_reference, softmax  # noqa: E402
-from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier  # noqa: E402
-from runtime.local import run_reference  # noqa: E402
+from siguard.compiler.plan import Plan  # noqa: E402
+from siguard.pipeline import CompileOptions, compile_model, write_plan  # noqa: E402
+from siguard.privacy.attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow  # noqa: E402
+from siguard.privacy.datasets import FASHION_MNIST_DIR, load_dataset  # noqa: E402
+from siguard.privacy.defender import DefenderWeights, export_defender, train_defender  # noqa: E402
+from siguard.privacy.memguard import guard_reference, softmax  # noqa: E402
+from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier  # noqa: E402
+from siguard.runtime.local import run_reference  # noqa: E402
 
 
 def main() -> None:

@@ -24,20 +24,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.errors import InputError  # noqa: E402
+from siguard.core.errors import InputError  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "guard_flip_rate.json"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from passes.guard import gradient_bound_bits
-    from privacy.datasets import load_dataset
-    from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-    from privacy.memguard import softmax
-    from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
-    from runtime.guard import GuardConfig, secure_guard
-    from runtime.plain import Clear, PlainEngine
-    from runtime.ring import decode, encode
+    from siguard.core.config import GuardConfig
+    from siguard.passes.guard import gradient_bound_bits
+    from siguard.privacy.datasets import load_dataset
+    from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+    from siguard.privacy.memguard import softmax
+    from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    from siguard.runtime.kernels.guard import secure_guard
+    from siguard.runtime.kernels.plain import Clear, PlainEngine
+    from siguard.runtime.ring import decode, encode
 
     ap = argparse.ArgumentParser(prog="python benchmarks/guard_flip_rate.py", description=__doc__.splitlines()[0])
     ap.add_argument("--queries", type=int, default=200)

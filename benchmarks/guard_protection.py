@@ -14,7 +14,7 @@ Rows (each for 2 x ``--n`` queries):
 
 * ``secure``: the compiled plan with the guard (the default configuration) between three parties
   (``--mode``, batches of ``--batch``): what the client receives;
-* ``oracle``: the float64 oracle of the same configuration (:func:`privacy.memguard.guard_reference`) --
+* ``oracle``: the float64 oracle of the same configuration (:func:`siguard.privacy.memguard.guard_reference`) --
   "plaintext MemGuard" of the same algorithm;
 * ``paper``, ``freeze-margin``: the oracle of the paper's sequential schedule (6 x 49, end-of-round test,
   sign validator) and of the previous default (freeze 6 x 49, margin 0.1), for comparison.
@@ -43,8 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compiler.errors import InputError  # noqa: E402
-from privacy.experiments import TARGETS, _splits  # noqa: E402
+from siguard.core.errors import InputError  # noqa: E402
+from siguard.privacy.experiments import TARGETS, _splits  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "guard_protection.json"
 NOISED_L1 = 2e-3
@@ -59,14 +59,14 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
              log: Any = print) -> dict[str, Any]:
     import torch
 
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from compiler.plan import Plan
-    from privacy.attacks import NeuralAttack, label_only_gap, standard_attacks, train_shadow
-    from privacy.defender import DefenderWeights, export_defender, single_threaded, train_defender
-    from privacy.memguard import guard_reference, softmax
-    from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
-    from runtime.guard import GuardConfig
-    from runtime.local import run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.core.config import GuardConfig
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.privacy.attacks import NeuralAttack, label_only_gap, standard_attacks, train_shadow
+    from siguard.privacy.defender import DefenderWeights, export_defender, single_threaded, train_defender
+    from siguard.privacy.memguard import guard_reference, softmax
+    from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    from siguard.runtime.local import run_threads
 
     t0 = time.perf_counter()
     hidden = TARGETS[target]
@@ -173,7 +173,7 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from privacy.datasets import load_dataset
+    from siguard.privacy.datasets import load_dataset
 
     ap = argparse.ArgumentParser(prog="python benchmarks/guard_protection.py", description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))

@@ -252,8 +252,8 @@ def measure_link(rtt_ms: float, rate_mbit: float) -> dict[str, float]:
 def build_plan(model: str, work: Path, guard: bool = False):
     import torch
 
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from compiler.plan import Plan
+    from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
     from tests.models import export, resnet_cifar, train_digits_mlp
 
     onnx = work / f"{model}.onnx"
@@ -265,7 +265,7 @@ def build_plan(model: str, work: Path, guard: bool = False):
         shape = (1, 64)
     defender = None
     if guard:
-        from privacy.defender import DefenderWeights, make_defender
+        from siguard.privacy.defender import DefenderWeights, make_defender
 
         torch.manual_seed(0)
         defender = DefenderWeights.from_module(make_defender(10))
@@ -275,7 +275,7 @@ def build_plan(model: str, work: Path, guard: bool = False):
 
 def run_setting(name: str, net: Network, plan_dir: Path, config: Path, x_path: Path, work: Path, queries: int,
                 timeout: float) -> dict:
-    from runtime.processes import Trio, child_env, siguard_command
+    from siguard.runtime.net.processes import Trio, child_env, siguard_command
 
     s = SETTINGS[name]
     net.shape(s["rtt_ms"], s["rate_mbit"])
@@ -352,8 +352,8 @@ def main() -> int:
 
     import numpy as np
 
-    from runtime.certs import make_certs
-    from runtime.config import render_config
+    from siguard.runtime.net.certs import make_certs
+    from siguard.runtime.net.config import render_config
 
     def on_term(signum, frame):
         raise KeyboardInterrupt  # unwinds through the cleanup of Network and the trio

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 # the child: one-shot phases, timed in a fresh interpreter (argv: plan, x.npy, spawn time)
 _PATCH = r"""
 import threading, time
-import runtime.executor as _ex
+import siguard.runtime.executor as _ex
 _cpu = {"share": 0.0, "runs": {}}  # thread CPU seconds of every party's weight sharing, and of its n-th query
 _lock = threading.Lock()
 _share, _run = _ex.Executor.share_weights, _ex.Executor.run
@@ -79,12 +79,12 @@ def mark(name, t, c):
     cpu[name] = time.process_time() - c
 t, c = time.perf_counter(), time.process_time()
 import siguard.cli  # what `siguard run` imports before it parses (then: the plan, the input, the runtime)
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
 try:
-    from compiler.arrays import load_npy
+    from siguard.compiler.arrays import load_npy
 except ImportError:  # a tree from before the one-shot work (to measure "before" with this script)
-    from compiler.pipeline import load_npy
-from runtime.local import run_threads
+    from siguard.pipeline import load_npy
+from siguard.runtime.local import run_threads
 mark("imports", t, c)
 """ + _PATCH + r"""
 t, c = time.perf_counter(), time.process_time()
@@ -106,12 +106,12 @@ json.dump({"phases": phases, "cpu": cpu, "cpu_all": time.process_time() - c0}, s
 
 _WARM = r"""
 import json, sys, statistics
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
 try:
-    from compiler.arrays import load_npy
+    from siguard.compiler.arrays import load_npy
 except ImportError:
-    from compiler.pipeline import load_npy
-from runtime.local import run_threads
+    from siguard.pipeline import load_npy
+from siguard.runtime.local import run_threads
 """ + _PATCH + r"""
 plan = Plan.load(sys.argv[1])
 r = run_threads(plan, load_npy(sys.argv[2]), queries=1 + int(sys.argv[3]))
@@ -151,7 +151,7 @@ def prepare(work: Path, model: str, batch: int) -> tuple[Path, Path]:
     if not (plan_dir / "plan.json").exists():
         import torch
 
-        from compiler.pipeline import CompileOptions, compile_model, write_plan
+        from siguard.pipeline import CompileOptions, compile_model, write_plan
         from tests.models import export, resnet_cifar
 
         onnx_path = export(resnet_cifar(int(model.removeprefix("resnet"))), work / f"{model}.onnx",
@@ -163,7 +163,7 @@ def prepare(work: Path, model: str, batch: int) -> tuple[Path, Path]:
 
 
 def first_networked_queries(plan_dir: Path, x_path: Path, work: Path) -> dict[str, float]:
-    from runtime.processes import Trio, siguard_command, write_loopback_config
+    from siguard.runtime.net.processes import Trio, siguard_command, write_loopback_config
 
     net = Path(tempfile.mkdtemp(prefix="net-", dir=work))  # fresh certificates and ports every run
     config = write_loopback_config(net)

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from compiler.plan import Plan
-    from runtime.linalg import cpu_profile
-    from runtime.local import run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.linalg import cpu_profile
+    from siguard.runtime.local import run_threads
 
     torch.set_num_threads(1)
     plan = Plan.load(args.plan)

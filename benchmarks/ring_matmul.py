@@ -7,9 +7,9 @@ Matmuls M x K x N at the im2col shapes of the issue (64x576x1024, 256x2304x64, 5
 per-image (Cout, K) @ (K, Ho·Wo) products of ResNet layers): float32, float64 and int64 torch.matmul,
 and the limb kernel (float64 BLAS on 22/21/21-bit digits) with the weight (Cout x K) prepared once as the
 engine prepares it, in the engine's orientation (Ho·Wo, K) @ (K, Cout); then what
-:func:`runtime.linalg.ring_matmul` picks on this machine ("auto"). Convolutions: ResNet's 3x3
+:func:`siguard.runtime.linalg.ring_matmul` picks on this machine ("auto"). Convolutions: ResNet's 3x3
 convolutions of 64-512 channels at their CIFAR plane sizes (batch 1, padding 1), float32/float64
-conv2d, torch's int64 conv2d, :func:`runtime.linalg.ring_conv2d` with the kernel prepared once
+conv2d, torch's int64 conv2d, :func:`siguard.runtime.linalg.ring_conv2d` with the kernel prepared once
 (auto, and each kernel forced), and the secure engine's merge question: the two products a party
 computes for a secret x secret product (X_i (Y_i + Y_{i+1}) + X_{i+1} Y_i) as two matmuls or as one
 with the inner dimension doubled. Times are the minimum and the median of ``--repeat`` runs after a

@@ -9,7 +9,7 @@ Three servers (threads, or greenlets in one thread with ``lockstep``) run ``--ro
 rounds (a 1-word message around the ring, no protocol arithmetic). Reports microseconds per
 round (median of ``--repeat`` runs), wall and CPU (user + system time of the whole process, which
 a busy machine disturbs less than wall time), so changes to the transport, the thread synchronisation and
-the per-call overhead of :mod:`runtime.rss` can be judged before and after.
+the per-call overhead of :mod:`siguard.runtime.mpc.rss` can be judged before and after.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.rss import run_threads  # noqa: E402
+from siguard.runtime.mpc.inprocess import run_threads  # noqa: E402
 
 
 def _measure(kind: str, rounds: int, scheduler: str = "threads") -> tuple[float, float]:

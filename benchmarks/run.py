@@ -89,7 +89,7 @@ def random_defender(k: int):
     """A defender h (k -> 128 -> 64 -> 1) with fixed random weights: the guard's cost does not depend on them."""
     import torch
 
-    from privacy.defender import DefenderWeights
+    from siguard.privacy.defender import DefenderWeights
 
     g = torch.Generator().manual_seed(0)
 
@@ -100,7 +100,7 @@ def random_defender(k: int):
 
 
 def compile_plan(onnx_path: Path, batch: int, guard: bool, guard_cfg: dict, work: Path) -> Path:
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     out = work / f"{onnx_path.stem}-b{batch}-{'guard' if guard else 'plain'}"
     if not (out / "plan.json").exists():
@@ -145,8 +145,9 @@ def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler:
     """Child-process body of the threads and lockstep modes (see the module docstring); writes JSON to ``out``."""
     import torch
 
-    from compiler.plan import Plan
-    from runtime.local import op_breakdown, run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import run_threads
+    from siguard.runtime.stats import op_breakdown
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     plan = Plan.load(plan_dir)
@@ -184,9 +185,9 @@ def _vm_hwm_mb(pid: int) -> float | None:
 
 def measure_processes(plan_dir: Path, x: np.ndarray, repeat: int, work: Path) -> dict[str, Any]:
     """Three server processes, ``1 + repeat`` client queries over TLS on loopback."""
-    from compiler.plan import Plan
-    from runtime.certs import make_certs
-    from runtime.processes import Trio, child_env, siguard_command, write_loopback_config
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.net.certs import make_certs
+    from siguard.runtime.net.processes import Trio, child_env, siguard_command, write_loopback_config
 
     plan = Plan.load(plan_dir)
     pdir = work / "processes"
@@ -268,10 +269,11 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
 
 def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") -> dict[str, Any]:
     """The guard alone on ``batch`` queries' logits (10 classes) between three parties (``scheduler``)."""
-    from passes.guard import gradient_bound_bits
-    from runtime.guard import GuardConfig, secure_guard
-    from runtime.ring import encode
-    from runtime.rss import run_threads as run_parties
+    from siguard.core.config import GuardConfig
+    from siguard.passes.guard import gradient_bound_bits
+    from siguard.runtime.kernels.guard import secure_guard
+    from siguard.runtime.mpc.inprocess import run_threads as run_parties
+    from siguard.runtime.ring import encode
 
     d = random_defender(10)
     ws = [d.W1.T, d.b1, d.W2.T, d.b2, d.w3.T, d.b3]
@@ -387,7 +389,7 @@ def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
     except Exception:
         sg = "source"
     from benchmarks.ring_matmul import cpu_model
-    from runtime.linalg import cpu_profile
+    from siguard.runtime.linalg import cpu_profile
 
     ring = cpu_profile()
     return {"machine": f"{platform.system()} {platform.machine()}, {cpu_model()}, torch CPU capability "
@@ -400,7 +402,8 @@ def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
 
 
 # ---- main -----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's options (README.md and benchmarks/README.md quote command lines of it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18", "resnet34"], choices=list(SHAPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -425,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme-path", default=str(ROOT / "README.md"))
     ap.add_argument("--worker-threads", nargs=5, metavar=("PLAN", "X", "REPEAT", "OUT", "SCHEDULER"),
                     help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.worker_threads:
         plan, x, repeat, out, scheduler = args.worker_threads

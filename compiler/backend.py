@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from siguard.core.errors import ModelError
+
 from .ir import Graph
 from .plan import PLAN_FORMAT, PLAN_VERSION, PROTOCOL, PROTOCOL_VERSION, Plan
 
@@ -44,9 +45,9 @@ def build_plan(
 
     Steps are: one ``input`` step per client input (the client secret-shares it), the graph's
     nodes in order, and one ``reveal`` step per output (opened to the client only). Costs come
-    from the cost pass (``node.cost``) and :func:`passes.cost.io_costs` for input/reveal/setup.
+    from the cost pass: ``node.cost`` per node, ``graph.meta["io_costs"]`` for input/reveal/setup (zero
+    where the pass has not run, as for the approximation pass's evaluation plans).
     """
-    from passes.cost import io_costs
 
     values: dict[str, Any] = {}
     constants: dict[str, Any] = {}
@@ -72,11 +73,12 @@ def build_plan(
         if graph.values[name].is_const:
             raise ModelError(f"output {name!r} is a constant: nothing to compute securely")
 
-    costs = io_costs(graph, frac_bits)
+    costs = graph.meta.get("io_costs", {})
     steps: list[dict[str, Any]] = []
     for name in graph.inputs:
         steps.append({"name": f"input:{name}", "op": "input", "impl": "client-share", "inputs": [], "outputs": [name],
-                      "attrs": {"owner": "client"}, "source": None, "cost": costs["input"][name]})
+                      "attrs": {"owner": "client"}, "source": None,
+                      "cost": costs.get("input", {}).get(name) or _zero_cost()})
     for node in graph.nodes:
         step = {
             "name": node.name,
@@ -93,7 +95,8 @@ def build_plan(
         steps.append(step)
     for name in graph.outputs:
         steps.append({"name": f"reveal:{name}", "op": "reveal", "impl": "to-client", "inputs": [name], "outputs": [],
-                      "attrs": {"to": "client"}, "source": None, "cost": costs["reveal"][name]})
+                      "attrs": {"to": "client"}, "source": None,
+                      "cost": costs.get("reveal", {}).get(name) or _zero_cost()})
 
     per_party = [sum(s["cost"]["bytes_per_party"][p] for s in steps) for p in range(3)]
     totals = {"rounds": sum(s["cost"]["rounds"] for s in steps), "bytes": sum(s["cost"]["bytes"] for s in steps),
@@ -114,7 +117,7 @@ def build_plan(
         "constants": constants,
         "steps": steps,
         "totals": totals,
-        "setup": costs["setup"],
+        "setup": costs.get("setup") or _zero_cost(),
         "passes": passes or [],
         "warnings": warnings or [],
         "plan_hash": "0" * 64,

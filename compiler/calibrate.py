@@ -5,7 +5,7 @@ runs onnxruntime on the calibration inputs (in chunks of the model's fixed batch
 and maps the results onto the IR's value names (``graph.meta["onnx_names"]`` for renamed ones).
 IR values onnxruntime cannot see (values the canonicalize pass created, such as a Conv with a
 folded BatchNorm that kept no ONNX name) are taken from the float interpreter
-(:mod:`compiler.interp`) in chunks of the graph's batch.
+(:mod:`siguard.compiler.interp`) in chunks of the graph's batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import InputError
+from siguard.core.errors import InputError
+
+from .interp import run_float
 from .ir import Graph
 
 __all__ = ["Calibration", "calibrate", "check_calibration_data", "DEFAULT_RANGE"]
@@ -112,7 +114,6 @@ def _ort_values(model: onnx.ModelProto, x: np.ndarray, wanted: set[str]) -> tupl
 
 def _interp_values(graph: Graph, x: np.ndarray, names: set[str]) -> dict[str, np.ndarray]:
     """Float-interpreter values of ``names`` over all rows of ``x``, in chunks of the graph's batch."""
-    from .interp import run_float
 
     batch = graph.values[graph.inputs[0]].shape[0]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}

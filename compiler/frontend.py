@@ -1,6 +1,6 @@
 """ONNX frontend: read, check, convert, shape-infer, prune, fold and lower an ONNX model to the IR.
 
-Pipeline of :func:`load_model` (each step fails with one clear :class:`~compiler.errors.ModelError` line):
+Pipeline of :func:`load_model` (each step fails with one clear :class:`~siguard.core.errors.ModelError` line):
 
 1. read the file (external-data files beside it are loaded too, as torch's dynamo exporter writes
    them) or take a ``ModelProto``; run ``onnx.checker.check_model``; inline local functions;
@@ -23,7 +23,7 @@ Pipeline of :func:`load_model` (each step fails with one clear :class:`~compiler
 6. fold at compile time every node whose inputs are all constant (plus ``Shape``/``Size`` of a value
    with a static shape) with ``onnx.reference.ReferenceEvaluator`` -- this removes the
    Shape/Gather/Concat/Unsqueeze/ConstantOfShape/Cast/Range chains that feed Reshape and Expand;
-7. lower each remaining ONNX node to IR ops per :mod:`compiler.ops`, with every attribute resolved
+7. lower each remaining ONNX node to IR ops per :mod:`siguard.compiler.ops`, with every attribute resolved
    (explicit pads, non-negative axes, static shapes).
 
 Visibility rule:
@@ -55,9 +55,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compiler.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
-from compiler.ir import Graph, Node, Value
-from compiler.ops import default_impl
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.compiler.ops import default_impl
+from siguard.core.errors import InputError, ModelError, SiguardError, UnsupportedOpsError
+from siguard.core.shapes import normalize_axis
 
 __all__ = ["load_model", "select_output", "with_output", "SUPPORTED_ONNX_OPS", "CONSTANT_ONLY_ONNX_OPS", "TARGET_OPSET"]
 
@@ -112,7 +113,7 @@ def load_model(
     output: str | None = None,
     inputs: list[str] | tuple[str, ...] | None = None,
 ) -> Graph:
-    """Compile an ONNX model (path or ``ModelProto``) to an IR :class:`~compiler.ir.Graph`.
+    """Compile an ONNX model (path or ``ModelProto``) to an IR :class:`~siguard.compiler.ir.Graph`.
 
     ``batch`` replaces the symbolic first dimension of every graph input (a fixed first dimension
     is kept; asking for another batch than a fixed one is an error unless ``batch`` is 1).
@@ -657,12 +658,10 @@ class _Info:
 
 
 def _norm_axis(axis: int, rank: int) -> int:
-    a = int(axis)
-    if a < 0:
-        a += rank
-    if not 0 <= a < max(rank, 1):
-        raise _Unsupported(f"axis {axis} out of range for rank {rank}")
-    return a
+    try:
+        return normalize_axis(axis, rank)
+    except ValueError as exc:
+        raise _Unsupported(str(exc)) from None
 
 
 def _ints(values: Any) -> list[int]:

@@ -1,4 +1,4 @@
-"""The float interpreter: executes an IR graph in float64, per the semantics of :mod:`compiler.ops`.
+"""The float interpreter: executes an IR graph in float64, per the semantics of :mod:`siguard.compiler.ops`.
 
 It is the oracle of every pass (a pass must not change what :func:`run_float` computes, up to
 float rounding) and the calibration engine (``keep_all=True`` returns every intermediate value).
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from compiler.errors import InputError
-from compiler.ir import Graph, Node
+from siguard.compiler.ir import Graph, Node
+from siguard.core.errors import InputError
 
-__all__ = ["run_float", "OP_HANDLERS"]
+__all__ = ["run_float", "OP_HANDLERS", "register_float"]
 
 Tensor = torch.Tensor
 
@@ -139,18 +139,6 @@ def _clip(node: Node, x: Tensor) -> Tensor:
     return torch.clamp(x, min=None if lo is None else float(lo), max=None if hi is None else float(hi))
 
 
-def _guard(node: Node, z: Tensor, W1: Tensor, b1: Tensor, W2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
-    """The guard's float semantics: privacy.memguard.guard_reference (phase I, no random release)."""
-    from privacy.defender import DefenderWeights
-    from privacy.memguard import guard_reference
-
-    keys = ("rounds", "steps", "c1", "c2", "c3", "lr", "schedule", "validator", "margin", "c3_max")
-    opts = {k: node.attrs[k] for k in keys if k in node.attrs}
-    weights = DefenderWeights(W1=W1.numpy().T, b1=b1.numpy(), W2=W2.numpy().T, b2=b2.numpy(), w3=w3.numpy().T,
-                              b3=b3.numpy())
-    return torch.from_numpy(guard_reference(z.numpy(), weights, **opts).guarded)
-
-
 def _reduce(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def handler(node: Node, x: Tensor) -> Tensor:
         axes = [int(a) for a in node.attrs["axes"]]
@@ -180,7 +168,6 @@ OP_HANDLERS: dict[str, Callable[..., Tensor]] = {
     "slice": _slice,
     "gather": _gather,
     "identity": lambda n, x: x,
-    "guard": _guard,
     "relu": lambda n, x: torch.clamp(x, min=0.0),
     "leaky_relu": lambda n, x: torch.where(x >= 0, x, float(n.attrs["alpha"]) * x),
     "prelu": lambda n, x, slope: torch.where(x >= 0, x, slope * x),
@@ -203,6 +190,18 @@ OP_HANDLERS: dict[str, Callable[..., Tensor]] = {
     "layer_norm": _layer_norm,
     "truncate": lambda n, x: x,  # fixed-point rescaling only; identity on real numbers
 }
+
+
+def register_float(op: str, handler: Callable[..., Tensor]) -> None:
+    """Give ``op`` its float meaning: ``handler(node, *input tensors) -> output tensor``.
+
+    For ops whose meaning lives above the compiler: the guard's is MemGuard's plaintext reference, which
+    :mod:`siguard.privacy.guard_float` registers. Registering an op twice with different handlers is an error.
+    """
+    known = OP_HANDLERS.get(op)
+    if known is not None and known is not handler:
+        raise ValueError(f"op {op!r} already has float semantics ({known.__module__}.{known.__qualname__})")
+    OP_HANDLERS[op] = handler
 
 
 class _Interpreter:

@@ -1,7 +1,7 @@
 """SIGuard's intermediate representation: a Graph of Nodes over named Values, in topological order.
 
 The IR is deliberately small. Semantics of every op (what it computes on real numbers) are
-given in :mod:`compiler.ops`; the float interpreter in :mod:`compiler.interp` executes them and
+given in :mod:`siguard.compiler.ops`; the float interpreter in :mod:`siguard.compiler.interp` executes them and
 is the oracle for passes. Visibility says who may see a value:
 
 * ``secret`` values exist only as secret shares at run time (the client's input, the model

@@ -2,7 +2,7 @@
 
 All tensors are NCHW; broadcasting follows numpy. Every attribute is fully resolved at lowering
 time (no dynamic shapes, no negative axes, no "auto_pad"). The float semantics below are executed
-by :mod:`compiler.interp`, the oracle of every pass.
+by :mod:`siguard.compiler.interp`, the oracle of every pass.
 
 ==================  ============================================================================
 op                  semantics (inputs; attrs)
@@ -46,7 +46,7 @@ batchnorm           (x - mean) / sqrt(var + eps) * scale + bias, per channel (ax
                     (x, scale, bias, mean, var; epsilon); folded or lowered by canonicalize
 guard               SIGuard: MemGuard noise on the logits with fixed counts, returns the guarded
                     probabilities (z, W1, b1, W2, b2, w3, b3; rounds, steps, c1, c2, c3, lr,
-                    schedule, validator, margin); see runtime/guard.py
+                    schedule, validator, margin); see runtime/kernels/guard.py
 truncate            fixed-point only: divide by 2^bits (x; bits). Inserted by the fixed-point
                     pass; identity on real numbers.
 ==================  ============================================================================

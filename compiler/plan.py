@@ -12,7 +12,7 @@ A plan directory holds
   (:data:`OWNER_FACTS`): calibrated value ranges, the approximation pass's fitted ranges and
   measured errors, the model file's name and SHA-256, compile timings and warnings. Tagged with the
   plan hash like the weights; only the owner has it. ``siguard inspect`` merges it in when present.
-* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`compiler.report`),
+* ``report.txt`` / ``report.html`` / ``plan.dot`` -- human renderings (see :mod:`siguard.compiler.report`),
   with the owner's facts: they are the owner's documents too.
 
 Loading validates the document against ``schema/plan.schema.json`` and recomputes the hash;
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PlanError
+from siguard.core.errors import PlanError
 
 __all__ = [
     "Plan", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "OWNER_FACTS", "OWNER_FILE", "compute_hash",

@@ -19,7 +19,7 @@ FORMATS = ("text", "json", "html", "dot")
 @lru_cache(maxsize=1)
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("compiler", "templates"),
+        loader=jinja2.PackageLoader("siguard.compiler", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -92,7 +92,7 @@ def _fmt_range(r: Any) -> str:
 
 
 def _approx_row(a: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Display fields of a step's approximation record (see passes.approx.Approximate)."""
+    """Display fields of a step's approximation record (see siguard.passes.approx.Approximate)."""
     if not a:
         return None
     err = a.get("error") or {}

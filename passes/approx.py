@@ -3,381 +3,31 @@
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
-from compiler.calibrate import DEFAULT_RANGE, Calibration
-from compiler.errors import InputError
-from compiler.ir import Graph, Node
-from compiler.ops import NONLINEAR_OPS
+from siguard.compiler.calibrate import DEFAULT_RANGE, Calibration
+from siguard.compiler.interp import OP_HANDLERS
+from siguard.compiler.ir import Graph, Node
+from siguard.compiler.ops import NONLINEAR_OPS, default_impl
+from siguard.core.config import MODES, OBJECTIVES, AccuracyBudget, GuardConfig
+from siguard.core.errors import InputError
+from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.nonlinear import get_implementation
+from siguard.runtime.kernels.plain import Clear
+from siguard.runtime.ring import decode, encode
 
 from .base import Pass, PassContext
+from .candidates import GUARD_KNOBS, Candidate, candidate, candidates_for, guard_label, parse_guard_label
 from .cost import node_cost
+from .search import GUARD_CAL_QUERIES, GUARD_L1_GROWTH, Decision, GuardEvaluator, PlanEvaluator
 
-__all__ = [
-    "AccuracyBudget",
-    "Candidate",
-    "Approximate",
-    "Calibrate",
-    "MODES",
-    "OBJECTIVES",
-    "candidates_for",
-    "parse_budget",
-    "parse_overrides",
-    "measure",
-    "guard_label",
-    "parse_guard_label",
-    "GUARD_KNOBS",
-]
+__all__ = ["Approximate"]
 
 log = logging.getLogger("siguard.passes")
-
-MODES = ("auto", "exact", "crypten", "default")
-OBJECTIVES = ("rounds", "bytes")
-LN2 = math.log(2.0)
-
-#: Calibrated ranges are widened by this factor (about their midpoint) before fitting, so held-out
-#: inputs slightly beyond the calibration data still fall inside the fitted range.
-RANGE_MARGIN = 1.25
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """End-to-end budget on the calibration data, against onnxruntime's output: top-1 agreement
-    at least ``top1`` and max absolute change of the revealed output at most ``prob``."""
-
-    top1: float = 0.995
-    prob: float = 1e-2
-
-    def holds(self, top1: float, max_abs: float) -> bool:
-        return top1 >= self.top1 and max_abs <= self.prob
-
-    def __str__(self) -> str:
-        return f"top1={self.top1:g},prob={self.prob:g}"
-
-
-def parse_budget(text: str | None) -> AccuracyBudget:
-    """``top1=0.995,prob=0.01`` (either key may be left out; ``abs`` is an alias of ``prob``) or a
-    bare number (the top-1 agreement). Bad syntax -> InputError."""
-    if text is None or str(text).strip() == "":
-        return AccuracyBudget()
-    vals: dict[str, float] = {}
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep:
-            key, val = ("top1", key) if len(items) == 1 else ("", key)
-        key = {"abs": "prob"}.get(key.strip(), key.strip())
-        if key not in ("top1", "prob"):
-            raise InputError(f"--accuracy-budget: unknown key {key!r} in {text!r} (use top1=F,prob=F)")
-        try:
-            vals[key] = float(val)
-        except ValueError:
-            raise InputError(f"--accuracy-budget: {key}={val!r} is not a number") from None
-    b = AccuracyBudget(**vals)
-    if not 0.0 <= b.top1 <= 1.0:
-        raise InputError(f"--accuracy-budget: top1 must lie in [0, 1] (got {b.top1})")
-    if not b.prob > 0.0:
-        raise InputError(f"--accuracy-budget: prob must be > 0 (got {b.prob})")
-    return b
-
-
-def parse_overrides(items: Sequence[str] | None) -> tuple[str, dict[str, str]]:
-    """``--approx`` values: a mode (auto, exact, crypten, default; at most one) and NODE=IMPL pairs."""
-    mode = "auto"
-    overrides: dict[str, str] = {}
-    for item in items or ():
-        node, sep, impl = str(item).partition("=")
-        if not sep:
-            if item not in MODES:
-                raise InputError(f"--approx: {item!r} is neither a mode ({', '.join(MODES)}) nor NODE=IMPL")
-            mode = item
-            continue
-        if not node.strip() or not impl.strip():
-            raise InputError(f"--approx: {item!r} must read NODE=IMPL")
-        overrides[node.strip()] = impl.strip()
-    return mode, overrides
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One implementation of a node: the runtime ``impl`` with tuning ``params`` (plan
-    ``impl_params``). ``label`` is what ``--approx NODE=LABEL`` accepts and ``inspect`` shows."""
-
-    label: str
-    impl: str
-    params: tuple[tuple[str, Any], ...] = ()
-    degree: int | None = None
-    iterations: int | None = None
-    fit_range: tuple[float, float] | None = None
-    search: bool = True  # False: only by override (a different function, e.g. Piranha's softmax)
-
-    @property
-    def param_dict(self) -> dict[str, Any]:
-        return dict(self.params)
-
-
-def _cand(label: str, impl: str, params: dict[str, Any] | None = None, *, search: bool = True,
-          degree: int | None = None, iterations: int | None = None,
-          fit_range: tuple[float, float] | None = None) -> Candidate:
-    items = tuple(sorted((k, v) for k, v in (params or {}).items() if v is not None))
-    return Candidate(label, impl, items, degree, iterations, fit_range, search)
-
-
-def _pow2_toward(v: float, up: bool) -> float:
-    """The nearest signed power of two beyond v in the direction ``up`` (toward +inf) or down; 0 stays 0."""
-    if v == 0:
-        return 0.0
-    k = math.log2(abs(v))
-    k = math.ceil(k) if (v > 0) == up else math.floor(k)
-    return math.copysign(2.0**k, v)
-
-
-def coarsen_range(lo: float, hi: float) -> tuple[float, float]:
-    """[lo, hi] widened outward to signed powers of two (or 0): fitted ranges go into the public plan's
-    ``impl_params``, and this way they reveal only the binary order of magnitude of the owner's
-    calibrated range, not its values (README, *Threat model*)."""
-    return _pow2_toward(lo, up=False), _pow2_toward(hi, up=True)
-
-
-def _widen(lo: float, hi: float) -> tuple[float, float]:
-    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0 * RANGE_MARGIN
-    half = max(half, 0.5)
-    return round(mid - half, 4), round(mid + half, 4)
-
-
-def _softmax_stats(sample: np.ndarray | None, axis: int, k: int) -> tuple[float, float]:
-    """(spread, sum): the largest max - min of a row and the largest sum of e^(z - max)."""
-    if sample is None or sample.size == 0:
-        return float(DEFAULT_RANGE[1] - DEFAULT_RANGE[0]), float(k)
-    z = np.asarray(sample, dtype=np.float64)
-    mx = z.max(axis=axis, keepdims=True)
-    spread = float((mx - z.min(axis=axis, keepdims=True)).max())
-    total = float(np.exp(z - mx).sum(axis=axis).max())
-    return spread, total
-
-
-def _softmax_candidates(node: Node, graph: Graph, sample: np.ndarray | None, f: int) -> list[Candidate]:
-    shape = graph.values[node.inputs[0]].shape
-    axis = int(node.attrs.get("axis", -1)) % len(shape)
-    k = int(shape[axis])
-    spread, _ = _softmax_stats(sample, axis, k)
-    spread_m = coarsen_range(0.0, spread * RANGE_MARGIN + 1.0)[1]  # public via exp_lo and saturate
-    # the sum of e^(z - max) lies in [1, K] whatever the data: the Newton guess is fitted on that
-    # guaranteed range (a guess fitted on the calibrated sums diverges on a held-out sum beyond them)
-    s_hi = float(k)
-    exp_lo = -round(min(spread_m, f * LN2), 4)
-    out = [
-        _cand("exp2", "exp2"),
-        _cand("crypten", "crypten", iterations=10),
-        _cand("max_exp_recip", "max_exp_recip"),
-        _cand("piranha", "piranha", search=False),
-        _cand("secureml", "secureml", search=False),
-    ]
-    exps: list[tuple[str, dict[str, Any], int | None]] = []
-    for n in range(4, 11):
-        exps.append((f"limit{n}", {"exp_impl": f"limit{n}", "saturate": True if 2.0**n < spread_m else None}, n))
-    for d in (4, 6, 8, 12):
-        exps.append((f"fit{d}", {"exp_impl": f"fit{d}", "exp_lo": exp_lo}, d))
-    exps.append(("exp2", {"exp_impl": "exp2"}, None))
-    for name, params, deg in exps:
-        for it in range(1, 6):
-            fit = (exp_lo, 0.0) if name.startswith("fit") else None
-            out.append(_cand(f"{name}+newton{it}", "max_exp_recip",
-                             {**params, "iterations": it, "recip_lo": 1.0, "recip_hi": s_hi},
-                             degree=deg, iterations=it, fit_range=fit))
-    return out
-
-
-def _fit_candidates(op: str, rng: tuple[float, float] | None, degrees: Sequence[int],
-                    bounds: tuple[float, float] | None = None) -> list[Candidate]:
-    """Range-fitted Chebyshev candidates (runtime "fit<d>") on the widened calibrated range."""
-    if rng is None:
-        return []
-    lo, hi = coarsen_range(*_widen(*rng))
-    if bounds is not None:
-        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
-    if not hi > lo:
-        return []
-    return [_cand(f"fit{d}", f"fit{d}", {"lo": lo, "hi": hi}, degree=d, fit_range=(lo, hi)) for d in degrees]
-
-
-def candidates_for(node: Node, graph: Graph, rng: tuple[float, float] | None, sample: np.ndarray | None,
-                   f: int) -> tuple[list[Candidate], str, str]:
-    """(candidates, label of the most accurate, label of CrypTen's default) for one nonlinear node.
-
-    ``rng`` is the calibrated range of the node's first input (None without calibration),
-    ``sample`` its float values on the calibration data (for softmax statistics)."""
-    op = node.op
-    if op == "softmax":
-        return _softmax_candidates(node, graph, sample, f), "exp2", "crypten"
-    if op == "relu":
-        # a polynomial needs a clip (a comparison) to stay in its range, so it never beats the exact ReLU
-        return [_cand("exact", "exact"), *_fit_candidates("relu", rng, (2, 4))], "exact", "exact"
-    if op == "exp":
-        cands = [_cand(f"limit{n}", f"limit{n}", iterations=n) for n in range(4, 11)]
-        cands += [_cand("exp2", "exp2"), *_fit_candidates("exp", rng, (4, 6, 8, 12), (-f * LN2, 19.0))]
-        return cands, "exp2", "limit8"
-    if op == "reciprocal":
-        cands = [_cand("newton10", "newton10", iterations=10)]
-        if rng is not None and rng[0] > 0:
-            lo, hi = coarsen_range(rng[0] / RANGE_MARGIN, rng[1] * RANGE_MARGIN)
-            cands += [_cand(f"newton{k}@range", f"newton{k}", {"lo": lo, "hi": hi}, iterations=k, fit_range=(lo, hi))
-                      for k in range(1, 7)]
-        return cands, "newton10", "newton10"
-    if op in ("sigmoid", "tanh"):
-        base = "exp_recip" if op == "sigmoid" else "sigmoid"
-        cands = [_cand(base, base), _cand(f"{base}+exp2", base, {"exp_impl": "exp2"})]
-        cands += [_cand(f"chebyshev{d}", f"chebyshev{d}", degree=d) for d in (16, 24, 32)]
-        cands += _fit_candidates(op, rng, (4, 6, 8, 12, 16))
-        return cands, f"{base}+exp2", base
-    if op == "erf":
-        cands = [_cand(f"chebyshev{d}", f"chebyshev{d}", degree=d) for d in (16, 24, 32)]
-        cands += _fit_candidates("erf", rng, (4, 6, 8, 12, 16))
-        return cands, "chebyshev32", "chebyshev24"
-    if op == "gelu":
-        cands = [_cand("erf", "erf"), _cand("tanh", "tanh")]
-        cands += [_cand(f"chebyshev{d}", f"chebyshev{d}", degree=d) for d in (8, 12, 16, 20, 24)]
-        return cands, "chebyshev24", "erf"
-    if op == "sqrt":
-        cands = [_cand("newton_rsqrt", "newton_rsqrt")]
-        if rng is not None and rng[1] > 0:
-            lo, hi = coarsen_range(max(rng[0] / RANGE_MARGIN, 2.0**-12), rng[1] * RANGE_MARGIN)
-            cands += [_cand(f"newton_rsqrt{k}@range", "newton_rsqrt", {"lo": lo, "hi": hi, "iterations": k},
-                            iterations=k, fit_range=(lo, hi)) for k in range(0, 5)]
-        return cands, "newton_rsqrt", "newton_rsqrt"
-    default = node.impl or _default_impl(op)
-    return [_cand(default, default)], default, default
-
-
-def _default_impl(op: str) -> str:
-    from compiler.ops import default_impl
-
-    return default_impl(op)
-
-
-# ---- measuring candidates on the fixed-point reference executor ---------------------------------------
-def measure(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, max absolute difference) of outputs (N, k) against the reference."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    diff = float(np.abs(got - want).max()) if got.size else 0.0
-    if got.ndim >= 2:
-        g2, w2 = got.reshape(len(got), -1), want.reshape(len(want), -1)
-        top1 = float((g2.argmax(1) == w2.argmax(1)).mean())
-    else:
-        top1 = 1.0
-    return top1, diff
-
-
-class _Evaluator:
-    """Runs the evaluation graph (fixed point, scales assigned) on the calibration inputs with the
-    fixed-point reference engine, keeping a checkpoint of every chunk's live values before the
-    node being decided so each candidate only re-runs the rest of the network."""
-
-    def __init__(self, graph: Graph, x: np.ndarray, reference: np.ndarray, frac_bits: int):
-        from compiler.backend import build_plan
-        from runtime.executor import Executor
-        from runtime.plain import PlainEngine
-
-        self.f = frac_bits
-        plan, weights = build_plan(graph, frac_bits=frac_bits, model_info={"name": graph.name,
-                                   "output": graph.outputs[0]})
-        self.plan = plan
-        self.engine = PlainEngine(frac_bits)
-        self.ex = Executor(plan, self.engine)
-        self.ex.share_weights(weights)
-        self.steps = plan.steps
-        self.index = {s["name"]: i for i, s in enumerate(self.steps)}
-        self.last_use: dict[str, int] = {}
-        for i, s in enumerate(self.steps):
-            for n in s["inputs"]:
-                self.last_use[n] = i
-        self.output = self.steps[-1]["inputs"][0]
-        batch = int(graph.values[graph.inputs[0]].shape[0])
-        self.input_name = graph.inputs[0]
-        self.chunks: list[tuple[np.ndarray, int]] = []
-        for a in range(0, len(x), batch):
-            part = x[a : a + batch]
-            n = len(part)
-            if n < batch:
-                part = np.concatenate([part, np.repeat(part[-1:], batch - n, axis=0)], axis=0)
-            self.chunks.append((part.reshape(graph.values[self.input_name].shape), n))
-        self.reference = reference
-        self.envs: list[dict[str, Any]] = [{} for _ in self.chunks]
-        self.pos = 0
-
-    def set_impl(self, name: str, cand: Candidate) -> None:
-        step = self.steps[self.index[name]]
-        step["impl"] = cand.impl
-        if cand.params:
-            step["impl_params"] = cand.param_dict
-        else:
-            step.pop("impl_params", None)
-
-    def _run(self, env: dict[str, Any], start: int, stop: int, chunk: np.ndarray) -> None:
-        from runtime.ring import encode
-
-        for i in range(start, stop):
-            step = self.steps[i]
-            if step["op"] == "input":
-                name = step["outputs"][0]
-                env[name] = self.engine.input("client", encode(chunk.astype(np.float64), self.f),
-                                              tuple(self.plan.values[name]["shape"]))
-            elif step["op"] == "reveal":
-                continue
-            else:
-                self.ex.run_step(step, env)
-            for n in step["inputs"]:
-                if self.last_use.get(n) == i and n != self.output:
-                    env.pop(n, None)
-
-    def advance(self, name: str) -> None:
-        """Move the checkpoint to just before step ``name`` (with the implementations set so far)."""
-        stop = self.index[name]
-        for env, (chunk, _) in zip(self.envs, self.chunks, strict=True):
-            self._run(env, self.pos, stop, chunk)
-        self.pos = stop
-
-    def node_input(self, name: str) -> np.ndarray:
-        from runtime.ring import decode
-
-        step = self.steps[self.index[name]]
-        parts = []
-        for env, (_, n) in zip(self.envs, self.chunks, strict=True):
-            v = self.ex._get(env, step["inputs"][0])
-            parts.append(decode(v.v if hasattr(v, "v") else v, self.f)[:n])
-        return np.concatenate(parts, axis=0)
-
-    def evaluate(self) -> tuple[float, float, np.ndarray]:
-        """(top-1, max |change|, output) of the rest of the network from the checkpoint."""
-        from runtime.ring import decode
-
-        outs = []
-        for env, (chunk, n) in zip(self.envs, self.chunks, strict=True):
-            local = dict(env)
-            self._run(local, self.pos, len(self.steps), chunk)
-            v = local[self.output]
-            outs.append(decode(v.v if hasattr(v, "v") else v, self.f)[:n])
-        y = np.concatenate(outs, axis=0)
-        top1, diff = measure(y, self.reference.reshape(y.shape))
-        return top1, diff, y
-
-
-@dataclass
-class _Decision:
-    node: Node
-    cands: list[Candidate]
-    chosen: Candidate
-    accurate: Candidate
-    how: str
-    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    tried: int = 0
 
 
 class Approximate(Pass):
@@ -411,7 +61,7 @@ class Approximate(Pass):
        the plan's end-to-end top-1 / max change (``graph.meta["approx_measured"]``).
     6. A guard node's internal approximations (GuardConfig ``exp_degree``, ``recip_degree``,
        ``norm_iterations``; label ``exp4,recip4,norm2``) are chosen by :meth:`_choose_guard` in
-       ``auto`` mode with calibration data, against the float oracle ``privacy.memguard``; the
+       ``auto`` mode with calibration data, against the float oracle ``siguard.privacy.memguard``; the
        configured values are its most accurate setting and are kept in ``exact`` and ``default``
        mode. ``crypten`` mode runs the same guard with CrypTen's default approximations inside
        (``GuardConfig.internals = "crypten"``), the baseline the pass is measured against.
@@ -456,7 +106,6 @@ class Approximate(Pass):
         for c in cands:
             if c.label == impl:
                 return c
-        from runtime.nonlinear import get_implementation
 
         try:
             get_implementation(node.op, impl)
@@ -464,7 +113,7 @@ class Approximate(Pass):
             labels = ", ".join(c.label for c in cands[:24]) + (" ..." if len(cands) > 24 else "")
             raise InputError(f"--approx: node {node.name!r} ({node.op}) has no implementation {impl!r} "
                              f"(candidates: {labels})") from None
-        return _cand(impl, impl)
+        return candidate(impl, impl)
 
     def run(self, graph: Graph, ctx: PassContext) -> list[str]:
         f = ctx.frac_bits
@@ -479,7 +128,7 @@ class Approximate(Pass):
         if cal is None and self.mode == "auto":
             ctx.warn("no calibration data: approximations keep their default implementations and default ranges "
                      f"{DEFAULT_RANGE} (use --calibration X.npy to choose them per node)")
-        decisions: list[_Decision] = []
+        decisions: list[Decision] = []
         for node in nodes:
             rng = cal.ranges.get(node.inputs[0]) if cal is not None else None
             sample = cal.samples.get(node.inputs[0]) if cal is not None else None
@@ -493,11 +142,11 @@ class Approximate(Pass):
             elif self.mode == "crypten":
                 chosen, how = by_label[crypten_label], "crypten"
             elif self.mode == "default" or cal is None:
-                default = node.impl or _default_impl(node.op)
-                chosen, how = by_label.get(default) or _cand(default, default), "default"
+                default = node.impl or default_impl(node.op)
+                chosen, how = by_label.get(default) or candidate(default, default), "default"
             else:
                 chosen, how = accurate, "search"
-            d = _Decision(node, cands, chosen, accurate, how)
+            d = Decision(node, cands, chosen, accurate, how)
             d.costs[accurate.label] = self._cost(graph, node, accurate, f)
             d.costs[chosen.label] = self._cost(graph, node, chosen, f)
             if how == "search":
@@ -549,10 +198,10 @@ class Approximate(Pass):
                            f"(most accurate {d.accurate.label}: {d.costs[d.accurate.label]['rounds']})")
         return changes
 
-    def _search(self, decisions: list[_Decision], searching: list[_Decision], ctx: PassContext) -> None:
+    def _search(self, decisions: list[Decision], searching: list[Decision], ctx: PassContext) -> None:
         assert self.eval_graph is not None and self.x is not None and self.calibration is not None
         graph = self.eval_graph()
-        ev = _Evaluator(graph, self.x, self.calibration.output, ctx.frac_bits)
+        ev = PlanEvaluator(graph, self.x, self.calibration.output, ctx.frac_bits)
         present = [d for d in decisions if d.node.name in ev.index]
         for d in present:
             ev.set_impl(d.node.name, d.chosen)  # search nodes start at their most accurate
@@ -585,12 +234,12 @@ class Approximate(Pass):
                     break
             ev.set_impl(d.node.name, d.chosen)
 
-    def _measure_plan(self, decisions: list[_Decision], ctx: PassContext) -> dict[str, float] | None:
+    def _measure_plan(self, decisions: list[Decision], ctx: PassContext) -> dict[str, float] | None:
         """Run the chosen configuration once on the calibration data: each node's local error (at
         its fixed-point input, against its float op) and the end-to-end top-1 / max change."""
         if self.eval_graph is None or self.x is None or self.calibration is None:
             return None
-        ev = _Evaluator(self.eval_graph(), self.x, self.calibration.output, ctx.frac_bits)
+        ev = PlanEvaluator(self.eval_graph(), self.x, self.calibration.output, ctx.frac_bits)
         present = [d for d in decisions if d.node.name in ev.index]
         for d in present:
             ev.set_impl(d.node.name, d.chosen)
@@ -608,11 +257,10 @@ class Approximate(Pass):
         """Choose the guard's exp/reciprocal polynomial degrees and inverse-sqrt iterations
         (:data:`GUARD_KNOBS`): greedily, knob by knob, the lowest setting whose fixed-point guard, on
         the calibration logits, keeps (a) its accept decisions in agreement with the float oracle
-        (privacy.memguard) within 1 - top1 of the configured setting's agreement, (b) labels as often
+        (siguard.privacy.memguard) within 1 - top1 of the configured setting's agreement, (b) labels as often
         and (c) its mean L1 distance to the oracle's released vector within :data:`GUARD_L1_GROWTH`
         times the configured setting's (a guard on (a) alone, estimated on a few dozen queries, is
         noisy: the freeze schedule is path dependent)."""
-        from runtime.guard import GuardConfig
 
         fields = GuardConfig.__dataclass_fields__
         base = GuardConfig.for_schedule(**{k: v for k, v in node.attrs.items() if k in fields})
@@ -650,7 +298,7 @@ class Approximate(Pass):
         tried = 0
         if how == "default" and self.mode == "auto" and logits is not None:
             how = "search"
-            evaluate = _GuardEvaluator(graph, node, logits[:GUARD_CAL_QUERIES], base, ctx.frac_bits)
+            evaluate = GuardEvaluator(graph, node, logits[:GUARD_CAL_QUERIES], base, ctx.frac_bits)
             ref = evaluate(accurate)
             error = ref
             for knob in GUARD_KNOBS:
@@ -690,142 +338,16 @@ class Approximate(Pass):
         return record, line
 
     @staticmethod
-    def _local_error(ev: _Evaluator, d: _Decision) -> float | None:
+    def _local_error(ev: PlanEvaluator, d: Decision) -> float | None:
         """Max |chosen - float op| at the node's fixed-point input on the calibration data."""
-        import torch
-
-        from compiler.interp import _Interpreter
-        from runtime.plain import Clear
-        from runtime.ring import decode, encode
-
         try:
             x = ev.node_input(d.node.name)
             step = ev.steps[ev.index[d.node.name]]
             if len(step["inputs"]) != 1:
                 return None
-            from runtime.handlers import handler_for
-
-            class _Ctx:
-                e = ev.engine
-                frac_bits = ev.f
-
-            (y,) = handler_for(step["op"])(_Ctx, step, [Clear(encode(x, ev.f))])
-            want = _Interpreter(Graph()).run_node(d.node, [torch.from_numpy(x)]).numpy()
+            (y,) = handler_for(step["op"])(ev.ex.ctx, step, [Clear(encode(x, ev.f))])
+            want = OP_HANDLERS[d.node.op](d.node, torch.from_numpy(x)).numpy()
             return float(f"{np.abs(decode(y.v, ev.f) - want).max():.4g}")
         except Exception as exc:  # a diagnostic only
             log.debug("local error of %s: %s", d.node.name, exc)
             return None
-
-
-#: The guard's internal approximation knobs (runtime.guard.GuardConfig) and the settings the pass may
-#: lower them to: the degree of the e^delta and 1/d polynomials of its softmax update, and the Newton
-#: iterations of the inverse square root that normalises its gradient.
-GUARD_KNOBS: dict[str, tuple[int, ...]] = {
-    "norm_iterations": (0, 1),
-    "exp_degree": (2, 3),
-    "recip_degree": (2, 3),
-}
-_GUARD_ABBREV = {"exp_degree": "exp", "recip_degree": "recip", "norm_iterations": "norm"}
-
-#: Calibration queries the guard's candidates are run on (its 6 x 49 steps make each run costly).
-GUARD_CAL_QUERIES = 64
-
-#: A lowered guard setting may move the released vector at most this factor further (mean L1) from
-#: the float oracle's than the configured setting does.
-GUARD_L1_GROWTH = 1.5
-
-
-def guard_label(knobs: dict[str, int]) -> str:
-    """``exp4,recip4,norm2``: the guard's knob settings as ``--approx guard=...`` takes them."""
-    return ",".join(f"{_GUARD_ABBREV[k]}{int(knobs[k])}" for k in ("exp_degree", "recip_degree", "norm_iterations"))
-
-
-def parse_guard_label(text: str, node: str = "guard") -> dict[str, int]:
-    """The inverse of :func:`guard_label`; every knob must be given. Bad text -> InputError."""
-    import re
-
-    out: dict[str, int] = {}
-    names = {v: k for k, v in _GUARD_ABBREV.items()}
-    for part in text.split(","):
-        m = re.fullmatch(r"(exp|recip|norm)(\d+)", part.strip())
-        if not m:
-            raise InputError(f"--approx: {node}={text!r}: expected expD,recipD,normN (e.g. exp4,recip4,norm2)")
-        out[names[m.group(1)]] = int(m.group(2))
-    if set(out) != set(_GUARD_ABBREV) or not (2 <= out["exp_degree"] <= 12 and 2 <= out["recip_degree"] <= 12
-                                             and 0 <= out["norm_iterations"] <= 6):
-        raise InputError(f"--approx: {node}={text!r}: give exp (2..12), recip (2..12) and norm (0..6)")
-    return out
-
-
-class _GuardEvaluator:
-    """Runs the guard alone (fixed-point reference engine) on calibration logits and compares its accept
-    decisions with the float oracle :func:`privacy.memguard.guard_reference` of the same configuration."""
-
-    def __init__(self, graph: Graph, node: Node, logits: np.ndarray, config: Any, frac_bits: int):
-        from privacy.defender import DefenderWeights
-        from privacy.memguard import guard_reference, softmax
-
-        self.f = frac_bits
-        self.config = config
-        self.z = np.asarray(logits, dtype=np.float64)
-        w = [np.asarray(graph.values[n].data, dtype=np.float64) for n in node.inputs[1:]]
-        self.weights = w  # W1^T, b1, W2^T, b2, w3^T, b3 as the guard node takes them
-        d = DefenderWeights(w[0].T, w[1], w[2].T, w[3], w[4].T, w[5])
-        c = config
-        oracle = guard_reference(self.z, d, **c.oracle_options())
-        self.plain = softmax(self.z)
-        self.oracle_guarded = np.asarray(oracle.guarded, dtype=np.float64)
-        # the same test on both sides: the released vector moved from softmax(z) (oracle: accepted noise
-        # so small that it does not move the vector counts as not accepted, as in the audit)
-        self.oracle_accepted = np.abs(np.asarray(oracle.guarded) - self.plain).sum(1) > 2e-3
-
-    def __call__(self, knobs: dict[str, int]) -> dict[str, float]:
-        from dataclasses import replace
-
-        from runtime.guard import secure_guard
-        from runtime.plain import Clear, PlainEngine
-        from runtime.ring import decode, encode
-
-        e = PlainEngine(self.f)
-        args = [Clear(encode(a, self.f)) for a in (self.z, *self.weights)]
-        q = decode(secure_guard(e, *args, config=replace(self.config, **knobs)).v, self.f)
-        accepted = np.abs(q - self.plain).sum(1) > 2e-3  # the audit's "noised" test
-        return {"accept_agreement": round(float((accepted == self.oracle_accepted).mean()), 6),
-                "labels_kept": round(float((q.argmax(1) == self.z.argmax(1)).mean()), 6),
-                "oracle_l1": float(f"{np.abs(q - self.oracle_guarded).sum(1).mean():.4g}")}
-
-
-class Calibrate(Pass):
-    """Records every value's range on calibration inputs (see :mod:`compiler.calibrate`).
-
-    Rules:
-
-    1. onnxruntime runs the ONNX model on the calibration inputs with every float intermediate
-       exposed as an output; IR values it cannot see come from the float interpreter.
-    2. Each computed value's ``range`` becomes its (min, max) over all inputs; the fixed-point
-       pass checks headroom against it.
-    3. The inputs of nonlinear nodes keep their float samples for the approximation pass, and the
-       compiled output's onnxruntime values become the reference of the accuracy budget.
-    """
-
-    name = "calibrate"
-
-    def __init__(self, model: Any, x: np.ndarray):
-        self.model = model
-        self.x = x
-        self.result: Calibration | None = None
-
-    def run(self, graph: Graph, ctx: PassContext) -> list[str]:
-        from compiler.calibrate import calibrate, check_calibration_data
-
-        if len(graph.inputs) == 1:
-            self.x = check_calibration_data(self.x, graph.values[graph.inputs[0]].shape)
-        keep = {n.inputs[0] for n in graph.nodes if n.op in NONLINEAR_OPS} | set(graph.outputs)
-        cal = calibrate(self.model, graph, self.x, keep)
-        for name, rng in cal.ranges.items():
-            graph.values[name].range = rng
-        self.result = cal
-        n_ort = sum(1 for s in cal.sources.values() if s == "onnxruntime")
-        n_interp = sum(1 for s in cal.sources.values() if s == "interpreter")
-        return [f"{len(cal.ranges)} values calibrated on {cal.n} inputs ({n_ort} by onnxruntime, "
-                f"{n_interp} by the float interpreter)"]

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from compiler.ir import Graph
+from siguard.compiler.ir import Graph
 
 __all__ = ["Pass", "PassContext", "PassRecord", "PassManager"]
 

@@ -11,18 +11,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.errors import InputError, ModelError
-from compiler.interp import OP_HANDLERS
-from compiler.ir import Graph, Node
+from siguard.compiler.interp import OP_HANDLERS
+from siguard.compiler.ir import Graph, Node
+from siguard.compiler.ops import default_impl
+from siguard.core.errors import InputError, ModelError
+from siguard.runtime.kernels.nonlinear import FIT_DEFAULT_RANGES, FIT_TARGETS, _clipped_fit
 
 from .base import Pass, PassContext
+from .cost import node_cost
 
 __all__ = ["Bounds", "Fix", "Problem", "Propagation", "parse_input_range", "propagate", "HEADROOM_BITS",
            "FIT_TOLERANCE"]
 
 log = logging.getLogger("siguard.passes")
 
-#: Comparisons and the exact truncation need |x| < 2^62 ring units (runtime/rss.py, trunc and msb); one more
+#: Comparisons and the exact truncation need |x| < 2^62 ring units (runtime/mpc/rss.py, trunc and msb); one more
 #: bit is kept for the fixed-point error (truncation ulps, approximation error) that the real-number
 #: bounds below do not include.
 HEADROOM_BITS = 61
@@ -127,7 +130,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _apply(node: Node, *args: np.ndarray) -> np.ndarray:
-    """The op's float semantics (compiler.interp) on arrays; matmul and mul in numpy (small float64
+    """The op's float semantics (siguard.compiler.interp) on arrays; matmul and mul in numpy (small float64
     matmuls are slower through torch's thread pool)."""
     if node.op == "matmul":
         out = np.matmul(args[0], args[1])
@@ -270,7 +273,6 @@ def _fmt(v: float) -> str:
 
 def _fit_error(op: str, lo_x: float, hi_x: float, lo_f: float, hi_f: float) -> float:
     """Largest |fn(x) - fn(clip(x, lo_f, hi_f))| over [lo_x, hi_x] for a monotone fitted function."""
-    from runtime.nonlinear import FIT_TARGETS
 
     target = FIT_TARGETS[op]
 
@@ -288,8 +290,6 @@ def _fit_error(op: str, lo_x: float, hi_x: float, lo_f: float, hi_f: float) -> f
 
 def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Problem],
                fix: Callable[[Fix], None] | None = None) -> None:
-    from compiler.ops import default_impl
-    from runtime.nonlinear import FIT_DEFAULT_RANGES
 
     if not (node.impl or "").startswith("fit") or node.op not in FIT_DEFAULT_RANGES:
         return
@@ -408,7 +408,6 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
         if impl == "tanh":
             need(b**3 * 2.0 ** (2 * f) < limit, f"x^3 overflows at scale 2f (|x| up to {_fmt(b)})")
         elif impl == "erf":
-            from runtime.nonlinear import _clipped_fit
 
             cb, _ = _clipped_fit("gelu_tanh_gate" if p.get("approximate") == "tanh" else "gelu_gate", 24)
             err = b * 0.5 * math.erfc(cb / math.sqrt(2.0)) if b > cb else 0.0
@@ -587,7 +586,6 @@ class Bounds(Pass):
     def _update_record(graph: Graph, node: Node, change: Fix, old_exp: str | None, f: int) -> None:
         """Keep the approximation pass's record (plan ``steps[].approx``) true after a fix: the
         implementation label, the cost, and why it changed."""
-        from .cost import node_cost
 
         rec = graph.meta.get("approx", {}).get(node.name)
         if rec is None:

@@ -7,10 +7,10 @@ from collections import Counter
 
 import numpy as np
 
-from compiler.interp import run_float
-from compiler.ir import Graph, Node, Value
-from compiler.ops import default_impl
-from passes.base import Pass, PassContext
+from siguard.compiler.interp import run_float
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.compiler.ops import default_impl
+from siguard.passes.base import Pass, PassContext
 
 __all__ = ["Canonicalize"]
 

@@ -7,11 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from compiler.ir import Graph, Node
-from runtime.cost import CostEngine, MetaShares
-from runtime.handlers import handler_for
-from runtime.inputs import client_input
-from runtime.ring import encode
+from siguard.compiler.ir import Graph, Node
+from siguard.runtime.executor import StepContext
+from siguard.runtime.kernels.cost import CostEngine, MetaShares
+from siguard.runtime.kernels.guard import guard_phases
+from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.inputs import client_input
+from siguard.runtime.ring import encode
 
 from .base import Pass, PassContext
 
@@ -29,23 +31,10 @@ def _secret(shape) -> MetaShares:
     return MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta"))
 
 
-class _GraphContext:
-    """The handler context (see runtime.executor.StepContext) over an IR graph."""
-
-    def __init__(self, engine: CostEngine, graph: Graph, frac_bits: int):
-        self.e = engine
-        self.graph = graph
-        self.frac_bits = frac_bits
-
-    def scale_of(self, name: str) -> int:
-        s = self.graph.values[name].scale
-        return self.frac_bits if s is None else int(s)
-
-
 def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
     """Run the node's runtime handler on the cost engine (shapes only) and return its cost."""
     engine = CostEngine(frac_bits)
-    ctx = _GraphContext(engine, graph, frac_bits)
+    ctx = StepContext(engine, frac_bits, {name: v.scale for name, v in graph.values.items()})
     args = []
     for name in node.inputs:
         v = graph.values[name]
@@ -66,7 +55,6 @@ def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
             raise ValueError(f"{node.name} ({node.op}): runtime shape {got} differs from the IR's {want}")
     record = cost_record(engine.total)
     if engine.guard_marks:
-        from runtime.guard import guard_phases
 
         record["phases"] = guard_phases(engine.guard_marks)
     return record
@@ -96,11 +84,13 @@ class CostAnnotation(Pass):
     Rules:
 
     1. A node's cost is what its runtime handler spends when run on the cost-counting engine
-       (:class:`runtime.cost.CostEngine`), so the model and the protocols cannot disagree
+       (:class:`siguard.runtime.kernels.cost.CostEngine`), so the model and the protocols cannot disagree
        (the tests check the engine against the in-process transport's counters).
     2. ``bytes`` is the busiest party's; ``bytes_per_party`` lists P0, P1, P2.
     3. The shape each handler produces must equal the IR's shape, or the pass fails (a
        frontend/runtime mismatch must never reach a plan).
+    4. The client's input sharing, each output's reveal and the weights' sharing are costed the same
+       way (:func:`io_costs`) into ``graph.meta["io_costs"]``, which the backend puts on those steps.
     """
 
     name = "cost"
@@ -110,7 +100,7 @@ class CostAnnotation(Pass):
         for node in graph.nodes:
             node.cost = node_cost(graph, node, ctx.frac_bits)
             node_rounds += node.cost["rounds"]
-        io = io_costs(graph, ctx.frac_bits)
+        io = graph.meta["io_costs"] = io_costs(graph, ctx.frac_bits)
         io_rounds = sum(c["rounds"] for kind in ("input", "reveal") for c in io[kind].values())
         # the plan's TOTAL counts the input and reveal steps too: say both, so the two lines agree
         return [f"{len(graph.nodes)} nodes costed: {node_rounds} rounds, {node_rounds + io_rounds} in total with "

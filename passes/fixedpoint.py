@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.ir import Graph, Node, Value
+from siguard.compiler.ir import Graph, Node, Value
 
 from .base import Pass, PassContext
 
@@ -34,7 +34,7 @@ class FixedPoint(Pass):
     5. Nonlinear ops and layout ops take and return scale f (their implementations truncate
        internally). Average pooling and means rescale inside their handler.
     6. Headroom is not checked here: a calibrated range is a maximum over samples, not a bound.
-       The bounds pass (:mod:`passes.bounds`) checks every value, and each product before its
+       The bounds pass (:mod:`siguard.passes.bounds`) checks every value, and each product before its
        truncation, against sound bounds from the input domain.
 
     It refuses to change a graph whose adds mix scales it cannot reconcile (raises).

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from compiler.ir import Graph
-from passes.base import Pass, PassContext
+from siguard.compiler.ir import Graph
+from siguard.passes.base import Pass, PassContext
 
 __all__ = ["FuseTruncation"]
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import InputError, ModelError
-from compiler.ir import Graph, Node, Value
-from runtime.guard import GuardConfig
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.core.config import GuardConfig
+from siguard.core.errors import InputError, ModelError
+from siguard.privacy.defender import DefenderWeights
 
 from .base import Pass, PassContext
 
@@ -47,8 +48,6 @@ class InsertGuard(Pass):
         self.config = config or GuardConfig()
 
     def _weights(self):
-        from privacy.defender import DefenderWeights
-
         if isinstance(self.defender, DefenderWeights):
             return self.defender
         path = Path(self.defender)

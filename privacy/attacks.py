@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from .defender import DefenderWeights, single_threaded, train_defender
+from .memguard import guard_reference, softmax
+from .targets import make_mlp, train_classifier
+
 __all__ = [
     "AttackResult",
     "membership_metrics",
@@ -330,16 +334,13 @@ class ShadowData:
 
     def plain_outputs(self) -> np.ndarray:
         """(N + M, k) the shadow model's softmax outputs: what a non-adaptive attacker trains on."""
-        from .memguard import softmax
 
         return softmax(np.asarray(self.logits, dtype=np.float64))
 
     def shadow_defender(self) -> Any:
-        """The adaptive attacker's own defender (:class:`privacy.defender.DefenderWeights`), trained once on its
+        """The adaptive attacker's own defender (:class:`siguard.privacy.defender.DefenderWeights`), trained once on its
         shadow members against its reference non-members, as the owner trains the real one."""
         if self._defender is None:
-            from .defender import DefenderWeights, train_defender
-            from .memguard import softmax
 
             if self.reference_logits is None:
                 raise ValueError("an adaptive attacker needs its own reference non-members (x_reference)")
@@ -351,9 +352,9 @@ class ShadowData:
 
     def adaptive_outputs(self, **guard_options: Any) -> Any:
         """An adaptive attacker's training outputs: the public guard algorithm run on its shadow logits with its
-        own shadow defender (``guard_options`` as :func:`privacy.memguard.guard_reference` takes them).
-        Returns the :class:`privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits on."""
-        from .memguard import guard_reference
+        own shadow defender (``guard_options`` as :func:`siguard.privacy.memguard.guard_reference` takes them).
+        Returns the :class:`siguard.privacy.memguard.GuardResult`; its ``probs`` (N + M, k) are what the attack fits
+        on."""
 
         return guard_reference(self.logits, self.shadow_defender(), **guard_options)
 
@@ -362,7 +363,7 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
                  num_classes: int, epochs: int = 150, seed: int = 1,
                  x_reference: np.ndarray | None = None, y_out: np.ndarray | None = None,
                  hidden: tuple[int, ...] = (128, 64)) -> ShadowData:
-    """Train a shadow model like the target (:func:`privacy.targets.make_mlp`, same recipe) and query it.
+    """Train a shadow model like the target (:func:`siguard.privacy.targets.make_mlp`, same recipe) and query it.
 
     Args:
         x_in, y_in: the attacker's shadow members (N, ...) and labels (N,): the shadow model's training set.
@@ -379,9 +380,6 @@ def train_shadow(x_in: np.ndarray, y_in: np.ndarray, x_out: np.ndarray, *, input
         :class:`ShadowData` with logits (N + M, k) and membership (N + M,), members first.
     """
     import torch
-
-    from .defender import single_threaded
-    from .targets import make_mlp, train_classifier
 
     with single_threaded():
         torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too

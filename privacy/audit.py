@@ -7,14 +7,14 @@
 * ``plaintext`` -- the model through onnxruntime (what an ordinary inference API reveals);
 * ``secure`` -- PLAN between the three parties, without the guard (what secure inference alone reveals);
 * ``guarded`` -- GPLAN between the three parties: the guard's noise added inside MPC;
-* ``memguard`` -- the float64 reference of the same guard (:func:`privacy.memguard.guard_reference`,
+* ``memguard`` -- the float64 reference of the same guard (:func:`siguard.privacy.memguard.guard_reference`,
   the defender and counts read from GPLAN) on the plaintext logits: plaintext MemGuard, the yardstick
   the secure guard is compared with.
 
 The attacker's side is built only from the shadow file: S.npz's records are split into shadow members
 (``member`` array if present, else the first half) and shadow non-members; a shadow model with the
-target's recipe (:func:`privacy.targets.make_mlp`, the same epochs) is trained on the shadow members,
-and every attack of :func:`privacy.attacks.standard_attacks` is fitted on the shadow model's outputs.
+target's recipe (:func:`siguard.privacy.targets.make_mlp`, the same epochs) is trained on the shadow members,
+and every attack of :func:`siguard.privacy.attacks.standard_attacks` is fitted on the shadow model's outputs.
 The fitted attacks are then only evaluated on the four output sets: no threshold, direction or
 classifier weight ever sees evaluation data. The label-only gap attack (member iff the label is right)
 needs no fitting and is reported as the floor no label-preserving output perturbation can lower.
@@ -39,7 +39,19 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import InputError
+from siguard.compiler.plan import Plan
+from siguard.core.config import GuardConfig
+from siguard.core.errors import InputError
+from siguard.progress import progress_bar
+from siguard.runtime.kernels.guard import guard_progress
+from siguard.runtime.local import run_reference, run_threads
+from siguard.runtime.net.processes import run_processes
+
+from .attacks import label_only_gap, standard_attacks, train_shadow
+from .datasets import load_npz
+from .defender import DefenderWeights, to_probabilities
+from .memguard import guard_reference
+from .targets import model_outputs
 
 __all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
            "AuditData", "write_report"]
@@ -68,8 +80,6 @@ class AuditData:
 
     @classmethod
     def from_files(cls, members: str | Path, nonmembers: str | Path, shadow: str | Path) -> AuditData:
-        from .datasets import load_npz
-
         xm, ym = load_npz(members, "members")
         xn, yn = load_npz(nonmembers, "non-members")
         xs, ys = load_npz(shadow, "shadow")
@@ -98,8 +108,7 @@ def _guard_step(plan: Any) -> dict[str, Any] | None:
 
 
 def _defender_from_plan(plan: Any) -> Any:
-    """The defender the guarded plan's owner secret-shares (weights.npz stores W^T, see passes.guard)."""
-    from .defender import DefenderWeights
+    """The defender the guarded plan's owner secret-shares (weights.npz stores W^T, see siguard.passes.guard)."""
 
     w = plan.load_weights()
     return DefenderWeights(W1=w["guard.W1"].T, b1=w["guard.b1"], W2=w["guard.W2"].T, b2=w["guard.b2"],
@@ -107,8 +116,6 @@ def _defender_from_plan(plan: Any) -> Any:
 
 
 def _guard_config(step: dict[str, Any]) -> Any:
-    from runtime.guard import GuardConfig
-
     fields = GuardConfig.__dataclass_fields__
     return GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
 
@@ -121,7 +128,6 @@ def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:
 def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
     """A revealed output as probability vectors: fixed-point probabilities (a softmax head, or the guard) may
     be a few ulp below 0 or off a sum of 1, so they are clipped and renormalised; logits go through softmax."""
-    from .defender import to_probabilities
 
     if not are_probabilities:
         return to_probabilities(out)
@@ -131,8 +137,6 @@ def _as_probabilities(out: np.ndarray, are_probabilities: bool) -> np.ndarray:
 
 
 def _load_plans(model: Path, plan_dir: str | Path, guarded_dir: str | Path) -> tuple[Any, Any]:
-    from compiler.plan import Plan
-
     if not model.exists():
         raise InputError(f"model file {model} does not exist")
     plan, gplan = Plan.load(plan_dir), Plan.load(guarded_dir)
@@ -160,14 +164,11 @@ class _Runner:
         self.weights = plan.load_weights()
 
     def _one(self, x: np.ndarray) -> tuple[np.ndarray, float, dict[str, Any]]:
-        from runtime.local import run_reference, run_threads
-
         if self.mode == "reference":
             r = run_reference(self.plan, x, self.weights)
         elif self.mode in ("threads", "lockstep"):
             r = run_threads(self.plan, x, self.weights, timeout=self.timeout, scheduler=self.mode)
         else:
-            from runtime.processes import run_processes
 
             r = run_processes(self.plan.directory, x, timeout=self.timeout)
         return r.output, r.seconds, r.stats
@@ -175,8 +176,6 @@ class _Runner:
     def run(self, x: np.ndarray, desc: str, progress: bool) -> dict[str, Any]:
         """Outputs of all rows of ``x``, the summed time, rounds and MB per party. The progress bar counts the
         guard's iterations where the plan has a guard (threads, lockstep and reference mode), else batches."""
-        from runtime.guard import guard_progress
-        from siguard.progress import progress_bar
 
         want = tuple(self.plan.inputs[0]["shape"][1:])
         if tuple(x.shape[1:]) != want:
@@ -228,10 +227,6 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
     round-bound guarded plan at a small batch runs about 1.6-2x faster), ``processes`` (three server
     processes and a client over TLS on loopback) or ``reference`` (the fixed-point cleartext executor: the
     parties' arithmetic without secret sharing; quick, for trials)."""
-    from .attacks import label_only_gap, standard_attacks, train_shadow
-    from .defender import to_probabilities
-    from .memguard import guard_reference
-    from .targets import model_outputs
 
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -328,7 +323,7 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
         },
         "data": {"members": int(membership.sum()), "nonmembers": int((~membership).sum()),
                  "shadow_members": int(sm.sum()), "shadow_nonmembers": int((~sm).sum())},
-        "shadow": {"epochs": shadow_epochs, "seed": seed + 1000, "architecture": "privacy.targets.make_mlp",
+        "shadow": {"epochs": shadow_epochs, "seed": seed + 1000, "architecture": "siguard.privacy.targets.make_mlp",
                    "train_accuracy": shadow.info.get("shadow_train_accuracy"),
                    "test_accuracy": shadow.info.get("shadow_test_accuracy")},
         "memguard_accepted": float(np.mean(oracle.accepted)),
@@ -411,7 +406,7 @@ def write_report(doc: dict[str, Any], curves: dict[str, dict[str, Any]], report_
     files["html"] = "index.html"
     files["json"] = "audit.json"
     doc["files"] = files
-    env = jinja2.Environment(loader=jinja2.PackageLoader("privacy", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("siguard.privacy", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     html = env.get_template("audit.html.j2").render(doc=doc, kinds=OUTPUT_KINDS, files=files)
     (d / "index.html").write_text(html)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["Dataset", "load_dataset", "load_npz", "save_npz", "FASHION_MNIST_DIR", "DATASETS"]
 

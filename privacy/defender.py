@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = [
     "HIDDEN",

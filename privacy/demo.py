@@ -23,6 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+
+from .audit import OUTPUT_KINDS, AuditData, run_audit
+from .datasets import load_dataset, save_npz
+from .defender import export_defender, train_defender
+from .memguard import softmax
+from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
+
 __all__ = ["run_demo", "SPLITS", "format_demo_table"]
 
 #: per dataset: (target training set = members, evaluated members, evaluation non-members, reference
@@ -41,14 +49,8 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
              seed: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out_dir`` (models, data files, plans, report); returns the audit document.
 
-    ``mode``: how the plans run, one of :data:`privacy.audit.MODES` (see :func:`privacy.audit.run_audit`)."""
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-
-    from .audit import AuditData, run_audit
-    from .datasets import load_dataset, save_npz
-    from .defender import export_defender, train_defender
-    from .memguard import softmax
-    from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    ``mode``: how the plans run, one of :data:`siguard.privacy.audit.MODES` (see
+    :func:`siguard.privacy.audit.run_audit`)."""
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,6 @@ def run_demo(dataset: str = "digits", out_dir: str | Path = "siguard-demo", mode
 def format_demo_table(doc: dict[str, Any]) -> str:
     """Plain / secure / guarded (and plaintext MemGuard for reference): best attack, shadow neural attack,
     labels, distortion, time and traffic."""
-    from .audit import OUTPUT_KINDS
 
     outs = doc["outputs"]
     # wide enough for every title and the longest attack name (never cut: "true-label confidence")

@@ -1,15 +1,15 @@
 """Which guard schedule to ship: acceptance, label preservation, distortion and attack advantage per configuration.
 
-    python -m privacy.experiments [--dataset fashion-mnist|digits] [--target demo|overfit]
+    python -m siguard.privacy.experiments [--dataset fashion-mnist|digits] [--target demo|overfit]
         [--configs schedules|defaults] [--out benchmarks/results/guard_schedules.json]
 
 Setup (disjoint splits of one dataset, ``n`` = 1000 each on Fashion-MNIST):
 - owner: target members (the target's training set), evaluation non-members, reference non-members
   (only for training the defender);
 - attacker: shadow members, shadow non-members, shadow reference non-members (adaptive attacker only).
-The target MLP (:func:`privacy.targets.make_mlp`) is trained to overfit; the owner trains the defender on
+The target MLP (:func:`siguard.privacy.targets.make_mlp`) is trained to overfit; the owner trains the defender on
 its members against its reference set; the members and evaluation non-members go through the target and
-:func:`privacy.memguard.guard_reference` under each configuration. Attacks are fitted on shadow data only:
+:func:`siguard.privacy.memguard.guard_reference` under each configuration. Attacks are fitted on shadow data only:
 a non-adaptive attacker on the shadow model's plain outputs, an adaptive one on its own guarded shadow
 outputs (same configuration, its own shadow defender). Criterion: acceptance >= 85 %, label kept 100 %,
 neural attack advantage |AUC - 0.5| <= 0.05 for both attackers, at most ~300 gradient steps.
@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from siguard.core.errors import InputError
+
+from .attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow
+from .datasets import load_dataset
+from .defender import DefenderWeights, export_defender, single_threaded, train_defender
+from .memguard import guard_reference, softmax
+from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
 __all__ = ["CONFIGS", "run_experiment", "main"]
 
@@ -64,7 +72,7 @@ DEFAULTS_CONFIGS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 #: a top-2 logit gap above this leaves the softmax gradient (~e^-gap) below sqrt(eps) = 1e-6 of the
-#: normalisation g / sqrt(||g||^2 + eps): such a query moves slowly (see the notes in privacy.memguard)
+#: normalisation g / sqrt(||g||^2 + eps): such a query moves slowly (see the notes in siguard.privacy.memguard)
 SATURATION_GAP = 14.0
 MIN_ACCEPTANCE = 0.85
 MAX_ADVANTAGE = 0.05
@@ -84,7 +92,6 @@ def _score_range(defender: Any, samples: int, seed: int) -> tuple[np.ndarray, np
     The label-preserving region {u : u_l >= u_j} is convex and h(softmax(u)) continuous, so its image is an
     interval; sampled logits of many scales (plus the vertex one-hot(l)) estimate it from inside.
     """
-    from .memguard import softmax
 
     k = defender.num_classes
     rng = np.random.default_rng(seed)
@@ -126,11 +133,6 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
     """One repetition: fresh splits, target, defender, shadow model and attacks for ``seed``."""
     import torch
     from sklearn.metrics import roc_auc_score
-
-    from .attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow
-    from .defender import DefenderWeights, export_defender, train_defender
-    from .memguard import guard_reference, softmax
-    from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
     t0 = time.perf_counter()
     mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
@@ -257,10 +259,6 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
                    log: Callable[[str], None] = print, target: str = "demo") -> dict[str, Any]:
     """Run the comparison for every seed; returns the JSON-ready record (per-seed runs, the mean table,
     the recommendation)."""
-    from compiler.errors import InputError
-
-    from .datasets import load_dataset
-    from .defender import single_threaded
 
     configs = configs or CONFIGS
     t0 = time.perf_counter()
@@ -344,7 +342,7 @@ def _table(summary: list[dict[str, Any]], plain: dict[str, float], n_seeds: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m privacy.experiments", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m siguard.privacy.experiments", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     p.add_argument("--n", type=int, default=1000, help="size of each split (default 1000)")
     p.add_argument("--epochs", type=int, default=150, help="target and shadow training epochs (default 150)")

@@ -188,7 +188,7 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
 
 
 #: sign steps: the tests of sgn(q - p) and of S read "negative" only below -2^-TIE_BITS in ratio units (see
-#: :func:`_direction`), as the parties do (runtime.guard.TIE_BITS): at fixed point both operands vanish
+#: :func:`_direction`), as the parties do (siguard.runtime.kernels.guard.TIE_BITS): at fixed point both operands vanish
 #: exactly for classes far below the label, and the truncation's +-1 ulp must not decide their sign
 TIE = 2.0**-14
 #: sign steps start from the ratios e^(u0_j - u0_l) + RATIO_FLOOR (j != l), as the parties do: at fixed point a

@@ -8,6 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from siguard.compiler.frontend import select_output, with_output
+from siguard.core.errors import InputError, SiguardError
+
 __all__ = ["make_mlp", "train_classifier", "export_onnx", "predict_onnx", "model_outputs"]
 
 
@@ -60,12 +63,10 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, ...]
 
 def predict_onnx(path: str | Path, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     """The model's outputs through onnxruntime (the plaintext oracle), in batches: the value that
-    ``siguard compile`` computes (:func:`compiler.frontend.select_output`; for a default skl2onnx
+    ``siguard compile`` computes (:func:`siguard.compiler.frontend.select_output`; for a default skl2onnx
     classifier, the probabilities feeding its ZipMap)."""
     import onnx
     import onnxruntime as ort
-
-    from compiler.frontend import select_output, with_output
 
     model = onnx.load(str(path))
     name = select_output(model, label=str(path))
@@ -82,8 +83,6 @@ def model_outputs(model: str | Path, x: np.ndarray, what: str) -> np.ndarray:
     """The model's outputs on ``x`` through onnxruntime, with a clear error when the model does not load or
     ``x``'s per-sample shape does not fit the model's input. ``what`` names ``x``'s source in messages."""
     import onnxruntime as ort
-
-    from compiler.errors import InputError, SiguardError
 
     try:
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])

@@ -2,14 +2,14 @@
 
 Call tree (override points)::
 
-    Executor.run(inputs)
+    Executor.run(inputs[, env, start, stop])
       ├─ input step                client input -> checked, clamped shares  (op "input")
-      ├─ run_step(step)            one plan step
-      │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/handlers.py)
-      └─ _reveal_step(step)        open the output to the client only      (op "reveal")
+      ├─ run_step(step, env)       one plan step (the per-step hook)
+      │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
+      └─ engine.reveal(...)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
-re-raised as :class:`compiler.errors.RuntimeFault` naming the step, the op and the party.
+re-raised as :class:`siguard.core.errors.RuntimeFault` naming the step, the op and the party.
 The same executor runs the fixed-point reference (``PlainEngine``), each secure party
 (``RSSEngine``) and the cost model (``CostEngine``).
 """
@@ -18,37 +18,40 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from compiler.errors import RuntimeFault, SiguardError
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault, SiguardError
+from siguard.runtime.kernels.engine import Engine
+from siguard.runtime.kernels.handlers import handler_for
+from siguard.runtime.kernels.inputs import client_bounds, client_input
 
-from .engine import Engine
-from .handlers import handler_for
-from .inputs import client_bounds, client_input
 from .ring import encode
 
 __all__ = ["Executor", "StepContext", "encode_public_constants"]
 
 
 class StepContext:
-    """What a handler may use besides its arguments: the engine and the plan's value table."""
+    """What a handler may use besides its arguments: the engine, the fractional bits and each value's
+    fixed-point scale (None = the default ``frac_bits``). Built from a plan (:meth:`for_plan`) by the
+    executor, and from an IR graph by the cost pass."""
 
-    def __init__(self, engine: Engine, plan: Plan):
+    def __init__(self, engine: Engine, frac_bits: int, scales: Mapping[str, int | None]):
         self.e = engine
-        self.plan = plan
+        self.frac_bits = int(frac_bits)
+        self._scales = scales
 
-    @property
-    def frac_bits(self) -> int:
-        return self.plan.frac_bits
+    @classmethod
+    def for_plan(cls, engine: Engine, plan: Plan) -> StepContext:
+        return cls(engine, plan.frac_bits, {name: v["scale"] for name, v in plan.values.items()})
 
     def scale_of(self, name: str) -> int:
-        s = self.plan.values[name]["scale"]
-        return self.plan.frac_bits if s is None else int(s)
+        s = self._scales[name]
+        return self.frac_bits if s is None else int(s)
 
 
 def encode_public_constants(plan: Plan) -> dict[str, torch.Tensor]:
@@ -69,7 +72,7 @@ class Executor:
     def __init__(self, plan: Plan, engine: Engine, progress: Callable[[int, int, dict], None] | None = None):
         self.plan = plan
         self.engine = engine
-        self.ctx = StepContext(engine, plan)
+        self.ctx = StepContext.for_plan(engine, plan)
         self.progress = progress
         self.constants = encode_public_constants(plan)
         self.weights: dict[str, Any] = {}
@@ -110,7 +113,7 @@ class Executor:
 
     def use_weights(self, shared: dict[str, Any]) -> None:
         """Start a session with the weights shared at set-up (:meth:`share_weights`), re-randomised
-        by :meth:`runtime.engine.Engine.rerandomise`: no two sessions (and no two queries of one
+        by :meth:`siguard.runtime.kernels.engine.Engine.rerandomise`: no two sessions (and no two queries of one
         session) compute on the same share components. 0 rounds, 0 bytes."""
         forget = getattr(self.engine, "forget_prepared", None)
         if forget is not None:  # matrices prepared from the previous components would keep them alive
@@ -122,18 +125,25 @@ class Executor:
         return "the reference executor" if p is None else f"party P{p}"
 
     # ---- running ------------------------------------------------------------------------------
-    def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
-        """Execute every step. ``inputs`` maps input names to ring tensors where the client's
+    def run(self, inputs: dict[str, torch.Tensor] | None = None, *, env: dict[str, Any] | None = None,
+            start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor | None]:
+        """Execute the steps. ``inputs`` maps input names to ring tensors where the client's
         data is available to this engine (the plain engine), else None. Returns the revealed
-        outputs (ring tensors at the receiver, None elsewhere)."""
+        outputs (ring tensors at the receiver, None elsewhere).
+
+        ``env``, ``start``, ``stop``: run only steps ``start`` to ``stop - 1`` on the live values in
+        ``env`` (updated in place: a checkpoint that a later call resumes from). The approximation
+        search measures each candidate this way, re-running only the steps after the node it decides."""
         if self.plan.doc["weights"] and not self.weights:
             raise RuntimeFault(f"{self._who()}: weights were not shared before running")
-        env: dict[str, Any] = {}
+        env = {} if env is None else env
         outputs: dict[str, torch.Tensor | None] = {}
         steps = self.plan.steps
+        stop = len(steps) if stop is None else stop
         timings = self.step_seconds = {}
         clock = time.perf_counter
-        for i, step in enumerate(steps):
+        for i in range(start, stop):
+            step = steps[i]
             if self.progress is not None:
                 self.progress(i, len(steps), step)
             t0 = clock()
@@ -144,7 +154,7 @@ class Executor:
                         value = None if inputs is None else inputs[name]
                         shape = tuple(self.plan.values[name]["shape"])
                         owner = step["attrs"].get("owner", "client")
-                        if owner == "client":  # checked for consistency and clamped: runtime/inputs.py
+                        if owner == "client":  # checked for consistency and clamped: runtime/kernels/inputs.py
                             env[name] = client_input(self.engine, value, shape, self._bounds[name])
                         else:
                             env[name] = self.engine.input(owner, value, shape)

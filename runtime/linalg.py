@@ -1,11 +1,12 @@
 """Exact ring linear algebra: matmul and convolution of int64 tensors modulo 2^64.
 
-Every engine computes its products here: the secure engine (:mod:`runtime.rss`), the plaintext
-reference engine (:mod:`runtime.plain`) and the cost model (:mod:`runtime.cost`, on meta tensors).
+Every engine computes its products here: the secure engine (:mod:`siguard.runtime.mpc.rss`), the plaintext
+reference engine (:mod:`siguard.runtime.kernels.plain`) and the cost model (:mod:`siguard.runtime.kernels.cost`, on meta
+tensors).
 Two kernels compute the same exact result, so the choice between them changes speed, never bits:
 
 * ``int64``: torch's int64 kernels (``torch.matmul``, ``conv2d``, or an explicit im2col and one
-  matmul for small output planes, :func:`runtime.ring.conv2d_ring`). Wrap-around products and sums
+  matmul for small output planes, :func:`siguard.runtime.ring.conv2d_ring`). Wrap-around products and sums
   *are* arithmetic modulo 2^64. No BLAS behind them; their speed depends on the CPU.
 * ``limbs``: float64 BLAS on balanced digits. A word t is split (mod 2^64, which is all a
   ring product needs) into t = t0 + t1 2^22 + t2 2^43 with |t0| <= 2^21 and |t1|, |t2| <= 2^20. Of the nine digit
@@ -56,7 +57,7 @@ import time
 
 import torch
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 from .ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 

@@ -1,95 +1,24 @@
-"""Running a plan locally: the fixed-point reference, and the three parties as threads."""
+"""Running a plan in this process: the fixed-point reference, and the three parties as threads or in lockstep."""
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
-from compiler.errors import InputError
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
+from siguard.runtime.kernels.plain import PlainEngine
+from siguard.runtime.mpc.inprocess import run_threads as run_parties
 
 from .executor import Executor
-from .plain import PlainEngine
-from .ring import MAX_ABS_REAL, decode, encode
+from .ring import decode, encode
+from .runs import RunResult, check_inputs
+from .stats import summarize
 
-__all__ = ["RunResult", "check_inputs", "run_reference", "run_threads", "op_breakdown", "format_breakdown"]
-
-
-@dataclass
-class RunResult:
-    """Decoded outputs (float64 arrays by output name) and, for secure runs, statistics."""
-
-    outputs: dict[str, np.ndarray]
-    seconds: float
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def output(self) -> np.ndarray:
-        return next(iter(self.outputs.values()))
+__all__ = ["run_reference", "run_threads"]
 
 
-def check_inputs(plan: Plan, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-    """Validate user inputs against the plan: names, shapes, float dtype, finiteness, range.
-
-    Float arrays of any width are accepted (float16/32/64): encoding rounds each value to the
-    fixed-point grid (2^-frac_bits), which is exact for float64 too. Integer and boolean arrays are
-    refused, as onnxruntime refuses them for a float input (raw integer pixels fed to a model that
-    expects scaled floats would be a silent wrong answer).
-
-    A single array is accepted for a single-input plan. Returns float64 arrays by input name."""
-    specs = plan.inputs
-    if not isinstance(inputs, dict):
-        if len(specs) != 1:
-            raise InputError(f"the plan has {len(specs)} inputs; pass a dict of name -> array")
-        inputs = {specs[0]["name"]: inputs}
-    out: dict[str, np.ndarray] = {}
-    for spec in specs:
-        name, shape = spec["name"], tuple(spec["shape"])
-        if name not in inputs:
-            raise InputError(f"missing input {name!r} (plan inputs: {', '.join(s['name'] for s in specs)})")
-        a = np.asarray(inputs[name])
-        if a.dtype.kind != "f":  # floats of any width: encoding rounds them to the 2^-f grid either way
-            raise InputError(f"input {name!r} has dtype {a.dtype}; the plan expects {spec.get('dtype', 'float32')} "
-                             f"(any float dtype is accepted; convert other arrays explicitly, e.g. .astype('float32'))")
-        if a.shape != shape:
-            hint = " (recompile with --batch N to change the batch size)" if a.shape[1:] == shape[1:] else ""
-            raise InputError(f"input {name!r} has shape {a.shape}; the plan expects {shape}{hint}")
-        a = a.astype(np.float64)
-        if not np.all(np.isfinite(a)):
-            raise InputError(f"input {name!r} contains NaN or infinite values")
-        _check_domain(name, a, spec.get("domain"), plan.frac_bits)
-        if spec.get("domain_source") == "unproven":
-            logging.getLogger("siguard.runtime").warning(
-                "input %r: this plan's fixed-point headroom is not proven (the compiler found no safe input domain); "
-                "an intermediate may overflow", name)
-        out[name] = a
-    return out
-
-
-def _check_domain(name: str, a: np.ndarray, domain: Any, frac_bits: int) -> None:
-    """Refuse an input outside the plan's input domain (passes/bounds.py: the range on which no
-    intermediate can overflow), naming the first offending value and the bound. A plan without a
-    domain (compiled before it was recorded) gets the old limit: a product of two inputs must stay
-    below 2^62 ring units at scale 2f."""
-    if not a.size:
-        return
-    if domain is None:
-        lim = MAX_ABS_REAL(frac_bits) / 2**frac_bits
-        lo, hi = -lim, lim
-    else:
-        lo, hi = float(domain[0]), float(domain[1])
-    bad = (a < lo) | (a > hi)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        v = float(a[idx])
-        raise InputError(f"input {name!r} holds {v:.6g} at index {list(idx)}, outside the plan's input domain "
-                         f"[{lo:g}, {hi:g}] (beyond it an intermediate could overflow; recompile with --input-range "
-                         "or rescale the input)")
 
 
 def run_reference(
@@ -120,7 +49,7 @@ def run_threads(
 
     ``scheduler``: ``"threads"`` (one OS thread per party) or ``"lockstep"`` (all parties as greenlets
     in this thread, switched at every wait: a round costs less than half, the guard runs about twice
-    as fast; see :func:`runtime.rss.run_threads`).
+    as fast; see :func:`siguard.runtime.mpc.inprocess.run_threads`).
 
     ``queries`` > 1 runs the same input that many times after one key set-up and weight sharing
     (a server's life: set up once, then serve); the result and statistics are the last query's,
@@ -128,12 +57,10 @@ def run_threads(
 
     P0 is the model owner's server: it alone reads the weights and secret-shares them. The client
     secret-shares the inputs and is the only one to receive the output. ``stats`` holds the
-    rounds and bytes every party sent, per step (see :func:`runtime.stats.summarize`), each
+    rounds and bytes every party sent, per step (see :func:`siguard.runtime.stats.summarize`), each
     step's wall ``seconds`` (the slowest server's, communication included), and
     ``query_seconds``: the query alone, from the servers' first step to the reveal, without the
     key set-up and the weights' sharing that a server does once at start (``seconds`` has all)."""
-    from .rss import run_threads as run_parties
-    from .stats import summarize
 
     xs = check_inputs(plan, inputs)
     w = plan.load_weights() if weights is None else weights
@@ -181,36 +108,3 @@ def run_threads(
     stats["query_seconds"] = stats["query_seconds_all"][-1]
     outs = {k: decode(v, f) for k, v in revealed.items()}
     return RunResult(outs, seconds, stats)
-
-
-def op_breakdown(plan: Plan, stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """Where a secure run's time goes: the per-step rows of ``stats`` (from :func:`run_threads`)
-    summed per (op, impl) of the plan, slowest first. Each row: op, impl, steps, seconds, share
-    (of the steps' total seconds), rounds, bytes (busiest party)."""
-    comm = {row["name"]: row for row in stats.get("steps", [])}
-    seconds = stats.get("step_seconds", {})
-    agg: dict[tuple[str, str], dict[str, Any]] = {}
-    for step in plan.steps:
-        key = (step["op"], step.get("impl") or "")
-        row = comm.get(step["name"], {})  # local steps have no communication row
-        a = agg.setdefault(key, {"op": key[0], "impl": key[1], "steps": 0, "seconds": 0.0, "rounds": 0, "bytes": 0})
-        a["steps"] += 1
-        a["seconds"] += float(seconds.get(step["name"], row.get("seconds", 0.0)))
-        a["rounds"] += int(row.get("rounds", 0))
-        a["bytes"] += int(row.get("bytes", 0))
-    total = sum(a["seconds"] for a in agg.values()) or 1.0
-    rows = sorted(agg.values(), key=lambda a: -a["seconds"])
-    for a in rows:
-        a["share"] = a["seconds"] / total
-    return rows
-
-
-def format_breakdown(rows: list[dict[str, Any]]) -> str:
-    """:func:`op_breakdown` as a text table."""
-    lines = [f"{'op':14s} {'impl':14s} {'steps':>5s} {'seconds':>9s} {'share':>6s} {'rounds':>7s} {'MB/party':>9s}"]
-    for a in rows:
-        lines.append(
-            f"{a['op'][:14]:14s} {a['impl'][:14]:14s} {a['steps']:5d} {a['seconds']:9.3f} {100 * a['share']:5.1f}% "
-            f"{a['rounds']:7d} {a['bytes'] / 1e6:9.3f}"
-        )
-    return "\n".join(lines)

@@ -10,6 +10,8 @@ lost): only encoding of real inputs and decoding of opened, small values touch f
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ __all__ = [
     "decode",
     "rshift_logical",
     "to_ring",
-    "from_numpy_ring",
+    "numel",
     "MAX_ABS_REAL",
     "broadcast_shape",
     "conv2d_ring",
@@ -79,8 +81,9 @@ def to_ring(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64, copy=False).copy())
 
 
-def from_numpy_ring(x: np.ndarray) -> torch.Tensor:
-    return to_ring(x)
+def numel(shape: Sequence[int]) -> int:
+    """The number of elements of a tensor of this shape (1 for a scalar)."""
+    return math.prod(int(s) for s in shape)
 
 
 @functools.lru_cache(maxsize=4096)

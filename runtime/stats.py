@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["summarize", "format_stats"]
+from siguard.compiler.plan import Plan
+from siguard.runtime.mpc.transport import CLIENT
 
-CLIENT = 3
+__all__ = ["summarize", "format_stats", "op_breakdown", "format_breakdown"]
+
 
 
 def summarize(per_party: list[dict[str, Any]], step_order: list[str]) -> dict[str, Any]:
@@ -74,5 +76,38 @@ def format_stats(stats: dict[str, Any], top: int | None = None) -> str:
         lines.append(
             f"{name:40s} {t['rounds']:7d} {b[0] / 1e6:9.4f} {b[1] / 1e6:9.4f} {b[2] / 1e6:9.4f} "
             f"{t['client_bytes'] / 1e6:9.4f}"
+        )
+    return "\n".join(lines)
+
+
+def op_breakdown(plan: Plan, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Where a secure run's time goes: the per-step rows of ``stats`` (from :func:`siguard.runtime.local.run_threads`)
+    summed per (op, impl) of the plan, slowest first. Each row: op, impl, steps, seconds, share
+    (of the steps' total seconds), rounds, bytes (busiest party)."""
+    comm = {row["name"]: row for row in stats.get("steps", [])}
+    seconds = stats.get("step_seconds", {})
+    agg: dict[tuple[str, str], dict[str, Any]] = {}
+    for step in plan.steps:
+        key = (step["op"], step.get("impl") or "")
+        row = comm.get(step["name"], {})  # local steps have no communication row
+        a = agg.setdefault(key, {"op": key[0], "impl": key[1], "steps": 0, "seconds": 0.0, "rounds": 0, "bytes": 0})
+        a["steps"] += 1
+        a["seconds"] += float(seconds.get(step["name"], row.get("seconds", 0.0)))
+        a["rounds"] += int(row.get("rounds", 0))
+        a["bytes"] += int(row.get("bytes", 0))
+    total = sum(a["seconds"] for a in agg.values()) or 1.0
+    rows = sorted(agg.values(), key=lambda a: -a["seconds"])
+    for a in rows:
+        a["share"] = a["seconds"] / total
+    return rows
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`op_breakdown` as a text table."""
+    lines = [f"{'op':14s} {'impl':14s} {'steps':>5s} {'seconds':>9s} {'share':>6s} {'rounds':>7s} {'MB/party':>9s}"]
+    for a in rows:
+        lines.append(
+            f"{a['op'][:14]:14s} {a['impl'][:14]:14s} {a['steps']:5d} {a['seconds']:9.3f} {100 * a['share']:5.1f}% "
+            f"{a['rounds']:7d} {a['bytes'] / 1e6:9.3f}"
         )
     return "\n".join(lines)

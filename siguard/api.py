@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from compiler.report import render
+from siguard.compiler.plan import Plan
+from siguard.compiler.report import render
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 __all__ = ["compile", "load_plan", "inspect", "run", "MODES"]
 
@@ -66,8 +66,8 @@ def _weights(plan: Plan) -> dict[str, np.ndarray]:
 
 def run(plan: Plan | str | Path, inputs: Any, *, mode: str = "threads", **kw: Any):
     """Run a plan on ``inputs`` (an array, or a dict name -> array) in one of :data:`MODES`. Returns a RunResult;
-    ``kw`` (``timeout``, ``queries``) go to :func:`runtime.local.run_threads` in the secure modes."""
-    from runtime.local import run_reference, run_threads
+    ``kw`` (``timeout``, ``queries``) go to :func:`siguard.runtime.local.run_threads` in the secure modes."""
+    from siguard.runtime.local import run_reference, run_threads
 
     p = plan if isinstance(plan, Plan) else Plan.load(plan)
     if mode == "reference":

@@ -22,8 +22,8 @@ def _named_outputs(model: str | Path, x: Any, output: str, what: str, batch: int
     import numpy as np
     import onnxruntime as ort
 
-    from compiler.errors import InputError
-    from privacy.targets import model_outputs
+    from siguard.core.errors import InputError
+    from siguard.privacy.targets import model_outputs
 
     model_outputs(model, x[:1], what)  # loads the model and checks x's per-sample shape, with its messages
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -44,10 +44,10 @@ def train_defender(model: str | Path, members: str | Path, nonmembers: str | Pat
     against the ``nonmembers`` .npz (the owner's reference set) and export it to ONNX at ``out``.
     ``output``: the graph output to train on (as ``siguard compile --output``; default: the model's
     default output). Returns the training report (``val_accuracy``, ``train_accuracy``, ``best_epoch`` …)."""
-    from privacy.datasets import load_npz
-    from privacy.defender import export_defender, to_probabilities
-    from privacy.defender import train_defender as fit
-    from privacy.targets import model_outputs
+    from siguard.privacy.datasets import load_npz
+    from siguard.privacy.defender import export_defender, to_probabilities
+    from siguard.privacy.defender import train_defender as fit
+    from siguard.privacy.targets import model_outputs
 
     x_in, _ = load_npz(members, "members", labels=False)
     x_out, _ = load_npz(nonmembers, "non-members", labels=False)
@@ -67,8 +67,9 @@ def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, memb
           shadow_epochs: int = 150, seed: int = 0, progress: bool = False, **kw: Any) -> dict[str, Any]:
     """Run the membership-inference audit (``siguard audit``); returns the ``audit.json`` document.
 
-    ``mode``: ``threads``, ``lockstep``, ``processes`` or ``reference`` (see :func:`privacy.audit.run_audit`)."""
-    from privacy.audit import AuditData, run_audit
+    ``mode``: ``threads``, ``lockstep``, ``processes`` or ``reference`` (see
+    :func:`siguard.privacy.audit.run_audit`)."""
+    from siguard.privacy.audit import AuditData, run_audit
 
     data = AuditData.from_files(members, nonmembers, shadow)
     kw.setdefault("log", lambda _m: None)
@@ -78,6 +79,6 @@ def audit(model: str | Path, plan: str | Path, guarded_plan: str | Path, *, memb
 
 def format_audit(doc: dict[str, Any]) -> str:
     """The audit's terminal table."""
-    from privacy.audit import format_table
+    from siguard.privacy.audit import format_table
 
     return format_table(doc)

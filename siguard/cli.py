@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import InputError, SiguardError
+from siguard.core.errors import InputError, SiguardError
 
 __all__ = ["main", "build_parser"]
 
 
 def _load_npy(path: str) -> np.ndarray:
-    from compiler.arrays import load_npy
+    from siguard.compiler.arrays import load_npy
 
     return load_npy(path, "input")
 
@@ -51,7 +51,7 @@ def _code_default(action: argparse.Action, source: str, field: str | None = None
 
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_compile(args: argparse.Namespace) -> int:
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
 
     if not Path(args.model).exists():
         raise InputError(f"model file {args.model} does not exist")
@@ -61,7 +61,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                     if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
-    from passes.approx import parse_budget, parse_overrides
+    from siguard.core.config import parse_budget, parse_overrides
 
     mode, overrides = parse_overrides(args.approx)
     if args.calibration is not None and not Path(args.calibration).exists():
@@ -84,8 +84,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from compiler.plan import Plan
-    from compiler.report import render
+    from siguard.compiler.plan import Plan
+    from siguard.compiler.report import render
 
     plan = Plan.load(args.plan)
     text = render(plan, args.format)
@@ -98,8 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from compiler.plan import Plan
-    from runtime.local import run_reference, run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import run_reference, run_threads
 
     plan = Plan.load(args.plan)
     x = _load_npy(args.input)
@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _guard_progress(plan):
             result = run_threads(plan, x, timeout=args.timeout, scheduler=args.mode)
     elif args.mode == "processes":
-        from runtime.processes import run_processes
+        from siguard.runtime.net.processes import run_processes
 
         result = run_processes(args.plan, x, timeout=args.timeout)
     else:  # argparse restricts the choices
@@ -131,8 +131,8 @@ def _guard_progress(plan):
     if step is None:
         yield
         return
-    from runtime.guard import guard_progress
     from siguard.progress import progress_bar
+    from siguard.runtime.kernels.guard import guard_progress
 
     total = int(step["attrs"]["rounds"]) * (int(step["attrs"]["steps"]) + 1)
     with progress_bar(total, "guarded query") as bar, guard_progress(lambda done, _total: bar.update(1)):
@@ -146,13 +146,13 @@ def print_result(label: str, name: str, y: np.ndarray, seconds: float, output: s
     if y.ndim == 2:
         print("top-1:", " ".join(str(int(i)) for i in y.argmax(axis=1)[:32]) + (" …" if y.shape[0] > 32 else ""))
     if stats:
-        from runtime.stats import format_stats
+        from siguard.runtime.stats import format_stats
 
         print(format_stats(stats))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from privacy.demo import run_demo
+    from siguard.privacy.demo import run_demo
 
     run_demo(args.dataset, args.out, mode=args.mode, seed=args.seed, progress=not args.no_progress)
     return 0
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile an ONNX model into a plan directory")
     c.add_argument("model", help="ONNX file (external data beside it is read too)")
     c.add_argument("-o", required=True, metavar="PLAN", help="output plan directory")
-    opts = "compiler.pipeline:CompileOptions"
+    opts = "siguard.pipeline:CompileOptions"
     _code_default(c.add_argument("--batch", type=int, default=None,
                                  help="fix a symbolic batch dimension to N (default %(code_default)s)"), opts, "batch")
     c.add_argument("--output", default=None, help="graph output to compile (default: the first float output)")
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--accuracy-budget", metavar="top1=F,prob=F", default=None,
         help="end-to-end budget on the calibration data against onnxruntime: top-1 agreement >= top1 and "
              "max absolute change of the revealed output <= prob (default %(code_default)s)"),
-        "passes.approx:AccuracyBudget")
+        "siguard.core.config:AccuracyBudget")
     _code_default(a.add_argument(
         "--approx", action="append", metavar="MODE|NODE=IMPL", default=None,
         help="auto (cheapest within the budget), exact (most accurate), crypten (CrypTen's defaults), default (the "
@@ -201,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("guard (SIGuard noise on the revealed probabilities)")
     g.add_argument("--guard", metavar="DEFENDER.onnx", default=None,
                    help="insert the guard with this defender (from `siguard guard train`)")
-    from runtime.guard import SCHEDULE_DEFAULTS
+    from siguard.core.config import SCHEDULE_DEFAULTS
 
-    guard = "runtime.guard:GuardConfig"
+    guard = "siguard.core.config:GuardConfig"
 
-    def sequential(key: str) -> str:  # the sequential schedules' own defaults (runtime.guard.SCHEDULE_DEFAULTS)
+    def sequential(key: str) -> str:  # the sequential schedules' own defaults (siguard.core.config.SCHEDULE_DEFAULTS)
         return ", ".join(f"{name} {v[key]}" for name, v in SCHEDULE_DEFAULTS.items() if name != "parallel")
 
     _code_default(g.add_argument("--guard-schedule", choices=tuple(SCHEDULE_DEFAULTS), default=None,

@@ -10,7 +10,7 @@ __all__ = ["register", "cmd_audit"]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from privacy.audit import AuditData, format_table, run_audit
+    from siguard.privacy.audit import AuditData, format_table, run_audit
 
     data = AuditData.from_files(args.members, args.nonmembers, args.shadow)
     doc = run_audit(args.model, args.plan, args.guarded_plan, data, report_dir=args.report, mode=args.mode,
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how the plans run (default threads; lockstep = the parties in one thread, faster when rounds "
                         "dominate; reference = fixed-point cleartext, for quick trials)")
     a.add_argument("--shadow-epochs", type=int, default=150, help="training epochs of the shadow model (default 150, "
-                   "the recipe of privacy.targets)")
+                   "the recipe of siguard.privacy.targets)")
     a.add_argument("--seed", type=int, default=0, help="seed of the attacker's training (default 0)")
     a.add_argument("--timeout", type=float, default=600.0, help="seconds a party of a secure run waits for a "
                    "silent peer (a live one, computing, is waited for; default 600)")

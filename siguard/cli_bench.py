@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_bench"]
 
@@ -27,8 +27,9 @@ def _bench_input(plan, path: str | None, seed: int) -> np.ndarray:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from compiler.plan import Plan
-    from runtime.local import format_breakdown, op_breakdown, run_threads
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.local import run_threads
+    from siguard.runtime.stats import format_breakdown, op_breakdown
 
     if args.repeat < 1:
         raise InputError(f"--repeat must be at least 1, got {args.repeat}")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_guard_train"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
 __all__ = ["register", "cmd_party", "cmd_query", "cmd_certs"]
 
@@ -34,9 +34,9 @@ def _timeout(args: argparse.Namespace, config: Any) -> float:
 
 def cmd_party(args: argparse.Namespace) -> int:
     """A long-running compute server; exits 0 on SIGTERM/SIGINT, 3 when a peer fails."""
-    from compiler.plan import Plan
-    from runtime.config import load_config
-    from runtime.server import PartyServer, ServerStopped
+    from siguard.compiler.plan import Plan
+    from siguard.runtime.net.config import load_config
+    from siguard.runtime.net.server import PartyServer, ServerStopped
 
     config = load_config(args.config)
     plan = Plan.load(args.plan)
@@ -78,8 +78,8 @@ def _load_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """One query: share the input, reconstruct the output, write it."""
-    from runtime.config import load_config
-    from runtime.netclient import QueryClient
+    from siguard.runtime.net.client import QueryClient
+    from siguard.runtime.net.config import load_config
 
     config = load_config(args.config)
     x = _load_input(args.input)
@@ -117,7 +117,7 @@ def _hosts(pairs: list[str]) -> dict[str, str]:
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """A local CA and certificates for P0, P1, P2 and the client, plus a parties.toml."""
-    from runtime.certs import make_certs, make_request, sign_request
+    from siguard.runtime.net.certs import make_certs, make_request, sign_request
 
     if args.request:  # on the party's own host: a key that never leaves it, and a request for the CA
         hosts = _hosts(args.host)

@@ -56,7 +56,7 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float) -> None:
     """Adam on cross-entropy, shuffled mini-batches, deterministic for a fixed seed (the product's loop)."""
-    from privacy.targets import train_classifier
+    from siguard.privacy.targets import train_classifier
 
     train_classifier(model, x, y, epochs=epochs, batch=batch, lr=lr, seed=_SEED)
 

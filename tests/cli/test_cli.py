@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from siguard.compiler.plan import Plan
 from tests.conftest import ort_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,19 +43,62 @@ def plan_dir(mlp_onnx, tmp_path_factory):
     return d
 
 
-def test_compile_writes_a_plan_directory(plan_dir):
-    for f in ("plan.json", "weights.npz", "report.txt", "report.html", "plan.dot"):
-        assert (plan_dir / f).exists(), f
+def _dataflow_edges(plan) -> set[tuple[int, int]]:
+    """(producer step index, consumer step index) for every value a step reads from another step."""
+    producer = {v: i for i, s in enumerate(plan.steps) for v in s["outputs"]}
+    return {(producer[v], j) for j, s in enumerate(plan.steps) for v in s["inputs"] if v in producer}
+
+
+def test_compile_writes_a_plan_directory(plan_dir, mlp_onnx):
+    """plan.json validates and describes the model; weights.npz holds exactly the plan's weights (hash-tied);
+    the reports on disk are those of this plan (the text report's rows carry each step's rounds)."""
+    plan = Plan.load(plan_dir)
+    model = onnx.load(str(mlp_onnx))
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    weights = plan.load_weights()
+    assert {k: v.shape for k, v in weights.items()} == {w["name"]: tuple(w["shape"]) for w in plan.doc["weights"]}
+    assert weights and all(np.isfinite(v).all() for v in weights.values())
+    assert sum(v.size for v in weights.values()) == sum(int(np.prod(d)) for d in inits.values())  # all of them
+    assert plan.inputs[0]["shape"][0] == 4 and plan.totals["rounds"] == sum(s["cost"]["rounds"] for s in plan.steps)
+    rows = _text_rows((plan_dir / "report.txt").read_text())
+    assert rows == {s["name"]: s["cost"]["rounds"] for s in plan.steps}
+    assert f"plan {plan.plan_hash[:16]}" in (plan_dir / "plan.dot").read_text()
+
+
+def _text_rows(text: str) -> dict[str, int]:
+    """Step name -> rounds from the text report's step table (rows start with the step index)."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*\d+  (\S+) ", line)
+        if m:
+            rows[m.group(1)] = int(line.split()[-2])
+    return rows
 
 
 @pytest.mark.parametrize("fmt", ["text", "json", "html", "dot"])
 def test_inspect_formats(plan_dir, fmt):
+    """Each format carries the plan: json the document, text a row per step with its rounds and the total,
+    html the steps and the total, dot a node per step and exactly the plan's dataflow edges."""
+    plan = Plan.load(plan_dir)
     proc = siguard("inspect", plan_dir, "--format", fmt, check=True)
+    out = proc.stdout
+    total = plan.totals["rounds"]
     if fmt == "json":
-        doc = json.loads(proc.stdout)
+        doc = json.loads(out)
+        assert doc["plan_hash"] == plan.plan_hash and doc["totals"]["rounds"] == total
         assert doc["totals"]["rounds"] == sum(s["rounds"] for s in doc["steps"])
+    elif fmt == "text":
+        assert _text_rows(out) == {s["name"]: s["cost"]["rounds"] for s in plan.steps}
+        total_line = next(ln for ln in out.splitlines() if "TOTAL (sum of steps)" in ln)
+        assert int(total_line.split()[-2]) == total
+    elif fmt == "html":
+        assert f'<td id="total-rounds">{total} rounds</td>' in out
+        assert all(s["name"] in out for s in plan.steps)
     else:
-        assert proc.stdout.strip()
+        nodes = dict(re.findall(r'^  s(\d+) \[label="([^\\"]+)\\n', out, flags=re.M))
+        assert {int(k): v for k, v in nodes.items()} == {i: s["name"] for i, s in enumerate(plan.steps)}
+        edges = {(int(a), int(b)) for a, b in re.findall(r"^  s(\d+) -> s(\d+);", out, flags=re.M)}
+        assert edges == _dataflow_edges(plan) and edges
 
 
 def test_run_reference_matches_onnxruntime(plan_dir, mlp_onnx, digits, tmp_path):

@@ -60,9 +60,8 @@ def _help_defaults(text: str) -> dict[str, str]:
 
 def _code_defaults() -> dict[str, str]:
     """Each option's default as the code has it (the dataclasses' own field defaults, read here independently)."""
-    from compiler.pipeline import CompileOptions
-    from passes.approx import AccuracyBudget
-    from runtime.guard import GuardConfig
+    from siguard.core.config import AccuracyBudget, GuardConfig
+    from siguard.pipeline import CompileOptions
 
     def fields(cls):
         return {f.name: f.default for f in dataclasses.fields(cls)}
@@ -89,14 +88,14 @@ def test_compile_help_states_the_codes_defaults(capsys):
 
 def test_compile_help_follows_a_changed_default(capsys, monkeypatch):
     """Derived, not restated: change the code's default and the help changes with it."""
-    import runtime.guard
+    import siguard.core.config
 
     @dataclasses.dataclass(frozen=True)
-    class Changed(runtime.guard.GuardConfig):
+    class Changed(siguard.core.config.GuardConfig):
         margin: float = 0.375
         rounds: int = 11
 
-    monkeypatch.setattr(runtime.guard, "GuardConfig", Changed)
+    monkeypatch.setattr(siguard.core.config, "GuardConfig", Changed)
     shown = _help_defaults(_compile_help(capsys))
     assert shown["--guard-margin"] == "0.375" and shown["--guard-rounds"] == "11"
 
@@ -148,8 +147,8 @@ def test_inspect_cost_line_and_total_agree(plan_dir):
 
 
 def test_inspect_shows_step_names_whole(plan_dir):
-    from compiler.plan import Plan
-    from compiler.report import render
+    from siguard.compiler.plan import Plan
+    from siguard.compiler.report import render
 
     plan = Plan.load(plan_dir[0])
     long_a = "/encoder/layers.0/self_attn/out_proj/MatMul_with_a_long_name"
@@ -199,7 +198,7 @@ def _many_unsupported(path: Path, n: int) -> Path:
 
 
 def test_a_long_unsupported_node_list_is_cut(tmp_path):
-    from compiler.errors import FIRST_FEW
+    from siguard.core.errors import FIRST_FEW
 
     n = 19
     line = _assert_one_line_error(siguard("compile", _many_unsupported(tmp_path / "m.onnx", n), "-o", tmp_path / "p"))
@@ -218,7 +217,7 @@ def _table_lines(text: str) -> list[str]:
 
 
 def test_audit_table_rows_are_aligned():
-    from privacy.audit import format_table
+    from siguard.privacy.audit import format_table
 
     doc = _audit_doc()
     lines = _table_lines(format_table(doc))
@@ -228,7 +227,7 @@ def test_audit_table_rows_are_aligned():
 
 
 def test_demo_table_shows_attack_names_whole():
-    from privacy.demo import format_demo_table
+    from siguard.privacy.demo import format_demo_table
 
     doc = _audit_doc()
     names = {doc["outputs"][k]["best_attack"]["name"] for k in doc["outputs"]}

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.errors import InputError
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from runtime.local import run_reference, run_threads
 from siguard.cli import main
+from siguard.compiler.plan import Plan
+from siguard.core.errors import InputError
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference, run_threads
 from tests.conftest import ort_run
 
 SCALES = (1.0, 1e2, 1e4, 1e6)
@@ -163,10 +163,10 @@ def test_convolution_network_answers_right_or_refuses(cnn_onnx, digits):
 
 
 def test_networked_client_refuses_outside_the_domain_and_answers_inside(encoder_plan, encoder_onnx, tmp_path):
-    from runtime.certs import make_certs
-    from runtime.config import load_config
-    from runtime.netclient import QueryClient
-    from runtime.processes import Trio, write_loopback_config
+    from siguard.runtime.net.certs import make_certs
+    from siguard.runtime.net.client import QueryClient
+    from siguard.runtime.net.config import load_config
+    from siguard.runtime.net.processes import Trio, write_loopback_config
 
     make_certs(tmp_path / "certs", write_config=False)
     config = write_loopback_config(tmp_path, cert_dir=tmp_path / "certs")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.errors import InputError, ModelError, UnsupportedOpsError
-from compiler.frontend import SUPPORTED_ONNX_OPS, load_model
-from compiler.interp import run_float
-from compiler.ops import OPS
-from passes.base import PassContext
-from passes.canonicalize import Canonicalize
+from siguard.compiler.frontend import SUPPORTED_ONNX_OPS, load_model
+from siguard.compiler.interp import run_float
+from siguard.compiler.ops import OPS
+from siguard.core.errors import InputError, ModelError, UnsupportedOpsError
+from siguard.passes.base import PassContext
+from siguard.passes.canonicalize import Canonicalize
 from tests import models
 
 ATOL = 1e-4

@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import frontend
-from compiler.errors import ModelError
-from compiler.frontend import SUPPORTED_ONNX_OPS, load_model, select_output
-from compiler.interp import run_float
+from siguard.compiler import frontend
+from siguard.compiler.frontend import SUPPORTED_ONNX_OPS, load_model, select_output
+from siguard.compiler.interp import run_float
+from siguard.core.errors import ModelError
 from tests import models
 
 RNG = np.random.default_rng(17)
@@ -140,7 +140,7 @@ def test_zipmap_classifier_compiles_its_probabilities():
 
 
 def test_guard_train_and_audit_read_the_same_probabilities(tmp_path):
-    from privacy.targets import model_outputs
+    from siguard.privacy.targets import model_outputs
 
     model = _default_sklearn_classifier()
     path = tmp_path / "clf.onnx"

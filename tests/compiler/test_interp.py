@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.errors import InputError
-from compiler.interp import OP_HANDLERS, run_float
-from compiler.ir import Graph, Node, Value
-from compiler.ops import OPS, default_impl
+from siguard.compiler.interp import OP_HANDLERS, run_float
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.compiler.ops import OPS, default_impl
+from siguard.core.errors import InputError
 
 
 def single(op: str, x: np.ndarray, out_shape: tuple[int, ...], extra: list[np.ndarray] = (), **attrs) -> np.ndarray:

@@ -21,9 +21,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from compiler.frontend import SUPPORTED_ONNX_OPS
-from compiler.pipeline import CompileOptions, compile_model
-from runtime.local import run_reference
+from siguard.compiler.frontend import SUPPORTED_ONNX_OPS
+from siguard.pipeline import CompileOptions, compile_model
+from siguard.runtime.local import run_reference
 
 DATA = Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data"
 TOL = 2e-2  # atol and rtol of the conformance set

@@ -1,8 +1,8 @@
 """Every IR op has a runtime handler, and every implementation a plan may name exists."""
 
-from compiler.ops import NONLINEAR_OPS, OPS, default_impl
-from runtime.handlers import HANDLERS
-from runtime.nonlinear import get_implementation
+from siguard.compiler.ops import NONLINEAR_OPS, OPS, default_impl
+from siguard.runtime.kernels.handlers import HANDLERS
+from siguard.runtime.kernels.nonlinear import get_implementation
 
 
 def test_every_executable_op_has_a_handler():

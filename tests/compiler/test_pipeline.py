@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from compiler.errors import PlanError
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from compiler.report import inspect_json, render
-from runtime.local import run_reference
+from siguard.compiler.plan import Plan
+from siguard.compiler.report import inspect_json, render
+from siguard.core.errors import PlanError
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import OWNER_FILE, Plan
-from compiler.report import render
+from siguard.compiler.plan import OWNER_FILE, Plan
+from siguard.compiler.report import render
+from siguard.pipeline import CompileOptions, compile_model, write_plan
 
 # paths (regular expressions over "/"-joined keys) whose values may differ between the two plans
 ALLOWED = [

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.pipeline import CompileOptions, compile_model
-from runtime.local import run_threads
+from siguard.pipeline import CompileOptions, compile_model
+from siguard.runtime.local import run_threads
 from tests import models
 
 # (input, kernel, expanded, output, squeeze-excite, activation, stride): torchvision's

@@ -15,11 +15,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.errors import PlanError
-from compiler.plan import Plan, compute_hash
-from compiler.report import render
-from runtime.net import KIND_CONTROL, KIND_DATA, LinkError, TLSLink, _tensor
-from runtime.transport import FrameHeader
+from siguard.compiler.plan import Plan, compute_hash
+from siguard.compiler.report import render
+from siguard.core.errors import PlanError
+from siguard.runtime.mpc.transport import FrameHeader
+from siguard.runtime.net.tls import KIND_CONTROL, KIND_DATA, LinkError, TLSLink, _tensor
 
 PLAN_CASES = 1000
 FRAME_CASES = 1500
@@ -41,7 +41,7 @@ def _base_doc() -> dict:
 
     import torch.nn as nn
 
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
     from tests.models import export
 
     torch.manual_seed(0)  # test data only

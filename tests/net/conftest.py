@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from runtime.certs import make_certs
-from runtime.processes import Trio, write_loopback_config
+from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.net.certs import make_certs
+from siguard.runtime.net.processes import Trio, write_loopback_config
 
 
 @pytest.fixture(scope="session")

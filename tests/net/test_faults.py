@@ -16,12 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from compiler.errors import RuntimeFault
-from compiler.plan import Plan
-from runtime.config import load_config
-from runtime.local import run_threads
-from runtime.netclient import QueryClient
-from runtime.processes import Trio, child_env, run_processes, siguard_command, write_loopback_config
+from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault
+from siguard.runtime.local import run_threads
+from siguard.runtime.net.client import QueryClient
+from siguard.runtime.net.config import load_config
+from siguard.runtime.net.processes import Trio, child_env, run_processes, siguard_command, write_loopback_config
 
 TOL = 2e-3  # two secure runs differ by the truncation errors of both (each ~1e-4 here)
 
@@ -122,7 +122,7 @@ def test_query_command_answers(serving, net_plans, digit_inputs, tmp_path):
 
 
 def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, tmp_path):
-    from runtime.certs import make_certs
+    from siguard.runtime.net.certs import make_certs
 
     trio, config, _ = serving
     other = tmp_path / "other"
@@ -141,7 +141,7 @@ def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, t
 
 
 def test_another_partys_certificate_is_refused_for_a_client(serving, net_plans, digit_inputs, tmp_path):
-    from runtime.net import dial, hello_message
+    from siguard.runtime.net.tls import dial, hello_message
 
     trio, config, _ = serving
     cfg = load_config(config)
@@ -189,7 +189,7 @@ def test_malformed_shares_are_rejected_by_the_servers(serving, net_plans, digit_
 
 def test_client_disconnecting_mid_query_leaves_the_servers_serving(serving, net_plans, digit_inputs, tmp_path,
                                                                     monkeypatch):
-    import runtime.rss
+    import siguard.runtime.mpc.client
 
     trio, config, _ = serving
     before = [trio.log(i).count("failed") for i in range(3)]
@@ -199,7 +199,7 @@ def test_client_disconnecting_mid_query_leaves_the_servers_serving(serving, net_
             link.close()
         raise RuntimeError("client vanished")
 
-    monkeypatch.setattr(runtime.rss.Client, "receive_output", vanish)
+    monkeypatch.setattr(siguard.runtime.mpc.client.Client, "receive_output", vanish)
     with pytest.raises(RuntimeError, match="client vanished"):
         QueryClient(load_config(config), timeout=5).run(digit_inputs[:1])
     monkeypatch.undo()
@@ -293,7 +293,7 @@ def test_the_three_servers_count_the_same_failed_sessions(start_trio, net_plans,
     plan = net_plans[1]
     trio = start_trio(plan.directory, timeout=5, threads=1)
     trio.wait_ready()
-    from compiler.errors import InputError
+    from siguard.core.errors import InputError
 
     client = QueryClient(load_config(trio.config), timeout=5)
     for _ in range(2):

@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from compiler.errors import InputError, RuntimeFault
-from runtime.certs import fingerprint_of_pem, make_certs, make_request, sign_request
-from runtime.config import load_config, render_config
-from runtime.local import run_reference
-from runtime.net import KIND_CONTROL, KIND_DATA, dial
-from runtime.netclient import QueryClient
-from runtime.processes import free_ports
-from runtime.server import PartyServer
+from siguard.core.errors import InputError, RuntimeFault
+from siguard.runtime.local import run_reference
+from siguard.runtime.net.certs import make_certs, make_request, sign_request
+from siguard.runtime.net.client import QueryClient
+from siguard.runtime.net.config import fingerprint_of_pem, load_config, render_config
+from siguard.runtime.net.processes import free_ports
+from siguard.runtime.net.server import PartyServer
+from siguard.runtime.net.tls import KIND_CONTROL, KIND_DATA, dial
 
 TOL = 2e-3
 
@@ -138,7 +138,7 @@ def test_garbage_and_oversized_frames_after_the_handshake(hygiene, net_plans, di
 
 
 def test_abort_reasons_are_sanitised_before_logging(hygiene, net_plans, digit_inputs, monkeypatch):
-    import runtime.rss
+    import siguard.runtime.mpc.rss
 
     servers, config, *_ , logs = hygiene
     nasty = "bye\n\x1b[31mP1: session q1 done\r" + "x" * 5000
@@ -148,7 +148,7 @@ def test_abort_reasons_are_sanitised_before_logging(hygiene, net_plans, digit_in
         raise RuntimeError("cancelled")
 
     before = len(logs)
-    monkeypatch.setattr(runtime.rss.Client, "share_input", cancel)
+    monkeypatch.setattr(siguard.runtime.mpc.client.Client, "share_input", cancel)
     with pytest.raises(RuntimeError, match="cancelled"):
         QueryClient(config, timeout=5).run(digit_inputs[:1])
     monkeypatch.undo()

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from runtime.config import load_config
-from runtime.local import run_reference
-from runtime.netclient import QueryClient
+from siguard.runtime.local import run_reference
+from siguard.runtime.net.client import QueryClient
+from siguard.runtime.net.config import load_config
 
 TOL = 2e-3
 

@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-import runtime.executor
-import runtime.rss as rss
-from compiler.errors import RuntimeFault
-from compiler.plan import Plan
-from runtime.config import load_config
-from runtime.local import run_reference, run_threads
-from runtime.netclient import QueryClient
-from runtime.processes import Trio, write_loopback_config
-from runtime.ring import MAX_ABS_REAL
-from runtime.server import PartyServer
+import siguard.runtime.executor
+import siguard.runtime.mpc.client as client
+import siguard.runtime.mpc.inprocess as inprocess
+import siguard.runtime.mpc.rss as rss
+from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault
+from siguard.runtime.local import run_reference, run_threads
+from siguard.runtime.net.client import QueryClient
+from siguard.runtime.net.config import load_config
+from siguard.runtime.net.processes import Trio, write_loopback_config
+from siguard.runtime.net.server import PartyServer
+from siguard.runtime.ring import MAX_ABS_REAL
 
 TOL = 2e-3  # two secure runs differ by the truncation errors of both (each ~1e-4 here)
 DELTA = 1 << 16  # 1.0 at 16 fractional bits
@@ -53,8 +55,8 @@ def _inconsistent_share_input(holder: int, component: int):
 def test_inconsistent_client_shares_abort_the_session_in_process(net_plans, digit_inputs, monkeypatch, scheduler,
                                                                   holder, component):
     plan, x = net_plans[1], digit_inputs[:1]
-    monkeypatch.setattr(rss.Client, "share_input", _inconsistent_share_input(holder, component))
-    with pytest.raises(rss.PartyFailure) as info:
+    monkeypatch.setattr(client.Client, "share_input", _inconsistent_share_input(holder, component))
+    with pytest.raises(inprocess.PartyFailure) as info:
         run_threads(plan, x, scheduler=scheduler, timeout=20)
     msg = str(info.value)
     assert "inconsistent client input" in msg and f"component x{component}" in msg, msg
@@ -70,14 +72,14 @@ def test_the_attack_works_when_the_check_is_skipped(net_plans, digit_inputs, mon
     plan, x = net_plans[1], digit_inputs[:1]
     honest = run_threads(plan, x).output
     monkeypatch.setattr(rss.RSSEngine, "_check_consistent", lambda self, shares: None)
-    monkeypatch.setattr(rss.Client, "share_input", _inconsistent_share_input(1, 2))
+    monkeypatch.setattr(client.Client, "share_input", _inconsistent_share_input(1, 2))
     attacked = run_threads(plan, x).output
     assert np.abs(attacked - honest).max() > 100 * TOL
 
 
 # ---- out-of-range inputs ---------------------------------------------------------------------------
 def _offset_share_input(offset: torch.Tensor):
-    original = rss.Client.share_input
+    original = client.Client.share_input
 
     def share_input(self, x):  # the client skips its range check and adds a huge value
         original(self, torch.as_tensor(x, dtype=torch.int64) + offset)
@@ -101,7 +103,7 @@ def test_an_out_of_range_input_is_clamped_to_the_public_bound(net_plans, digit_i
     x = digit_inputs[:1].astype(np.float64)
     offset = torch.zeros((1, 64), dtype=torch.int64)
     offset[0, 5] = (1 << bits) - 1 if bits == 63 else 1 << bits
-    monkeypatch.setattr(rss.Client, "share_input", _offset_share_input(offset))
+    monkeypatch.setattr(client.Client, "share_input", _offset_share_input(offset))
     got = run_threads(plan, x).output
     monkeypatch.undo()
     ring = int((torch.round(torch.tensor(x[0, 5] * 2**16)).to(torch.int64) + offset[0, 5]).item())  # wraps
@@ -109,14 +111,14 @@ def test_an_out_of_range_input_is_clamped_to_the_public_bound(net_plans, digit_i
     clamped[0, 5] = min(max(ring, 0), 16 << 16) / 2**16
     assert np.abs(got - run_reference(plan, clamped).output).max() <= TOL
     # without the clamp the same input gives garbage (this is what the clamp prevents)
-    monkeypatch.setattr(rss.Client, "share_input", _offset_share_input(offset))
-    monkeypatch.setattr(runtime.executor, "client_input", lambda e, v, s, b: e.input("client", v, s))
+    monkeypatch.setattr(client.Client, "share_input", _offset_share_input(offset))
+    monkeypatch.setattr(siguard.runtime.executor, "client_input", lambda e, v, s, b: e.input("client", v, s))
     raw = run_threads(plan, x).output
     assert np.abs(raw - run_reference(plan, clamped).output).max() > 1e3
 
 
 def test_the_default_bound_is_the_clients_own_limit(net_plans):
-    from runtime.inputs import client_bounds
+    from siguard.runtime.kernels.inputs import client_bounds
 
     plan = net_plans[1]
     lo, hi = client_bounds(plan.inputs[0], plan.frac_bits)
@@ -129,13 +131,13 @@ def test_queries_use_fresh_weight_share_components(net_plans, digit_inputs, monk
     """Two queries after one weight sharing (one session of run_threads, queries=2) compute on
     different share components of every weight; the zero component stays zero."""
     seen: dict[int, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {0: [], 1: [], 2: []}
-    original = runtime.executor.Executor.use_weights
+    original = siguard.runtime.executor.Executor.use_weights
 
     def spy(self, shared):
         original(self, shared)
         seen[self.engine.party].append({k: (w.a.clone(), w.b.clone(), w.zero) for k, w in self.weights.items()})
 
-    monkeypatch.setattr(runtime.executor.Executor, "use_weights", spy)
+    monkeypatch.setattr(siguard.runtime.executor.Executor, "use_weights", spy)
     run_threads(net_plans[1], digit_inputs[:1], queries=2)
     _assert_fresh_components(seen, net_plans[1])
 
@@ -183,7 +185,7 @@ def _good_query(serving, plan, x) -> None:
 
 def test_inconsistent_client_shares_abort_a_networked_session(serving, net_plans, digit_inputs, monkeypatch):
     trio, config = serving
-    monkeypatch.setattr(rss.Client, "share_input", _inconsistent_share_input(1, 2))
+    monkeypatch.setattr(client.Client, "share_input", _inconsistent_share_input(1, 2))
     with pytest.raises(RuntimeFault) as info:
         QueryClient(load_config(config), timeout=10).run(digit_inputs[:1])
     msg = str(info.value)
@@ -197,7 +199,7 @@ def test_out_of_range_networked_input_is_answered_and_the_servers_stay_up(servin
     trio, config = serving
     offset = torch.zeros((1, 64), dtype=torch.int64)
     offset[0, 3] = 1 << 62
-    monkeypatch.setattr(rss.Client, "share_input", _offset_share_input(offset))
+    monkeypatch.setattr(client.Client, "share_input", _offset_share_input(offset))
     y = QueryClient(load_config(config), timeout=10).run(digit_inputs[:1]).output
     assert y.shape == (1, 10) and np.isfinite(y).all()
     monkeypatch.undo()
@@ -211,14 +213,14 @@ def test_two_networked_sessions_use_different_weight_share_components(net_plans,
     config = load_config(write_loopback_config(tmp_path, cert_dir=net_certs))
     seen: dict[int, list] = {0: [], 1: [], 2: []}
     lock = threading.Lock()
-    original = runtime.executor.Executor.use_weights
+    original = siguard.runtime.executor.Executor.use_weights
 
     def spy(self, shared):
         original(self, shared)
         with lock:
             seen[self.engine.party].append({k: (w.a.clone(), w.b.clone(), w.zero) for k, w in self.weights.items()})
 
-    monkeypatch.setattr(runtime.executor.Executor, "use_weights", spy)
+    monkeypatch.setattr(siguard.runtime.executor.Executor, "use_weights", spy)
     servers = [PartyServer(plan, i, config, weights=plan.load_weights() if i == 0 else None, timeout=10,
                            log=lambda line: None) for i in range(3)]
     starters = [threading.Thread(target=s.start, daemon=True) for s in servers]

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from compiler.errors import InputError
-from runtime.certs import make_certs
-from runtime.config import load_config, render_config
-from runtime.net import LinkError, Mailbox, NetTransport, accept, compare_hello, dial, hello_message
-from runtime.processes import child_env, siguard_command
-from runtime.transport import FrameHeader, TransportAborted, TransportTimeout
+from siguard.core.errors import InputError
+from siguard.runtime.mpc.transport import FrameHeader, TransportAborted, TransportTimeout
+from siguard.runtime.net.certs import make_certs
+from siguard.runtime.net.config import load_config, render_config
+from siguard.runtime.net.processes import child_env, siguard_command
+from siguard.runtime.net.tls import LinkError, Mailbox, NetTransport, accept, compare_hello, dial, hello_message
 
 
 def _config(tmp_path, cert_dir, ports=(7400, 7401, 7402)):

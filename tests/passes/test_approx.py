@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from compiler.errors import InputError
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from compiler.report import inspect_json, render
-from passes.approx import AccuracyBudget, parse_budget, parse_overrides
-from runtime.local import run_reference
+from siguard.compiler.plan import Plan
+from siguard.compiler.report import inspect_json, render
+from siguard.core.config import AccuracyBudget, parse_budget, parse_overrides
+from siguard.core.errors import InputError
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 
 N_CAL = 256
@@ -205,9 +205,9 @@ def guard_scenario(tmp_path_factory):
     """digits: an MLP target trained on 400 members, a defender against 400 reference non-members."""
     import torch
 
-    from privacy.datasets import load_dataset
-    from privacy.defender import export_defender, to_probabilities, train_defender
-    from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    from siguard.privacy.datasets import load_dataset
+    from siguard.privacy.defender import export_defender, to_probabilities, train_defender
+    from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
     d = tmp_path_factory.mktemp("guard_approx")
     data = load_dataset("digits")
@@ -224,7 +224,7 @@ def guard_scenario(tmp_path_factory):
 
 
 def test_parse_guard_label_round_trips():
-    from passes.approx import guard_label, parse_guard_label
+    from siguard.passes.candidates import guard_label, parse_guard_label
 
     knobs = {"exp_degree": 3, "recip_degree": 4, "norm_iterations": 1}
     assert parse_guard_label(guard_label(knobs)) == knobs

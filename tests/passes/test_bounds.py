@@ -1,6 +1,6 @@
 """Rules of the bounds pass (passes/bounds.py): sound bounds, the derived domain, what each op needs.
 
-Oracles: hand arithmetic on the weights (powers of two), the float interpreter (compiler.interp)
+Oracles: hand arithmetic on the weights (powers of two), the float interpreter (siguard.compiler.interp)
 for the bounds' soundness, numpy for what the fixed-point reference must compute."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.backend import build_plan
-from compiler.errors import InputError, ModelError
-from compiler.ir import Graph, Node, Value
-from compiler.ops import default_impl
-from passes.base import PassContext
-from passes.bounds import Bounds, parse_input_range, propagate
-from passes.fixedpoint import FixedPoint
-from runtime.local import check_inputs, run_reference
+from siguard.compiler.backend import build_plan
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.compiler.ops import default_impl
+from siguard.core.errors import InputError, ModelError
+from siguard.passes.base import PassContext
+from siguard.passes.bounds import Bounds, parse_input_range, propagate
+from siguard.passes.fixedpoint import FixedPoint
+from siguard.runtime.local import run_reference
+from siguard.runtime.runs import check_inputs
 
 F = 16
 
@@ -32,7 +33,7 @@ def _graph(shape, nodes, weights=None) -> Graph:
         g.add_value(Value(name, data.shape, owner="model", data=np.asarray(data, dtype=np.float64)))
     x = torch.zeros(shape, dtype=torch.float64)
     env = {"x": x, **{k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in (weights or {}).items()}}
-    from compiler.interp import OP_HANDLERS
+    from siguard.compiler.interp import OP_HANDLERS
 
     for k, (op, ins, attrs, params) in enumerate(nodes):
         out = f"v{k}"
@@ -114,10 +115,10 @@ class _Mixed(torch.nn.Module):
 
 
 def test_bounds_contain_every_value_of_the_float_interpreter(tmp_path):
-    from compiler.frontend import load_model
-    from compiler.interp import run_float
-    from passes.base import PassManager
-    from passes.canonicalize import Canonicalize
+    from siguard.compiler.frontend import load_model
+    from siguard.compiler.interp import run_float
+    from siguard.passes.base import PassManager
+    from siguard.passes.canonicalize import Canonicalize
 
     torch.manual_seed(3)
     model = _Mixed().eval()

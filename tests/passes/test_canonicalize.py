@@ -9,12 +9,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from compiler.frontend import load_model
-from compiler.interp import run_float
-from compiler.ir import Graph, Node, Value
-from compiler.ops import default_impl
-from passes.base import PassContext
-from passes.canonicalize import Canonicalize
+from siguard.compiler.frontend import load_model
+from siguard.compiler.interp import run_float
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.compiler.ops import default_impl
+from siguard.passes.base import PassContext
+from siguard.passes.canonicalize import Canonicalize
 from tests import models
 
 RNG = np.random.default_rng(0)

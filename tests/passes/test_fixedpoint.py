@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from compiler.ir import Graph, Node, Value
-from passes.base import PassContext
-from passes.fixedpoint import FixedPoint
+from siguard.compiler.ir import Graph, Node, Value
+from siguard.passes.base import PassContext
+from siguard.passes.fixedpoint import FixedPoint
 
 F = 16
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.pipeline import CompileOptions, compile_model
-from passes.fuse import FuseTruncation
-from runtime.local import run_reference
+from siguard.passes.fuse import FuseTruncation
+from siguard.pipeline import CompileOptions, compile_model
+from siguard.runtime.local import run_reference
 from tests.conftest import ort_run
 from tests.models import export
 

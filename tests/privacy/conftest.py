@@ -13,11 +13,11 @@ GUARD = {"rounds": 2, "steps": 8}  # a short guard: the audit's logic, not the g
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Target, defender, both plans and the data files, built with the product's own training and compile."""
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from privacy.datasets import load_dataset, save_npz
-    from privacy.defender import export_defender, train_defender
-    from privacy.memguard import softmax
-    from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.privacy.datasets import load_dataset, save_npz
+    from siguard.privacy.defender import export_defender, train_defender
+    from siguard.privacy.memguard import softmax
+    from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
     d = tmp_path_factory.mktemp("audit")
     data = load_dataset("digits")
@@ -40,7 +40,7 @@ def world(tmp_path_factory):
 
 
 def _audit(world, report=None, swap=False, mode="reference"):
-    from privacy.audit import AuditData, run_audit
+    from siguard.privacy.audit import AuditData, run_audit
 
     f = world["files"]
     m, n = (f["nonmembers"], f["members"]) if swap else (f["members"], f["nonmembers"])
@@ -51,7 +51,7 @@ def _audit(world, report=None, swap=False, mode="reference"):
 
 @pytest.fixture(scope="module")
 def audited(world):
-    import privacy.attacks as attacks
+    import siguard.privacy.attacks as attacks
 
     calls = []
     originals = {}

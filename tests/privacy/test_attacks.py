@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.attacks import (
+from siguard.privacy.attacks import (
     EntropyAttack,
     MaxProbabilityAttack,
     NeuralAttack,
@@ -111,8 +111,15 @@ def test_shadow_models_and_the_adaptive_attacker(digits):
     guarded = shadow.adaptive_outputs(rounds=1, steps=20)  # its own defender, the public algorithm
     assert "shadow_defender_val_accuracy" in shadow.info
     assert guarded.label_preserved.all() and guarded.probs.shape == plain.shape
-    res = NeuralAttack().fit(guarded.probs, shadow.membership).evaluate(plain, shadow.membership)
-    assert 0.0 <= res.advantage <= 0.5
+    attack = NeuralAttack().fit(guarded.probs, shadow.membership)
+    res = attack.evaluate(plain, shadow.membership)
+    # the metrics against their definitions on the attack's own scores: AUC = P(member scores higher), ties half
+    m = shadow.membership.astype(bool)
+    score = attack.classifier.predict_proba(top_k_sorted(plain, 3))[:, 1]
+    pairs = score[m][:, None] - score[~m][None, :]
+    auc = float((pairs > 0).mean() + 0.5 * (pairs == 0).mean())
+    assert res.auc == pytest.approx(auc, abs=1e-12) and res.advantage == pytest.approx(abs(auc - 0.5), abs=1e-12)
+    assert res.accuracy == pytest.approx(float(((score >= 0.5) == m).mean()))
     no_ref = train_shadow(x_train[:50], y_train[:50], x_test[:50], input_shape=(64,), num_classes=10, epochs=1)
     with pytest.raises(ValueError, match="reference"):
         no_ref.adaptive_outputs()

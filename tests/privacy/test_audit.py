@@ -14,7 +14,7 @@ from tests.privacy.conftest import N_NON, N_SHADOW, N_TRAIN, _audit
 
 
 def test_audit_json_follows_its_schema_and_the_report_files_exist(world, audited):
-    from privacy.audit import validate_audit
+    from siguard.privacy.audit import validate_audit
 
     doc, _ = audited
     report = world["dir"] / "report"
@@ -73,7 +73,7 @@ def test_attacks_are_fitted_on_shadow_outputs_only(world, audited):
         assert doc["outputs"][kind]["attacks"].keys() == {"neural", "max_prob", "entropy", "modified_entropy",
                                                           "confidence", "loss"}
     # rebuild the evaluation outputs independently (onnxruntime + softmax) and check no fit saw one of them
-    from privacy.memguard import softmax
+    from siguard.privacy.memguard import softmax
     from tests.conftest import ort_run
 
     data = world["data"]
@@ -99,7 +99,7 @@ def test_swapping_members_and_nonmembers_mirrors_every_auc(world, audited):
 
 
 def test_terminal_table_shows_every_attack_and_output(audited):
-    from privacy.audit import format_table
+    from siguard.privacy.audit import format_table
 
     doc, _ = audited
     table = format_table(doc)
@@ -108,7 +108,7 @@ def test_terminal_table_shows_every_attack_and_output(audited):
     for title in ("plaintext (onnxruntime)", "secure, no guard", "secure + guard", "plaintext MemGuard"):
         assert title in table
     assert "label-only gap" in table
-    from privacy.audit import format_markdown
+    from siguard.privacy.audit import format_markdown
 
     md = format_markdown(doc).splitlines()
     assert len(md) == 2 + 6 + 1 + 5 and all(line.count("|") == 6 for line in md)
@@ -139,8 +139,8 @@ def test_cli_audit_runs_and_rejects_mismatched_inputs(world, tmp_path):
 
 def test_fixed_point_probabilities_are_not_mistaken_for_logits():
     """A softmax head's revealed vector can be an ulp below 0; it stays a probability vector (not softmaxed)."""
-    from privacy.audit import _as_probabilities
-    from privacy.defender import to_probabilities
+    from siguard.privacy.audit import _as_probabilities
+    from siguard.privacy.defender import to_probabilities
 
     q = np.array([[0.7, 0.3 + 3e-5, -1.5e-5], [0.0, 0.0, 0.0]])
     got = _as_probabilities(q, True)

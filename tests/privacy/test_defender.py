@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.errors import InputError
-from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-from privacy.memguard import softmax
+from siguard.core.errors import InputError
+from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from siguard.privacy.memguard import softmax
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def target_outputs(digits):
     """Logits (members (300, 10), non-members (240, 10)) of a digits MLP trained to overfit on the members."""
     import torch
 
-    from privacy.targets import make_mlp, train_classifier
+    from siguard.privacy.targets import make_mlp, train_classifier
 
     x_train, y_train, x_test, _ = digits
     model = train_classifier(make_mlp((64,), 10), x_train[:300], y_train[:300], epochs=40, seed=0)
@@ -36,7 +36,32 @@ def test_defender_trains_balanced_with_a_validation_split(trained):
     assert report.num_classes == 10
     assert report.members_used == report.nonmembers_used == 240  # the larger class is subsampled
     assert report.val_size == 2 * 48 and report.train_size == 2 * 192
-    assert 0.0 <= report.val_accuracy <= 1.0 and 1 <= report.best_epoch <= report.epochs_run
+    assert 1 <= report.best_epoch <= report.epochs_run
+    assert report.val_accuracy * report.val_size == pytest.approx(round(report.val_accuracy * report.val_size))
+
+
+def test_defender_separates_separable_members_and_reports_its_accuracy():
+    """Members with peaked outputs (top-1 in [0.9, 1)), non-members with flat ones (top-1 in [0.2, 0.5)): a
+    defender that learns anything separates them, on its validation split and on fresh records drawn the same
+    way (the generating labels are the oracle)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+
+    def outputs(n: int, peaked: bool) -> np.ndarray:
+        top = rng.uniform(0.9, 1.0, n) if peaked else rng.uniform(0.2, 0.5, n)
+        rest = rng.dirichlet(np.ones(9), n) * (1.0 - top)[:, None]
+        p = np.concatenate([top[:, None], rest], axis=1)
+        return np.take_along_axis(p, rng.permuted(np.tile(np.arange(10), (n, 1)), axis=1), axis=1)
+
+    module, report = train_defender(outputs(200, True), outputs(200, False), seed=0, epochs=60, patience=10)
+    assert report.val_accuracy >= 0.9 and report.train_accuracy >= 0.9
+    fresh_in, fresh_out = outputs(300, True), outputs(300, False)
+    with torch.no_grad():
+        said_in = module(torch.from_numpy(fresh_in).float())[:, 0] > 0
+        said_out = module(torch.from_numpy(fresh_out).float())[:, 0] > 0
+    accuracy = (float(said_in.float().mean()) + float(1 - said_out.float().mean())) / 2
+    assert accuracy >= 0.9
     assert module(__import__("torch").zeros(3, 10)).shape == (3, 1)
 
 
@@ -105,8 +130,8 @@ def test_bad_inputs_are_input_errors(tmp_path):
 
 
 def test_cli_guard_train(digits, tmp_path, capsys):
-    from privacy.targets import export_onnx, make_mlp, train_classifier
     from siguard.cli import main
+    from siguard.privacy.targets import export_onnx, make_mlp, train_classifier
 
     x_train, y_train, x_test, y_test = digits
     model = export_onnx(train_classifier(make_mlp((64,), 10), x_train[:200], y_train[:200], epochs=10),

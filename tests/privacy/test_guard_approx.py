@@ -11,9 +11,9 @@ import pytest
 
 @pytest.mark.parametrize("mode", ["crypten", "auto"])
 def test_guard_keeps_labels_with_either_internals(world, tmp_path, mode):
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from compiler.plan import Plan
-    from runtime.local import run_reference
+    from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.runtime.local import run_reference
     from tests.conftest import ort_run
 
     data = world["data"]
@@ -30,7 +30,7 @@ def test_guard_keeps_labels_with_either_internals(world, tmp_path, mode):
 
 
 def test_siguard_guard_needs_30_percent_fewer_rounds_than_crypten_defaults(world):
-    from compiler.pipeline import CompileOptions, compile_model
+    from siguard.pipeline import CompileOptions, compile_model
 
     rounds = {}
     for mode in ("crypten", "auto"):

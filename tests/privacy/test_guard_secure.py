@@ -1,4 +1,4 @@
-"""The secure guard against its float64 oracle (privacy.memguard.guard_reference), end to end.
+"""The secure guard against its float64 oracle (siguard.privacy.memguard.guard_reference), end to end.
 
 A small real scenario on scikit-learn's digits: an overfitted target MLP, a defender trained on
 the owner's members against the owner's reference non-members, the guard compiled into the plan.
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from privacy.datasets import FASHION_MNIST_DIR, load_dataset
-from privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
-from privacy.memguard import guard_reference
-from privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
-from runtime.local import run_reference, run_threads
+from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.privacy.datasets import FASHION_MNIST_DIR, load_dataset
+from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
+from siguard.privacy.memguard import guard_reference
+from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+from siguard.runtime.local import run_reference, run_threads
 
 ACCEPT_L1 = 2e-3  # a revealed vector this far from softmax(z) carries accepted noise
 
@@ -83,7 +83,7 @@ def test_default_guard_costs_at_most_3000_rounds(scenario):
                                       pytest.param("paper", marks=pytest.mark.slow)])
 def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
     """500 queries: labels kept for every query, noise decisions agree with the oracle of the same configuration."""
-    from runtime.guard import GuardConfig
+    from siguard.core.config import GuardConfig
 
     x, logits = scenario["x"], scenario["logits"]
     plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule)
@@ -141,7 +141,7 @@ def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
 @pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
 def test_messages_do_not_depend_on_acceptance(scenario, scheduler):
     """A query that gets noise at once and a query that never does send identical message sizes and counts."""
-    from runtime.guard import GuardConfig
+    from siguard.core.config import GuardConfig
 
     cfg = {"rounds": 2, "steps": 4, "lr": 0.5}
     x, logits = scenario["x"], scenario["logits"]

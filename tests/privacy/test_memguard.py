@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.defender import DefenderWeights
-from privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, softmax
+from siguard.privacy.defender import DefenderWeights
+from siguard.privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, softmax
 
 K = 10
 

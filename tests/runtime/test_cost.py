@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.cost import PRIMITIVE_COSTS, CostEngine
-from runtime.rss import run_threads
-from runtime.transport import StepStats
+from siguard.runtime.kernels.cost import PRIMITIVE_COSTS, CostEngine
+from siguard.runtime.mpc.inprocess import run_threads
+from siguard.runtime.mpc.transport import StepStats
 
 
 def zeros(*shape):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import rss
-from runtime.ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
-from runtime.rss import RSSEngine, Shares, run_threads
+from siguard.runtime.mpc import rss
+from siguard.runtime.mpc.inprocess import run_threads
+from siguard.runtime.mpc.rss import RSSEngine, Shares
+from siguard.runtime.ring import conv2d_by_matmul, conv2d_ring, conv_uses_matmul, conv_weight_matrix
 
 MASK = (1 << 64) - 1
 
@@ -84,7 +85,8 @@ def test_secure_conv_with_owner_weights_matches_the_oracle(x_shape, w_shape):
         ws = e.input("model", w if e.party == 0 else None, w.shape)
         xs = e.input("P1", x if e.party == 1 else None, x.shape)
         xs = e.add(xs, e.input("P2", torch.zeros_like(x) if e.party == 2 else None, x.shape))  # all slots random
-        assert rss._zero_slot(ws.b) == (e.party == 1) and rss._zero_slot(ws.a) == (e.party == 2)
+        assert isinstance(ws, rss.ServerInput)  # the owner's component is P0's alone: P1's slot b, P2's slot a are 0
+        assert (not ws.b.any()) == (e.party == 1) and (not ws.a.any()) == (e.party == 2)
         before = calls[e.party]
         y = e.conv2d(xs, ws, (1, 1), (1, 1), (1, 1), 1)
         products = calls[e.party] - before
@@ -135,18 +137,12 @@ def test_matmul_with_owner_weights_and_prepared_matrices_are_reused():
     assert torch.equal(y1, conv_bigint(xc, wc, 1, 1)) and torch.equal(y2, y1)
 
 
-def test_zero_slot_detection_is_conservative():
-    assert not rss._zero_slot(torch.zeros(4, dtype=torch.int64))  # a real tensor: not known to stay zero
-    assert not rss._zero_slot(torch.ones((), dtype=torch.int64).expand(3, 3))
-    assert not rss._zero_slot(rss._ZERO.expand(1))
-    assert rss._zero_slot(rss._ZERO.expand(2, 3))
-
-
 def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from compiler.plan import Plan
-    from runtime.local import op_breakdown, run_reference
-    from runtime.local import run_threads as run_plan
+    from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.runtime.local import run_reference
+    from siguard.runtime.local import run_threads as run_plan
+    from siguard.runtime.stats import op_breakdown
 
     write_plan(compile_model(mlp_onnx, CompileOptions(batch=2)), tmp_path / "plan")
     plan = Plan.load(tmp_path / "plan")

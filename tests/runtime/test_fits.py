@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from scipy.special import softmax as np_softmax
 
-import runtime.nonlinear as nl
-from runtime.plain import Clear, PlainEngine
-from runtime.ring import decode, encode
+import siguard.runtime.kernels.nonlinear as nl
+from siguard.runtime.kernels.plain import Clear, PlainEngine
+from siguard.runtime.ring import decode, encode
 
 FRAC = 16
 ULP = 2.0**-FRAC
@@ -76,8 +76,8 @@ def test_fit_without_a_range_uses_the_documented_default():
 def test_fit_cost_is_a_clip_plus_a_polynomial():
     import torch
 
-    from runtime.approx import poly_rounds
-    from runtime.cost import CostEngine, MetaShares
+    from siguard.runtime.kernels.approx import poly_rounds
+    from siguard.runtime.kernels.cost import CostEngine, MetaShares
 
     e = CostEngine(FRAC)
     nl.get_implementation("tanh", "fit8")(e, MetaShares(torch.empty((4, 3), device="meta")), lo=-3.0, hi=3.0)

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from runtime.rss import PartyFailure, run_threads
-from runtime.transport import InProcessNetwork, TransportTimeout
+from siguard.runtime.mpc.inprocess import PartyFailure, run_threads
+from siguard.runtime.mpc.transport import InProcessNetwork, TransportTimeout
 
 X = torch.arange(-5, 7, dtype=torch.int64) << 16
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from runtime.local import run_reference
-from runtime.local import run_threads as run_plan
-from runtime.rss import SCHEDULERS, PartyFailure, run_threads
+from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference
+from siguard.runtime.local import run_threads as run_plan
+from siguard.runtime.mpc.inprocess import SCHEDULERS, PartyFailure, run_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 8
@@ -85,11 +85,11 @@ def test_unknown_scheduler_is_rejected():
 
 
 def test_every_front_end_offers_lockstep():
-    import privacy.audit
     import siguard.api
+    import siguard.privacy.audit
     from siguard.cli import build_parser
 
-    assert "lockstep" in siguard.api.MODES and "lockstep" in privacy.audit.MODES
+    assert "lockstep" in siguard.api.MODES and "lockstep" in siguard.privacy.audit.MODES
     parser = build_parser()
     assert parser.parse_args(["run", "p", "--input", "x.npy", "--mode", "lockstep"]).mode == "lockstep"
     assert parser.parse_args(["run", "p", "--input", "x.npy"]).mode == "threads"  # the default stays
@@ -105,10 +105,10 @@ def test_audit_schema_accepts_every_audit_mode():
     """audit.json records ``mode``; the audit validates its document, so every mode must be in the schema."""
     import json
 
-    import privacy.audit
+    import siguard.privacy.audit
 
     schema = json.loads((ROOT / "privacy" / "schema" / "audit.schema.json").read_text())
-    assert set(schema["properties"]["mode"]["enum"]) == set(privacy.audit.MODES)
+    assert set(schema["properties"]["mode"]["enum"]) == set(siguard.privacy.audit.MODES)
 
 
 def test_python_api_runs_lockstep(mlp_plan, x, runs):

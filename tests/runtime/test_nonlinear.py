@@ -1,4 +1,5 @@
-"""runtime.nonlinear and runtime.approx: accuracy against float64 references on the plain engine
+"""siguard.runtime.kernels.nonlinear and siguard.runtime.kernels.approx: accuracy against float64 references on the
+plain engine
 (f = 16), bit-exactness of the comparison-based functions, round counts on the cost engine, the
 registry, and agreement of a few functions between the plain and the secure engine.
 
@@ -19,11 +20,11 @@ from scipy.special import expit, ndtr
 from scipy.special import log_softmax as np_log_softmax
 from scipy.special import softmax as np_softmax
 
-import runtime.nonlinear as nl
-from compiler.ops import OPS
-from runtime.approx import eval_poly, fit_chebyshev, poly_rounds
-from runtime.plain import Clear, PlainEngine
-from runtime.ring import decode, encode
+import siguard.runtime.kernels.nonlinear as nl
+from siguard.compiler.ops import OPS
+from siguard.runtime.kernels.approx import eval_poly, fit_chebyshev, poly_rounds
+from siguard.runtime.kernels.plain import Clear, PlainEngine
+from siguard.runtime.ring import decode, encode
 
 FRAC = 16
 ULP = 2.0**-FRAC
@@ -455,7 +456,7 @@ def test_parameterised_names_resolve():
 
 # ---- rounds on the cost engine --------------------------------------------------------------------
 def _rounds(fn, shape, *args, **kwargs) -> int:
-    from runtime.cost import CostEngine
+    from siguard.runtime.kernels.cost import CostEngine
 
     e = CostEngine(FRAC)
     x = e.input("client", None, shape)
@@ -514,7 +515,7 @@ def test_polynomial_round_counts():
 
 
 def test_layer_norm_and_prelu_round_counts():
-    from runtime.cost import CostEngine
+    from siguard.runtime.kernels.cost import CostEngine
 
     e = CostEngine(FRAC)
     x, g, b = e.input("client", None, (3, 64)), e.input("model", None, (64,)), e.input("model", None, (64,))
@@ -531,7 +532,7 @@ def test_layer_norm_and_prelu_round_counts():
 def test_secure_engine_agrees_with_plain():
     """The same code on three RSS parties: comparison-only functions are identical, the others
     differ by a few ulps (the secure truncation errs by up to 1 ulp, each)."""
-    from runtime.rss import run_threads
+    from siguard.runtime.mpc.inprocess import run_threads
 
     logits = encode(_logits(k=5, rows=6), FRAC)
     wide = encode(np.linspace(-8, 8, 12).reshape(3, 4), FRAC)

@@ -4,10 +4,10 @@ the same values as one after the other, and the cost model counts it the same wa
 import pytest
 import torch
 
-from runtime.cost import CostEngine
-from runtime.nonlinear import relu
-from runtime.plain import Clear, PlainEngine
-from runtime.rss import PartyFailure, run_threads
+from siguard.runtime.kernels.cost import CostEngine
+from siguard.runtime.kernels.nonlinear import relu
+from siguard.runtime.kernels.plain import Clear, PlainEngine
+from siguard.runtime.mpc.inprocess import PartyFailure, run_threads
 from tests.runtime.test_cost import check
 from tests.runtime.test_rss import compare, open_at_p0, rand_words, with_edges
 

@@ -8,10 +8,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from runtime.prg import PartyKeys, WordStream, derive_key, new_key, prf_words, setup_keys
-from runtime.rss import run_threads
-from runtime.transport import InProcessNetwork
+from siguard.runtime.mpc.inprocess import run_threads
+from siguard.runtime.mpc.prg import PartyKeys, WordStream, derive_key, new_key, setup_keys
+from siguard.runtime.mpc.transport import InProcessNetwork
 
 RUNTIME = pathlib.Path(__file__).resolve().parents[2] / "runtime"
 
@@ -72,10 +73,17 @@ def test_stream_does_not_depend_on_draw_sizes():
     assert many.drawn == got.numel()
 
 
-def test_prf_words_is_aes_ctr_from_counter_zero():
+def test_word_stream_is_aes_128_ctr_from_counter_zero():
+    """The words are AES-128-CTR's keystream (counter block 0, 1, ...) read as little-endian int64, computed
+    here block by block with AES-ECB on the counter blocks: an oracle that shares no code with the stream."""
     key = new_key()
-    assert torch.equal(prf_words(key, 0, 10), WordStream(key).words((10,)))
-    assert not torch.equal(prf_words(key, 1, 10), prf_words(key, 0, 10))
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    blocks = b"".join(ecb.update(i.to_bytes(16, "big")) for i in range(5000))  # 10000 words, past a CHUNK
+    want = torch.from_numpy(np.frombuffer(blocks, dtype="<i8").astype(np.int64))
+    s = WordStream(key)
+    got = torch.cat([s.words((3,)), s.words((4093,)), s.words((2, 2000)).reshape(-1), s.words((1904,))])
+    assert torch.equal(got, want)
+    assert not torch.equal(WordStream(new_key()).words((10,)), want[:10])
 
 
 def test_party_cannot_draw_a_key_it_lacks():
@@ -131,12 +139,13 @@ _FORBIDDEN_ATTRS = {
 }
 
 
-RUNTIME_MODULES = sorted(p.name for p in RUNTIME.glob("*.py"))
+RUNTIME_MODULES = sorted(p.relative_to(RUNTIME).as_posix() for p in RUNTIME.rglob("*.py"))
 
 
 def test_the_rng_rule_covers_the_protocol_modules():
-    assert {"prg.py", "rss.py", "transport.py", "cost.py", "guard.py", "nonlinear.py", "inputs.py", "server.py",
-            "net.py", "netclient.py"} <= set(RUNTIME_MODULES)
+    assert {"mpc/prg.py", "mpc/rss.py", "mpc/client.py", "mpc/inprocess.py", "mpc/transport.py",
+            "kernels/cost.py", "kernels/guard.py", "kernels/nonlinear.py", "kernels/inputs.py", "net/server.py",
+            "net/tls.py", "net/client.py"} <= set(RUNTIME_MODULES)
 
 
 @pytest.mark.parametrize("module", RUNTIME_MODULES)

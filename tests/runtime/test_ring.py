@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.ring import SIGN_BIT, decode, encode, rshift_logical, to_ring
+from siguard.runtime.ring import SIGN_BIT, decode, encode, rshift_logical, to_ring
 
 MOD = 1 << 64
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.errors import SiguardError
-from runtime import linalg, rss
-from runtime.linalg import prepare, prepare_conv, ring_conv2d, ring_matmul
-from runtime.plain import Clear, PlainEngine
-from runtime.rss import run_threads
+from siguard.core.errors import SiguardError
+from siguard.runtime import linalg
+from siguard.runtime.kernels.plain import Clear, PlainEngine
+from siguard.runtime.linalg import prepare, prepare_conv, ring_conv2d, ring_matmul
+from siguard.runtime.mpc import rss
+from siguard.runtime.mpc.inprocess import run_threads
 
 MASK = (1 << 64) - 1
 EDGES = [2**63 - 1, -(2**63), -1, 0, 1, 2**62, -(2**62) + 1, 0xFFFF, -0x10000, 2**48 - 1]
@@ -238,9 +239,9 @@ def test_secure_products_on_owner_weights_are_exact_with_either_kernel(kernel):
 
 def test_reference_engine_is_bit_identical_with_either_kernel(monkeypatch, cnn_onnx, digits):
     """A compiled plan on the reference engine: the same output bits with int64 and with limbs."""
-    from compiler.pipeline import CompileOptions, compile_model, write_plan
-    from compiler.plan import Plan
-    from runtime.local import run_reference
+    from siguard.compiler.plan import Plan
+    from siguard.pipeline import CompileOptions, compile_model, write_plan
+    from siguard.runtime.local import run_reference
 
     _, _, x_test, _ = digits
     xs = x_test[:16].reshape(-1, 1, 8, 8)

@@ -5,9 +5,16 @@ import time
 import pytest
 import torch
 
-from runtime.plain import Clear, ClearBits, PlainEngine
-from runtime.rss import BoolShares, PartyFailure, RSSEngine, Shares, run_threads
-from runtime.transport import FrameHeader, InProcessNetwork, TransportAborted, TransportError, TransportTimeout
+from siguard.runtime.kernels.plain import Clear, ClearBits, PlainEngine
+from siguard.runtime.mpc.inprocess import PartyFailure, run_threads
+from siguard.runtime.mpc.rss import BoolShares, RSSEngine, Shares
+from siguard.runtime.mpc.transport import (
+    FrameHeader,
+    InProcessNetwork,
+    TransportAborted,
+    TransportError,
+    TransportTimeout,
+)
 
 EDGES = [0, -1, 1, 2**61, -(2**61), 2**62 - 1, -(2**62), 12345 << 16, -(98765 << 16)]
 MSB_EDGES = EDGES + [2**63 - 1, -(2**63), 2**62, -(2**62) - 1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.pipeline import CompileOptions, compile_model, write_plan
-from compiler.plan import Plan
-from runtime.local import run_reference, run_threads
+from siguard.compiler.plan import Plan
+from siguard.pipeline import CompileOptions, compile_model, write_plan
+from siguard.runtime.local import run_reference, run_threads
 from tests.conftest import ort_run
 
 

@@ -1,4 +1,4 @@
-"""Statistical checks of what each server sees (PROTOCOLS §10).
+"""Statistical checks of what each server sees (docs/protocols.md §8).
 
 * every share component of fresh sharings (client input, mul, trunc, b2a outputs, msb bits) is
   uniform for fixed secrets;
@@ -13,9 +13,9 @@ import pytest
 import torch
 from scipy import stats
 
-from runtime.ring import rshift_logical
-from runtime.rss import run_threads
-from runtime.transport import InProcessTransport
+from siguard.runtime.mpc.inprocess import run_threads
+from siguard.runtime.mpc.transport import InProcessTransport
+from siguard.runtime.ring import rshift_logical
 
 N = 100_000
 ALPHA = 1e-6  # per test; there are a few hundred of them

@@ -269,7 +269,8 @@ class Transport(ABC):
         """Release resources; the in-process transport has none."""
 
 
-_ABORT = object()
+#: put on a link's queue when the network is aborted (every receive on that link then fails)
+ABORT = object()
 
 
 class InProcessNetwork:
@@ -328,7 +329,7 @@ class InProcessNetwork:
                 return
             self.abort_reason = reason
         for link in self._links.values():
-            link.put(_ABORT)
+            link.put(ABORT)
 
     def close(self) -> None:
         self.abort("network closed")
@@ -365,8 +366,8 @@ class InProcessTransport(Transport):
             item = get(timeout=min(max(deadline - time.monotonic(), 0.0), tick))
         except queue.Empty:
             item = self._wait_live(peer, deadline - self.timeout)
-        if item is _ABORT:
-            network._links[(peer, self.party)].put(_ABORT)  # leave it for any later receive on this link
+        if item is ABORT:
+            network._links[(peer, self.party)].put(ABORT)  # leave it for any later receive on this link
             raise TransportAborted(
                 f"party {self.party}: aborted while waiting for party {peer}: {network.abort_reason}",
                 self.party,

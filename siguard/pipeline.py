@@ -10,10 +10,22 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .arrays import load_npy
-from .backend import build_plan
-from .errors import InputError, SiguardError
-from .plan import Plan
+from siguard.compiler.arrays import load_npy
+from siguard.compiler.backend import build_plan
+from siguard.compiler.frontend import load_model
+from siguard.compiler.plan import Plan
+from siguard.compiler.report import render
+from siguard.core.config import GuardConfig, parse_budget
+from siguard.core.errors import InputError, SiguardError
+from siguard.passes.approx import Approximate
+from siguard.passes.base import PassContext, PassManager
+from siguard.passes.bounds import Bounds, parse_input_range
+from siguard.passes.calibrate import Calibrate
+from siguard.passes.canonicalize import Canonicalize
+from siguard.passes.cost import CostAnnotation
+from siguard.passes.fixedpoint import FixedPoint
+from siguard.passes.fuse import FuseTruncation
+from siguard.passes.guard import InsertGuard
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan", "load_npy"]
 
@@ -26,14 +38,14 @@ class CompileOptions:
     output: str | None = None
     inputs: tuple[str, ...] = ()  # graph inputs kept as inputs though an initializer gives a default (IR 3)
     frac_bits: int = 16
-    guard: Any = None  # defender ONNX path (or privacy.defender.DefenderWeights); None = no guard
-    guard_config: dict[str, Any] = field(default_factory=dict)  # runtime.guard.GuardConfig fields
+    guard: Any = None  # defender ONNX path (or siguard.privacy.defender.DefenderWeights); None = no guard
+    guard_config: dict[str, Any] = field(default_factory=dict)  # siguard.core.config.GuardConfig fields
     calibration: Any = None  # calibration inputs: an array (N, ...) or a .npy path; None = default ranges
-    approx: str = "auto"  # auto | exact | crypten | default (see passes.approx.Approximate)
+    approx: str = "auto"  # auto | exact | crypten | default (see siguard.passes.approx.Approximate)
     overrides: dict[str, str] = field(default_factory=dict)  # node name -> implementation (--approx NODE=IMPL)
-    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or passes.approx.AccuracyBudget; None = default
+    accuracy_budget: Any = None  # "top1=0.995,prob=0.01" or siguard.core.config.AccuracyBudget; None = default
     objective: str = "rounds"  # rounds | bytes
-    input_range: Any = None  # "LO,HI", ["NAME=LO,HI", ...] or {name: (lo, hi)}; None = derived (passes.bounds)
+    input_range: Any = None  # "LO,HI", ["NAME=LO,HI", ...] or {name: (lo, hi)}; None = derived (siguard.passes.bounds)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,10 +86,6 @@ def _onnx_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 def _evaluation_graph(model: Any, opts: CompileOptions, n: int, ranges: dict[str, tuple[float, float]]):
     """The model at a batch of up to 256 calibration inputs (or the plan's batch if its batch axis is
     fixed), canonicalized and in fixed point: what the approximation pass runs candidates on."""
-    from compiler.frontend import load_model
-    from passes.base import PassContext, PassManager
-    from passes.canonicalize import Canonicalize
-    from passes.fixedpoint import FixedPoint
 
     try:
         g = load_model(model, batch=min(n, 256), output=opts.output, inputs=opts.inputs)
@@ -103,14 +111,6 @@ def _json_safe(v: Any) -> Any:
 
 def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions | None = None) -> CompileResult:
     """Compile an ONNX model (path or ModelProto) into a plan (not yet written to disk)."""
-    from compiler.frontend import load_model
-    from passes.approx import Approximate, Calibrate, parse_budget
-    from passes.base import PassContext, PassManager
-    from passes.bounds import Bounds, parse_input_range
-    from passes.canonicalize import Canonicalize
-    from passes.cost import CostAnnotation
-    from passes.fixedpoint import FixedPoint
-    from passes.fuse import FuseTruncation
 
     opts = options or CompileOptions()
     if opts.batch < 1:
@@ -129,8 +129,6 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
         calibrate = Calibrate(_onnx_model(model), x_cal)
         passes.append(calibrate)
     if opts.guard is not None:
-        from passes.guard import InsertGuard
-        from runtime.guard import GuardConfig
 
         try:
             config = GuardConfig.for_schedule(**opts.guard_config)
@@ -161,7 +159,7 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
                                passes=[r.to_json() for r in pm.records], warnings=ctx.warnings,
                                version_string=_version())
     domain = graph.meta.get("input_domain", {})
-    for spec in plan.doc["inputs"]:  # public: the client refuses inputs outside it (runtime.local.check_inputs)
+    for spec in plan.doc["inputs"]:  # public: the client refuses inputs outside it (siguard.runtime.runs.check_inputs)
         if spec["name"] in domain:
             spec["domain"] = domain[spec["name"]]
             spec["domain_source"] = graph.meta["input_domain_source"]
@@ -182,7 +180,6 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
 
 def write_plan(result: CompileResult, out_dir: str | Path) -> Path:
     """Write plan.json, weights.npz and the rendered reports into ``out_dir``."""
-    from .report import render
 
     d = result.plan.save(out_dir, result.weights)
     (d / "report.txt").write_text(render(result.plan, "text"))

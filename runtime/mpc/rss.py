@@ -1,28 +1,27 @@
 """3-party replicated secret sharing over Z_2^64 (semi-honest, honest majority): the secure Engine.
 
-Layout (PROTOCOLS §1): x = x0 + x1 + x2 mod 2^64 and server P_i holds (x_i, x_{i+1}) as the
+Layout (docs/protocols.md §1): x = x0 + x1 + x2 mod 2^64 and server P_i holds (x_i, x_{i+1}) as the
 two slots ``a``, ``b`` of a :class:`Shares`. Component j is held by P_j (slot a) and P_{j-1}
 (slot b). Bits are XOR-shared the same way (:class:`BoolShares`), one bit per element in the
 least significant bit of each share word (every share word is 0 or 1).
 
 One :class:`RSSEngine` per server, each in its own thread or process, all executing the same
-sequence of Engine calls; the client is a :class:`Client`. Every protocol round is exactly one
-:meth:`runtime.transport.Transport.exchange` call at every server (also at a server with
+sequence of Engine calls. Every protocol round is exactly one
+:meth:`siguard.runtime.mpc.transport.Transport.exchange` call at every server (also at a server with
 nothing to send), with at most one message per peer: things that travel to the same peer in the
 same round are concatenated (also across independent calls merged by :meth:`RSSEngine.parallel`,
 which runs the stepwise forms of ``msb`` and ``trunc`` side by side). Costs in the docstrings are
-per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`runtime.cost` repeats them
+per element: rounds, and bytes *sent* by P0, P1, P2 (the table in :mod:`siguard.runtime.kernels.cost` repeats them
 and the tests check both).
 
-:func:`run_threads` runs the three servers and the client in this process, after the key setup of
-:func:`runtime.prg.setup_keys`: as threads over an :class:`runtime.transport.InProcessNetwork`, or as
-greenlets in one thread over a :class:`runtime.transport.LockstepNetwork` (``scheduler="lockstep"``).
+:func:`siguard.runtime.mpc.inprocess.run_threads` runs the three servers and the client in one process;
+the client's side is :class:`siguard.runtime.mpc.client.Client`.
 
 Speed. With small tensors a round costs Python and per-op overhead, not arithmetic: the
 elementwise protocols (mul, trunc, msb, bit_and, b2a, mul_bit) compute on zero-copy numpy views
 of the share tensors (a numpy op on a few words costs about a third of a torch op and, unlike a
 torch op, does not release the GIL to the other party threads), draw their masks as numpy words,
-and drop the terms of known-zero slots; matmul and conv2d run in :mod:`runtime.linalg` (exact
+and drop the terms of known-zero slots; matmul and conv2d run in :mod:`siguard.runtime.linalg` (exact
 mod 2^64: torch's int64 kernels or float64 BLAS on 22/21/21-bit digits, chosen per CPU and shape).
 Share tensors are never modified in place (several values may share storage). The words sent and the results are the
 same as computing the textbook formulas in the docstrings, except for products with a server's
@@ -35,28 +34,26 @@ matrix of a kernel, its float64 limbs) is prepared once per engine.
 from __future__ import annotations
 
 import hashlib
-import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from compiler.errors import RuntimeFault
+from siguard.core.errors import RuntimeFault
+from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
+from siguard.runtime.linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
+from siguard.runtime.ring import (
+    SIGN_BIT,
+    broadcast_shape,
+    numel,
+)
 
-from .engine import Engine, SharePair, check_parallel_call
-from .linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
-from .prg import PartyKeys, Randomness, setup_keys
-from .ring import SIGN_BIT, broadcast_shape
-from .transport import CLIENT, InProcessNetwork, LockstepNetwork, StepStats, Transport, TransportAborted
+from .prg import Randomness
+from .transport import CLIENT, Transport
 
-__all__ = [
-    "Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "Client", "PartyFailure", "run_threads",
-]
+__all__ = ["Shares", "ServerInput", "BoolShares", "InconsistentInput", "RSSEngine", "public_tensor"]
 
-R = TypeVar("R")
-C = TypeVar("C")
 
 _TWO_62 = 1 << 62
 _ONE = torch.ones((), dtype=torch.int64)
@@ -110,7 +107,7 @@ class Shares(SharePair):
 class ServerInput(Shares):
     """Shares of a value input by a server (e.g. the weights): component ``zero`` (= owner + 2) is 0,
     a fact every party knows from the plan. The party holding that component has it as a broadcast
-    zero view (:func:`_zero_slot`). Products with such a value use a cheaper split of the cross
+    zero view of one word. Products with such a value use a cheaper split of the cross
     terms (:meth:`RSSEngine._product`); single-argument local maps keep the marker."""
 
     __slots__ = ("zero",)
@@ -152,14 +149,7 @@ def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _zero_slot(t: torch.Tensor) -> bool:
-    """True iff t is a broadcast view of the single zero word (a slot known to be all zeros)."""
-    if t.dim() == 0 or any(t.stride()) or t.numel() < 2 or t.untyped_storage().nbytes() != 8:
-        return False
-    return not t.view(-1)[0]
-
-
-def _public(x: Any) -> torch.Tensor:
+def public_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.int64:
             raise TypeError(f"public ring values are int64 tensors, got {x.dtype}")
@@ -193,7 +183,7 @@ class _Round:
             for peer, parts in self._send.items()
         }
         recv = {
-            peer: shapes[0] if len(shapes) == 1 else (sum(_numel(s) for s in shapes),)
+            peer: shapes[0] if len(shapes) == 1 else (sum(numel(s) for s in shapes),)
             for peer, shapes in self._recv.items()
         }
         got = transport.exchange(send, recv)
@@ -202,24 +192,17 @@ class _Round:
             if len(shapes) == 1:
                 out[(peer, 0)] = got[peer]
                 continue
-            pieces = torch.split(got[peer], [_numel(s) for s in shapes])
+            pieces = torch.split(got[peer], [numel(s) for s in shapes])
             for k, (piece, shape) in enumerate(zip(pieces, shapes, strict=True)):
                 out[(peer, k)] = piece.reshape(shape)
         return out
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 class RSSEngine(Engine):
     """The secure engine of server P_i (see the module docstring).
 
     ``party`` in {0, 1, 2}; ``transport`` its endpoint; ``randomness`` its per-session PRF
-    streams (:meth:`runtime.prg.PartyKeys.session`); ``frac_bits`` the fixed-point scale the
+    streams (:meth:`siguard.runtime.mpc.prg.PartyKeys.session`); ``frac_bits`` the fixed-point scale the
     callers use (the engine itself does not track scales).
     """
 
@@ -274,7 +257,7 @@ class RSSEngine(Engine):
         """Run independent primitive calls with their rounds merged (see Engine.parallel).
 
         Each call is ``(method, *args)`` with ``method`` this engine's ``msb`` or ``trunc``
-        (:data:`runtime.engine.PARALLEL_PRIMITIVES`). Their stepwise forms (generators that yield one
+        (:data:`siguard.runtime.kernels.engine.PARALLEL_PRIMITIVES`). Their stepwise forms (generators that yield one
         round's (send, recv) and receive what arrived) advance together: ONE exchange per round
         carries every live call's messages, per peer flattened and concatenated in call order, and
         the reply is split the same way.
@@ -405,7 +388,7 @@ class RSSEngine(Engine):
 
     def forget_prepared(self) -> None:
         """Drop the prepared weight matrices (and the shares they keep alive): called when fresh weight
-        shares replace the old ones (:meth:`runtime.executor.Executor.use_weights`)."""
+        shares replace the old ones (:meth:`siguard.runtime.executor.Executor.use_weights`)."""
         self._matrices.clear()
 
     def rerandomise(self, x: Any) -> Any:
@@ -432,11 +415,11 @@ class RSSEngine(Engine):
         """Add server ``owner``'s input of ``value`` to round ``rnd``; returns the function that
         builds the shares from the round's result. Draws from k_{owner+1} (at its two holders)."""
         i, o = self.party, owner
-        zero = _ZERO.expand(shape)  # component o+2: recognised by _zero_slot, stored as one word
+        zero = _ZERO.expand(shape)  # component o+2: known to be zero, stored as one word
         if i == o:
             if value is None:
                 raise ValueError(f"P{o} owns this input but was given no value")
-            value = _public(value)
+            value = public_tensor(value)
             if tuple(value.shape) != shape:
                 raise ValueError(f"input shape {tuple(value.shape)} != declared {shape}")
             x_next = self.rand.key_stream(o + 1, shape)
@@ -478,12 +461,12 @@ class RSSEngine(Engine):
         if isinstance(a, Shares) and isinstance(b, Shares):
             return Shares(a.a + b.a, a.b + b.b)
         if isinstance(a, Shares):
-            return self._add_public(a, _public(b))
+            return self._addpublic_tensor(a, public_tensor(b))
         if isinstance(b, Shares):
-            return self._add_public(b, _public(a))
-        return _public(a) + _public(b)
+            return self._addpublic_tensor(b, public_tensor(a))
+        return public_tensor(a) + public_tensor(b)
 
-    def _add_public(self, x: Shares, c: torch.Tensor) -> Shares:
+    def _addpublic_tensor(self, x: Shares, c: torch.Tensor) -> Shares:
         if c.dim() == 0 or c.shape == x.a.shape:  # no broadcasting beyond x: touch component 0 only
             if self.party == 0:
                 return Shares(x.a + c, x.b)
@@ -498,16 +481,16 @@ class RSSEngine(Engine):
         if isinstance(a, Shares) and isinstance(b, Shares):
             return Shares(a.a - b.a, a.b - b.b)
         if isinstance(a, Shares):
-            return self._add_public(a, -_public(b))
+            return self._addpublic_tensor(a, -public_tensor(b))
         if isinstance(b, Shares):
-            return self._add_public(self.neg(b), _public(a))
-        return _public(a) - _public(b)
+            return self._addpublic_tensor(self.neg(b), public_tensor(a))
+        return public_tensor(a) - public_tensor(b)
 
     def neg(self, a: Any) -> Any:
         """-a. Local."""
         if isinstance(a, Shares):
             return Shares(-a.a, -a.b)
-        return -_public(a)
+        return -public_tensor(a)
 
     def local(self, fn: Callable[..., torch.Tensor], *xs: Any) -> Any:
         """fn applied to slot a of every secret argument, then to slot b (public arguments passed
@@ -532,8 +515,8 @@ class RSSEngine(Engine):
     def cat(self, xs: Sequence[Any], dim: int) -> Any:
         """Concatenate; public parts enter as sharings with only component 0 set. Local."""
         if not any(isinstance(x, Shares) for x in xs):
-            return torch.cat([_public(x) for x in xs], dim=dim)
-        parts = [x if isinstance(x, Shares) else self._public_shares(_public(x)) for x in xs]
+            return torch.cat([public_tensor(x) for x in xs], dim=dim)
+        parts = [x if isinstance(x, Shares) else self._public_shares(public_tensor(x)) for x in xs]
         return Shares(torch.cat([p.a for p in parts], dim=dim), torch.cat([p.b for p in parts], dim=dim))
 
     # ---- products ---------------------------------------------------------------------------
@@ -580,19 +563,19 @@ class RSSEngine(Engine):
             z += self.rand.zero_share(z.shape)
             return self._reshare(z)
         if isinstance(a, Shares):
-            c = _public(b)
+            c = public_tensor(b)
             return Shares(op(a.a, c), op(a.b, c))
         if isinstance(b, Shares):
-            c = _public(a)
+            c = public_tensor(a)
             return Shares(op(c, b.a), op(c, b.b))
-        return op(_public(a), _public(b))
+        return op(public_tensor(a), public_tensor(b))
 
     def _weight_sum(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The slot sum of a server's input (the weights' y_{c+1} + y_{c+2}), cached like :meth:`_prepared`."""
         return parts[0] if len(parts) == 1 else self._prepared(parts, _same)
 
     def _prepared(self, parts: tuple[torch.Tensor, ...], make: Callable[[torch.Tensor], Any] = prepare) -> Any:
-        """``make`` (:func:`runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
+        """``make`` (:func:`siguard.runtime.linalg.prepare` or ``prepare_conv``) of the sum of ``parts``, cached
         by the identity of the parts: weight shares live as long as a session (they are re-randomised at
         each, :meth:`rerandomise`), so the sum, the transposed copy and the float64 limbs are made once per
         session, not per use; :meth:`forget_prepared` drops the old ones."""
@@ -618,14 +601,14 @@ class RSSEngine(Engine):
             xa, ya = _arr(a.a), _arr(b.a)
             z = xa * (ya + _arr(b.b))
             z += _arr(a.b) * ya
-            z += self.rand.zero_share_np(_numel(shape)).reshape(_nshape(shape))
+            z += self.rand.zero_share_np(numel(shape)).reshape(_nshape(shape))
             return self._reshare_np(z, shape)
         return self._product(a, b, torch.mul)
 
     def matmul(self, a: Any, b: Any) -> Any:
         """torch.matmul on ring elements: Z_i = X_i @ (Y_i + Y_{i+1}) + X_{i+1} @ Y_i + alpha_i.
         1 round, 8 B per output element from every party (any inner dimension). Public: local.
-        Products run in :func:`runtime.linalg.ring_matmul`; a server's input on the right (the
+        Products run in :func:`siguard.runtime.linalg.ring_matmul`; a server's input on the right (the
         weights) is prepared once per engine (:meth:`_prepared`)."""
         if isinstance(b, ServerInput) and isinstance(a, Shares) and len(b.shape) == 2:
             return self._product(a, b, ring_matmul, self._prepared)
@@ -642,7 +625,7 @@ class RSSEngine(Engine):
     ) -> Any:
         """conv2d (bilinear, so the matmul rule applies): conv(X_i, W_i + W_{i+1}) + conv(X_{i+1}, W_i)
         + alpha_i. 1 round, 8 B per output element from every party. Public operand: local.
-        Products run in :func:`runtime.linalg.ring_conv2d`; where that is a matmul, the kernel's
+        Products run in :func:`siguard.runtime.linalg.ring_conv2d`; where that is a matmul, the kernel's
         matrix (and limbs) are prepared once per engine (:meth:`_conv_matrix`)."""
         st, pad, dil = tuple(stride), tuple(padding), tuple(dilation)
         if isinstance(x, Shares) and isinstance(w, Shares) and conv_prepared(x.shape, w.shape, st, pad, dil, groups):
@@ -682,7 +665,7 @@ class RSSEngine(Engine):
         if not 1 <= d <= 62:
             raise ValueError(f"truncation by {d} bits is outside 1..62")
         shape = tuple(x.shape)
-        n, ns = _numel(shape), _nshape(shape)
+        n, ns = numel(shape), _nshape(shape)
         wrap = _ring_int(1 << (64 - d))  # 2^(64-d) as an int64 (d = 1 gives -2^63)
         # With arithmetic shifts: lshr(v, d) - lshr(v, 63) 2^(64-d) = v >> d, and m v' = v' & (v >> 63)
         # for m = lshr(v, 63); so t0 = (A >> d) - 2^(62-d), u = r - (A >> 63),
@@ -725,7 +708,7 @@ class RSSEngine(Engine):
     def msb(self, x: Shares) -> BoolShares:
         """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
 
-        A2B-free carry-out (PROTOCOLS §5). Component x_j alone is a Boolean sharing of x_j with only
+        A2B-free carry-out (docs/protocols.md §5). Component x_j alone is a Boolean sharing of x_j with only
         component j non-zero, so P_i's slots (x_i, x_{i+1}) are also its Boolean shares of
         s = x0 ^ x1 ^ x2.
 
@@ -750,7 +733,7 @@ class RSSEngine(Engine):
     def _msb_steps(self, x: Shares) -> Any:
         """:meth:`msb` as a stepwise protocol (yields each round's (send, recv))."""
         shape = tuple(x.shape)
-        n = _numel(shape)
+        n = numel(shape)
         beta = self.rand.zero_share_xor_np(8 * n).reshape(8, n)  # one draw per key for the 8 AND rounds
         s = np.empty((2, n), dtype=np.int64)
         s[0] = _arr(x.a).reshape(-1)
@@ -783,7 +766,7 @@ class RSSEngine(Engine):
         top ^= (gen.view(np.uint64) >> 63).view(np.int64)
         return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
 
-    def _xor_public(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
+    def _xorpublic_tensor(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
         if c.dim() == 0 or c.shape == b.a.shape:  # no broadcasting beyond b: touch component 0 only
             if self.party == 0:
                 return BoolShares(b.a ^ c, b.b)
@@ -795,17 +778,17 @@ class RSSEngine(Engine):
 
     def bit_not(self, b: BoolShares) -> BoolShares:
         """1 - b: XOR 1 into component 0. Local."""
-        return self._xor_public(b, _ONE)
+        return self._xorpublic_tensor(b, _ONE)
 
     def bit_xor(self, a: Any, b: Any) -> Any:
         """a xor b (either may be a public 0/1 int64 tensor). Local."""
         if isinstance(a, BoolShares) and isinstance(b, BoolShares):
             return BoolShares(a.a ^ b.a, a.b ^ b.b)
         if isinstance(a, BoolShares):
-            return self._xor_public(a, _public(b))
+            return self._xorpublic_tensor(a, public_tensor(b))
         if isinstance(b, BoolShares):
-            return self._xor_public(b, _public(a))
-        return _public(a) ^ _public(b)
+            return self._xorpublic_tensor(b, public_tensor(a))
+        return public_tensor(a) ^ public_tensor(b)
 
     def bit_and(self, a: Any, b: Any) -> Any:
         """a and b. Secret x secret: 1 round, 8 B per element from every party. Public: local."""
@@ -815,18 +798,18 @@ class RSSEngine(Engine):
             ba = _arr(b.a)
             z = _arr(a.a) & (ba ^ _arr(b.b))
             z ^= _arr(a.b) & ba
-            beta = self.rand.zero_share_xor_np(_numel(shape))
+            beta = self.rand.zero_share_xor_np(numel(shape))
             beta &= 1
             z ^= beta.reshape(_nshape(shape))
             s = self._reshare_np(z, shape)
             return BoolShares(s.a, s.b)
         if isinstance(a, BoolShares):
-            c = _public(b)
+            c = public_tensor(b)
             return BoolShares(a.a & c, a.b & c)
         if isinstance(b, BoolShares):
-            c = _public(a)
+            c = public_tensor(a)
             return BoolShares(b.a & c, b.b & c)
-        return _public(a) & _public(b)
+        return public_tensor(a) & public_tensor(b)
 
     def bit_cat(self, bs: Sequence[BoolShares], dim: int) -> BoolShares:
         """Concatenate bit tensors. Local."""
@@ -848,7 +831,7 @@ class RSSEngine(Engine):
         Round A: P0 inputs t = b0 xor b1. Round B: [t][b2] by RSS mul; b = t + b2 - 2 t b2."""
         i = self.party
         shape = tuple(b.shape)
-        n, ns = _numel(shape), _nshape(shape)
+        n, ns = numel(shape), _nshape(shape)
         if i == 0:
             x_next = self.rand.key_stream_np(1, n).reshape(ns)
             t_own = (_arr(b.a) ^ _arr(b.b)) - x_next
@@ -882,11 +865,11 @@ class RSSEngine(Engine):
         w = u t; result w + v. Public x: x * b2a(b), 2 rounds, bytes P0 16, P1 8, P2 8 (of b's size).
         """
         if not isinstance(x, Shares):
-            return self.mul(_public(x), self.b2a(b))
+            return self.mul(public_tensor(x), self.b2a(b))
         i = self.party
         bshape = tuple(b.shape)
         shape = broadcast_shape(tuple(x.shape), bshape)
-        nb, n, ns = _numel(bshape), _numel(shape), _nshape(shape)
+        nb, n, ns = numel(bshape), numel(shape), _nshape(shape)
         xa, xb = _arr(x.a), _arr(x.b)
         if i == 0:
             x_next = self.rand.key_stream_np(1, nb)
@@ -973,138 +956,15 @@ def _merged_exchange(
         for peer, shape in recv.items():
             recv_parts.setdefault(peer, []).append((i, tuple(shape)))
     merged_send = {peer: (ts[0] if len(ts) == 1 else torch.cat(ts)) for peer, ts in send_parts.items()}
-    merged_recv = {peer: (sum(_numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
+    merged_recv = {peer: (sum(numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
     got = outer.exchange(merged_send, merged_recv)
     out: dict[int, dict[int, torch.Tensor]] = {i: {} for i, _, _ in posted}
     for peer, parts in recv_parts.items():
         flat, start = got[peer], 0
         for i, shape in parts:
-            n = _numel(shape)
+            n = numel(shape)
             out[i][peer] = flat[start : start + n].reshape(shape)
             start += n
     return out
 
 
-class Client:
-    """The client (party 3): shares its input and reconstructs the revealed output.
-
-    Its randomness is private (a fresh OS key unless ``randomness`` is given)."""
-
-    party = CLIENT
-
-    def __init__(self, transport: Transport, randomness: Randomness | None = None):
-        if transport.party != CLIENT:
-            raise ValueError(f"the client is party {CLIENT}, got a transport for party {transport.party}")
-        self.transport = transport
-        self.rand = randomness if randomness is not None else PartyKeys(CLIENT).session(secrets.token_bytes(16))
-
-    def share_input(self, x: torch.Tensor) -> None:
-        """Send (x_i, x_{i+1}) to P_i with x0, x1 uniform and x2 = x - x0 - x1. 1 round; 48 B per
-        element sent by the client (16 to each server)."""
-        x = _public(x)
-        x0, x1 = self.rand.private(x.shape), self.rand.private(x.shape)
-        comps = (x0, x1, x - x0 - x1)
-        self.transport.exchange({i: torch.stack((comps[i], comps[(i + 1) % 3])) for i in range(3)}, {})
-
-    def receive_output(self, shape: Sequence[int]) -> torch.Tensor:
-        """Receive x_i from every P_i and return x0 + x1 + x2. 1 round; the client sends nothing."""
-        shape = tuple(int(s) for s in shape)
-        got = self.transport.exchange({}, {i: shape for i in range(3)})
-        return got[0] + got[1] + got[2]
-
-
-class PartyFailure(RuntimeFault):
-    """A party's thread failed; ``party`` names it (3 = client) and ``__cause__`` holds the error."""
-
-    def __init__(self, party: int, exc: BaseException):
-        who = "the client" if party == CLIENT else f"party P{party}"
-        super().__init__(f"{who} failed: {type(exc).__name__}: {exc}")
-        self.party = party
-
-
-def run_threads(
-    fn_party: Callable[[RSSEngine], R],
-    fn_client: Callable[[Client], C] | None = None,
-    *,
-    frac_bits: int = 16,
-    timeout: float = 30.0,
-    session_id: str | None = None,
-    scheduler: str = "threads",
-) -> tuple[list[R], C | None, list[dict[str, StepStats]]]:
-    """Run ``fn_party`` on P0, P1, P2 and ``fn_client`` on the client, all in this process.
-
-    ``scheduler``: ``"threads"`` gives each party its own OS thread (big tensor products of
-    different parties overlap on several cores); ``"lockstep"`` runs them as greenlets in this
-    thread, switching at every wait (:class:`runtime.transport.LockstepNetwork`: a round costs
-    less than half as much, which round-bound plans such as the guard feel). The protocol, the
-    messages and the statistics are the same.
-
-    The servers first agree on keys (:func:`runtime.prg.setup_keys`, step "setup"), then derive
-    the session's PRF streams. Returns (the three servers' results, the client's result or None,
-    the per-step transport statistics of parties 0..3). When a party raises, the network is
-    aborted so nobody waits for it, and the first failure (preferring a root cause over the
-    aborts it triggered) is raised as :class:`PartyFailure` naming the party.
-    """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r} (one of {', '.join(SCHEDULERS)})")
-    session = session_id if session_id is not None else secrets.token_hex(8)
-    net: InProcessNetwork | LockstepNetwork
-    if scheduler == "lockstep":
-        net = LockstepNetwork(4, session=session, timeout=timeout)
-    else:
-        net = InProcessNetwork(4, timeout=timeout, session=session)
-    results: list[Any] = [None, None, None]
-    client_result: list[Any] = [None]
-
-    def server(i: int) -> None:
-        transport = net.transport(i)
-        keys = setup_keys(transport)
-        results[i] = fn_party(RSSEngine(i, transport, keys.session(session), frac_bits))
-
-    def client() -> None:
-        client_result[0] = fn_client(Client(net.transport(CLIENT)))
-
-    bodies: dict[int, Callable[[], None]] = {i: (lambda i=i: server(i)) for i in range(3)}
-    if fn_client is not None:
-        bodies[CLIENT] = client
-    if isinstance(net, LockstepNetwork):
-        failures = net.run(bodies)
-    else:
-        failures = _run_in_threads(net, bodies)
-    stats = [net.transport(p).stats for p in range(4)]
-    net.close()
-    if failures:
-        root = [f for f in failures if not isinstance(f[1], TransportAborted)] or failures
-        party, exc = root[0]
-        raise PartyFailure(party, exc) from exc
-    return results, client_result[0], stats
-
-
-#: how :func:`run_threads` runs the parties of one process
-SCHEDULERS = ("threads", "lockstep")
-
-
-def _run_in_threads(net: InProcessNetwork, bodies: dict[int, Callable[[], None]]) -> list[tuple[int, BaseException]]:
-    """Each body in its own thread; returns the failures (party, exception) in the order they happened,
-    aborting the network at the first so nobody waits for a dead party."""
-    failures: list[tuple[int, BaseException]] = []
-    lock = threading.Lock()
-
-    def guarded(party: int, body: Callable[[], None]) -> None:
-        try:
-            body()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            with lock:
-                failures.append((party, exc))
-            net.abort(f"party {party} failed: {type(exc).__name__}: {exc}")
-
-    names = {CLIENT: "siguard-client"}
-    threads = [threading.Thread(target=guarded, args=(p, body), name=names.get(p, f"siguard-P{p}"), daemon=True)
-               for p, body in bodies.items()]
-    for p, t in zip(bodies, threads, strict=True):
-        net.attach(p, t)
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return failures

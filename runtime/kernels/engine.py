@@ -2,14 +2,14 @@
 
 One interface, two engines:
 
-* :class:`runtime.plain.PlainEngine` computes on cleartext ring elements with exactly the
+* :class:`siguard.runtime.kernels.plain.PlainEngine` computes on cleartext ring elements with exactly the
   fixed-point arithmetic of the secure protocols (deterministic floor truncation, exact
   comparisons). It is the *fixed-point reference executor* and the fast evaluator used for
   calibration and accuracy measurement.
-* :class:`runtime.rss.RSSEngine` computes on 3-party replicated secret shares over Z_2^64
-  (one engine object per party), talking to its peers through a :class:`runtime.transport.Transport`.
+* :class:`siguard.runtime.mpc.rss.RSSEngine` computes on 3-party replicated secret shares over Z_2^64
+  (one engine object per party), talking to its peers through a :class:`siguard.runtime.mpc.transport.Transport`.
 
-Because the nonlinear functions in :mod:`runtime.nonlinear` call only this interface, the
+Because the nonlinear functions in :mod:`siguard.runtime.kernels.nonlinear` call only this interface, the
 reference and the secure runtime cannot drift apart: they run the same approximation code.
 
 Value kinds seen through the interface:

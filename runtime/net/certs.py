@@ -8,13 +8,13 @@
   key in that party's own directory: ``P0/P0.key``, ``P1/P1.key``, ``P2/P2.key``, ``client/client.key``
   (directories 0700), so that handing a party its directory hands it its key and no other;
 * ``parties.toml``, a configuration naming each party's host, port and certificate
-  (see :mod:`runtime.config`), unless one exists.
+  (see :mod:`siguard.runtime.net.config`), unless one exists.
 
 Keys are ECDSA P-256, signatures SHA-256, private keys PKCS#8 PEM without a passphrase, written
 with mode 0600. Every leaf certificate is valid for TLS server *and* client authentication
 (servers both accept and dial connections) and names its role twice: the subject common name
 ``siguard P1`` and the URI ``urn:siguard:party:P1``. Identity is nevertheless decided by
-pinning: :mod:`runtime.config` records the SHA-256 fingerprint of every configured certificate,
+pinning: :mod:`siguard.runtime.net.config` records the SHA-256 fingerprint of every configured certificate,
 and a peer is whichever party's certificate it presented, verified against the CA.
 
 Existing files are never overwritten unless ``force`` is given, so nothing written before is lost.
@@ -40,10 +40,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from compiler.errors import InputError
+from siguard.core.errors import InputError
 
-__all__ = ["ROLES", "make_certs", "issue_certificate", "fingerprint_of_pem", "make_request", "sign_request",
-           "key_path"]
+__all__ = ["ROLES", "make_certs", "issue_certificate", "make_request", "sign_request", "key_path"]
+from .config import render_config
 
 #: the four roles that get a certificate, in party order (0, 1, 2, client)
 ROLES = ("P0", "P1", "P2", "client")
@@ -201,18 +201,11 @@ def make_certs(
         written[role], written[f"{role}_key"] = d / f"{role}.pem", key_path(d, role)
     config = d / "parties.toml"
     if write_config and (force or not config.exists()):
-        from .config import render_config
 
         servers = {r: (hosts.get(r, "127.0.0.1"), port_base + i) for i, r in enumerate(ROLES[:3])}
         config.write_text(render_config(servers, cert_dir=".", with_keys=True))
         written["config"] = config
     return written
-
-
-def fingerprint_of_pem(data: bytes) -> str:
-    """SHA-256 fingerprint (hex) of the DER form of a PEM certificate."""
-    cert = x509.load_pem_x509_certificate(data)
-    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _private_dir(path: Path) -> None:

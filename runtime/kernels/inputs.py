@@ -1,6 +1,6 @@
 """The client's input as the servers take it: shared, checked for consistency, clamped obliviously.
 
-The servers cannot rely on the client's own range check (:func:`runtime.local.check_inputs`): a
+The servers cannot rely on the client's own range check (:func:`siguard.runtime.runs.check_inputs`): a
 malicious client can send any ring element. Findings (``tests/runtime/test_security.py``,
 README *Threat model*): an input beyond the fixed-point range wraps mod 2^64 in the first product,
 the exact truncation after it is only correct while abs(x) < 2^62, and a ReLU then tests the sign
@@ -10,7 +10,7 @@ bound [lo, hi] before any use: the servers then compute only on values an honest
 have sent. (The client's own limit is loose enough that products can wrap at it; a tight input
 domain in the plan is the bound that keeps every product in range.)
 
-Clamp (written once against :class:`runtime.engine.Engine`, so the reference, the secure engine
+Clamp (written once against :class:`siguard.runtime.kernels.engine.Engine`, so the reference, the secure engine
 and the cost model run the same code):
 
 * u = x - lo and v = hi - x; l = msb(u) ([x < lo]) and h = msb(v) ([x > hi]) in one msb call;
@@ -21,10 +21,10 @@ Whatever ring element x is, y lies in [lo, hi]: if neither bit is set, u and v a
 [0, 2^63) and u + v = hi - lo, so x is in [lo, hi]. Cost: msb 8 rounds + AND 1 + mul_bit 2 =
 **11 rounds** per input, bytes per element 2·64 + 8 + 2·24 = 184 (P0) / 2·64 + 8 + 2·16 = 168
 (P1, P2). With the client's share round and the consistency check
-(:meth:`runtime.rss.RSSEngine.input`): 13 rounds for the input step.
+(:meth:`siguard.runtime.mpc.rss.RSSEngine.input`): 13 rounds for the input step.
 
 The bound is the input spec's ``domain`` [lo, hi] (real values) when the plan records one, else
-the client's own limit: abs(x) < :func:`runtime.ring.MAX_ABS_REAL` (f) / 2^f.
+the client's own limit: abs(x) < :func:`siguard.runtime.ring.MAX_ABS_REAL` (f) / 2^f.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from siguard.runtime.ring import MAX_ABS_REAL
+
 from .engine import Engine
-from .ring import MAX_ABS_REAL
 
 __all__ = ["client_bounds", "clamp", "client_input"]
 

@@ -1,10 +1,10 @@
 """One registry of op handlers, shared by the reference, secure and cost-counting engines.
 
 A handler has the signature ``handler(ctx, step, args) -> list[outputs]`` where ``ctx`` is the
-:class:`runtime.executor.StepContext` (engine, fixed-point bits, value metadata), ``step`` the
+:class:`siguard.runtime.executor.StepContext` (engine, fixed-point bits, value metadata), ``step`` the
 plan step (a dict: name, op, impl, inputs, outputs, attrs) and ``args`` the input values
 (secrets of the engine, or public ring tensors). Handlers call only the
-:class:`runtime.engine.Engine` interface, so one handler serves every engine.
+:class:`siguard.runtime.kernels.engine.Engine` interface, so one handler serves every engine.
 
 Scales: every secret activation is at ``frac_bits`` (f). Products (mul, matmul, conv) return
 their raw product at the sum of their operands' scales; the fixed-point pass inserts the
@@ -20,7 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from siguard.core.config import GuardConfig
+
+from . import nonlinear
 from .approx import ring_int
+from .guard import secure_guard
 
 __all__ = ["HANDLERS", "register", "handler_for"]
 
@@ -48,7 +52,7 @@ def handler_for(op: str) -> Handler:
 @register("add")
 def _add(ctx, step, args):
     """a + b; with attribute ``shift_b`` d, a + b * 2^d (b brought to a's scale: a fused truncation's
-    residual sum, see :class:`passes.fuse.FuseTruncation`). Local."""
+    residual sum, see :class:`siguard.passes.fuse.FuseTruncation`). Local."""
     b = args[1]
     shift = int(step["attrs"].get("shift_b", 0))
     if shift:
@@ -251,8 +255,6 @@ NONLINEAR = (
 
 @register(*NONLINEAR)
 def _nonlinear(ctx, step, args):
-    from . import nonlinear
-
     fn = nonlinear.get_implementation(step["op"], step["impl"])
     params = dict(step["attrs"])
     params.update(step.get("impl_params") or {})
@@ -262,8 +264,6 @@ def _nonlinear(ctx, step, args):
 # ---- the SIGuard guard ---------------------------------------------------------------------------
 @register("guard")
 def _guard(ctx, step, args):
-    from .guard import GuardConfig, secure_guard
-
     fields = GuardConfig.__dataclass_fields__
     cfg = GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
     return [secure_guard(ctx.e, *args, config=cfg)]

@@ -1,16 +1,16 @@
-"""Nonlinear functions on secrets, written once against :class:`runtime.engine.Engine`.
+"""Nonlinear functions on secrets, written once against :class:`siguard.runtime.kernels.engine.Engine`.
 
 Every function takes and returns secrets at the engine's fixed-point scale f (``e.frac_bits``,
 16 by default) unless it says otherwise, calls only the Engine interface (so the plain, secure and
 cost engines run the same code) and batches independent work into one primitive call per round
-(see :mod:`runtime.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
+(see :mod:`siguard.runtime.kernels.approx`). Round counts below are for the secure engine: mul 1, trunc 2, msb 8,
 mul_bit 2, b2a 2; local operations are free. "ulp" = 2^-f. Truncations round to nearest (half
 an ulp is added first, for free). Errors were measured with the plain engine at f = 16 against
 float64 references evaluated at the encoded inputs; the secure engine's truncation may add 1 ulp
 per truncation on top (tests/runtime/test_nonlinear.py checks both).
 
 The registry :data:`IMPLEMENTATIONS` maps ``op -> impl name -> callable(e, *inputs, **attrs)``
-(IR attribute names from :mod:`compiler.ops`; optional tuning keywords such as ``lo``/``hi``
+(IR attribute names from :mod:`siguard.compiler.ops`; optional tuning keywords such as ``lo``/``hi``
 ranges are accepted too); :data:`DESCRIPTIONS` has one line per implementation. Parameterised
 families ("limit<n>", "newton<k>", "chebyshev<d>") are registered for common values and any other
 value resolves through :func:`get_implementation`.
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siguard.core.shapes import normalize_axis
+
 from .approx import (
     eval_poly,
     fit_chebyshev,
@@ -35,12 +37,12 @@ from .approx import (
     msb_many,
     mul_bit_many,
     mul_many,
-    poly_rounds,
     ring_const,
     ring_int,
     step_function,
     trunc_many,
 )
+from .cost import CostEngine, MetaShares
 from .engine import Bits, Engine, Secret
 
 
@@ -69,6 +71,7 @@ __all__ = [
     "DESCRIPTIONS",
     "PAD_VALUE",
     "get_implementation",
+    "describe",
     "relu",
     "leaky_relu",
     "prelu",
@@ -118,12 +121,6 @@ _t = ring_int  # a public ring integer as a shared 0-dim tensor
 def _rtrunc(e: Engine, x: Secret, bits: int) -> Secret:
     """trunc(x, bits) rounding to nearest (adds half an output ulp first; free)."""
     return e.trunc(e.add(x, _t(1 << (bits - 1))), bits) if bits > 0 else x
-
-
-def _norm_axis(axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} out of range for rank {ndim}")
-    return axis % ndim
 
 
 def _clip_ring(e: Engine, x: Secret, lo: int | None, hi: int | None) -> Secret:
@@ -176,7 +173,7 @@ def relu(e: Engine, x: Secret, shift: int = 0) -> Secret:
     """max(x, 0) = x * NOT msb(x). Exact (DReLU(0) = 1). Any scale. Cost: msb 8 + mul_bit 2 = 10 rounds.
 
     ``shift`` d > 0: x is a product at scale f + d whose truncation was fused into the ReLU
-    (:class:`passes.fuse.FuseTruncation`): the sign of x and trunc(x, d) are computed in the same
+    (:class:`siguard.passes.fuse.FuseTruncation`): the sign of x and trunc(x, d) are computed in the same
     rounds (:meth:`Engine.parallel`: msb 8 rounds || trunc 2 rounds), then the select. Cost 10
     rounds instead of trunc 2 + 10; bytes are those of the two (trunc 16/8/8 B + msb 64 B per
     element, mul_bit). The result is relu(trunc(x, d)) except that for 0 <= x < 2^d the secure
@@ -303,7 +300,7 @@ def reduce_max_axes(e: Engine, x: Secret, axes: Sequence[int] = (-1,), keepdims:
     returned). Exact. Cost: 10 * ceil(log2 k) rounds, k = the product of the reduced sizes; (k - 1)
     comparisons and selections per output element: (k - 1) * 88 / 80 / 80 bytes (P0 / P1 / P2)."""
     nd = len(x.shape)
-    ax = sorted({_norm_axis(int(a), nd) for a in axes})
+    ax = sorted({normalize_axis(int(a), nd) for a in axes})
     rest = [d for i, d in enumerate(x.shape) if i not in ax]
     k = int(np.prod([x.shape[a] for a in ax], dtype=np.int64))
     flat = e.local(lambda t: t.permute(*ax, *[i for i in range(nd) if i not in ax]).reshape(k, *rest).contiguous(), x)
@@ -317,7 +314,7 @@ def reduce_max_axes(e: Engine, x: Secret, axes: Sequence[int] = (-1,), keepdims:
 def reduce_max(e: Engine, x: Secret, axis: int = -1, keepdims: bool = False) -> Secret:
     """Maximum along ``axis``, exact, by a comparison tree. Values must satisfy |x| < 2^62 ring
     units (differences must not wrap). Cost: 10 * ceil(log2 k) rounds for k = x.shape[axis]."""
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     m = _tree_max(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x))
     return e.local(lambda t: t.unsqueeze(ax), m) if keepdims else m
 
@@ -326,7 +323,7 @@ def max_and_argmax(e: Engine, x: Secret, axis: int = -1, scale: int | None = Non
     """(max along ``axis`` with keepdims, one-hot of the first argmax with x's shape at ``scale``
     (default f; 0 gives integers 0/1)). Exact; ties go to the first index. Values must satisfy
     |x| < 2^61 ring units. Cost: 10 * ceil(log2 k) rounds."""
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     sc = e.frac_bits if scale is None else int(scale)
     top, onehot = _tree_argmax(e, e.local(lambda t: t.movedim(ax, 0).contiguous(), x), sc)
     return e.local(lambda t: t.unsqueeze(ax), top), e.local(lambda t: t.movedim(0, ax).contiguous(), onehot)
@@ -823,7 +820,7 @@ def softmax(
     Returns y at scale f with x's shape.
     """
     f = e.frac_bits
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     total = lambda v: e.local(lambda t: t.sum(dim=ax, keepdim=True), v)  # noqa: E731
 
@@ -897,7 +894,7 @@ def log_softmax(
     Cost K = 10: 40 + 24 + 24 = 88 rounds (exp2: 85)."""
     if impl != "max_exp_log":
         raise KeyError(f"unknown log_softmax implementation {impl!r}")
-    ax = _norm_axis(axis, len(x.shape))
+    ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
     s = e.local(lambda t: t.sum(dim=ax, keepdim=True), _exp_nonpositive(e, z, exp_impl, saturate))
@@ -1092,7 +1089,7 @@ def layer_norm(
         raise KeyError(f"unknown layer_norm implementation {impl!r}")
     f = e.frac_bits
     nd = len(x.shape)
-    ax = _norm_axis(axis, nd)
+    ax = normalize_axis(axis, nd)
     dims = tuple(range(ax, nd))
     n = int(math.prod(int(s) for s in x.shape[ax:]))
     c = 24
@@ -1294,25 +1291,34 @@ def _build(op: str, impl: str) -> tuple[Impl, str] | None:
     family, num = m.group(1), int(m.group(2))
     if family == "fit" and op in FIT_TARGETS and num >= 1:
         return _with_fit(op, num), (
-            f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant; {10 + poly_rounds(num)} rounds"
+            f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant"
         )
     if op == "exp" and family == "limit" and num >= 1:
-        return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]; {3 * num + 10} rounds"
+        return _with_impl(exp, impl), f"(1 + x/2^{num})^(2^{num}), clipped to [-2^{num}, 19.4]"
     if op == "reciprocal" and family == "newton" and num >= 0:
-        return _with_impl(reciprocal, impl), f"{num} Newton iterations; guess exp (CrypTen) or from lo/hi; 6/iteration"
+        return _with_impl(reciprocal, impl), f"{num} Newton iterations; guess exp (CrypTen) or from lo/hi"
     if family == "chebyshev" and num >= 2:
-        rounds = 10 + poly_rounds(num)
         if op in ("sigmoid", "tanh", "erf"):
             return _with_impl({"sigmoid": sigmoid, "tanh": tanh, "erf": erf}[op], impl), (
-                f"clip to [-B, B] + degree-{num} Chebyshev; {rounds} rounds"
+                f"clip to [-B, B] + degree-{num} Chebyshev"
             )
         if op in ("gelu", "softplus"):
             return _with_impl({"gelu": gelu, "softplus": softplus}[op], impl), (
-                f"relu(x) + degree-{num} Chebyshev of the even remainder at min(|x|, B); {rounds} rounds"
+                f"relu(x) + degree-{num} Chebyshev of the even remainder at min(|x|, B)"
             )
         if op == "lrn":
-            return _with_impl(lrn, impl), f"D^-beta by clipped degree-{num} Chebyshev; {rounds + 8} rounds"
+            return _with_impl(lrn, impl), f"D^-beta by clipped degree-{num} Chebyshev"
     return None
+
+
+def describe(op: str, impl: str, shape: Sequence[int] = (2, 10), **attrs: Any) -> str:
+    """``impl``'s description and its round count on a secret of ``shape`` (the last axis is a softmax's K),
+    with the op's ``attrs``. The count is what the cost engine measures running the implementation, never a
+    number written by hand (the tests check the cost engine against the transport's counts)."""
+    fn = get_implementation(op, impl)
+    engine = CostEngine(16)
+    fn(engine, MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta")), **attrs)
+    return f"{DESCRIPTIONS[op][impl]}; {engine.total['rounds']} rounds on a {tuple(shape)} secret"
 
 
 def get_implementation(op: str, impl: str) -> Impl:
@@ -1329,58 +1335,58 @@ def get_implementation(op: str, impl: str) -> Impl:
 
 def _populate() -> None:
     exact = "exact"
-    _register("relu", exact, _plain(relu), "x * NOT msb(x); exact; 10 rounds")
-    _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc; 12 rounds")
-    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu)); 13 rounds (secret slope)")
-    _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact; 10 rounds")
-    _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]; 12 rounds")
-    _register("hard_swish", exact, _plain(hard_swish), "x * hard_sigmoid(x): one clip, one product; 15 rounds")
-    _register("reduce_max", "tree", _plain(reduce_max_axes), "comparison tree over the reduced axes; 10 ceil(log2 k)")
-    _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window; 10 ceil(log2 k) rounds")
-    _register("max", "tree", _plain(reduce_max), "comparison tree; 10 ceil(log2 k) rounds")
-    _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first; 10 ceil(log2 k)")
+    _register("relu", exact, _plain(relu), "x * NOT msb(x); exact")
+    _register("leaky_relu", exact, _plain(leaky_relu), "x*A + mul_bit(x*(1-A), x>=0), one trunc")
+    _register("prelu", exact, _plain(prelu), "relu + trunc(slope * (x - relu))")
+    _register("clip", exact, _plain(clip), "both comparisons in one msb, one mul_bit; exact")
+    _register("hard_sigmoid", exact, _plain(hard_sigmoid), "affine (one trunc) + exact clip to [0, 1]")
+    _register("hard_swish", exact, _plain(hard_swish), "x * hard_sigmoid(x): one clip, one product")
+    _register("reduce_max", "tree", _plain(reduce_max_axes), "comparison tree over the reduced axes")
+    _register("maxpool", "tree", _plain(maxpool2d), "comparison tree over the window")
+    _register("max", "tree", _plain(reduce_max), "comparison tree")
+    _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first")
     for n in range(4, 11):
         _register("exp", f"limit{n}", *_build("exp", f"limit{n}"))  # type: ignore[misc]
-    _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r; 21 rounds")
+    _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r")
     for k in range(1, 13):
         _register("reciprocal", f"newton{k}", *_build("reciprocal", f"newton{k}"))  # type: ignore[misc]
     _register(
         "sqrt",
         "newton_rsqrt",
         _with_impl(sqrt, "newton_rsqrt"),
-        "coupled Newton for x^-1/2, sqrt(x) as its g half; 31 rounds",
+        "coupled Newton for x^-1/2, sqrt(x) as its g half",
     )
     for name, desc in [
-        ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess); 93 rounds (K=10)"),
-        ("crypten", "exact max, exp limit8, 10 Newton iterations from 3exp(1-2x)+0.003; 151 rounds (K=10)"),
-        ("exp2", "exact max, exp by thresholds + polynomial, Newton on [1, K]; 90 rounds (K=10)"),
-        ("piranha", "exact max, clipped linear (z+2)/2 or 0.001, Newton on [2, 2K]; 79 rounds (K=10)"),
-        ("secureml", "relu / sum relu, uniform if the sum is 0; threshold guess + 4 Newton; 47 rounds"),
+        ("max_exp_recip", "exact max, exp limit8, Newton reciprocal on [1, K] (linear guess)"),
+        ("crypten", "exact max, exp limit8, 10 Newton iterations from 3exp(1-2x)+0.003"),
+        ("exp2", "exact max, exp by thresholds + polynomial, Newton on [1, K]"),
+        ("piranha", "exact max, clipped linear (z+2)/2 or 0.001, Newton on [2, 2K]"),
+        ("secureml", "relu / sum relu, uniform if the sum is 0; threshold guess + 4 Newton"),
     ]:
         _register("softmax", name, _with_impl(softmax, name), desc)
     _register(
         "log_softmax",
         "max_exp_log",
         _with_impl(log_softmax, "max_exp_log"),
-        "z - ln(sum e^z): exp limit8, log by thresholds + degree-8 Chebyshev; 88 rounds (K=10)",
+        "z - ln(sum e^z): exp limit8, log by thresholds + degree-8 Chebyshev",
     )
     _register(
-        "sigmoid", "exp_recip", _with_impl(sigmoid, "exp_recip"), "1/(1+e^-|x|) (limit8, 2 Newton) + sign; 49 rounds"
+        "sigmoid", "exp_recip", _with_impl(sigmoid, "exp_recip"), "1/(1+e^-|x|) (limit8, 2 Newton) + sign"
     )
-    _register("tanh", "sigmoid", _with_impl(tanh, "sigmoid"), "2 sigmoid(2x) - 1; 49 rounds")
-    _register("erf", "chebyshev", _with_impl(erf, "chebyshev"), "clip to [-B, B] + degree-24 Chebyshev; 27 rounds")
-    _register("gelu", "erf", _with_impl(gelu, "erf"), "x * Phi(x), Phi by clipped degree-24 Chebyshev; 30 rounds")
-    _register("gelu", "tanh", _with_impl(gelu, "tanh"), "0.5x(1+tanh(u)) = x sigmoid(2u), u cubic; 60 rounds")
+    _register("tanh", "sigmoid", _with_impl(tanh, "sigmoid"), "2 sigmoid(2x) - 1")
+    _register("erf", "chebyshev", _with_impl(erf, "chebyshev"), "clip to [-B, B] + degree-24 Chebyshev")
+    _register("gelu", "erf", _with_impl(gelu, "erf"), "x * Phi(x), Phi by clipped degree-24 Chebyshev")
+    _register("gelu", "tanh", _with_impl(gelu, "tanh"), "0.5x(1+tanh(u)) = x sigmoid(2u), u cubic")
     _register(
-        "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly; 47 rounds"
+        "softplus", "exp_log", _with_impl(softplus, "exp_log"), "relu(x) + ln(1 + e^-|x|), limit8 + log poly"
     )
     _register(
         "layer_norm",
         "newton_rsqrt",
         _with_impl(layer_norm, "newton_rsqrt"),
-        "mean, variance, coupled-Newton inverse sqrt; 39 rounds",
+        "mean, variance, coupled-Newton inverse sqrt",
     )
-    _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts; 39-63 rounds")
+    _register("lrn", "newton", _with_impl(lrn, "newton"), "sum of squares, D^-beta by inverse sqrts")
     defaults = {"sigmoid": (sigmoid, 32), "tanh": (tanh, 32), "gelu": (gelu, 16), "softplus": (softplus, 16)}
     for op, (fn, d) in {**defaults, "lrn": (lrn, 8)}.items():
         _register(op, "chebyshev", _with_impl(fn, "chebyshev"), f"as chebyshev{d}")

@@ -1,6 +1,6 @@
 """Correlated randomness for 3-party replicated sharing: an AES-128-CTR PRF and pairwise keys.
 
-Keys (PROTOCOLS §2). Server P_i samples a 16-byte key k_i and sends it to its predecessor
+Keys (docs/protocols.md §2). Server P_i samples a 16-byte key k_i and sends it to its predecessor
 P_{i-1} once, at setup; afterwards P_i holds (k_i, k_{i+1}) -- the same index pattern as its
 shares (x_i, x_{i+1}). Key k_j is therefore known to exactly P_j and P_{j-1}, and F_{k_j} is a
 value that the third party P_{j+1} cannot predict. Every server also holds a *common* key (known
@@ -14,7 +14,7 @@ Draws and the synchronisation invariant. Each derived key owns one AES-CTR keyst
 sequentially (the counter block starts at 0 and the keystream position is the key's draw
 counter). **Both holders of a key obtain the same words as long as they make the same draws
 (same sizes, same order) from that key.** A party never draws from a key it does not hold,
-so the invariant is per key: the protocol code in :mod:`runtime.rss` is written so that every
+so the invariant is per key: the protocol code in :mod:`siguard.runtime.mpc.rss` is written so that every
 draw from k_j happens at both P_j and P_{j-1}, in the same position of the protocol. A
 mismatched draw does not crash: the shares simply fail to cancel (tested in test_prg.py).
 No (key, counter) pair is ever used twice, because the stream is only read forward.
@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from siguard.runtime.ring import numel
+
 from .transport import Transport
 
 __all__ = [
     "KEY_BYTES",
-    "prf_words",
     "new_key",
     "derive_key",
     "WordStream",
@@ -69,27 +70,10 @@ def _words_from_bytes(data: bytes, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(arr).reshape(tuple(shape))
 
 
-def prf_words(key: bytes, stream: int, n: int) -> torch.Tensor:
-    """n uniform int64 words F_key(stream, 0..): AES-128-CTR with counter block (stream << 64) | i.
-
-    A stateless form, for one-off draws; :class:`WordStream` is the stateful form the protocols use.
-    """
-    ctr = ((stream & (2**64 - 1)) << 64).to_bytes(16, "big")
-    enc = Cipher(algorithms.AES(key), modes.CTR(ctr)).encryptor()
-    return _words_from_bytes(enc.update(bytes(8 * n)), (n,))
-
-
 _NATIVE_LE = sys.byteorder == "little"
 _PIECE = 1 << 17  # words encrypted per AES call (1 MiB)
 _ZERO_PLAIN = memoryview(bytes(8 * _PIECE))  # the keystream is the encryption of zeros
 _EMPTY = np.empty(0, dtype=np.int64)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class WordStream:
@@ -153,7 +137,7 @@ class WordStream:
     def words(self, shape: Sequence[int]) -> torch.Tensor:
         """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.take(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.take(numel(shape)).reshape(shape))
 
 
 class PartyKeys:
@@ -262,12 +246,12 @@ class Randomness:
     def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
         """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_np(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.zero_share_np(numel(shape)).reshape(shape))
 
     def zero_share_xor(self, shape: Sequence[int]) -> torch.Tensor:
         """beta_i = F_{k_i} xor F_{k_{i+1}}; the three parties' betas XOR to 0."""
         shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_xor_np(_numel(shape)).reshape(shape))
+        return torch.from_numpy(self.zero_share_xor_np(numel(shape)).reshape(shape))
 
 
 def setup_keys(transport: Transport) -> PartyKeys:

@@ -1,6 +1,6 @@
 """``siguard run PLAN --mode processes``: the three servers and the client as separate processes.
 
-:func:`run_processes` writes certificates (:func:`runtime.certs.make_certs`) and a loopback
+:func:`run_processes` writes certificates (:func:`siguard.runtime.net.certs.make_certs`) and a loopback
 ``parties.toml`` with free ports into a temporary directory, starts ``siguard party`` three
 times (:class:`Trio`), runs ``siguard query`` as a fourth process, reads its output and
 statistics, and shuts the servers down (SIGTERM, then SIGKILL after a grace period). Everything
@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import RuntimeFault
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
+from siguard.core.errors import RuntimeFault
+from siguard.runtime.runs import RunResult, check_inputs
 
-from .local import RunResult, check_inputs
+from .certs import make_certs
+from .config import render_config
 
 __all__ = ["Trio", "run_processes", "free_ports", "write_loopback_config", "siguard_command", "child_env"]
 
@@ -77,8 +79,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 def write_loopback_config(directory: Path, cert_dir: Path | None = None, host: str = "127.0.0.1") -> Path:
     """Certificates (unless ``cert_dir`` holds them) and a ``parties.toml`` on ``host`` with
     free ports, in ``directory``. Returns the configuration's path."""
-    from .certs import make_certs
-    from .config import render_config
 
     directory.mkdir(parents=True, exist_ok=True)
     if cert_dir is None:
@@ -234,7 +234,7 @@ def run_processes(
     keep: str | os.PathLike | None = None,
 ) -> RunResult:
     """Run ``plan_dir`` with three server processes and a client process on loopback over
-    mutual TLS; same result as :func:`runtime.local.run_threads` up to truncation error.
+    mutual TLS; same result as :func:`siguard.runtime.local.run_threads` up to truncation error.
 
     ``timeout`` is the servers' and the client's ``--timeout``. ``keep``: a directory to keep
     the certificates, configuration and logs in (default: a temporary directory, removed).
@@ -245,7 +245,6 @@ def run_processes(
     with tempfile.TemporaryDirectory(prefix="siguard-processes-") as tmp:
         work = Path(keep) if keep is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        from .certs import make_certs
 
         certs = work / "certs"
         make_certs(certs, write_config=False, force=True)

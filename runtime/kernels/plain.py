@@ -1,7 +1,7 @@
 """The fixed-point reference engine: cleartext ring arithmetic with the secure runtime's semantics.
 
 Secret values are wrapped in :class:`Clear` (and bits in :class:`ClearBits`) so that code written
-against :class:`runtime.engine.Engine` takes the same branches (public vs secret) here as in the
+against :class:`siguard.runtime.kernels.engine.Engine` takes the same branches (public vs secret) here as in the
 secure engine. Truncation is the deterministic floor ``x >> bits``; the secure truncation differs
 from it by at most one unit in the last place.
 """
@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from siguard.runtime.linalg import ring_conv2d, ring_matmul
+
 from .engine import Engine, TensorBox
-from .linalg import ring_conv2d, ring_matmul
 
 __all__ = ["PlainEngine", "Clear", "ClearBits"]
 

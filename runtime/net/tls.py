@@ -4,12 +4,12 @@ Wire format. Every message is one *frame*::
 
     kind (u8) | header length (u32) | payload length (u64) | header | payload      (little-endian)
 
-``kind`` 0 is a data frame: the header is a :class:`runtime.transport.FrameHeader` (session,
+``kind`` 0 is a data frame: the header is a :class:`siguard.runtime.mpc.transport.FrameHeader` (session,
 step, sender, per-link sequence number, shape) and the payload the int64 words of the tensor
 (8 bytes each, little-endian); the reader checks that the payload length is 8 x prod(shape).
 ``kind`` 1 is a control frame: no header, a small JSON object with a ``kind`` field (hello,
 welcome, join, new_session, abort, error, stats, goodbye, ping). A protocol round sends at most
-one data frame per peer (:meth:`runtime.transport.Transport.exchange`).
+one data frame per peer (:meth:`siguard.runtime.mpc.transport.Transport.exchange`).
 
 TLS without concurrent use of one TLS object. OpenSSL forbids ``SSL_read`` and ``SSL_write`` on
 the same ``SSL`` object from two threads at once, and a party both receives (a reader thread per
@@ -48,10 +48,18 @@ from typing import Any
 
 import torch
 
-from compiler.plan import PROTOCOL, PROTOCOL_VERSION
+from siguard.compiler.plan import PROTOCOL, PROTOCOL_VERSION
+from siguard.runtime.mpc.transport import (
+    ABORT,
+    FrameHeader,
+    StepStats,
+    Transport,
+    TransportAborted,
+    TransportError,
+    TransportTimeout,
+)
 
 from .config import party_name
-from .transport import FrameHeader, Transport, TransportAborted, TransportError, TransportTimeout
 
 __all__ = [
     "WIRE_VERSION",
@@ -560,7 +568,6 @@ class Heartbeat:
                     pass
 
 
-_ABORT = object()
 
 
 class Mailbox:
@@ -575,11 +582,12 @@ class Mailbox:
         self._queues[peer].put(item)
 
     def get(self, peer: int, timeout: float) -> Any:
-        """The next item from ``peer``; :data:`_ABORT` once aborted; raises queue.Empty on timeout."""
+        """The next item from ``peer``; :data:`~siguard.runtime.mpc.transport.ABORT` once aborted; raises
+        queue.Empty on timeout."""
         q = self._queues[peer]
         item = q.get(timeout=timeout)
-        if item is _ABORT:
-            q.put(_ABORT)  # for any later receive
+        if item is ABORT:
+            q.put(ABORT)  # for any later receive
         return item
 
     def abort(self, reason: str) -> bool:
@@ -589,7 +597,7 @@ class Mailbox:
                 return False
             self.reason = reason
         for q in self._queues.values():
-            q.put(_ABORT)
+            q.put(ABORT)
         return True
 
 
@@ -636,7 +644,7 @@ class NetTransport(Transport):
                         f"{me}: no message from {party_name(peer)} within {self.timeout:g} s ({self._where()})",
                         self.party, peer,
                     ) from None
-        if item is _ABORT:
+        if item is ABORT:
             raise TransportAborted(f"{me}: {self.mailbox.reason} ({self._where()})", self.party, peer)
         return item
 
@@ -679,7 +687,7 @@ def compare_hello(mine: Mapping[str, Any], theirs: Mapping[str, Any], me: str, t
 
 
 def stats_to_json(stats: Mapping[str, Any]) -> dict[str, list]:
-    """Per-step :class:`runtime.transport.StepStats` as JSON-able lists (order kept)."""
+    """Per-step :class:`siguard.runtime.mpc.transport.StepStats` as JSON-able lists (order kept)."""
     return {
         name: [s.rounds, {str(k): v for k, v in s.sent.items()}, {str(k): v for k, v in s.received.items()},
                s.framing_bytes]
@@ -689,7 +697,6 @@ def stats_to_json(stats: Mapping[str, Any]) -> dict[str, list]:
 
 def stats_from_json(doc: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`stats_to_json`."""
-    from .transport import StepStats
 
     out = {}
     for name, (rounds, sent, received, framing) in doc.items():

@@ -30,7 +30,7 @@ is not in the file, is refused, and a server cannot be impersonated by the clien
 Every client may have its own certificate (``[clients]``), and a certificate whose SHA-256
 fingerprint is listed in ``revoked`` is refused (remove a client by revoking its certificate; the
 servers read the list at start).
-Errors are :class:`compiler.errors.InputError` with one clear line.
+Errors are :class:`siguard.core.errors.InputError` with one clear line.
 """
 
 from __future__ import annotations
@@ -44,16 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import InputError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from siguard.core.errors import InputError
+from siguard.runtime.mpc.transport import CLIENT
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config", "render_config", "party_name"]
+__all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config", "render_config", "party_name",
+           "fingerprint_of_pem"]
 
-CLIENT = 3
 PARTY_NAMES = ("P0", "P1", "P2", "client")
 
 
@@ -144,20 +148,21 @@ class PartiesConfig:
         return ctx
 
 
-def _fingerprint(path: Path, where: str) -> str:
-    from cryptography import x509
+def fingerprint_of_pem(data: bytes) -> str:
+    """SHA-256 fingerprint (hex) of the DER form of a PEM certificate: what peers pin."""
+    return x509.load_pem_x509_certificate(data).fingerprint(hashes.SHA256()).hex()
 
+
+def _fingerprint(path: Path, where: str) -> str:
+    """:func:`fingerprint_of_pem` of the certificate file at ``path`` (one clear error if unreadable)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{where}: cannot read certificate {path}: {exc.strerror}") from None
     try:
-        cert = x509.load_pem_x509_certificate(data)
+        return fingerprint_of_pem(data)
     except ValueError:
         raise InputError(f"{where}: {path} is not a PEM certificate") from None
-    from cryptography.hazmat.primitives import serialization
-
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def _entry(doc: Mapping[str, Any], party: int, base: Path, where: str) -> PartyEntry:
@@ -268,7 +273,7 @@ def render_config(
     extra: Mapping[str, Any] | None = None,
 ) -> str:
     """The text of a ``parties.toml`` for ``servers`` = {"P0": (host, port), ...} with the
-    certificates named as :func:`runtime.certs.make_certs` names them, in ``cert_dir``."""
+    certificates named as :func:`siguard.runtime.net.certs.make_certs` names them, in ``cert_dir``."""
     d = Path(cert_dir)
 
     def q(v: Any) -> str:

@@ -1,7 +1,7 @@
 """The plan's cost model: rounds and bytes of every Engine primitive, and an Engine that counts them.
 
 :data:`PRIMITIVE_COSTS` lists, per primitive, the rounds and the bytes sent per element by P0,
-P1, P2 and the client in :class:`runtime.rss.RSSEngine` ("per element" = per output element,
+P1, P2 and the client in :class:`siguard.runtime.mpc.rss.RSSEngine` ("per element" = per output element,
 except where noted). :class:`CostEngine` runs the Engine interface on shapes only -- secrets are
 ``torch`` tensors on the ``meta`` device, so :meth:`CostEngine.local` learns output shapes by
 running ``fn`` -- and adds up the cost of every call in call order (primitives are sequential, so
@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from siguard.runtime.linalg import ring_conv2d, ring_matmul
+from siguard.runtime.ring import numel
+
 from .engine import Engine, TensorBox, check_parallel_call
-from .linalg import ring_conv2d, ring_matmul
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -98,13 +100,6 @@ class CostTotals:
         return {"rounds": self.rounds, "bytes_per_party": list(self.bytes_per_party), "client_bytes": self.client_bytes}
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 def _meta(shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=torch.int64, device=_META)
 
@@ -122,7 +117,7 @@ class CostEngine(Engine):
     """
 
     party = None
-    #: a list to collect the guard's phase marks in (runtime.guard.guard_phases), or None
+    #: a list to collect the guard's phase marks in (siguard.runtime.kernels.guard.guard_phases), or None
     guard_marks: list | None = None
 
     def __init__(self, frac_bits: int = 16):
@@ -197,7 +192,7 @@ class CostEngine(Engine):
         key = {"client": "input:client", "model": "input:P0", "P0": "input:P0", "P1": "input:P1", "P2": "input:P2"}
         if owner not in key:
             raise ValueError(f"unknown input owner {owner!r}")
-        self._charge(key[owner], _numel(shape))
+        self._charge(key[owner], numel(shape))
         if owner == "client":
             self._charge("input:client:check", 1)
         return MetaShares(_meta(shape))
@@ -205,7 +200,7 @@ class CostEngine(Engine):
     def reveal(self, x: MetaShares, to: str = "client") -> torch.Tensor:
         if to not in ("client", "P0", "P1", "P2"):
             raise ValueError(f"unknown receiver {to!r}")
-        self._charge(f"reveal:{to}", _numel(x.shape))
+        self._charge(f"reveal:{to}", numel(x.shape))
         return _meta(x.shape)
 
     # ---- local ------------------------------------------------------------------------------
@@ -277,12 +272,12 @@ class CostEngine(Engine):
         if not 0 <= bits <= 62:
             raise ValueError(f"truncation by {bits} bits is outside 0..62")
         if bits:
-            self._charge("trunc", _numel(x.shape))
+            self._charge("trunc", numel(x.shape))
         return MetaShares(_meta(x.shape))
 
     # ---- bits -------------------------------------------------------------------------------
     def msb(self, x: MetaShares) -> MetaBits:
-        self._charge("msb", _numel(x.shape))
+        self._charge("msb", numel(x.shape))
         return MetaBits(_meta(x.shape))
 
     def bit_not(self, b: MetaBits) -> MetaBits:
@@ -298,7 +293,7 @@ class CostEngine(Engine):
             return _raw(a) & _raw(b)
         shape = torch.broadcast_shapes(_raw(a).shape, _raw(b).shape)
         both = isinstance(a, MetaBits) and isinstance(b, MetaBits)
-        self._charge("bit_and" if both else "bit_and:public", _numel(shape))
+        self._charge("bit_and" if both else "bit_and:public", numel(shape))
         return MetaBits(_meta(shape))
 
     def bit_cat(self, bs: Sequence[MetaBits], dim: int) -> MetaBits:
@@ -309,15 +304,15 @@ class CostEngine(Engine):
         return MetaBits(out.v)
 
     def b2a(self, b: MetaBits) -> MetaShares:
-        self._charge("b2a", _numel(b.shape))
+        self._charge("b2a", numel(b.shape))
         return MetaShares(_meta(b.shape))
 
     def mul_bit(self, x: Any, b: MetaBits) -> MetaShares:
         shape = torch.broadcast_shapes(_raw(x).shape, b.shape)
         if not isinstance(x, MetaShares):
-            self._charge("mul_bit:public", _numel(b.shape))
+            self._charge("mul_bit:public", numel(b.shape))
             return MetaShares(_meta(shape))
-        n_out, n_bit = _numel(shape), _numel(b.shape)
+        n_out, n_bit = numel(shape), numel(b.shape)
         if n_out == n_bit:
             self._charge("mul_bit", n_out)
         else:  # P0's input of t has b's size; the two products have the output's size

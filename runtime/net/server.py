@@ -5,23 +5,23 @@ Life of a server P_i
 1. **Mesh.** It listens on its configured address and dials every server with a smaller index
    (P1 dials P0; P2 dials P0 and P1), retrying refused connections until ``timeout``. Every
    connection is TLS 1.3 with certificates on both sides; the peer is the party whose pinned
-   certificate it presented (:meth:`runtime.config.PartiesConfig.identify`).
+   certificate it presented (:meth:`siguard.runtime.net.config.PartiesConfig.identify`).
 2. **Handshake.** Both ends of every connection send a hello (wire version, protocol name and
    version, plan hash, fractional bits) and compare; any mismatch is fatal on both sides and
    names both values ("plan hash mismatch: P0 has ..., P2 has ...").
 3. **Set-up, once per start.** Over the session "setup" the servers agree on long-term pairwise
-   PRF keys (:func:`runtime.prg.setup_keys`: each server sends its key to its predecessor over
+   PRF keys (:func:`siguard.runtime.mpc.prg.setup_keys`: each server sends its key to its predecessor over
    TLS) and P0, the model owner's server, secret-shares ``weights.npz``; the shares stay in memory.
 4. **Queries.** A client says hello to P0; P0 assigns the next session id ``q<n>`` and a random
    token, announces both to P1 and P2 over the mesh, and answers with a welcome (plan hash,
    input and output shapes, session id, token). The client joins the session at P1 and P2 with
    the token. Each server then runs the plan for that session in its own thread
-   (:class:`runtime.executor.Executor` over :class:`runtime.rss.RSSEngine`, weights shared), so
+   (:class:`siguard.runtime.executor.Executor` over :class:`siguard.runtime.mpc.rss.RSSEngine`, weights shared), so
    several sessions run at once; their frames share the mesh connections and are told apart by
    the session id in every frame header. Only the client receives the revealed output.
 
 Keys per session. Session ``q<n>`` draws its randomness from PRF keys derived from the long-term
-keys as HMAC(master, label | session id) (:meth:`runtime.prg.PartyKeys.session`). A repeated
+keys as HMAC(master, label | session id) (:meth:`siguard.runtime.mpc.prg.PartyKeys.session`). A repeated
 session id would replay every mask, so P0 numbers sessions from 1 and P1/P2 refuse an id that is
 not larger than the last one announced; the master keys are fresh at every start, so numbers
 restarting after a restart are harmless. Clients cannot choose session ids.
@@ -29,7 +29,7 @@ restarting after a restart are harmless. Clients cannot choose session ids.
 Faults. A lost or silent connection to another server, a peer's goodbye, or a handshake
 mismatch is *fatal*: every running session is aborted (its client gets an error naming the
 peer), the other servers are told why, and :meth:`PartyServer.serve_forever` raises
-:class:`compiler.errors.RuntimeFault` (the CLI exits 3), because the weight shares of the
+:class:`siguard.core.errors.RuntimeFault` (the CLI exits 3), because the weight shares of the
 trio cannot be rebuilt without the lost peer. A failure inside one session (a client that
 disconnects or sends a frame of the wrong shape, a timeout) aborts only that session, at all
 three servers, and they keep serving.
@@ -49,12 +49,15 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import InputError, RuntimeFault
-from compiler.plan import Plan
+from siguard.compiler.plan import Plan
+from siguard.core.errors import InputError, RuntimeFault
+from siguard.runtime.executor import Executor
+from siguard.runtime.mpc.prg import PartyKeys, setup_keys
+from siguard.runtime.mpc.rss import RSSEngine
+from siguard.runtime.mpc.transport import FrameHeader
 
 from .config import CLIENT, PartiesConfig, party_name
-from .executor import Executor
-from .net import (
+from .tls import (
     Heartbeat,
     LinkError,
     Mailbox,
@@ -67,9 +70,6 @@ from .net import (
     hello_message,
     stats_to_json,
 )
-from .prg import PartyKeys, setup_keys
-from .rss import RSSEngine
-from .transport import FrameHeader
 
 __all__ = ["PartyServer", "ServerStopped", "SETUP_SESSION"]
 

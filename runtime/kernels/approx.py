@@ -1,6 +1,6 @@
-"""Building blocks of the fixed-point approximations in :mod:`runtime.nonlinear`.
+"""Building blocks of the fixed-point approximations in :mod:`siguard.runtime.kernels.nonlinear`.
 
-Everything here is written against :class:`runtime.engine.Engine` only, so it runs unchanged on the
+Everything here is written against :class:`siguard.runtime.kernels.engine.Engine` only, so it runs unchanged on the
 plain, secure and cost-counting engines. Three kinds of helpers:
 
 * **Batched primitives** (:func:`msb_many`, :func:`mul_many`, :func:`mul_bit_many`,
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from numpy.polynomial import Chebyshev, Polynomial
 
+from siguard.runtime.ring import broadcast_shape, numel
+
 from .engine import Bits, Engine, Secret, Value
-from .ring import broadcast_shape
 
 __all__ = [
     "ring_int",
@@ -68,10 +69,6 @@ def ring_const(value: float, scale: int) -> torch.Tensor:
 @lru_cache(maxsize=4096)
 def _ring_const(value: float, scale: int) -> torch.Tensor:
     return torch.tensor(round(value * 2.0**scale), dtype=torch.int64)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    return int(math.prod(int(s) for s in shape))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +113,7 @@ def unpack(e: Engine, y: Value, shapes: Sequence[torch.Size]) -> list[Value]:
     """Inverse of :func:`pack`."""
     out, start = [], 0
     for s in shapes:
-        n = _numel(s)
+        n = numel(s)
         out.append(e.local(_slicer(start, n, s), y))
         start += n
     return out
@@ -130,7 +127,7 @@ def _pack_bits(e: Engine, bs: Sequence[Bits]) -> Bits:
 def _unpack_bits(e: Engine, b: Bits, shapes: Sequence[torch.Size]) -> list[Bits]:
     out, start = [], 0
     for s in shapes:
-        n = _numel(s)
+        n = numel(s)
         out.append(e.bit_local(_slicer(start, n, s), b))
         start += n
     return out

@@ -1,10 +1,10 @@
 """The SIGuard guard on secret shares: MemGuard's noise search with fixed iteration counts.
 
-Written once against :class:`runtime.engine.Engine` (so the fixed-point reference, the secure
+Written once against :class:`siguard.runtime.kernels.engine.Engine` (so the fixed-point reference, the secure
 parties and the cost model run the same code) from the existing building blocks only: comparisons
 (msb), bit selections (mul_bit), products, truncation, one exponential and one reciprocal per query,
 and :meth:`Engine.fork` / :meth:`Engine.parallel` so that independent work shares rounds. The float64
-oracle of the same algorithm is :func:`privacy.memguard.guard_reference` (the tests hold the two to
+oracle of the same algorithm is :func:`siguard.privacy.memguard.guard_reference` (the tests hold the two to
 the same decisions). Notes on the protocols and their costs: docs/guard.md.
 
 Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h > 0 = member)::
@@ -73,11 +73,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from siguard.core.config import GuardConfig
 
 from .approx import (
     _pack_bits,
@@ -96,7 +97,7 @@ from .approx import (
 from .engine import Bits, Engine, Secret
 from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
-__all__ = ["GuardConfig", "SCHEDULE_DEFAULTS", "secure_guard", "defender_score", "guard_progress", "guard_phases"]
+__all__ = ["secure_guard", "defender_score", "guard_progress", "guard_phases"]
 
 #: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
 #: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
@@ -124,7 +125,7 @@ def _report(e: Engine, done: int, total: int) -> None:
 
 
 def _mark(e: Engine, label: str) -> None:
-    marks = getattr(e, "guard_marks", None)  # set by the cost pass on its engine (passes.cost.node_cost)
+    marks = getattr(e, "guard_marks", None)  # set by the cost pass on its engine (siguard.passes.cost.node_cost)
     if marks is not None:
         total = e.total
         marks.append((label, int(total["rounds"]), int(max(total["bytes_per_party"]))))
@@ -145,97 +146,6 @@ def guard_phases(marks: list[tuple[str, int, int]]) -> dict[str, Any]:
             "final": {"rounds": end[1] - its[-1][1], "bytes": end[2] - its[-1][2]}}
 
 
-#: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
-SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the default: every round a candidate of one batch, sign steps, sign validator (README, "The guard")
-    "parallel": {"rounds": 10, "steps": 30, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.1},
-    # the sequential schedules with MemGuard's normalised-gradient step
-    "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1},
-    "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1},
-}
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """Fixed counts and constants of the guard (all public, part of the plan). The field defaults are
-    the default schedule's (``parallel``); :meth:`for_schedule` gives another schedule's defaults."""
-
-    rounds: int = 10
-    steps: int = 30
-    c1: float = 1.0
-    c2: float = 10.0
-    c3: float = 0.1
-    lr: float = 0.04
-    #: "parallel" (default: the R rounds as R candidates of one batch, sign steps, first success in
-    #: (round, step) order), "freeze" (sequential rounds, test every step, keep the first success) or
-    #: "paper" (sequential rounds, test at the end of each round); see :data:`SCHEDULE_DEFAULTS`
-    schedule: str = "parallel"
-    #: "sign" (the defender's decision flipped), "margin" (|h| <= margin) or "hybrid" (parallel schedule only:
-    #: the first flip in (round, step) order, failing that the first |h| <= margin)
-    validator: str = "hybrid"
-    margin: float = 0.1
-    lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
-    c3_max: float = 100.0
-    exp_degree: int = 4
-    recip_degree: int = 4
-    norm_iterations: int = 2
-    grad_bits_hi: int = 12  # gradients up to 2^12 in magnitude are bucketed exactly
-    #: the parallel schedule: |c1 grad h + c3| < 2^grad_bound_bits for every input (the guard pass sets it
-    #: from the defender's weights, a power of two); it fixes the headroom of the sign test (:func:`s_shift`)
-    grad_bound_bits: int = 6
-    #: "siguard" (default: multiplicative softmax update by two low-degree polynomials, coupled-Newton inverse
-    #: square root from a range-derived guess) or "crypten": the same algorithm with CrypTen's default
-    #: approximations inside (a fresh softmax of u + delta per step by exp with 8 squarings and 10 Newton
-    #: steps; inverse square root from CrypTen's exp-based guess and 3 Newton steps) -- the baseline the
-    #: approximation pass is measured against (``--approx crypten``). Sequential schedules only.
-    internals: str = "siguard"
-
-    def __post_init__(self) -> None:
-        if self.internals not in ("siguard", "crypten"):
-            raise ValueError(f"unknown guard internals {self.internals!r} (siguard or crypten)")
-        if self.schedule not in SCHEDULE_DEFAULTS:
-            raise ValueError(f"unknown guard schedule {self.schedule!r} ({', '.join(SCHEDULE_DEFAULTS)})")
-        if self.validator not in ("sign", "margin", "hybrid"):
-            raise ValueError(f"unknown guard validator {self.validator!r} (sign, margin or hybrid)")
-        if self.validator == "hybrid" and self.schedule != "parallel":
-            raise ValueError("the hybrid validator needs the parallel schedule")
-        if self.rounds < 1 or self.steps < 1:
-            raise ValueError("guard rounds and steps must be >= 1")
-        if not (self.lr > 0 and self.lr_growth >= 1.0):
-            raise ValueError("the guard's lr must be > 0 and lr_growth >= 1")
-
-    @classmethod
-    def for_schedule(cls, schedule: str | None = None, **overrides: Any) -> GuardConfig:
-        """The configuration of ``schedule`` (default: the default schedule) with its defaults
-        (:data:`SCHEDULE_DEFAULTS`), then ``overrides`` (fields given as None are left at the default)."""
-        name = schedule or cls.schedule
-        if name not in SCHEDULE_DEFAULTS:
-            raise ValueError(f"unknown guard schedule {name!r} ({', '.join(SCHEDULE_DEFAULTS)})")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{**SCHEDULE_DEFAULTS[name], "schedule": name, **given})
-
-    @property
-    def step(self) -> str:
-        """The update rule: "sign" for the parallel schedule, MemGuard's normalised gradient "l2" otherwise
-        (:func:`privacy.memguard.guard_reference`'s ``step``)."""
-        return "sign" if self.schedule == "parallel" else "l2"
-
-    @property
-    def iterations(self) -> int:
-        """Sequential iterations (what :func:`guard_progress` counts): R (T + 1), or T + 1 when the rounds
-        run as one batch."""
-        return self.steps + 1 if self.schedule == "parallel" else self.rounds * (self.steps + 1)
-
-    @property
-    def lr_max(self) -> float:
-        """The largest learning rate any round can reach."""
-        return self.lr * self.lr_growth ** (self.rounds - 1)
-
-    def oracle_options(self) -> dict[str, Any]:
-        """The float oracle's options for this configuration (:func:`privacy.memguard.guard_reference`)."""
-        return {"rounds": self.rounds, "steps": self.steps, "c1": self.c1, "c2": self.c2, "c3": self.c3,
-                "lr": self.lr, "schedule": self.schedule, "validator": self.validator, "margin": self.margin,
-                "c3_max": self.c3_max, "step": self.step, "lr_growth": self.lr_growth}
 
 
 _t = ring_int  # a public ring integer as a shared 0-dim tensor
@@ -536,7 +446,7 @@ LN2 = math.log(2.0)
 _HINGE_BIT = 61
 #: the two sign tests whose operands vanish exactly for classes far below the label (r_j = r0_j = 0 at fixed
 #: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
-#: +-1 ulp cannot flip them (the oracle applies the same rule: privacy.memguard)
+#: +-1 ulp cannot flip them (the oracle applies the same rule: siguard.privacy.memguard)
 TIE_BITS = 14
 #: the parallel schedule raises every ratio r_j (j != l) by 2^-RATIO_FLOOR_BITS at the start (privacy.memguard's
 #: RATIO_FLOOR)

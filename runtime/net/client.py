@@ -5,13 +5,13 @@ present the certificate pinned for it in ``parties.toml``), say hello to P0 and 
 id, token and the plan's public input/output shapes back, check the input against them, join the
 session at P1 and P2, compare the three servers' plan hash, protocol version and fractional bits
 (with each other and with ``plan_hash`` if configured), secret-share the input
-(:meth:`runtime.rss.Client.share_input`: 16 bytes per element to each server, from the OS CSPRNG
+(:meth:`siguard.runtime.mpc.client.Client.share_input`: 16 bytes per element to each server, from the OS CSPRNG
 via a fresh private PRF key) and reconstruct the revealed output. The client learns nothing but
 the output (and public information: shapes, the plan hash, rounds and bytes per step).
 
-Failures raise :class:`compiler.errors.RuntimeFault` naming the server involved ("P1 unreachable
+Failures raise :class:`siguard.core.errors.RuntimeFault` naming the server involved ("P1 unreachable
 at 10.0.0.2:7401 (Connection refused)", "connection to P2 lost (closed by the peer)", or the error
-a server reported); a bad input raises :class:`compiler.errors.InputError` after telling P0 to
+a server reported); a bad input raises :class:`siguard.core.errors.InputError` after telling P0 to
 drop the session, before any share is sent.
 """
 
@@ -25,11 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from compiler.errors import InputError, RuntimeFault
+from siguard.core.errors import InputError, RuntimeFault
+from siguard.runtime.mpc.client import Client
+from siguard.runtime.mpc.transport import TransportError
+from siguard.runtime.ring import decode, encode
+from siguard.runtime.runs import check_inputs
+from siguard.runtime.stats import summarize
 
 from .config import CLIENT, PartiesConfig, party_name
-from .local import check_inputs
-from .net import (
+from .tls import (
     Heartbeat,
     LinkError,
     Mailbox,
@@ -40,9 +44,6 @@ from .net import (
     hello_message,
     stats_from_json,
 )
-from .ring import decode, encode
-from .rss import Client
-from .transport import TransportError
 
 __all__ = ["QueryResult", "QueryClient", "query"]
 
@@ -50,7 +51,7 @@ __all__ = ["QueryResult", "QueryClient", "query"]
 @dataclass
 class QueryResult:
     """Decoded outputs (float64 by output name), wall time, session id, plan hash and statistics
-    (the :func:`runtime.stats.summarize` form, empty if a server did not send its counters)."""
+    (the :func:`siguard.runtime.stats.summarize` form, empty if a server did not send its counters)."""
 
     outputs: dict[str, np.ndarray]
     seconds: float
@@ -64,7 +65,7 @@ class QueryResult:
 
 
 class _Specs:
-    """The public part of the plan the client needs for :func:`runtime.local.check_inputs`."""
+    """The public part of the plan the client needs for :func:`siguard.runtime.runs.check_inputs`."""
 
     def __init__(self, inputs: list[dict[str, Any]], frac_bits: int):
         self.inputs = [{"name": s["name"], "shape": [int(d) for d in s["shape"]], "domain": s.get("domain"),
@@ -244,7 +245,6 @@ def _raw_inputs(specs: list[dict[str, Any]], inputs: Any) -> dict[str, np.ndarra
 def _summary(stats_msgs: dict[int, dict[str, Any]], transport: NetTransport) -> dict[str, Any]:
     if len(stats_msgs) != 3:
         return {}
-    from .stats import summarize
 
     per_party = []
     for j in range(3):

@@ -1,0 +1,1 @@
+"""The bottom layer: the errors and configuration types that every other package may import."""
