@@ -448,8 +448,8 @@ _HINGE_BIT = 61
 #: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
 #: +-1 ulp cannot flip them (the oracle applies the same rule: siguard.privacy.memguard)
 TIE_BITS = 14
-#: the parallel schedule raises every ratio r_j (j != l) by 2^-RATIO_FLOOR_BITS at the start (privacy.memguard's
-#: RATIO_FLOOR)
+#: the parallel schedule raises every ratio r_j (j != l) by 2^-RATIO_FLOOR_BITS at the start
+#: (siguard.privacy.memguard's RATIO_FLOOR)
 RATIO_FLOOR_BITS = 30
 
 
