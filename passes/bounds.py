@@ -176,7 +176,7 @@ def _with_kink(node: Node, x: Interval, *rest: np.ndarray) -> Interval:
 
 
 _ORDER_PRESERVING = frozenset({"reshape", "transpose", "concat", "pad", "slice", "gather", "identity", "truncate",
-                               "relu", "clip", "maxpool", "avgpool", "reduce_sum", "reduce_mean"})
+                               "relu", "clip", "maxpool", "avgpool", "reduce_sum", "reduce_mean", "reduce_max"})
 _MONOTONE_UNARY = frozenset({"sigmoid", "tanh", "exp", "erf", "softplus", "hard_sigmoid"})
 
 
@@ -229,6 +229,11 @@ def _transfer(graph: Graph, node: Node, ins: list[Interval], stochastic: bool = 
         lo_x, hi_x = ins[0]
         g_lo, g_hi = _apply(node, lo_x), _apply(node, hi_x)
         return np.where(lo_x >= -0.7518, g_lo, -0.17), np.maximum(np.maximum(g_hi, g_lo), 0.0)
+    if op == "hard_swish":  # x relu6(x + 3) / 6: its minimum -0.375 at x = -1.5, increasing above it
+        lo_x, hi_x = ins[0]
+        g_lo, g_hi = _apply(node, lo_x), _apply(node, hi_x)
+        spans = (lo_x <= -1.5) & (hi_x >= -1.5)
+        return np.where(spans, -0.375, np.minimum(g_lo, g_hi)), np.maximum(g_lo, g_hi)
     if op == "layer_norm":  # |x_i - mean| <= sqrt(N - 1) * std: the output is bias +- |scale| sqrt(N)
         ax = int(node.attrs.get("axis", -1)) % len(shape)
         n = int(np.prod(shape[ax:]))

@@ -117,11 +117,13 @@ def test_an_out_of_range_input_is_clamped_to_the_public_bound(net_plans, digit_i
     assert np.abs(raw - run_reference(plan, clamped).output).max() > 1e3
 
 
-def test_the_default_bound_is_the_clients_own_limit(net_plans):
+def test_the_bound_is_the_plans_domain_else_the_clients_own_limit(net_plans):
     from siguard.runtime.kernels.inputs import client_bounds
 
     plan = net_plans[1]
-    lo, hi = client_bounds(plan.inputs[0], plan.frac_bits)
+    lo_d, hi_d = plan.inputs[0]["domain"]  # the compiler's proven domain (passes.bounds)
+    assert client_bounds(plan.inputs[0], plan.frac_bits) == (round(lo_d * 2**16), round(hi_d * 2**16))
+    lo, hi = client_bounds({"name": "x"}, plan.frac_bits)  # no domain recorded
     assert hi == -lo == int(MAX_ABS_REAL(plan.frac_bits))  # = 2^(62-2f) real, encoded at f
     assert client_bounds({"domain": [0, 16]}, 16) == (0, 16 << 16)
 

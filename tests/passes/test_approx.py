@@ -234,9 +234,13 @@ def test_parse_guard_label_round_trips():
 
 
 def test_guard_knobs_override_and_search(guard_scenario):
+    """The knobs of the sequential schedules' internals (the parallel default has none: its sign steps need
+    neither exp nor a normaliser, test below)."""
     s = guard_scenario
-    base = compile_model(s["target"], CompileOptions(guard=s["defender"]))
-    low = compile_model(s["target"], CompileOptions(guard=s["defender"], overrides={"guard": "exp2,recip2,norm0"}))
+    seq = {"schedule": "freeze"}
+    base = compile_model(s["target"], CompileOptions(guard=s["defender"], guard_config=seq))
+    low = compile_model(s["target"], CompileOptions(guard=s["defender"], overrides={"guard": "exp2,recip2,norm0"},
+                                                    guard_config=seq))
     (g0,) = [st for st in base.plan.steps if st["op"] == "guard"]
     (g1,) = [st for st in low.plan.steps if st["op"] == "guard"]
     assert g0["approx"]["impl"] == "exp4,recip4,norm2" and g0["approx"]["how"] == "default"
@@ -245,10 +249,18 @@ def test_guard_knobs_override_and_search(guard_scenario):
     assert g1["approx"]["most_accurate"]["rounds"] == g0["cost"]["rounds"]
     assert "exp2,recip2,norm0" in render(low.plan, "text")
     # the search runs the fixed-point guard against the float oracle on the calibration logits
-    found = compile_model(s["target"], CompileOptions(guard=s["defender"], calibration=s["cal"]))
+    found = compile_model(s["target"], CompileOptions(guard=s["defender"], calibration=s["cal"], guard_config=seq))
     (g2,) = [st for st in found.plan.steps if st["op"] == "guard"]
     a = g2["approx"]
     assert a["how"] == "search" and a["error"]["labels_kept"] == 1.0
     assert a["cost"]["rounds"] <= a["most_accurate"]["rounds"]
     assert (g2["attrs"]["exp_degree"], g2["attrs"]["recip_degree"], g2["attrs"]["norm_iterations"]) == tuple(
         int(p[len(k):]) for p, k in zip(a["impl"].split(","), ("exp", "recip", "norm"), strict=True))
+
+
+def test_the_parallel_guard_has_no_internal_approximation(guard_scenario):
+    s = guard_scenario
+    plan = compile_model(s["target"], CompileOptions(guard=s["defender"], calibration=s["cal"])).plan
+    (g,) = [st for st in plan.steps if st["op"] == "guard"]
+    assert g["attrs"]["schedule"] == "parallel" and g["approx"]["impl"] == "sign-steps"
+    assert g["approx"]["cost"]["rounds"] == g["cost"]["rounds"] and g["approx"]["candidates"] == 0
