@@ -488,7 +488,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     Every round is a candidate: the R rounds run as one batch of R B rows (round r with lr r, all from
     e = 0 with c3), and each query keeps the first success in (round, step) order -- the sequential freeze
     schedule's output, since every round before a query's first success has failed. The state is the
-    vector of ratios r_j = q_j / q_l = e^(u_j - u_l) (scale qs), so r_l = 1 and no step normalises:
+    vector of ratios r_j = q_j / q_l = e^(u_j - u_l) (scale qs + 8; every r_j, j != l, starts raised by
+    2^-RATIO_FLOOR_BITS), so r_l = 1 and no step normalises (the step's products use r with r_l masked out):
 
     * a sign step moves u by -lr sgn(g): r_j <- r_j e^(2 lr (b_j - b_l)) with b = [g < 0], i.e. times
       e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one AND round, one mul_bit
@@ -497,7 +498,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     * h is positively homogeneous in (x, biases): D h(r / D) = h'(r) with every bias times D, so the
       ReLU masks, the sign of a and the test |a| <= margin (|D a| <= margin D) need no reciprocal;
     * sgn(g_i) = sgn(S_i) with S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D); the hinge is folded in
-      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits;
+      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits
+      ("negative" only below -2^-TIE_BITS, as for sgn(q - p));
       S = sgn(a) S_h + S_c splits into the defender's part and c3's, both known before sgn(a): the msb
       tests both signs and a mux on [a < 0] picks one.
     Only the released vector is normalised, once: q* = r* / sum r*.
