@@ -262,8 +262,7 @@ class Approximate(Pass):
         times the configured setting's (a guard on (a) alone, estimated on a few dozen queries, is
         noisy: the freeze schedule is path dependent)."""
 
-        fields = GuardConfig.__dataclass_fields__
-        base = GuardConfig.for_schedule(**{k: v for k, v in node.attrs.items() if k in fields})
+        base = GuardConfig.from_attrs(node.attrs)
         if base.schedule == "parallel":  # sign steps in ratio space: no per-step approximation to choose
             cost = node_cost(graph, node, ctx.frac_bits)
             rec = {"rounds": int(cost["rounds"]), "bytes": int(cost["bytes"])}

@@ -116,8 +116,7 @@ def _defender_from_plan(plan: Any) -> Any:
 
 
 def _guard_config(step: dict[str, Any]) -> Any:
-    fields = GuardConfig.__dataclass_fields__
-    return GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
+    return GuardConfig.from_attrs(step["attrs"])
 
 
 def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:

@@ -264,6 +264,4 @@ def _nonlinear(ctx, step, args):
 # ---- the SIGuard guard ---------------------------------------------------------------------------
 @register("guard")
 def _guard(ctx, step, args):
-    fields = GuardConfig.__dataclass_fields__
-    cfg = GuardConfig.for_schedule(**{k: v for k, v in step["attrs"].items() if k in fields})
-    return [secure_guard(ctx.e, *args, config=cfg)]
+    return [secure_guard(ctx.e, *args, config=GuardConfig.from_attrs(step["attrs"]))]

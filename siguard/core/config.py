@@ -87,6 +87,12 @@ class GuardConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         return cls(**{**SCHEDULE_DEFAULTS[name], "schedule": name, **given})
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> GuardConfig:
+        """The configuration a plan's guard step (or the guard node) records in its ``attrs``: its fields, with the
+        schedule's defaults for any a plan lacks (:meth:`for_schedule`); other attributes are ignored."""
+        return cls.for_schedule(**{k: v for k, v in attrs.items() if k in cls.__dataclass_fields__})
+
     @property
     def step(self) -> str:
         """The update rule: "sign" for the parallel schedule, MemGuard's normalised gradient "l2" otherwise

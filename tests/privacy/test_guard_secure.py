@@ -88,7 +88,7 @@ def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
     x, logits = scenario["x"], scenario["logits"]
     plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule)
     guard = next(s for s in plan.steps if s["op"] == "guard")
-    cfg = GuardConfig.for_schedule(**{k: v for k, v in guard["attrs"].items() if k in GuardConfig.__dataclass_fields__})
+    cfg = GuardConfig.from_attrs(guard["attrs"])
     out = run_reference(plan, x).output
     ref = guard_reference(logits, scenario["weights"], **cfg.oracle_options())
     assert len(x) >= 500
