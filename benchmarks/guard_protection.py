@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from siguard.core.errors import InputError  # noqa: E402
-from siguard.privacy.experiments import TARGETS, _splits  # noqa: E402
+from siguard.privacy.experiments import TARGETS, prepare_seed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "guard_protection.json"
 NOISED_L1 = 2e-3
@@ -57,41 +57,20 @@ def _noised(probs: np.ndarray, plain: np.ndarray) -> np.ndarray:
 
 def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | None, epochs: int,
              log: Any = print) -> dict[str, Any]:
-    import torch
-
     from siguard.compiler.plan import Plan
     from siguard.core.config import GuardConfig
     from siguard.pipeline import CompileOptions, compile_model, write_plan
-    from siguard.privacy.attacks import NeuralAttack, label_only_gap, standard_attacks, train_shadow
-    from siguard.privacy.defender import DefenderWeights, export_defender, single_threaded, train_defender
-    from siguard.privacy.memguard import guard_reference, softmax
-    from siguard.privacy.targets import export_onnx, make_mlp, predict_onnx, train_classifier
+    from siguard.privacy.attacks import NeuralAttack, label_only_gap, standard_attacks
+    from siguard.privacy.memguard import guard_reference
     from siguard.runtime.local import run_threads
 
     t0 = time.perf_counter()
     hidden = TARGETS[target]
-    mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
-    with single_threaded():
-        torch.manual_seed(seed)
-        model = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
-                                 epochs=epochs, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="siguard-protect-"))
-    onnx_path = export_onnx(model, work / "target.onnx", data.input_shape)
-    z_mem, z_non, z_ref = (predict_onnx(onnx_path, data.x[i]).astype(np.float64) for i in (mem, non, ref))
-    module, d_report = train_defender(softmax(z_mem), softmax(z_ref), seed=seed)
-    defender_path = export_defender(module, work / "defender.onnx")
-    defender = DefenderWeights.from_onnx(defender_path)
-    shadow = train_shadow(data.x[s_mem], data.y[s_mem], data.x[s_non], input_shape=data.input_shape,
-                          num_classes=data.num_classes, epochs=epochs, seed=seed + 1000, x_reference=data.x[s_ref],
-                          y_out=data.y[s_non], hidden=hidden)
-    logits = np.concatenate([z_mem, z_non])
-    x = np.concatenate([data.x[mem], data.x[non]])
-    labels = np.concatenate([data.y[mem], data.y[non]])
-    membership = np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
-    plain = softmax(logits)
-    info = {"train_accuracy": float((z_mem.argmax(1) == data.y[mem]).mean()),
-            "test_accuracy": float((z_non.argmax(1) == data.y[non]).mean()),
-            "defender_val_accuracy": d_report.val_accuracy}
+    setup = prepare_seed(data, n, epochs, seed, hidden, work)
+    onnx_path, defender_path, defender, shadow = setup.onnx_path, setup.defender_path, setup.defender, setup.shadow
+    logits, x, labels, membership, plain, info = (setup.logits, setup.x, setup.labels, setup.membership, setup.plain,
+                                                  setup.info)
 
     # the attacks the attacker fits on its shadow data: plain outputs, and (adaptive) guarded ones
     shadow_plain = shadow.plain_outputs()

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from .defender import DefenderWeights, export_defender, single_threaded, train_d
 from .memguard import guard_reference, softmax
 from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
-__all__ = ["CONFIGS", "run_experiment", "main"]
+__all__ = ["CONFIGS", "SeedSetup", "prepare_seed", "run_experiment", "main"]
 
 #: (name, guard_reference options); the defaults are R = 6, T = 49, lr = 0.2, c3 = 0.1, freeze, sign, margin 0.5
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -128,37 +129,72 @@ def _splits(n_total: int, n: int, parts: int, seed: int) -> list[np.ndarray]:
     return [order[i * n : (i + 1) * n] for i in range(parts)]
 
 
+@dataclass
+class SeedSetup:
+    """One repetition's models and data (:func:`prepare_seed`): what every protection experiment shares."""
+
+    seed: int
+    hidden: tuple[int, ...]
+    onnx_path: Path  # the target, exported (the deployed path: ONNX through onnxruntime)
+    defender_path: Path  # the owner's defender, exported
+    defender: DefenderWeights
+    defender_report: Any
+    shadow: Any  # :class:`siguard.privacy.attacks.ShadowData` (with the shadow non-members' labels)
+    x: np.ndarray  # the queries: members then evaluation non-members
+    logits: np.ndarray  # the target's logits on ``x`` (float64)
+    labels: np.ndarray  # the true labels of ``x``
+    membership: np.ndarray  # True for the members
+    info: dict[str, float]  # target train/test accuracy, defender validation accuracy
+
+    @property
+    def plain(self) -> np.ndarray:
+        return softmax(self.logits)
+
+
+def prepare_seed(data: Any, n: int, epochs: int, seed: int, hidden: tuple[int, ...], work: Path) -> SeedSetup:
+    """Fresh splits, target, defender and shadow model for ``seed`` (files in ``work``), trained single-threaded
+    so that a seed gives the same models in every experiment that uses it."""
+    import torch
+
+    mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
+    with single_threaded():
+        torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
+        target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
+                                  epochs=epochs, seed=seed)
+        onnx_path = export_onnx(target, work / "target.onnx", data.input_shape)
+        z_mem, z_non, z_ref = (predict_onnx(onnx_path, data.x[i]).astype(np.float64) for i in (mem, non, ref))
+        module, d_report = train_defender(softmax(z_mem), softmax(z_ref), seed=seed)
+        defender_path = export_defender(module, work / "defender.onnx")
+        shadow = train_shadow(data.x[s_mem], data.y[s_mem], data.x[s_non], input_shape=data.input_shape,
+                              num_classes=data.num_classes, epochs=epochs, seed=seed + 1000,
+                              x_reference=data.x[s_ref], y_out=data.y[s_non], hidden=hidden)
+    info = {"train_accuracy": float((z_mem.argmax(1) == data.y[mem]).mean()),
+            "test_accuracy": float((z_non.argmax(1) == data.y[non]).mean()),
+            "defender_val_accuracy": float(d_report.val_accuracy)}
+    return SeedSetup(seed=seed, hidden=tuple(hidden), onnx_path=onnx_path, defender_path=defender_path,
+                     defender=DefenderWeights.from_onnx(defender_path), defender_report=d_report, shadow=shadow,
+                     x=np.concatenate([data.x[mem], data.x[non]]), logits=np.concatenate([z_mem, z_non]),
+                     labels=np.concatenate([data.y[mem], data.y[non]]),
+                     membership=np.concatenate([np.ones(n, bool), np.zeros(n, bool)]), info=info)
+
+
 def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str, dict[str, Any]]],
               log: Callable[[str], None], hidden: tuple[int, ...] = (128, 64)) -> dict[str, Any]:
     """One repetition: fresh splits, target, defender, shadow model and attacks for ``seed``."""
-    import torch
     from sklearn.metrics import roc_auc_score
 
     t0 = time.perf_counter()
-    mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
-    torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
-    target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
-                              epochs=epochs, seed=seed)
-    with tempfile.TemporaryDirectory() as tmp:  # the deployed path: ONNX through onnxruntime
-        onnx_path = export_onnx(target, Path(tmp) / "target.onnx", data.input_shape)
-        z_mem, z_non, z_ref = (predict_onnx(onnx_path, data.x[i]).astype(np.float64) for i in (mem, non, ref))
-        module, d_report = train_defender(softmax(z_mem), softmax(z_ref), seed=seed)
-        defender = DefenderWeights.from_onnx(export_defender(module, Path(tmp) / "defender.onnx"))
-    train_acc = float((z_mem.argmax(1) == data.y[mem]).mean())
-    test_acc = float((z_non.argmax(1) == data.y[non]).mean())
+    with tempfile.TemporaryDirectory() as tmp:
+        s = prepare_seed(data, n, epochs, seed, hidden, Path(tmp))
+    defender, d_report, shadow = s.defender, s.defender_report, s.shadow
+    train_acc, test_acc = s.info["train_accuracy"], s.info["test_accuracy"]
 
-    shadow = train_shadow(data.x[s_mem], data.y[s_mem], data.x[s_non], input_shape=data.input_shape,
-                          num_classes=data.num_classes, epochs=epochs, seed=seed + 1000, x_reference=data.x[s_ref],
-                          hidden=hidden)
     shadow_plain = shadow.plain_outputs()  # a non-adaptive attacker: unguarded outputs of its shadow model
     attacks = {"neural": NeuralAttack(seed=seed), "max-prob": MaxProbabilityAttack(), "entropy": EntropyAttack()}
     for atk in attacks.values():
         atk.fit(shadow_plain, shadow.membership)
 
-    logits = np.concatenate([z_mem, z_non])
-    membership = np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
-    labels = np.concatenate([data.y[mem], data.y[non]])
-    plain = softmax(logits)
+    logits, membership, labels, plain = s.logits, s.membership, s.labels, s.plain
 
     def attack_all(probs: np.ndarray) -> dict[str, dict[str, float]]:
         return {name: atk.evaluate(probs, membership).to_dict() for name, atk in attacks.items()}
