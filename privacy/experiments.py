@@ -11,7 +11,8 @@ The target MLP (:func:`siguard.privacy.targets.make_mlp`) is trained to overfit;
 its members against its reference set; the members and evaluation non-members go through the target and
 :func:`siguard.privacy.memguard.guard_reference` under each configuration. Attacks are fitted on shadow data only:
 a non-adaptive attacker on the shadow model's plain outputs, an adaptive one on its own guarded shadow
-outputs (same configuration, its own shadow defender). Criterion: acceptance >= 85 %, label kept 100 %,
+outputs (same configuration, its own shadow defender; bagged over ADAPTIVE_MODELS attack models).
+Criterion: acceptance >= 85 %, label kept 100 %,
 neural attack advantage |AUC - 0.5| <= 0.05 for both attackers, at most ~300 gradient steps.
 
 Everything is repeated for ``--seeds`` seeds (fresh splits, models and defenders) and averaged. The
@@ -39,7 +40,14 @@ import numpy as np
 
 from siguard.core.errors import InputError
 
-from .attacks import EntropyAttack, MaxProbabilityAttack, NeuralAttack, label_only_gap, train_shadow
+from .attacks import (
+    BaggedNeuralAttack,
+    EntropyAttack,
+    MaxProbabilityAttack,
+    NeuralAttack,
+    label_only_gap,
+    train_shadow,
+)
 from .datasets import load_dataset
 from .defender import DefenderWeights, export_defender, single_threaded, train_defender
 from .memguard import guard_reference, softmax
@@ -78,6 +86,8 @@ SATURATION_GAP = 14.0
 MIN_ACCEPTANCE = 0.85
 MAX_ADVANTAGE = 0.05
 STEP_BUDGET = 300
+#: the adaptive attacker bags this many attack models (:class:`siguard.privacy.attacks.BaggedNeuralAttack`)
+ADAPTIVE_MODELS = 5
 #: the targets' hidden widths: the demo's MLP, and a wider one that overfits more (100 % training accuracy)
 TARGETS: dict[str, tuple[int, ...]] = {"demo": (128, 64), "overfit": (256, 256)}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "guard_schedules.json"
@@ -221,9 +231,10 @@ def _run_seed(data: Any, n: int, epochs: int, seed: int, configs: list[tuple[str
         # the adaptive attacker: same public configuration, its own shadow defender, its own shadow data
         adaptive_shadow = shadow.adaptive_outputs(seed=seed + 1000, **options)
         row["adaptive_shadow"] = adaptive_shadow.summary()
-        adaptive = {"neural": NeuralAttack(seed=seed), "max-prob": MaxProbabilityAttack()}
+        adaptive = {"neural": BaggedNeuralAttack(models=ADAPTIVE_MODELS, seed=seed), "max-prob": MaxProbabilityAttack()}
         row["adaptive"] = {k: a.fit(adaptive_shadow.probs, shadow.membership).evaluate(res.probs, membership).to_dict()
                            for k, a in adaptive.items()}
+        row["adaptive"]["neural_single"] = adaptive["neural"].single[0].to_dict()  # one model: seed = seed
         rows.append(row)
     return {"seed": seed, "target": {"train_accuracy": train_acc, "test_accuracy": test_acc},
             "defender": d_report.to_dict(), "shadow": shadow.info, "plaintext": plaintext, "configurations": rows,

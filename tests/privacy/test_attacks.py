@@ -8,6 +8,7 @@ import pytest
 from siguard.privacy.attacks import (
     EntropyAttack,
     MaxProbabilityAttack,
+    BaggedNeuralAttack,
     NeuralAttack,
     label_only_gap,
     membership_metrics,
@@ -123,3 +124,22 @@ def test_shadow_models_and_the_adaptive_attacker(digits):
     no_ref = train_shadow(x_train[:50], y_train[:50], x_test[:50], input_shape=(64,), num_classes=10, epochs=1)
     with pytest.raises(ValueError, match="reference"):
         no_ref.adaptive_outputs()
+
+
+def test_bagged_neural_attack_is_the_mean_of_its_models():
+    shadow_probs, shadow_m = separable(300, 0)
+    probs, membership = separable(200, 1)
+    bag = BaggedNeuralAttack(models=3, seed=7).fit(shadow_probs, shadow_m)
+    res = bag.evaluate(probs, membership)
+    singles = [NeuralAttack(seed=7 + i).fit(shadow_probs, shadow_m) for i in range(3)]  # the same models, refitted
+    score = np.mean([a.classifier.predict_proba(top_k_sorted(probs))[:, 1] for a in singles], axis=0)
+    m = membership.astype(bool)
+    pairs = score[m][:, None] - score[~m][None, :]
+    auc = float((pairs > 0).mean() + 0.5 * (pairs == 0).mean())
+    assert res.auc == pytest.approx(auc, abs=1e-12)
+    assert [r.auc for r in bag.single] == pytest.approx([a.evaluate(probs, membership).auc for a in singles], abs=1e-12)
+    assert res.auc > 0.9  # separable data: the bag finds the signal every member finds
+    with pytest.raises(RuntimeError, match="fit"):
+        BaggedNeuralAttack(models=2).evaluate(probs, membership)
+    with pytest.raises(ValueError, match="models"):
+        BaggedNeuralAttack(models=0)
