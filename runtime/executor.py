@@ -6,6 +6,7 @@ Call tree (override points)::
       ├─ input step                client input -> checked, clamped shares  (op "input")
       ├─ run_step(step, env)       one plan step (the per-step hook)
       │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
+      │       (on the scale-checking reference, its arguments' and results' scales are checked)
       └─ engine.reveal(...)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
@@ -80,6 +81,9 @@ class Executor:
         self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
         self._bounds = {spec["name"]: client_bounds(spec, plan.frac_bits) for spec in plan.inputs}
+        # the scale-checking reference engine asserts every step's fixed-point scales (runtime/kernels/scales.py)
+        check = getattr(engine, "scale_check", None)
+        self._scales = check(plan) if check is not None else None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _compute_last_use(self) -> dict[str, int]:
@@ -176,7 +180,11 @@ class Executor:
     def run_step(self, step: PlanStep, env: dict[str, Any]) -> None:
         """Execute one plan step: gather arguments, dispatch to the op's handler, store outputs."""
         args = [self._get(env, n) for n in step.inputs]
+        if self._scales is not None:
+            self._scales.arguments(step, args)
         results = handler_for(step.op)(self.ctx, step, args)
+        if self._scales is not None:
+            self._scales.results(step, results)
         for name, value in zip(step.outputs, results, strict=True):
             env[name] = value
 
