@@ -81,9 +81,10 @@ class Executor:
         self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
         self._bounds = {spec["name"]: client_bounds(spec, plan.frac_bits) for spec in plan.inputs}
-        # the scale-checking reference engine asserts every step's fixed-point scales (runtime/kernels/scales.py)
+        #: the scale-checking reference engine's check of every step's fixed-point scales, else None
+        #: (runtime/kernels/scales.py); its ``unchecked`` lists the outputs whose scale a kernel lost
         check = getattr(engine, "scale_check", None)
-        self._scales = check(plan) if check is not None else None
+        self.scale_check = check(plan) if check is not None else None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _compute_last_use(self) -> dict[str, int]:
@@ -180,11 +181,11 @@ class Executor:
     def run_step(self, step: PlanStep, env: dict[str, Any]) -> None:
         """Execute one plan step: gather arguments, dispatch to the op's handler, store outputs."""
         args = [self._get(env, n) for n in step.inputs]
-        if self._scales is not None:
-            self._scales.arguments(step, args)
+        if self.scale_check is not None:
+            self.scale_check.arguments(step, args)
         results = handler_for(step.op)(self.ctx, step, args)
-        if self._scales is not None:
-            self._scales.results(step, results)
+        if self.scale_check is not None:
+            self.scale_check.results(step, results)
         for name, value in zip(step.outputs, results, strict=True):
             env[name] = value
 

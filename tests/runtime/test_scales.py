@@ -110,12 +110,12 @@ def test_the_normal_plans_run_clean_under_the_scale_checks(plans, name):
     _, plain = _run(plan, weights, x, PlainEngine(plan.frac_bits))
     assert np.array_equal(checked, plain)  # the same arithmetic: only the scales are added
     ops = {s.name: s.op for s in plan.steps}
-    unchecked = {ops[step] for step, _ in ex._scales.unchecked}
+    unchecked = {ops[step] for step, _ in ex.scale_check.unchecked}
     assert unchecked <= NONLINEAR, unchecked  # only a kernel's own public constants lose a scale
     if name in ("mlp", "cnn"):
         assert not unchecked  # every step's output checked
     checked_steps = [s for s in plan.steps if s.op not in ("input", "reveal")]
-    assert len(ex._scales.unchecked) < len(checked_steps) / 10
+    assert len(ex.scale_check.unchecked) < len(checked_steps) / 10
 
 
 def _skip_truncation(ctx, step, args):
