@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = compile_model(path, CompileOptions(batch=len(held), calibration=cal, approx=config))
                 seconds = time.perf_counter() - t0
                 got = run_reference(res.plan, held, res.weights).output
-                soft = [s for s in res.plan.steps if s["op"] == "softmax"]
+                soft = [s for s in res.plan.steps if s.op == "softmax"]
                 rows.append({
                     "model": model,
                     "config": config,
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                     "top1_vs_onnxruntime": float((got.argmax(1) == want.argmax(1)).mean()),
                     "max_abs_vs_onnxruntime": float(np.abs(got - want).max()),
                     "compile_seconds": round(seconds, 2),
-                    "softmax": soft[0]["approx"]["impl"] if soft else None,
-                    "softmax_rounds": soft[0]["cost"]["rounds"] if soft else None,
+                    "softmax": soft[0].approx["impl"] if soft else None,
+                    "softmax_rounds": soft[0].cost["rounds"] if soft else None,
                 })
     head = ("model", "config", "rounds", "MB", "top-1", "max |d|", "compile s")
     print("{:22s} {:8s} {:>7s} {:>8s} {:>7s} {:>9s} {:>9s}  softmax".format(*head))

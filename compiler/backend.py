@@ -8,10 +8,12 @@ import numpy as np
 
 from siguard.core.errors import ModelError
 
-from .ir import Graph
+from .impl import Impl
+from .ir import Graph, Node
 from .plan import PLAN_FORMAT, PLAN_VERSION, PROTOCOL, PROTOCOL_VERSION, Plan
+from .step import PlanStep
 
-__all__ = ["build_plan"]
+__all__ = ["build_plan", "node_step"]
 
 
 def _jsonable(v: Any) -> Any:
@@ -30,6 +32,14 @@ def _jsonable(v: Any) -> Any:
 
 def _zero_cost() -> dict[str, Any]:
     return {"rounds": 0, "bytes": 0, "bytes_per_party": [0, 0, 0]}
+
+
+def node_step(node: Node, cost: dict[str, Any] | None = None) -> PlanStep:
+    """The plan step of an IR node (its ``_impl_params`` attribute becomes the implementation's tuning)."""
+    attrs = _jsonable(node.attrs)
+    params = attrs.pop("_impl_params", None)
+    return PlanStep(node.name, node.op, Impl.parse(node.impl or "local", node.op, params), list(node.inputs),
+                    list(node.outputs), attrs, cost or _zero_cost(), node.source)
 
 
 def build_plan(
@@ -74,32 +84,17 @@ def build_plan(
             raise ModelError(f"output {name!r} is a constant: nothing to compute securely")
 
     costs = graph.meta.get("io_costs", {})
-    steps: list[dict[str, Any]] = []
+    steps: list[PlanStep] = []
     for name in graph.inputs:
-        steps.append({"name": f"input:{name}", "op": "input", "impl": "client-share", "inputs": [], "outputs": [name],
-                      "attrs": {"owner": "client"}, "source": None,
-                      "cost": costs.get("input", {}).get(name) or _zero_cost()})
-    for node in graph.nodes:
-        step = {
-            "name": node.name,
-            "op": node.op,
-            "impl": node.impl or "local",
-            "inputs": list(node.inputs),
-            "outputs": list(node.outputs),
-            "attrs": _jsonable(node.attrs),
-            "source": node.source,
-            "cost": node.cost or _zero_cost(),
-        }
-        if node.attrs.get("_impl_params"):
-            step["impl_params"] = _jsonable(step["attrs"].pop("_impl_params"))
-        steps.append(step)
+        steps.append(PlanStep(f"input:{name}", "input", Impl.parse("client-share", "input"), [], [name],
+                              {"owner": "client"}, costs.get("input", {}).get(name) or _zero_cost()))
+    steps += [node_step(node, node.cost) for node in graph.nodes]
     for name in graph.outputs:
-        steps.append({"name": f"reveal:{name}", "op": "reveal", "impl": "to-client", "inputs": [name], "outputs": [],
-                      "attrs": {"to": "client"}, "source": None,
-                      "cost": costs.get("reveal", {}).get(name) or _zero_cost()})
+        steps.append(PlanStep(f"reveal:{name}", "reveal", Impl.parse("to-client", "reveal"), [name], [],
+                              {"to": "client"}, costs.get("reveal", {}).get(name) or _zero_cost()))
 
-    per_party = [sum(s["cost"]["bytes_per_party"][p] for s in steps) for p in range(3)]
-    totals = {"rounds": sum(s["cost"]["rounds"] for s in steps), "bytes": sum(s["cost"]["bytes"] for s in steps),
+    per_party = [sum(s.cost["bytes_per_party"][p] for s in steps) for p in range(3)]
+    totals = {"rounds": sum(s.cost["rounds"] for s in steps), "bytes": sum(s.cost["bytes"] for s in steps),
               "bytes_per_party": per_party, "steps": len(steps)}
     doc = {
         "format": PLAN_FORMAT,

@@ -32,9 +32,12 @@ import numpy as np
 
 from siguard.core.errors import PlanError
 
+from .impl import Impl
+from .step import PlanStep
+
 __all__ = [
-    "Plan", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "OWNER_FACTS", "OWNER_FILE", "compute_hash",
-    "split_owner_facts", "merge_owner_facts",
+    "Plan", "PlanStep", "Impl", "PLAN_FORMAT", "PLAN_VERSION", "PROTOCOL", "PROTOCOL_VERSION", "OWNER_FACTS",
+    "OWNER_FILE", "compute_hash", "split_owner_facts", "merge_owner_facts",
 ]
 
 PLAN_FORMAT = "siguard-plan"
@@ -123,13 +126,21 @@ def _has_facts(facts: dict[str, Any]) -> bool:
     return any(bool(v) for v in facts.values())
 
 
+def _step_json(obj: Any) -> Any:
+    """json.dumps' hook: a :class:`PlanStep` is written as its JSON entry."""
+    if isinstance(obj, PlanStep):
+        return obj.to_dict()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def _canonical(doc: dict[str, Any]) -> bytes:
     body = {k: v for k, v in doc.items() if k != "plan_hash"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_step_json).encode()
 
 
 def compute_hash(doc: dict[str, Any]) -> str:
-    """SHA-256 (hex) of the canonical JSON of the plan without its ``plan_hash`` field."""
+    """SHA-256 (hex) of the canonical JSON of the plan without its ``plan_hash`` field (steps may be
+    :class:`PlanStep` objects or their JSON entries: the hash is the same)."""
     return hashlib.sha256(_canonical(doc)).hexdigest()
 
 
@@ -149,19 +160,25 @@ def _validator() -> Any:
 
 
 class Plan:
-    """A loaded, validated plan. ``doc`` is the JSON document; ``directory`` where it lives."""
+    """A loaded, validated plan. ``doc`` is the document with its ``steps`` as :class:`PlanStep` objects
+    (:meth:`to_dict` is the JSON document itself); ``directory`` where it lives."""
 
     def __init__(self, doc: dict[str, Any], directory: Path | None = None, owner: dict[str, Any] | None = None):
-        self.doc = doc
+        # the top level is copied so that the caller's dict keeps its JSON steps; the entries are shared
+        self.doc = {k: ([_as_step(s) for s in v] if k == "steps" else v) for k, v in doc.items()}
         self.directory = directory
         #: the owner's facts (owner.json) where available, else None; see :data:`OWNER_FACTS`
         self.owner = owner
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (steps as their JSON entries, keys in the order of plan.json)."""
+        return {k: ([s.to_dict() for s in v] if k == "steps" else v) for k, v in self.doc.items()}
 
     def with_owner_facts(self) -> Plan:
         """This plan with the owner's facts merged back in (for reports); itself if there are none."""
         if not self.owner:
             return self
-        return Plan(merge_owner_facts(self.doc, self.owner), self.directory, self.owner)
+        return Plan(merge_owner_facts(self.to_dict(), self.owner), self.directory, self.owner)
 
     # ---- accessors ----------------------------------------------------------------------------
     @property
@@ -173,7 +190,7 @@ class Plan:
         return int(self.doc["frac_bits"])
 
     @property
-    def steps(self) -> list[dict[str, Any]]:
+    def steps(self) -> list[PlanStep]:
         return self.doc["steps"]
 
     @property
@@ -248,11 +265,11 @@ class Plan:
         moved out of the document: see :data:`OWNER_FACTS`) and, if given, ``weights.npz``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        public, facts = split_owner_facts(self.doc)
+        public, facts = split_owner_facts(self.to_dict())
         if _has_facts(facts):
-            self.doc, self.owner = public, facts
+            self.doc, self.owner = Plan(public).doc, facts
         self.doc["plan_hash"] = compute_hash(self.doc)
-        (d / "plan.json").write_text(json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
+        (d / "plan.json").write_text(json.dumps(self.doc, indent=1, allow_nan=False, default=_step_json) + "\n")
         if self.owner:
             owner_doc = {"format": OWNER_FORMAT, "plan_hash": self.plan_hash, **self.owner}
             (d / OWNER_FILE).write_text(json.dumps(owner_doc, indent=1, allow_nan=False) + "\n")
@@ -287,6 +304,10 @@ class Plan:
             if not np.all(np.isfinite(a)):
                 raise PlanError(f"{p}: weight {w['name']!r} contains NaN or infinity")
         return arrays
+
+
+def _as_step(entry: dict[str, Any] | PlanStep) -> PlanStep:
+    return entry if isinstance(entry, PlanStep) else PlanStep.from_dict(entry)
 
 
 def _load_owner_facts(path: Path, plan_hash: str) -> dict[str, Any] | None:

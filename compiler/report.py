@@ -32,11 +32,11 @@ def dataflow_graph(plan: Plan) -> nx.DiGraph:
     g = nx.DiGraph()
     producer: dict[str, int] = {}
     for i, s in enumerate(plan.steps):
-        g.add_node(i, rounds=s["cost"]["rounds"], name=s["name"], op=s["op"], impl=s["impl"])
-        for name in s["inputs"]:
+        g.add_node(i, rounds=s.cost["rounds"], name=s.name, op=s.op, impl=s.impl.name)
+        for name in s.inputs:
             if name in producer:
                 g.add_edge(producer[name], i)
-        for name in s["outputs"]:
+        for name in s.outputs:
             producer[name] = i
     return g
 
@@ -68,21 +68,21 @@ def _mb(b: int) -> float:
 def _rows(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for i, s in enumerate(plan.steps):
-        shapes = [plan.values[o]["shape"] for o in s["outputs"] if o in plan.values] or [
-            plan.values[n]["shape"] for n in s["inputs"] if n in plan.values
+        shapes = [plan.values[o]["shape"] for o in s.outputs if o in plan.values] or [
+            plan.values[n]["shape"] for n in s.inputs if n in plan.values
         ]
         rows.append({
             "index": i,
-            "name": s["name"],
-            "op": s["op"],
-            "impl": s["impl"],
-            "params": s.get("impl_params") or {},
+            "name": s.name,
+            "op": s.op,
+            "impl": s.impl.name,
+            "params": s.impl_params,
             "shape": "x".join(str(d) for d in shapes[0]) if shapes else "",
-            "rounds": s["cost"]["rounds"],
-            "bytes": s["cost"]["bytes"],
-            "mb": _mb(s["cost"]["bytes"]),
-            "source": s.get("source") or "",
-            "approx": _approx_row(s.get("approx")),
+            "rounds": s.cost["rounds"],
+            "bytes": s.cost["bytes"],
+            "mb": _mb(s.cost["bytes"]),
+            "source": s.source or "",
+            "approx": _approx_row(s.approx),
         })
     return rows
 
@@ -132,13 +132,13 @@ def inspect_json(plan: Plan) -> dict[str, Any]:
         "outputs": [{"name": o["name"], "shape": o["shape"], "reveal_to": o.get("reveal_to", "client")}
                     for o in d["outputs"]],
         "steps": [
-            {"name": s["name"], "op": s["op"], "impl": s["impl"], "impl_params": s.get("impl_params") or {},
-             "inputs": s["inputs"], "outputs": s["outputs"], "source": s.get("source"),
-             "rounds": s["cost"]["rounds"], "bytes": s["cost"]["bytes"],
-             "bytes_per_party": s["cost"]["bytes_per_party"],
-             **({"approx": s["approx"]} if s.get("approx") else {}),
-             **({"phases": s["cost"]["phases"]} if s["cost"].get("phases") else {})}
-            for s in d["steps"]
+            {"name": s.name, "op": s.op, "impl": s.impl.name, "impl_params": s.impl_params,
+             "inputs": s.inputs, "outputs": s.outputs, "source": s.source,
+             "rounds": s.cost["rounds"], "bytes": s.cost["bytes"],
+             "bytes_per_party": s.cost["bytes_per_party"],
+             **({"approx": s.approx} if s.approx else {}),
+             **({"phases": s.cost["phases"]} if s.cost.get("phases") else {})}
+            for s in plan.steps
         ],
         "approximation": d.get("approximation"),
         "totals": {**d["totals"], "critical_path_rounds": crit},
@@ -151,11 +151,11 @@ def inspect_json(plan: Plan) -> dict[str, Any]:
 def _op_summary(plan: Plan) -> list[dict[str, Any]]:
     agg: dict[tuple[str, str], dict[str, Any]] = {}
     for s in plan.steps:
-        k = (s["op"], s["impl"])
-        a = agg.setdefault(k, {"op": s["op"], "impl": s["impl"], "count": 0, "rounds": 0, "bytes": 0})
+        k = (s.op, s.impl.name)
+        a = agg.setdefault(k, {"op": s.op, "impl": s.impl.name, "count": 0, "rounds": 0, "bytes": 0})
         a["count"] += 1
-        a["rounds"] += s["cost"]["rounds"]
-        a["bytes"] += s["cost"]["bytes"]
+        a["rounds"] += s.cost["rounds"]
+        a["bytes"] += s.cost["bytes"]
     total_r = max(1, plan.totals["rounds"])
     out = sorted(agg.values(), key=lambda a: (-a["rounds"], -a["bytes"]))
     for a in out:
@@ -187,7 +187,7 @@ def render(plan: Plan, fmt: str = "text") -> str:
         "critical_path": set(path),
         "edges": list(dataflow_graph(plan).edges()),
         "approximation": plan.doc.get("approximation"),
-        "guards": [{"name": s["name"], "impl": s["impl"], **s["cost"]["phases"]} for s in plan.steps
-                   if s["cost"].get("phases")],
+        "guards": [{"name": s.name, "impl": s.impl.name, **s.cost["phases"]} for s in plan.steps
+                   if s.cost.get("phases")],
     }
     return _env().get_template(f"plan.{ 'txt' if fmt == 'text' else fmt }.j2").render(**ctx)

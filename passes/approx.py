@@ -342,9 +342,9 @@ class Approximate(Pass):
         try:
             x = ev.node_input(d.node.name)
             step = ev.steps[ev.index[d.node.name]]
-            if len(step["inputs"]) != 1:
+            if len(step.inputs) != 1:
                 return None
-            (y,) = handler_for(step["op"])(ev.ex.ctx, step, [Clear(encode(x, ev.f))])
+            (y,) = handler_for(step.op)(ev.ex.ctx, step, [Clear(encode(x, ev.f))])
             want = OP_HANDLERS[d.node.op](d.node, torch.from_numpy(x)).numpy()
             return float(f"{np.abs(decode(y.v, ev.f) - want).max():.4g}")
         except Exception as exc:  # a diagnostic only

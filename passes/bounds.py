@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from siguard.compiler.impl import Impl
 from siguard.compiler.interp import OP_HANDLERS
 from siguard.compiler.ir import Graph, Node
 from siguard.compiler.ops import default_impl
@@ -296,7 +297,7 @@ def _fit_error(op: str, lo_x: float, hi_x: float, lo_f: float, hi_f: float) -> f
 def _check_fit(node: Node, iv: Interval, p: dict[str, Any], problems: list[Problem],
                fix: Callable[[Fix], None] | None = None) -> None:
 
-    if not (node.impl or "").startswith("fit") or node.op not in FIT_DEFAULT_RANGES:
+    if Impl.parse(node.impl or "local").family != "fit" or node.op not in FIT_DEFAULT_RANGES:
         return
     lo_f, hi_f = (float(p["lo"]), float(p["hi"])) if "lo" in p and "hi" in p else FIT_DEFAULT_RANGES[node.op]
     lo_x, hi_x = float(np.min(iv[0])), float(np.max(iv[1]))
@@ -335,8 +336,9 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
         if impl == "piranha":
             return
         exp_impl = p.get("exp_impl") or ("exp2" if impl == "exp2" else "limit8")
-        if exp_impl.startswith("limit") and not p.get("saturate"):
-            n = int(exp_impl[len("limit"):])
+        exp_kind = Impl.parse(exp_impl, "exp")
+        if exp_kind.family == "limit" and exp_kind.number is not None and not p.get("saturate"):
+            n = exp_kind.number
             if spread > 2.0**n:  # the limit method's base goes negative below -2^n
                 if impl == "crypten" or op == "log_softmax" or keep_impl:  # keep the structure: saturate
                     fix(Fix(f"logit spread can reach {_fmt(spread)} > 2^{n}: saturating exp (+10 rounds)",
@@ -344,7 +346,7 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
                 else:  # e^z by thresholds is exact to an ulp and saturates at 0, in fewer rounds than limit+clip
                     fix(Fix(f"logit spread can reach {_fmt(spread)} > 2^{n}: exp {exp_impl} -> exp2",
                             {"exp_impl": "exp2", "saturate": None}))
-        elif exp_impl.startswith("fit"):
+        elif exp_kind.family == "fit":
             exp_lo = float(p.get("exp_lo", -f * LN2))
             if spread > -exp_lo and math.exp(exp_lo) > FIT_TOLERANCE and keep_impl:
                 need(False, f"exp {exp_impl} clips logits below {_fmt(exp_lo)} but the spread can reach "
@@ -359,12 +361,13 @@ def _op_checks(node: Node, ins: list[Interval], f: int, fix: Callable[[Fix], Non
     elif op == "exp" and x is not None:
         hi_x, lo_x = float(np.max(x[1])), float(np.min(x[0]))
         top = float(p.get("hi", max(0, 60 - 2 * f) * LN2))
-        if impl.startswith("fit"):
+        kind = Impl.parse(impl or "local", op)
+        if kind.family == "fit":
             _check_fit(node, x, p, problems)
         else:
             need(hi_x <= top, f"e^x overflows (saturates at e^{_fmt(top)}) but x can reach {_fmt(hi_x)}")
-            if impl.startswith("limit") and p.get("saturate") is False:
-                n = int(impl[len("limit"):])
+            if kind.family == "limit" and kind.number is not None and p.get("saturate") is False:
+                n = kind.number
                 need(lo_x >= -(2.0**n), f"the limit method needs x >= -2^{n}; x can reach {_fmt(lo_x)}")
     elif op == "reciprocal" and x is not None:
         lo_x, hi_x = float(np.min(x[0])), float(np.max(x[1]))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from siguard.compiler.calibrate import DEFAULT_RANGE
+from siguard.compiler.impl import split_numbered
 from siguard.compiler.ir import Graph, Node
 from siguard.compiler.ops import default_impl
 from siguard.core.errors import InputError
@@ -114,7 +115,7 @@ def _softmax_candidates(node: Node, graph: Graph, sample: np.ndarray | None, f: 
     exps.append(("exp2", {"exp_impl": "exp2"}, None))
     for name, params, deg in exps:
         for it in range(1, 6):
-            fit = (exp_lo, 0.0) if name.startswith("fit") else None
+            fit = (exp_lo, 0.0) if split_numbered(name, ("fit",))[1] is not None else None
             out.append(candidate(f"{name}+newton{it}", "max_exp_recip",
                              {**params, "iterations": it, "recip_lo": 1.0, "recip_hi": s_hi},
                              degree=deg, iterations=it, fit_range=fit))
@@ -202,15 +203,13 @@ def guard_label(knobs: dict[str, int]) -> str:
 
 def parse_guard_label(text: str, node: str = "guard") -> dict[str, int]:
     """The inverse of :func:`guard_label`; every knob must be given. Bad text -> InputError."""
-    import re
-
     out: dict[str, int] = {}
     names = {v: k for k, v in _GUARD_ABBREV.items()}
     for part in text.split(","):
-        m = re.fullmatch(r"(exp|recip|norm)(\d+)", part.strip())
-        if not m:
+        knob, number = split_numbered(part.strip(), names)
+        if number is None:
             raise InputError(f"--approx: {node}={text!r}: expected expD,recipD,normN (e.g. exp4,recip4,norm2)")
-        out[names[m.group(1)]] = int(m.group(2))
+        out[names[knob]] = number
     if set(out) != set(_GUARD_ABBREV) or not (2 <= out["exp_degree"] <= 12 and 2 <= out["recip_degree"] <= 12
                                              and 0 <= out["norm_iterations"] <= 6):
         raise InputError(f"--approx: {node}={text!r}: give exp (2..12), recip (2..12) and norm (0..6)")

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from siguard.compiler.backend import node_step
 from siguard.compiler.ir import Graph, Node
 from siguard.runtime.executor import StepContext
 from siguard.runtime.kernels.cost import CostEngine, MetaShares
@@ -42,9 +43,7 @@ def node_cost(graph: Graph, node: Node, frac_bits: int) -> dict[str, Any]:
             args.append(encode(np.asarray(v.data, dtype=np.float64), v.scale if v.scale is not None else frac_bits))
         else:
             args.append(_secret(v.shape))
-    step = {"name": node.name, "op": node.op, "impl": node.impl, "inputs": node.inputs, "outputs": node.outputs,
-            "attrs": {k: v for k, v in node.attrs.items() if k != "_impl_params"},
-            "impl_params": node.attrs.get("_impl_params")}  # as the plan stores them (compiler/backend.py)
+    step = node_step(node)  # as the plan stores it
     if node.op == "guard":
         engine.guard_marks = []
     outs = handler_for(node.op)(ctx, step, args)

@@ -58,9 +58,9 @@ class PlanEvaluator:
         self.ex = Executor(plan, self.engine)
         self.ex.share_weights(weights)
         self.steps = plan.steps
-        self.index = {s["name"]: i for i, s in enumerate(self.steps)}
+        self.index = {s.name: i for i, s in enumerate(self.steps)}
         self.output = graph.outputs[0]
-        self.reveal_at = next(i for i, s in enumerate(self.steps) if s["op"] == "reveal")
+        self.reveal_at = next(i for i, s in enumerate(self.steps) if s.op == "reveal")
         batch = int(graph.values[graph.inputs[0]].shape[0])
         self.input_name = graph.inputs[0]
         self.chunks: list[tuple[dict[str, torch.Tensor], int]] = []
@@ -76,12 +76,7 @@ class PlanEvaluator:
         self.pos = 0
 
     def set_impl(self, name: str, cand: Candidate) -> None:
-        step = self.steps[self.index[name]]
-        step["impl"] = cand.impl
-        if cand.params:
-            step["impl_params"] = cand.param_dict
-        else:
-            step.pop("impl_params", None)
+        self.steps[self.index[name]].set_impl(cand.impl, cand.param_dict)
 
     def advance(self, name: str) -> None:
         """Move the checkpoint to just before step ``name`` (with the implementations set so far)."""
@@ -92,7 +87,7 @@ class PlanEvaluator:
 
     def node_input(self, name: str) -> np.ndarray:
         """The float value of step ``name``'s first input at the checkpoint (all calibration inputs)."""
-        value = self.steps[self.index[name]]["inputs"][0]
+        value = self.steps[self.index[name]].inputs[0]
         parts = [decode(_ring(env[value]), self.f)[:n] for env, (_, n) in zip(self.envs, self.chunks, strict=True)]
         return np.concatenate(parts, axis=0)
 

@@ -103,8 +103,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _guard_step(plan: Any) -> dict[str, Any] | None:
-    return next((s for s in plan.steps if s["op"] == "guard"), None)
+def _guard_step(plan: Any) -> Any:
+    """The plan's guard step (a :class:`siguard.compiler.step.PlanStep`), None in a plan without a guard."""
+    return next((s for s in plan.steps if s.op == "guard"), None)
 
 
 def _defender_from_plan(plan: Any) -> Any:
@@ -115,8 +116,8 @@ def _defender_from_plan(plan: Any) -> Any:
                            w3=w["guard.w3"].T, b3=w["guard.b3"])
 
 
-def _guard_config(step: dict[str, Any]) -> Any:
-    return GuardConfig.from_attrs(step["attrs"])
+def _guard_config(step: Any) -> Any:
+    return GuardConfig.from_attrs(step.attrs)
 
 
 def _oracle_options(step: dict[str, Any]) -> dict[str, Any]:

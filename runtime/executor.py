@@ -6,6 +6,7 @@ Call tree (override points)::
       ├─ input step                client input -> checked, clamped shares  (op "input")
       ├─ run_step(step, env)       one plan step (the per-step hook)
       │    └─ handlers.HANDLERS[op](ctx, step, args)   (runtime/kernels/handlers.py)
+      │       (on the scale-checking reference, its arguments' and results' scales are checked)
       └─ engine.reveal(...)        open the output to the client only      (op "reveal")
 
 Values are freed after their last use, so memory stays flat on deep networks. Every error is
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from siguard.compiler.plan import Plan
+from siguard.compiler.plan import Plan, PlanStep
 from siguard.core.errors import RuntimeFault, SiguardError
 from siguard.runtime.kernels.engine import Engine
 from siguard.runtime.kernels.handlers import handler_for
@@ -69,7 +70,7 @@ class Executor:
     ``progress`` (optional) is called as ``progress(i, n, step)`` before each step.
     """
 
-    def __init__(self, plan: Plan, engine: Engine, progress: Callable[[int, int, dict], None] | None = None):
+    def __init__(self, plan: Plan, engine: Engine, progress: Callable[[int, int, PlanStep], None] | None = None):
         self.plan = plan
         self.engine = engine
         self.ctx = StepContext.for_plan(engine, plan)
@@ -80,12 +81,16 @@ class Executor:
         self.step_seconds: dict[str, float] = {}
         self._last_use = self._compute_last_use()
         self._bounds = {spec["name"]: client_bounds(spec, plan.frac_bits) for spec in plan.inputs}
+        #: the scale-checking reference engine's check of every step's fixed-point scales, else None
+        #: (runtime/kernels/scales.py); its ``unchecked`` lists the outputs whose scale a kernel lost
+        check = getattr(engine, "scale_check", None)
+        self.scale_check = check(plan) if check is not None else None
 
     # ---- set-up -------------------------------------------------------------------------------
     def _compute_last_use(self) -> dict[str, int]:
         last: dict[str, int] = {}
         for i, step in enumerate(self.plan.steps):
-            for name in step["inputs"]:
+            for name in step.inputs:
                 last[name] = i
         return last
 
@@ -147,20 +152,20 @@ class Executor:
             if self.progress is not None:
                 self.progress(i, len(steps), step)
             t0 = clock()
-            with self._step_scope(step["name"]):
+            with self._step_scope(step.name):
                 try:
-                    if step["op"] == "input":
-                        name = step["outputs"][0]
+                    if step.op == "input":
+                        name = step.outputs[0]
                         value = None if inputs is None else inputs[name]
                         shape = tuple(self.plan.values[name]["shape"])
-                        owner = step["attrs"].get("owner", "client")
+                        owner = step.attrs.get("owner", "client")
                         if owner == "client":  # checked for consistency and clamped: runtime/kernels/inputs.py
                             env[name] = client_input(self.engine, value, shape, self._bounds[name])
                         else:
                             env[name] = self.engine.input(owner, value, shape)
-                    elif step["op"] == "reveal":
-                        name = step["inputs"][0]
-                        outputs[name] = self.engine.reveal(self._get(env, name), step["attrs"].get("to", "client"))
+                    elif step.op == "reveal":
+                        name = step.inputs[0]
+                        outputs[name] = self.engine.reveal(self._get(env, name), step.attrs.get("to", "client"))
                     else:
                         self.run_step(step, env)
                 except SiguardError as exc:
@@ -170,14 +175,18 @@ class Executor:
                 except Exception as exc:
                     raise RuntimeFault(self._where(i, step) + f": {type(exc).__name__}: {exc}") from exc
             self._free(env, i, step)
-            timings[step["name"]] = clock() - t0
+            timings[step.name] = clock() - t0
         return outputs
 
-    def run_step(self, step: dict[str, Any], env: dict[str, Any]) -> None:
+    def run_step(self, step: PlanStep, env: dict[str, Any]) -> None:
         """Execute one plan step: gather arguments, dispatch to the op's handler, store outputs."""
-        args = [self._get(env, n) for n in step["inputs"]]
-        results = handler_for(step["op"])(self.ctx, step, args)
-        for name, value in zip(step["outputs"], results, strict=True):
+        args = [self._get(env, n) for n in step.inputs]
+        if self.scale_check is not None:
+            self.scale_check.arguments(step, args)
+        results = handler_for(step.op)(self.ctx, step, args)
+        if self.scale_check is not None:
+            self.scale_check.results(step, results)
+        for name, value in zip(step.outputs, results, strict=True):
             env[name] = value
 
     def _get(self, env: dict[str, Any], name: str):
@@ -189,10 +198,10 @@ class Executor:
             return self.constants[name]
         raise KeyError(f"value {name!r} is not available (freed or never produced)")
 
-    def _free(self, env: dict[str, Any], i: int, step: dict[str, Any]) -> None:
-        for name in step["inputs"]:
+    def _free(self, env: dict[str, Any], i: int, step: PlanStep) -> None:
+        for name in step.inputs:
             if self._last_use.get(name) == i:
                 env.pop(name, None)
 
-    def _where(self, i: int, step: dict[str, Any]) -> str:
-        return f"step {i} '{step['name']}' (op {step['op']}, impl {step['impl']}) failed on {self._who()}"
+    def _where(self, i: int, step: PlanStep) -> str:
+        return f"step {i} '{step.name}' (op {step.op}, impl {step.impl}) failed on {self._who()}"

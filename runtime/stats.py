@@ -88,11 +88,11 @@ def op_breakdown(plan: Plan, stats: dict[str, Any]) -> list[dict[str, Any]]:
     seconds = stats.get("step_seconds", {})
     agg: dict[tuple[str, str], dict[str, Any]] = {}
     for step in plan.steps:
-        key = (step["op"], step.get("impl") or "")
-        row = comm.get(step["name"], {})  # local steps have no communication row
+        key = (step.op, step.impl.name)
+        row = comm.get(step.name, {})  # local steps have no communication row
         a = agg.setdefault(key, {"op": key[0], "impl": key[1], "steps": 0, "seconds": 0.0, "rounds": 0, "bytes": 0})
         a["steps"] += 1
-        a["seconds"] += float(seconds.get(step["name"], row.get("seconds", 0.0)))
+        a["seconds"] += float(seconds.get(step.name, row.get("seconds", 0.0)))
         a["rounds"] += int(row.get("rounds", 0))
         a["bytes"] += int(row.get("bytes", 0))
     total = sum(a["seconds"] for a in agg.values()) or 1.0

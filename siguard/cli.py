@@ -127,14 +127,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _guard_progress(plan):
     """The guard's iterations as progress on stderr while a guarded plan runs in this process (a tqdm bar
     on a terminal, a plain line every few seconds otherwise: :mod:`siguard.progress`); nothing otherwise."""
-    step = next((s for s in plan.steps if s["op"] == "guard"), None)
+    step = next((s for s in plan.steps if s.op == "guard"), None)
     if step is None:
         yield
         return
     from siguard.progress import progress_bar
     from siguard.runtime.kernels.guard import guard_progress
 
-    total = int(step["attrs"]["rounds"]) * (int(step["attrs"]["steps"]) + 1)
+    total = int(step.attrs["rounds"]) * (int(step.attrs["steps"]) + 1)
     with progress_bar(total, "guarded query") as bar, guard_progress(lambda done, _total: bar.update(1)):
         yield
 

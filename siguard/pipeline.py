@@ -164,9 +164,9 @@ def compile_model(model: str | Path | onnx.ModelProto, options: CompileOptions |
             spec["domain"] = domain[spec["name"]]
             spec["domain_source"] = graph.meta["input_domain_source"]
     records = graph.meta.get("approx", {})
-    for step in plan.doc["steps"]:
-        if step["name"] in records:
-            step["approx"] = _json_safe(records[step["name"]])
+    for step in plan.steps:
+        if step.name in records:
+            step.approx = _json_safe(records[step.name])
     plan.doc["approximation"] = {
         "mode": opts.approx,
         "objective": opts.objective,

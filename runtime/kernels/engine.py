@@ -16,8 +16,9 @@ Value kinds seen through the interface:
 
 * **public** values are plain ``torch.int64`` tensors (ring elements known to every party);
 * **secret** values are engine-specific objects with a ``.shape`` (``torch.Size``); every
-  arithmetic secret carries the fixed-point scale its caller gave it implicitly (the engine
-  does not track scales: the plan does);
+  arithmetic secret carries the fixed-point scale its caller gave it implicitly (the engines
+  do not track scales, the plan does; :mod:`siguard.runtime.kernels.scales` is the reference
+  engine that asserts them);
 * **bits** are engine-specific Boolean-shared bits, one bit per element (``.shape`` as well).
 
 Round and byte costs quoted per method are per element, for the busiest party, in the secure

@@ -2,8 +2,8 @@
 
 A handler has the signature ``handler(ctx, step, args) -> list[outputs]`` where ``ctx`` is the
 :class:`siguard.runtime.executor.StepContext` (engine, fixed-point bits, value metadata), ``step`` the
-plan step (a dict: name, op, impl, inputs, outputs, attrs) and ``args`` the input values
-(secrets of the engine, or public ring tensors). Handlers call only the
+plan step (a :class:`siguard.compiler.step.PlanStep`: name, op, impl, inputs, outputs, attrs) and ``args``
+the input values (secrets of the engine, or public ring tensors). Handlers call only the
 :class:`siguard.runtime.kernels.engine.Engine` interface, so one handler serves every engine.
 
 Scales: every secret activation is at ``frac_bits`` (f). Products (mul, matmul, conv) return
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from siguard.compiler.step import PlanStep
 from siguard.core.config import GuardConfig
 
 from . import nonlinear
@@ -28,7 +29,7 @@ from .guard import secure_guard
 
 __all__ = ["HANDLERS", "register", "handler_for"]
 
-Handler = Callable[[Any, dict, list], list]
+Handler = Callable[[Any, PlanStep, list], list]
 HANDLERS: dict[str, Handler] = {}
 
 
@@ -54,7 +55,7 @@ def _add(ctx, step, args):
     """a + b; with attribute ``shift_b`` d, a + b * 2^d (b brought to a's scale: a fused truncation's
     residual sum, see :class:`siguard.passes.fuse.FuseTruncation`). Local."""
     b = args[1]
-    shift = int(step["attrs"].get("shift_b", 0))
+    shift = int(step.attrs.get("shift_b", 0))
     if shift:
         b = ctx.e.mul(b, ring_int(1 << shift))
     return [ctx.e.add(args[0], b)]
@@ -82,7 +83,7 @@ def _identity(ctx, step, args):
 
 @register("truncate")
 def _truncate(ctx, step, args):
-    bits = int(step["attrs"]["bits"])
+    bits = int(step.attrs["bits"])
     x = args[0]
     return [ctx.e.trunc(x, bits) if ctx.e.is_secret(x) else x >> bits]
 
@@ -111,7 +112,7 @@ def _pad_asymmetric(ctx, x, pads, value_ring: int = 0):
 
 @register("conv")
 def _conv(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     x, w = args[0], args[1]
     pads = a.get("pads", [0, 0, 0, 0])
     t, l, b, r = pads
@@ -128,7 +129,7 @@ def _conv(ctx, step, args):
 
 @register("avgpool")
 def _avgpool(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     x = args[0]
     kh, kw = a["kernel"]
     pads = a.get("pads", [0, 0, 0, 0])
@@ -149,7 +150,7 @@ def _avgpool(ctx, step, args):
 
 @register("reduce_sum")
 def _reduce_sum(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     axes = tuple(a["axes"])
     keep = bool(a.get("keepdims", True))
     return [ctx.e.local(lambda v: v.sum(dim=axes, keepdim=keep), args[0])]
@@ -157,7 +158,7 @@ def _reduce_sum(ctx, step, args):
 
 @register("reduce_mean")
 def _reduce_mean(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     axes = tuple(a["axes"])
     keep = bool(a.get("keepdims", True))
     n = 1
@@ -170,24 +171,24 @@ def _reduce_mean(ctx, step, args):
 # ---- layout ------------------------------------------------------------------------------------
 @register("reshape")
 def _reshape(ctx, step, args):
-    shape = tuple(int(s) for s in step["attrs"]["shape"])
+    shape = tuple(int(s) for s in step.attrs["shape"])
     return [ctx.e.local(lambda v: v.reshape(shape), args[0])]
 
 
 @register("transpose")
 def _transpose(ctx, step, args):
-    perm = tuple(int(p) for p in step["attrs"]["perm"])
+    perm = tuple(int(p) for p in step.attrs["perm"])
     return [ctx.e.local(lambda v: v.permute(perm).contiguous(), args[0])]
 
 
 @register("concat")
 def _concat(ctx, step, args):
-    return [ctx.e.cat(list(args), int(step["attrs"]["axis"]))]
+    return [ctx.e.cat(list(args), int(step.attrs["axis"]))]
 
 
 @register("pad")
 def _pad(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     pads = [int(p) for p in a["pads"]]
     rank = len(pads) // 2
     torch_pads: list[int] = []
@@ -198,13 +199,13 @@ def _pad(ctx, step, args):
     value = float(a.get("value", 0.0) or 0.0)
     if value:
         border = F.pad(torch.zeros(tuple(x.shape), dtype=torch.int64), torch_pads, value=1)
-        y = ctx.e.add(y, border * ctx.e.public(value, ctx.scale_of(step["outputs"][0])))
+        y = ctx.e.add(y, border * ctx.e.public(value, ctx.scale_of(step.outputs[0])))
     return [y]
 
 
 @register("slice")
 def _slice(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
 
     def fn(v):
         idx = [slice(None)] * v.dim()
@@ -217,7 +218,7 @@ def _slice(ctx, step, args):
 
 @register("gather")
 def _gather(ctx, step, args):
-    a = step["attrs"]
+    a = step.attrs
     idx = torch.as_tensor(a["indices"], dtype=torch.int64)
     axis = int(a["axis"])
 
@@ -255,13 +256,11 @@ NONLINEAR = (
 
 @register(*NONLINEAR)
 def _nonlinear(ctx, step, args):
-    fn = nonlinear.get_implementation(step["op"], step["impl"])
-    params = dict(step["attrs"])
-    params.update(step.get("impl_params") or {})
-    return [fn(ctx.e, *args, **params)]
+    fn = nonlinear.get_implementation(step.op, step.impl)
+    return [fn(ctx.e, *args, **{**step.attrs, **step.impl.param_dict})]
 
 
 # ---- the SIGuard guard ---------------------------------------------------------------------------
 @register("guard")
 def _guard(ctx, step, args):
-    return [secure_guard(ctx.e, *args, config=GuardConfig.from_attrs(step["attrs"]))]
+    return [secure_guard(ctx.e, *args, config=GuardConfig.from_attrs(step.attrs))]

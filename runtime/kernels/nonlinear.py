@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from siguard.compiler.impl import Impl
 from siguard.core.shapes import normalize_axis
 
 from .approx import (
@@ -465,21 +465,27 @@ def exp_steps(e: Engine, x: Secret, lo: float | None = None, hi: float | None = 
     return _rtrunc(e, e.mul(s, poly), s_scale + f - out)
 
 
-def exp(e: Engine, x: Secret, impl: str = "limit8", **params: Any) -> Secret:
+def exp(e: Engine, x: Secret, impl: str | Impl = "limit8", **params: Any) -> Secret:
     """e^x. ``impl``: "limit<n>" (:func:`exp_limit`, saturating, 3n + 10 rounds) or "exp2"
     (:func:`exp_steps`, 21 rounds, about 1 ulp)."""
-    if impl == "exp2":
+    impl = _impl(impl, "exp")
+    if impl.name == "exp2":
         return exp_steps(e, x, **params)
-    n = _impl_number(impl, "limit", "exp")
-    return exp_limit(e, x, iterations=n, **params)
+    return exp_limit(e, x, iterations=_impl_number(impl, "limit", "exp"), **params)
 
 
 # ---- reciprocal, inverse square root, sqrt, log ---------------------------------------------------
-def _impl_number(impl: str, family: str, op: str) -> int:
-    m = re.fullmatch(rf"{family}(\d+)", impl)
-    if not m:
-        raise KeyError(f"unknown {op} implementation {impl!r}")
-    return int(m.group(1))
+def _impl(impl: str | Impl, op: str) -> Impl:
+    """``impl`` as an :class:`Impl` (kernels take a name or an Impl); KeyError for text that is not a name."""
+    try:
+        return Impl.parse(impl, op)
+    except ValueError:
+        raise KeyError(f"unknown {op} implementation {impl!r}") from None
+
+
+def _impl_number(impl: str | Impl, family: str, op: str) -> int:
+    """The number of ``impl`` (a name such as "limit8", or its :class:`Impl`), which must be ``family``'s."""
+    return _impl(impl, op).numbered(family, f"{op} implementation")
 
 
 def _iterations_for(eps: float, target: float, step: Callable[[float], float], cap: int = 20) -> int:
@@ -606,7 +612,7 @@ def _recip_newton(
 def reciprocal(
     e: Engine,
     x: Secret,
-    impl: str = "newton10",
+    impl: str | Impl = "newton10",
     lo: float | None = None,
     hi: float | None = None,
     guess: str = "auto",
@@ -707,7 +713,7 @@ def rsqrt(
 def sqrt(
     e: Engine,
     x: Secret,
-    impl: str = "newton_rsqrt",
+    impl: str | Impl = "newton_rsqrt",
     lo: float | None = None,
     hi: float | None = None,
     iterations: int | None = None,
@@ -718,8 +724,9 @@ def sqrt(
     [2^-12, 2^12]). For 0 <= x < lo the result tends to 0 (|error| <= sqrt(lo)).
     Measured (f = 16, default range): max relative error 2.1e-5 for x >= 1, absolute 1.9e-5
     below 1. Cost: 31 rounds with the default range (as rsqrt)."""
-    if impl != "newton_rsqrt":
-        raise KeyError(f"unknown sqrt implementation {impl!r}")
+    impl = _impl(impl, "sqrt")
+    if impl.name != "newton_rsqrt":
+        raise KeyError(f"unknown sqrt implementation {impl.name!r}")
     lo_, hi_ = _RSQRT_RANGE[0] if lo is None else lo, _RSQRT_RANGE[1] if hi is None else hi
     return _inv_sqrt(e, x, lo_, hi_, iterations, guess, e.frac_bits)[1]
 
@@ -760,13 +767,14 @@ def log(e: Engine, x: Secret, lo: float = 1.0, hi: float = 2.0, degree: int = 8)
 
 
 # ---- softmax family -------------------------------------------------------------------------------
-def _exp_nonpositive(e: Engine, z: Secret, exp_impl: str, saturate: bool, lo: float | None = None) -> Secret:
+def _exp_nonpositive(e: Engine, z: Secret, exp_impl: str | Impl, saturate: bool, lo: float | None = None) -> Secret:
     """e^z for z <= 0 (logits minus their max) with the named exp implementation: "limit<n>",
     "exp2", or "fit<d>" (z clipped below at ``lo``, default -f ln 2, then a degree-d Chebyshev
     interpolant of e^z on [lo, 0]; see :func:`fitted`)."""
-    if exp_impl == "exp2":
+    exp_impl = _impl(exp_impl, "exp")
+    if exp_impl.name == "exp2":
         return exp_steps(e, z, hi=0.0)
-    if exp_impl.startswith("fit"):
+    if exp_impl.family == "fit":
         lo_ = -e.frac_bits * LN2 if lo is None else float(lo)
         return fitted(e, z, "exp", lo_, 0.0, _impl_number(exp_impl, "fit", "exp"), clip_hi=False)
     n = _impl_number(exp_impl, "limit", "exp")
@@ -777,8 +785,8 @@ def softmax(
     e: Engine,
     x: Secret,
     axis: int = -1,
-    impl: str = "max_exp_recip",
-    exp_impl: str | None = None,
+    impl: str | Impl = "max_exp_recip",
+    exp_impl: str | Impl | None = None,
     saturate: bool = False,
     iterations: int | None = None,
     hi: float | None = None,
@@ -819,24 +827,25 @@ def softmax(
 
     Returns y at scale f with x's shape.
     """
+    impl = _impl(impl, "softmax")
     f = e.frac_bits
     ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     total = lambda v: e.local(lambda t: t.sum(dim=ax, keepdim=True), v)  # noqa: E731
 
-    if impl == "secureml":
+    if impl.name == "secureml":
         return _secureml(e, x, ax, float(2**12 if hi is None else hi), iterations)
 
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
-    if impl in ("max_exp_recip", "exp2"):
-        ez = _exp_nonpositive(e, z, exp_impl or ("exp2" if impl == "exp2" else "limit8"), saturate, exp_lo)
+    if impl.name in ("max_exp_recip", "exp2"):
+        ez = _exp_nonpositive(e, z, exp_impl or ("exp2" if impl.name == "exp2" else "limit8"), saturate, exp_lo)
         r_lo = 1.0 if recip_lo is None else float(recip_lo)
         r_hi = float(k_cls) if recip_hi is None else float(recip_hi)
         y, sy = _recip_newton(e, total(ez), r_lo, max(r_hi, r_lo), "linear", iterations)
-    elif impl == "crypten":
+    elif impl.name == "crypten":
         ez = _exp_nonpositive(e, z, exp_impl or "limit8", saturate, exp_lo)
         y, sy = _recip_newton(e, total(ez), None, None, "exp", 10 if iterations is None else iterations)
-    elif impl == "piranha":
+    elif impl.name == "piranha":
         # 2 e^z ~ (z + 2) if z + 2 > 0 else 0.002 (Piranha: (z + 2) / 2, floor 0.001)
         zp = e.add(z, _t(2 << f))
         floor_ = int(ring_const(0.002, f))
@@ -844,7 +853,7 @@ def softmax(
         ez = e.add(e.mul_bit(e.sub(zp, _t(floor_)), pos), _t(floor_))
         y, sy = _recip_newton(e, total(ez), 2.0, 2.0 * k_cls, "linear", iterations)
     else:
-        raise KeyError(f"unknown softmax implementation {impl!r}")
+        raise KeyError(f"unknown softmax implementation {impl.name!r}")
     return _rtrunc(e, e.mul(ez, y), sy)
 
 
@@ -881,8 +890,8 @@ def log_softmax(
     e: Engine,
     x: Secret,
     axis: int = -1,
-    impl: str = "max_exp_log",
-    exp_impl: str = "limit8",
+    impl: str | Impl = "max_exp_log",
+    exp_impl: str | Impl = "limit8",
     saturate: bool = False,
     degree: int = 8,
 ) -> Secret:
@@ -892,8 +901,9 @@ def log_softmax(
     :func:`log` on [1, K] (thresholds at powers of two + degree-8 polynomial). Domain as
     :func:`softmax`. Measured max |error| (K = 10, logits in [-10, 10]): limit8 3.9e-3, exp2 5.3e-5.
     Cost K = 10: 40 + 24 + 24 = 88 rounds (exp2: 85)."""
-    if impl != "max_exp_log":
-        raise KeyError(f"unknown log_softmax implementation {impl!r}")
+    impl = _impl(impl, "log_softmax")
+    if impl.name != "max_exp_log":
+        raise KeyError(f"unknown log_softmax implementation {impl.name!r}")
     ax = normalize_axis(axis, len(x.shape))
     k_cls = int(x.shape[ax])
     z = e.sub(x, reduce_max(e, x, ax, keepdims=True))
@@ -956,12 +966,12 @@ def _relu_plus_even(e: Engine, x: Secret, name: str, degree: int) -> Secret:
     return e.add(relu_x, eval_poly(e, a, coef, 0.0, b))
 
 
-def _cheb_degree(impl: str, op: str, default: int) -> int:
-    return default if impl == "chebyshev" else _impl_number(impl, "chebyshev", op)
+def _cheb_degree(impl: Impl, op: str, default: int) -> int:
+    return default if impl.name == "chebyshev" else _impl_number(impl, "chebyshev", op)
 
 
 def sigmoid(
-    e: Engine, x: Secret, impl: str = "exp_recip", exp_impl: str = "limit8", iterations: int | None = None
+    e: Engine, x: Secret, impl: str | Impl = "exp_recip", exp_impl: str | Impl = "limit8", iterations: int | None = None
 ) -> Secret:
     """1 / (1 + e^-x). Implementations:
 
@@ -975,38 +985,42 @@ def sigmoid(
       d = 24 (B = 8.75): 2.0e-4, d = 32 (B = 10): 5.4e-5.
       Cost: 10 + 3 ceil(log2 d) + 2 rounds (d = 32: 27).
     """
+    impl = _impl(impl, "sigmoid")
+    exp_impl = _impl(exp_impl, "exp")
     f = e.frac_bits
-    if impl != "exp_recip":
+    if impl.name != "exp_recip":
         return _chebyshev_clipped(e, x, "sigmoid", _cheb_degree(impl, "sigmoid", 32))
-    bound = None if exp_impl == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
+    bound = None if exp_impl.name == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
     a, _, sign = _sign_split(e, x, bound, want_sign=True)
     u = _exp_nonpositive(e, e.neg(a), exp_impl, saturate=False)
     r, _ = _recip_newton(e, e.add(u, _t(1 << f)), 1.0, 2.0, "linear", iterations, f)
     return e.add(r, e.mul(sign, e.sub(_t(1 << f), e.mul(r, _t(2)))))
 
 
-def tanh(e: Engine, x: Secret, impl: str = "sigmoid", **params: Any) -> Secret:
+def tanh(e: Engine, x: Secret, impl: str | Impl = "sigmoid", **params: Any) -> Secret:
     """tanh x. "sigmoid": 2 sigma(2x) - 1 with :func:`sigmoid` "exp_recip" (params passed on);
     error twice sigmoid's (measured 1.7e-3 with limit8, 5.1e-5 with exp2); 49 rounds.
     "chebyshev<d>": clipped Chebyshev (measured d = 16 (B = 3.5): 2.1e-3, d = 32 (B = 5): 1.1e-4;
     27 rounds)."""
+    impl = _impl(impl, "tanh")
     f = e.frac_bits
-    if impl == "sigmoid":
+    if impl.name == "sigmoid":
         s = sigmoid(e, e.mul(x, _t(2)), "exp_recip", **params)
         return e.sub(e.mul(s, _t(2)), _t(1 << f))
     return _chebyshev_clipped(e, x, "tanh", _cheb_degree(impl, "tanh", 32))
 
 
-def erf(e: Engine, x: Secret, impl: str = "chebyshev") -> Secret:
+def erf(e: Engine, x: Secret, impl: str | Impl = "chebyshev") -> Secret:
     """erf x by a Chebyshev polynomial of degree d ("chebyshev<d>", "chebyshev" = 24) on the clipped
     range [-B, B] (B chosen per degree; saturates to +-erf(B) ~ +-1 outside).
     Measured max |error| (f = 16): d = 16 (B = 2.75): 1.2e-4, d = 24 (B = 3.5): 9.2e-6,
     d = 32 (B = 4): 7.7e-6.
     Cost: clip 10 + 3 ceil(log2 d) + 2 = 27 rounds for d = 24 or 32."""
+    impl = _impl(impl, "erf")
     return _chebyshev_clipped(e, x, "erf", _cheb_degree(impl, "erf", 24))
 
 
-def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str = "erf", **params: Any) -> Secret:
+def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str | Impl = "erf", **params: Any) -> Secret:
     """GELU x Phi(x) (``approximate`` = "none") or its tanh form 0.5 x (1 + tanh(sqrt(2/pi)
     (x + 0.044715 x^3))) ("tanh"); each implementation computes the form ``approximate`` asks for.
 
@@ -1022,14 +1036,15 @@ def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str = "erf", **p
       -> 0), clipped at B: the sign, |x| and the clip share one msb + one mul_bit. Measured
       d = 12: 1.5e-5, d = 16: 7.7e-6 on [-8, 8] (relu beyond B). Cost: 10 + 14 = 24 rounds.
     """
+    impl = _impl(impl, "gelu")
     f = e.frac_bits
     tanh_form = approximate == "tanh"
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate={approximate!r}")
-    if impl == "erf":
+    if impl.name == "erf":
         gate = _chebyshev_clipped(e, x, "gelu_tanh_gate" if tanh_form else "gelu_gate", 24)
         return _rtrunc(e, e.mul(x, gate), f)
-    if impl == "tanh":
+    if impl.name == "tanh":
         c = math.sqrt(2.0 / math.pi)
         x2 = _rtrunc(e, e.mul(x, x), f)
         inner = _rtrunc(e, e.add(e.mul(x2, ring_const(0.044715 * c, f)), _t(int(ring_const(c, f)) << f)), f)
@@ -1038,7 +1053,7 @@ def gelu(e: Engine, x: Secret, approximate: str = "none", impl: str = "erf", **p
     return _relu_plus_even(e, x, "gelu_tanh_rest" if tanh_form else "gelu_rest", _cheb_degree(impl, "gelu", 16))
 
 
-def softplus(e: Engine, x: Secret, impl: str = "exp_log", exp_impl: str = "limit8") -> Secret:
+def softplus(e: Engine, x: Secret, impl: str | Impl = "exp_log", exp_impl: str | Impl = "limit8") -> Secret:
     """log(1 + e^x) = relu(x) + log(1 + e^-|x|). The sign, |x| and its clip share one msb +
     one mul_bit (10 rounds); then:
 
@@ -1049,10 +1064,12 @@ def softplus(e: Engine, x: Secret, impl: str = "exp_log", exp_impl: str = "limit
       (B chosen per degree: 14.75 for d = 16). Measured d = 12: 2.6e-5, d = 16: 9.2e-6.
       Cost: 10 + 14 = 24 rounds.
     """
+    impl = _impl(impl, "softplus")
+    exp_impl = _impl(exp_impl, "exp")
     f = e.frac_bits
-    if impl != "exp_log":
+    if impl.name != "exp_log":
         return _relu_plus_even(e, x, "softplus_rest", _cheb_degree(impl, "softplus", 16))
-    bound = None if exp_impl == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
+    bound = None if exp_impl.name == "exp2" else 1 << (f + _impl_number(exp_impl, "limit", "exp"))
     a, relu_x, _ = _sign_split(e, x, bound)
     u = _exp_nonpositive(e, e.neg(a), exp_impl, saturate=False)
     return e.add(relu_x, log(e, e.add(u, _t(1 << f)), 1.0, 2.0))
@@ -1066,7 +1083,7 @@ def layer_norm(
     bias: Any = None,
     axis: int = -1,
     epsilon: float = 1e-5,
-    impl: str = "newton_rsqrt",
+    impl: str | Impl = "newton_rsqrt",
     lo: float = 0.0,
     hi: float = 16384.0,
     iterations: int | None = None,
@@ -1085,8 +1102,9 @@ def layer_norm(
     0.75 ulp * |scale| / sigma more (5e-4 at sigma = 0.03).
     Cost: trunc 2 + mul 1 + trunc 2 + inverse sqrt (10 + 3 + 6k) + mul 1 + trunc 2:
     8 + 31 = 39 rounds with the default range (steps guess, k = 3)."""
-    if impl != "newton_rsqrt":
-        raise KeyError(f"unknown layer_norm implementation {impl!r}")
+    impl = _impl(impl, "layer_norm")
+    if impl.name != "newton_rsqrt":
+        raise KeyError(f"unknown layer_norm implementation {impl.name!r}")
     f = e.frac_bits
     nd = len(x.shape)
     ax = normalize_axis(axis, nd)
@@ -1118,7 +1136,7 @@ def lrn(
     alpha: float = 1e-4,
     beta: float = 0.75,
     bias: float = 1.0,
-    impl: str = "newton",
+    impl: str | Impl = "newton",
     lo: float | None = None,
     hi: float | None = None,
 ) -> Secret:
@@ -1139,6 +1157,7 @@ def lrn(
     * "chebyshev<d>": D^-beta by a Chebyshev polynomial on the clipped [lo, hi] (any beta), then
       one mul + trunc. Cost: 5 + 10 + 3 ceil(log2 d) + 2 + 3 rounds.
     """
+    impl = _impl(impl, "lrn")
     f = e.frac_bits
     lo_ = float(bias) if lo is None else float(lo)
     hi_ = float(bias) + 16.0 if hi is None else float(hi)
@@ -1153,7 +1172,7 @@ def lrn(
     ss = e.local(window, sq)
     c = max(f, min(40, 60 - f - math.ceil(math.log2(max(hi_, 2.0)))))
     den = _rtrunc(e, e.add(e.mul(ss, ring_const(alpha / size, c)), _t(int(ring_const(bias, f)) << c)), c)
-    if impl != "newton":
+    if impl.name != "newton":
         degree = _cheb_degree(impl, "lrn", 8)
         coef = fit_chebyshev(lambda v: v ** (-beta), lo_, hi_, degree)
         dc = _clip_ring(e, den, int(ring_const(lo_, f)), int(ring_const(hi_, f)))
@@ -1253,10 +1272,10 @@ def _with_fit(op: str, degree: int) -> Callable[..., Secret]:
 
 
 # ---- registry -------------------------------------------------------------------------------------
-Impl = Callable[..., Secret]
+Kernel = Callable[..., Secret]
 
 
-def _with_impl(fn: Callable[..., Secret], impl: str, **fixed: Any) -> Impl:
+def _with_impl(fn: Callable[..., Secret], impl: str, **fixed: Any) -> Kernel:
     def run(e: Engine, *inputs: Any, **attrs: Any) -> Secret:
         return fn(e, *inputs, impl=impl, **fixed, **attrs)
 
@@ -1265,7 +1284,7 @@ def _with_impl(fn: Callable[..., Secret], impl: str, **fixed: Any) -> Impl:
     return run
 
 
-def _plain(fn: Callable[..., Secret], drop: Sequence[str] = ()) -> Impl:
+def _plain(fn: Callable[..., Secret], drop: Sequence[str] = ()) -> Kernel:
     def run(e: Engine, *inputs: Any, **attrs: Any) -> Secret:
         return fn(e, *inputs, **{k: v for k, v in attrs.items() if k not in drop})
 
@@ -1274,21 +1293,21 @@ def _plain(fn: Callable[..., Secret], drop: Sequence[str] = ()) -> Impl:
     return run
 
 
-IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {}
+IMPLEMENTATIONS: dict[str, dict[str, Kernel]] = {}
 DESCRIPTIONS: dict[str, dict[str, str]] = {}
 
 
-def _register(op: str, impl: str, fn: Impl, description: str) -> None:
+def _register(op: str, impl: str, fn: Kernel, description: str) -> None:
     IMPLEMENTATIONS.setdefault(op, {})[impl] = fn
     DESCRIPTIONS.setdefault(op, {})[impl] = description
 
 
-def _build(op: str, impl: str) -> tuple[Impl, str] | None:
-    """The callable and description for a parameterised implementation name, or None."""
-    m = re.fullmatch(r"(limit|newton|chebyshev|fit)(\d+)", impl)
-    if not m:
+def _build(op: str, impl: Impl) -> tuple[Kernel, str] | None:
+    """The callable and description for a numbered implementation (:data:`siguard.compiler.impl.NUMBERED`),
+    or None."""
+    if impl.number is None:
         return None
-    family, num = m.group(1), int(m.group(2))
+    family, num, impl = impl.family, impl.number, impl.name
     if family == "fit" and op in FIT_TARGETS and num >= 1:
         return _with_fit(op, num), (
             f"clip to the fitted range [lo, hi] + degree-{num} Chebyshev interpolant"
@@ -1311,25 +1330,39 @@ def _build(op: str, impl: str) -> tuple[Impl, str] | None:
     return None
 
 
-def describe(op: str, impl: str, shape: Sequence[int] = (2, 10), **attrs: Any) -> str:
+def describe(op: str, impl: str | Impl, shape: Sequence[int] = (2, 10), **attrs: Any) -> str:
     """``impl``'s description and its round count on a secret of ``shape`` (the last axis is a softmax's K),
     with the op's ``attrs``. The count is what the cost engine measures running the implementation, never a
     number written by hand (the tests check the cost engine against the transport's counts)."""
-    fn = get_implementation(op, impl)
+    impl = Impl.parse(impl, op)
+    rounds = measured_rounds(op, impl, shape, **attrs)
+    return f"{DESCRIPTIONS[op][impl.name]}; {rounds} rounds on a {tuple(shape)} secret"
+
+
+def measured_rounds(op: str, impl: str | Impl, shape: Sequence[int] = (2, 10), **attrs: Any) -> int:
+    """The rounds of (op, impl) on a secret of ``shape`` with the op's ``attrs`` (and ``impl``'s tuning), as
+    the cost engine measures them running the implementation: the one source of an implementation's rounds."""
+    impl = Impl.parse(impl, op)
     engine = CostEngine(16)
-    fn(engine, MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta")), **attrs)
-    return f"{DESCRIPTIONS[op][impl]}; {engine.total['rounds']} rounds on a {tuple(shape)} secret"
+    secret = MetaShares(torch.empty(tuple(shape), dtype=torch.int64, device="meta"))
+    get_implementation(op, impl)(engine, secret, **{**attrs, **impl.param_dict})
+    return int(engine.total["rounds"])
 
 
-def get_implementation(op: str, impl: str) -> Impl:
-    """The callable for (op, impl), resolving parameterised names not pre-registered."""
-    fn = IMPLEMENTATIONS.get(op, {}).get(impl)
+def get_implementation(op: str, impl: str | Impl) -> Kernel:
+    """The callable for (op, impl) -- ``impl`` a name or an :class:`Impl` (its tuning is the caller's to pass) --
+    resolving numbered names not pre-registered."""
+    name = impl.name if isinstance(impl, Impl) else impl
+    fn = IMPLEMENTATIONS.get(op, {}).get(name)
     if fn is not None:
         return fn
-    built = _build(op, impl)
+    try:
+        built = _build(op, Impl.parse(impl, op))
+    except ValueError:
+        built = None
     if built is None:
-        raise KeyError(f"op {op!r} has no implementation {impl!r} (known: {sorted(IMPLEMENTATIONS.get(op, {}))})")
-    _register(op, impl, *built)
+        raise KeyError(f"op {op!r} has no implementation {name!r} (known: {sorted(IMPLEMENTATIONS.get(op, {}))})")
+    _register(op, name, *built)
     return built[0]
 
 
@@ -1346,10 +1379,10 @@ def _populate() -> None:
     _register("max", "tree", _plain(reduce_max), "comparison tree")
     _register("argmax", "tree", _plain(argmax_onehot), "tree carrying one-hot masks, ties to first")
     for n in range(4, 11):
-        _register("exp", f"limit{n}", *_build("exp", f"limit{n}"))  # type: ignore[misc]
+        _register("exp", f"limit{n}", *_build("exp", Impl.parse(f"limit{n}")))  # type: ignore[misc]
     _register("exp", "exp2", _with_impl(exp, "exp2"), "thresholds at k ln 2 + degree-4 Chebyshev of e^r")
     for k in range(1, 13):
-        _register("reciprocal", f"newton{k}", *_build("reciprocal", f"newton{k}"))  # type: ignore[misc]
+        _register("reciprocal", f"newton{k}", *_build("reciprocal", Impl.parse(f"newton{k}")))  # type: ignore[misc]
     _register(
         "sqrt",
         "newton_rsqrt",
@@ -1392,7 +1425,7 @@ def _populate() -> None:
         _register(op, "chebyshev", _with_impl(fn, "chebyshev"), f"as chebyshev{d}")
     for op in ("sigmoid", "tanh", "erf", "gelu", "softplus", "lrn"):
         for d in (8, 12, 16, 20, 24, 32):
-            _register(op, f"chebyshev{d}", *_build(op, f"chebyshev{d}"))  # type: ignore[misc]
+            _register(op, f"chebyshev{d}", *_build(op, Impl.parse(f"chebyshev{d}")))  # type: ignore[misc]
 
 
 _populate()

@@ -168,8 +168,8 @@ class PartyServer:
         self.refused_busy = 0
         # The largest frame a server may send in one round: the busiest step's bytes (the cost model,
         # checked against the transport by the tests) plus margin; frames are checked before allocation.
-        steps = [*plan.steps, {"cost": plan.doc["setup"]}]
-        self._max_peer_payload = max(max(s["cost"]["bytes_per_party"]) for s in steps) + (1 << 16)
+        costs = [*(s.cost for s in plan.steps), plan.doc["setup"]]
+        self._max_peer_payload = max(max(c["bytes_per_party"]) for c in costs) + (1 << 16)
         self._heartbeat = Heartbeat(min(max(self.timeout / 4, 0.2), 5.0))
         self._heartbeat.hooks.append(self._sweep)
         self._listener: socket.socket | None = None

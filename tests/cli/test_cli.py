@@ -45,8 +45,8 @@ def plan_dir(mlp_onnx, tmp_path_factory):
 
 def _dataflow_edges(plan) -> set[tuple[int, int]]:
     """(producer step index, consumer step index) for every value a step reads from another step."""
-    producer = {v: i for i, s in enumerate(plan.steps) for v in s["outputs"]}
-    return {(producer[v], j) for j, s in enumerate(plan.steps) for v in s["inputs"] if v in producer}
+    producer = {v: i for i, s in enumerate(plan.steps) for v in s.outputs}
+    return {(producer[v], j) for j, s in enumerate(plan.steps) for v in s.inputs if v in producer}
 
 
 def test_compile_writes_a_plan_directory(plan_dir, mlp_onnx):
@@ -59,9 +59,9 @@ def test_compile_writes_a_plan_directory(plan_dir, mlp_onnx):
     assert {k: v.shape for k, v in weights.items()} == {w["name"]: tuple(w["shape"]) for w in plan.doc["weights"]}
     assert weights and all(np.isfinite(v).all() for v in weights.values())
     assert sum(v.size for v in weights.values()) == sum(int(np.prod(d)) for d in inits.values())  # all of them
-    assert plan.inputs[0]["shape"][0] == 4 and plan.totals["rounds"] == sum(s["cost"]["rounds"] for s in plan.steps)
+    assert plan.inputs[0]["shape"][0] == 4 and plan.totals["rounds"] == sum(s.cost["rounds"] for s in plan.steps)
     rows = _text_rows((plan_dir / "report.txt").read_text())
-    assert rows == {s["name"]: s["cost"]["rounds"] for s in plan.steps}
+    assert rows == {s.name: s.cost["rounds"] for s in plan.steps}
     assert f"plan {plan.plan_hash[:16]}" in (plan_dir / "plan.dot").read_text()
 
 
@@ -88,15 +88,15 @@ def test_inspect_formats(plan_dir, fmt):
         assert doc["plan_hash"] == plan.plan_hash and doc["totals"]["rounds"] == total
         assert doc["totals"]["rounds"] == sum(s["rounds"] for s in doc["steps"])
     elif fmt == "text":
-        assert _text_rows(out) == {s["name"]: s["cost"]["rounds"] for s in plan.steps}
+        assert _text_rows(out) == {s.name: s.cost["rounds"] for s in plan.steps}
         total_line = next(ln for ln in out.splitlines() if "TOTAL (sum of steps)" in ln)
         assert int(total_line.split()[-2]) == total
     elif fmt == "html":
         assert f'<td id="total-rounds">{total} rounds</td>' in out
-        assert all(s["name"] in out for s in plan.steps)
+        assert all(s.name in out for s in plan.steps)
     else:
         nodes = dict(re.findall(r'^  s(\d+) \[label="([^\\"]+)\\n', out, flags=re.M))
-        assert {int(k): v for k, v in nodes.items()} == {i: s["name"] for i, s in enumerate(plan.steps)}
+        assert {int(k): v for k, v in nodes.items()} == {i: s.name for i, s in enumerate(plan.steps)}
         edges = {(int(a), int(b)) for a, b in re.findall(r"^  s(\d+) -> s(\d+);", out, flags=re.M)}
         assert edges == _dataflow_edges(plan) and edges
 

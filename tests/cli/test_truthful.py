@@ -153,7 +153,7 @@ def test_inspect_shows_step_names_whole(plan_dir):
     plan = Plan.load(plan_dir[0])
     long_a = "/encoder/layers.0/self_attn/out_proj/MatMul_with_a_long_name"
     long_b = long_a + "/trunc"
-    plan.doc["steps"][1]["name"], plan.doc["steps"][2]["name"] = long_a, long_b
+    plan.steps[1].name, plan.steps[2].name = long_a, long_b
     text = render(plan, "text")
     rows = [ln for ln in text.splitlines() if re.match(r"\s+\d+  ", ln)]
     assert any(long_a + " " in r for r in rows) and any(long_b + " " in r for r in rows)

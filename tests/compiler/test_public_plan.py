@@ -115,9 +115,9 @@ def test_the_owner_keeps_the_facts_and_inspect_shows_them(twin_plans, tmp_path):
     full = plan.with_owner_facts().doc
     assert all(full["values"][k]["range"] == v for k, v in owner["values"].items())
     text = render(plan, "text")
-    sigmoid = next(s for s in full["steps"] if s["op"] == "sigmoid")
-    assert sigmoid["approx"]["error"]["max_abs"] is not None
-    assert f"{sigmoid['approx']['error']['max_abs']:.3g}" in text
+    sigmoid = next(s for s in full["steps"] if s.op == "sigmoid")
+    assert sigmoid.approx["error"]["max_abs"] is not None
+    assert f"{sigmoid.approx['error']['max_abs']:.3g}" in text
     # a server's copy (plan.json alone) loads, runs, and has none of the facts
     server = tmp_path / "server"
     server.mkdir()
@@ -126,4 +126,4 @@ def test_the_owner_keeps_the_facts_and_inspect_shows_them(twin_plans, tmp_path):
     assert public.owner is None and public.plan_hash == plan.plan_hash
     full_public = public.with_owner_facts().doc
     assert all(v["range"] is None for v in full_public["values"].values())
-    assert next(s for s in full_public["steps"] if s["op"] == "sigmoid")["approx"]["error"] is None
+    assert next(s for s in full_public["steps"] if s.op == "sigmoid").approx["error"] is None

@@ -197,11 +197,11 @@ def test_new_ops_secure_and_their_cost_model(tmp_path):
     onnx.save(_new_ops_model(), path)
     x = (np.random.default_rng(4).standard_normal((1, 4, 6)) * 2).astype(np.float32)
     res = compile_model(path, CompileOptions(batch=1))
-    assert {"hard_swish", "reduce_max", "softplus", "tanh", "conv"} <= {s["op"] for s in res.plan.steps}
+    assert {"hard_swish", "reduce_max", "softplus", "tanh", "conv"} <= {s.op for s in res.plan.steps}
     run = run_threads(res.plan, x, res.weights, timeout=120)
     np.testing.assert_allclose(run.output, _ort(str(path), x), atol=1e-2)
     measured = {row["name"]: row for row in run.stats["steps"]}
     for step in res.plan.steps:
-        row = measured.get(step["name"], {"rounds": 0, "bytes_per_party": [0, 0, 0]})
+        row = measured.get(step.name, {"rounds": 0, "bytes_per_party": [0, 0, 0]})
         assert (row["rounds"], list(row["bytes_per_party"])) == (
-            step["cost"]["rounds"], list(step["cost"]["bytes_per_party"])), step["name"]
+            step.cost["rounds"], list(step.cost["bytes_per_party"])), step.name

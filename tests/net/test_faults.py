@@ -368,7 +368,7 @@ def test_tampered_plan_on_one_server_fails_the_handshake(start_trio, net_plans, 
 
 def test_plan_edited_without_rehash_is_refused_at_load(start_trio, net_plans, tmp_path):
     plan = net_plans[1]
-    doc = copy.deepcopy(plan.doc)
+    doc = copy.deepcopy(plan.to_dict())
     doc["frac_bits"] = 12
     bad = tmp_path / "edited"
     bad.mkdir()

@@ -100,14 +100,14 @@ def test_calibrated_ranges_match_onnxruntime(softmax_models, digits):
 def test_without_calibration_defaults_are_kept_with_a_warning(softmax_models):
     res = compile_model(softmax_models["mlp"], CompileOptions())
     assert any("no calibration data" in w and "default" in w for w in res.warnings)
-    steps = {s["op"]: s for s in res.plan.steps if "approx" in s}
+    steps = {s.op: s for s in res.plan.steps if s.approx}
     assert steps["softmax"]["impl"] == "exp2" and steps["softmax"]["approx"]["how"] == "default"
 
 
 def test_exact_mode_takes_the_most_accurate_everywhere(softmax_models, digits):
     cal, _ = _data(digits, "mlp")
     res = compile_model(softmax_models["mlp"], CompileOptions(calibration=cal, approx="exact"))
-    recs = [s["approx"] for s in res.plan.steps if "approx" in s]
+    recs = [s.approx for s in res.plan.steps if s.approx]
     assert recs and all(r["impl"] == r["most_accurate"]["impl"] and r["how"] == "exact" for r in recs)
     assert all(r["cost"] == {k: r["most_accurate"][k] for k in ("rounds", "bytes")} for r in recs)
 
@@ -118,14 +118,14 @@ def test_override_wins_and_shows_in_every_inspect_format(softmax_models, digits,
     res = compile_model(softmax_models["mlp"], opts)
     write_plan(res, tmp_path / "plan")
     plan = Plan.load(tmp_path / "plan")
-    (step,) = [s for s in plan.steps if s["name"] == "1_Softmax"]
-    assert step["impl"] == "max_exp_recip"
-    assert step["impl_params"]["exp_impl"] == "limit8" and step["impl_params"]["iterations"] == 4
-    assert step["approx"]["how"] == "override" and step["approx"]["impl"] == "limit8+newton4"
+    (step,) = [s for s in plan.steps if s.name == "1_Softmax"]
+    assert step.impl.name == "max_exp_recip"
+    assert step.impl_params["exp_impl"] == "limit8" and step.impl_params["iterations"] == 4
+    assert step.approx["how"] == "override" and step.approx["impl"] == "limit8+newton4"
     j = inspect_json(plan)
     (js,) = [s for s in j["steps"] if s["name"] == "1_Softmax"]
     assert js["approx"]["impl"] == "limit8+newton4"
-    assert js["approx"]["cost"]["rounds"] == step["cost"]["rounds"]
+    assert js["approx"]["cost"]["rounds"] == step.cost["rounds"]
     assert js["approx"]["most_accurate"]["impl"] == "exp2"
     for fmt in ("text", "html", "dot"):
         out = render(plan, fmt)
@@ -139,8 +139,8 @@ def test_override_wins_and_shows_in_every_inspect_format(softmax_models, digits,
 def test_registered_implementation_name_is_a_valid_override(softmax_models, digits):
     cal, _ = _data(digits, "mlp")
     res = compile_model(softmax_models["mlp"], CompileOptions(calibration=cal, overrides={"1_Softmax": "piranha"}))
-    (step,) = [s for s in res.plan.steps if s["name"] == "1_Softmax"]
-    assert step["impl"] == "piranha" and step["approx"]["how"] == "override"
+    (step,) = [s for s in res.plan.steps if s.name == "1_Softmax"]
+    assert step.impl.name == "piranha" and step.approx["how"] == "override"
 
 
 @pytest.mark.parametrize("overrides,match", [({"nosuch": "exact"}, "no nonlinear node named 'nosuch'"),
@@ -174,8 +174,8 @@ def test_bytes_objective_never_costs_more_bytes_than_the_most_accurate(softmax_m
     cal, _ = _data(digits, "mlp")
     res = compile_model(softmax_models["mlp"], CompileOptions(calibration=cal, objective="bytes"))
     for s in res.plan.steps:
-        if "approx" in s:
-            assert s["approx"]["cost"]["bytes"] <= s["approx"]["most_accurate"]["bytes"]
+        if s.approx:
+            assert s.approx["cost"]["bytes"] <= s.approx["most_accurate"]["bytes"]
 
 
 def test_calibration_data_of_the_wrong_shape_is_refused(softmax_models):
@@ -241,26 +241,26 @@ def test_guard_knobs_override_and_search(guard_scenario):
     base = compile_model(s["target"], CompileOptions(guard=s["defender"], guard_config=seq))
     low = compile_model(s["target"], CompileOptions(guard=s["defender"], overrides={"guard": "exp2,recip2,norm0"},
                                                     guard_config=seq))
-    (g0,) = [st for st in base.plan.steps if st["op"] == "guard"]
-    (g1,) = [st for st in low.plan.steps if st["op"] == "guard"]
-    assert g0["approx"]["impl"] == "exp4,recip4,norm2" and g0["approx"]["how"] == "default"
-    assert (g1["attrs"]["exp_degree"], g1["attrs"]["recip_degree"], g1["attrs"]["norm_iterations"]) == (2, 2, 0)
-    assert g1["approx"]["how"] == "override" and g1["cost"]["rounds"] < g0["cost"]["rounds"]
-    assert g1["approx"]["most_accurate"]["rounds"] == g0["cost"]["rounds"]
+    (g0,) = [st for st in base.plan.steps if st.op == "guard"]
+    (g1,) = [st for st in low.plan.steps if st.op == "guard"]
+    assert g0.approx["impl"] == "exp4,recip4,norm2" and g0.approx["how"] == "default"
+    assert (g1.attrs["exp_degree"], g1.attrs["recip_degree"], g1.attrs["norm_iterations"]) == (2, 2, 0)
+    assert g1.approx["how"] == "override" and g1.cost["rounds"] < g0.cost["rounds"]
+    assert g1.approx["most_accurate"]["rounds"] == g0.cost["rounds"]
     assert "exp2,recip2,norm0" in render(low.plan, "text")
     # the search runs the fixed-point guard against the float oracle on the calibration logits
     found = compile_model(s["target"], CompileOptions(guard=s["defender"], calibration=s["cal"], guard_config=seq))
-    (g2,) = [st for st in found.plan.steps if st["op"] == "guard"]
-    a = g2["approx"]
+    (g2,) = [st for st in found.plan.steps if st.op == "guard"]
+    a = g2.approx
     assert a["how"] == "search" and a["error"]["labels_kept"] == 1.0
     assert a["cost"]["rounds"] <= a["most_accurate"]["rounds"]
-    assert (g2["attrs"]["exp_degree"], g2["attrs"]["recip_degree"], g2["attrs"]["norm_iterations"]) == tuple(
+    assert (g2.attrs["exp_degree"], g2.attrs["recip_degree"], g2.attrs["norm_iterations"]) == tuple(
         int(p[len(k):]) for p, k in zip(a["impl"].split(","), ("exp", "recip", "norm"), strict=True))
 
 
 def test_the_parallel_guard_has_no_internal_approximation(guard_scenario):
     s = guard_scenario
     plan = compile_model(s["target"], CompileOptions(guard=s["defender"], calibration=s["cal"])).plan
-    (g,) = [st for st in plan.steps if st["op"] == "guard"]
-    assert g["attrs"]["schedule"] == "parallel" and g["approx"]["impl"] == "sign-steps"
-    assert g["approx"]["cost"]["rounds"] == g["cost"]["rounds"] and g["approx"]["candidates"] == 0
+    (g,) = [st for st in plan.steps if st.op == "guard"]
+    assert g.attrs["schedule"] == "parallel" and g.approx["impl"] == "sign-steps"
+    assert g.approx["cost"]["rounds"] == g.cost["rounds"] and g.approx["candidates"] == 0

@@ -55,11 +55,11 @@ def test_fused_plan_computes_exactly_the_unfused_plan_in_fewer_rounds(residual_o
     fused = _compile(residual_onnx, True, monkeypatch)
     plain = _compile(residual_onnx, False, monkeypatch)
     steps = fused.plan.steps
-    relus = [s for s in steps if s["op"] == "relu"]
-    assert [bool(s["attrs"].get("shift")) for s in relus] == [True, True, False]
-    assert sum(1 for s in steps if s["op"] == "add" and s["attrs"].get("shift_b")) == 1
-    assert sum(1 for s in steps if s["op"] == "truncate") == \
-        sum(1 for s in plain.plan.steps if s["op"] == "truncate") - 2
+    relus = [s for s in steps if s.op == "relu"]
+    assert [bool(s.attrs.get("shift")) for s in relus] == [True, True, False]
+    assert sum(1 for s in steps if s.op == "add" and s.attrs.get("shift_b")) == 1
+    assert sum(1 for s in steps if s.op == "truncate") == \
+        sum(1 for s in plain.plan.steps if s.op == "truncate") - 2
     assert fused.plan.totals["rounds"] == plain.plan.totals["rounds"] - 2 * 2
     assert fused.plan.totals["bytes_per_party"] == plain.plan.totals["bytes_per_party"]
     record = next(r for r in fused.plan.doc["passes"] if r["name"] == "fuse")
@@ -74,6 +74,6 @@ def test_fused_plan_computes_exactly_the_unfused_plan_in_fewer_rounds(residual_o
 
 def test_polynomial_relu_keeps_its_truncation(residual_onnx):
     res = compile_model(residual_onnx, CompileOptions(batch=16, overrides={"Relu": "fit2"}))
-    relus = [s for s in res.plan.steps if s["op"] == "relu"]
+    relus = [s for s in res.plan.steps if s.op == "relu"]
     assert relus[0]["impl"] != "exact" and not relus[0]["attrs"].get("shift")
     assert relus[1]["attrs"].get("shift")

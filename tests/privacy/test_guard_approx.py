@@ -21,8 +21,8 @@ def test_guard_keeps_labels_with_either_internals(world, tmp_path, mode):
     res = compile_model(world["onnx"], CompileOptions(batch=len(x), guard=world["dir"] / "defender.onnx",
                                                       approx=mode, guard_config={"schedule": "freeze"}))
     plan = Plan.load(write_plan(res, tmp_path / mode))
-    guard = next(s for s in plan.steps if s["op"] == "guard")
-    assert guard["attrs"].get("internals", "siguard") == ("crypten" if mode == "crypten" else "siguard")
+    guard = next(s for s in plan.steps if s.op == "guard")
+    assert guard.attrs.get("internals", "siguard") == ("crypten" if mode == "crypten" else "siguard")
     y = run_reference(plan, x).output
     z = ort_run(world["onnx"], x)
     assert (y.argmax(1) == z.argmax(1)).mean() >= 0.995

@@ -62,21 +62,21 @@ def _accepted(revealed: np.ndarray, logits: np.ndarray) -> np.ndarray:
 def test_guarded_plan_reveals_only_the_guarded_vector(scenario):
     plan = _plan(scenario, 2, "plan-small", rounds=2, steps=3)
     assert [o["name"] for o in plan.outputs] == ["guarded_probs"]
-    assert [s["op"] for s in plan.steps].count("guard") == 1
-    assert not any(s["op"] == "softmax" for s in plan.steps)
-    guard = next(s for s in plan.steps if s["op"] == "guard")
-    assert guard["impl"] == "memguard-parallel" and guard["cost"]["rounds"] > 0
+    assert [s.op for s in plan.steps].count("guard") == 1
+    assert not any(s.op == "softmax" for s in plan.steps)
+    guard = next(s for s in plan.steps if s.op == "guard")
+    assert guard.impl.name == "memguard-parallel" and guard.cost["rounds"] > 0
     assert {w["name"] for w in plan.doc["weights"]} >= {f"guard.{n}" for n in ("W1", "b1", "W2", "b2", "w3", "b3")}
-    ph = guard["cost"]["phases"]  # the split inspect shows adds up to the step's cost
+    ph = guard.cost["phases"]  # the split inspect shows adds up to the step's cost
     assert ph["iterations"] == 3 + 1
-    assert ph["once"]["rounds"] + 3 * ph["per_iteration"]["rounds"] + ph["final"]["rounds"] == guard["cost"]["rounds"]
+    assert ph["once"]["rounds"] + 3 * ph["per_iteration"]["rounds"] + ph["final"]["rounds"] == guard.cost["rounds"]
 
 
 def test_default_guard_costs_at_most_3000_rounds(scenario):
     plan = _plan(scenario, 1, "plan-default")
-    guard = next(s for s in plan.steps if s["op"] == "guard")
-    assert guard["attrs"]["schedule"] == "parallel"
-    assert guard["cost"]["rounds"] <= 3000, guard["cost"]
+    guard = next(s for s in plan.steps if s.op == "guard")
+    assert guard.attrs["schedule"] == "parallel"
+    assert guard.cost["rounds"] <= 3000, guard.cost
 
 
 @pytest.mark.parametrize("schedule", ["parallel", pytest.param("freeze", marks=pytest.mark.slow),
@@ -87,8 +87,8 @@ def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
 
     x, logits = scenario["x"], scenario["logits"]
     plan = _plan(scenario, len(x), f"plan-{schedule}", schedule=schedule)
-    guard = next(s for s in plan.steps if s["op"] == "guard")
-    cfg = GuardConfig.from_attrs(guard["attrs"])
+    guard = next(s for s in plan.steps if s.op == "guard")
+    cfg = GuardConfig.from_attrs(guard.attrs)
     out = run_reference(plan, x).output
     ref = guard_reference(logits, scenario["weights"], **cfg.oracle_options())
     assert len(x) >= 500
@@ -132,10 +132,10 @@ def test_secure_guard_agrees_with_fixed_point_reference_and_its_cost(scenario):
     assert flips <= MAX_FLIPS, flips
     close = np.abs(secure - ref).max(1) < 1e-3
     assert close.mean() >= 1 - MAX_FLIPS / QUERIES, close.mean()
-    guard = next(s for s in plan.steps if s["op"] == "guard")
-    measured = next(r for r in run.stats["steps"] if r["name"] == guard["name"])
-    assert measured["rounds"] == guard["cost"]["rounds"]
-    assert measured["bytes_per_party"] == guard["cost"]["bytes_per_party"]
+    guard = next(s for s in plan.steps if s.op == "guard")
+    measured = next(r for r in run.stats["steps"] if r["name"] == guard.name)
+    assert measured["rounds"] == guard.cost["rounds"]
+    assert measured["bytes_per_party"] == guard.cost["bytes_per_party"]
 
 
 @pytest.mark.parametrize("scheduler", ["threads", "lockstep"])

@@ -156,9 +156,9 @@ def test_run_threads_queries_and_breakdown(mlp_onnx, tmp_path):
     assert many.stats["setup"]["rounds"] == one.stats["setup"]["rounds"]
     rows = op_breakdown(plan, many.stats)
     assert sum(r["steps"] for r in rows) == len(plan.steps)  # local steps included
-    assert set(many.stats["step_seconds"]) == {s["name"] for s in plan.steps}
+    assert set(many.stats["step_seconds"]) == {s.name for s in plan.steps}
     step_rounds = {r["name"]: r["rounds"] for r in many.stats["steps"]}
-    assert sum(r["rounds"] for r in rows) == sum(step_rounds.get(s["name"], 0) for s in plan.steps)
+    assert sum(r["rounds"] for r in rows) == sum(step_rounds.get(s.name, 0) for s in plan.steps)
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
     with pytest.raises(ValueError):
         run_plan(plan, x, queries=0)

@@ -57,10 +57,10 @@ def test_counted_rounds_and_bytes_equal_the_cost_model(digits_runs, name):
     plan, stats = r["plan"], r["secure"].stats
     measured = {s["name"]: s for s in stats["steps"]}
     for step in plan.steps:
-        want = step["cost"]
-        got = measured.get(step["name"], {"rounds": 0, "bytes_per_party": [0, 0, 0]})
-        assert got["rounds"] == want["rounds"], step["name"]
-        assert got["bytes_per_party"] == want["bytes_per_party"], step["name"]
+        want = step.cost
+        got = measured.get(step.name, {"rounds": 0, "bytes_per_party": [0, 0, 0]})
+        assert got["rounds"] == want["rounds"], step.name
+        assert got["bytes_per_party"] == want["bytes_per_party"], step.name
     assert stats["totals"]["rounds"] == plan.totals["rounds"]
     assert stats["totals"]["bytes_per_party"] == plan.totals["bytes_per_party"]
     setup = [s for s in stats["steps"] if s["name"] == "setup:weights"]
@@ -79,9 +79,9 @@ def test_only_the_client_receives_the_output(digits_runs):
 def test_resnet18_runs_end_to_end(resnet18_onnx, tmp_path):
     plan = _plan(resnet18_onnx, tmp_path, batch=1)
     # every ReLU reads an untruncated product: 9 directly, 8 through a residual add (fused truncations)
-    relus = [s for s in plan.steps if s["op"] == "relu"]
-    assert len(relus) == 17 and all(s["attrs"].get("shift") == 16 for s in relus)
-    assert sum(1 for s in plan.steps if s["op"] == "add" and s["attrs"].get("shift_b") == 16) == 8
+    relus = [s for s in plan.steps if s.op == "relu"]
+    assert len(relus) == 17 and all(s.attrs.get("shift") == 16 for s in relus)
+    assert sum(1 for s in plan.steps if s.op == "add" and s.attrs.get("shift_b") == 16) == 8
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     run = run_threads(plan, x, timeout=300)
     want = ort_run(resnet18_onnx, x)
@@ -89,6 +89,6 @@ def test_resnet18_runs_end_to_end(resnet18_onnx, tmp_path):
     # the merged rounds of the fused ReLUs are what the plan's cost model says, step by step
     measured = {s["name"]: s for s in run.stats["steps"]}
     for step in plan.steps:
-        got = measured.get(step["name"], {"rounds": 0, "bytes_per_party": [0, 0, 0]})
-        assert got["rounds"] == step["cost"]["rounds"], step["name"]
-        assert got["bytes_per_party"] == step["cost"]["bytes_per_party"], step["name"]
+        got = measured.get(step.name, {"rounds": 0, "bytes_per_party": [0, 0, 0]})
+        assert got["rounds"] == step.cost["rounds"], step.name
+        assert got["bytes_per_party"] == step.cost["bytes_per_party"], step.name
