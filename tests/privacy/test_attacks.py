@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from siguard.privacy.attacks import (
+    BaggedNeuralAttack,
     EntropyAttack,
     MaxProbabilityAttack,
-    BaggedNeuralAttack,
     NeuralAttack,
     label_only_gap,
     membership_metrics,
