@@ -109,7 +109,7 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
 
     res = compile_model(onnx_path, CompileOptions(batch=batch, guard=str(defender_path)))
     plan = Plan.load(write_plan(res, work / "plan"))
-    guard = next(s for s in plan.steps if s["op"] == "guard")
+    guard = next(s for s in plan.steps if s.op == "guard")
     outs, seconds = [], 0.0
     for i in range(0, len(x) if mode else 0, batch):
         part = x[i : i + batch]
@@ -125,7 +125,7 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
         rows["secure"] = attacks(secure, oracle_opts)
         rows["secure"]["agreement"] = float((_noised(secure, plain) == _noised(oracle.guarded, plain)).mean())
         rows["secure"]["seconds"] = seconds
-        rows["secure"]["rounds_per_batch"] = int(guard["cost"]["rounds"])
+        rows["secure"]["rounds_per_batch"] = int(guard.cost["rounds"])
         rows["secure"]["label_aware_over_oracle"] = (rows["secure"]["label_aware_best"]
                                                      - rows["oracle"]["label_aware_best"])
     for name, opts in BASELINES.items():
