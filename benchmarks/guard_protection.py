@@ -16,8 +16,9 @@ Rows (each for 2 x ``--n`` queries):
   (``--mode``, batches of ``--batch``): what the client receives;
 * ``oracle``: the float64 oracle of the same configuration (:func:`siguard.privacy.memguard.guard_reference`) --
   "plaintext MemGuard" of the same algorithm;
-* ``paper``, ``freeze-margin``: the oracle of the paper's sequential schedule (6 x 49, end-of-round test,
-  sign validator) and of the previous default (freeze 6 x 49, margin 0.1), for comparison.
+* ``paper``, ``freeze-margin``, ``hybrid-0.1``: the oracle of the paper's sequential schedule (6 x 49,
+  end-of-round test, sign validator), of the default before the parallel schedule (freeze 6 x 49, margin 0.1)
+  and of the parallel schedule's first default (hybrid margin 0.1), for comparison.
 
 Columns: the shadow neural attack (ML-Leaks, sorted top-3 probabilities, fitted on the shadow model's plain
 outputs) and the adaptive attacker (the same attack fitted on its own guarded shadow outputs, bagged over
@@ -52,7 +53,8 @@ OUT = ROOT / "benchmarks" / "results" / "guard_protection.json"
 NOISED_L1 = 2e-3
 #: the adaptive attacker bags this many attack models (see siguard.privacy.attacks.BaggedNeuralAttack)
 ADAPTIVE_MODELS = 5
-BASELINES = {"paper": {"schedule": "paper"}, "freeze-margin": {"schedule": "freeze"}}
+BASELINES = {"paper": {"schedule": "paper"}, "freeze-margin": {"schedule": "freeze"},
+             "hybrid-0.1": {"schedule": "parallel", "margin": 0.1}}  # the previous parallel default
 
 
 def _noised(probs: np.ndarray, plain: np.ndarray) -> np.ndarray:

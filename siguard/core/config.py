@@ -20,8 +20,8 @@ OBJECTIVES = ("rounds", "bytes")
 
 #: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
 SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # the default: every round a candidate of one batch, sign steps, sign validator (README, "The guard")
-    "parallel": {"rounds": 10, "steps": 30, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.1},
+    # the default: every round a candidate of one batch, sign steps, the hybrid validator (README, "The guard")
+    "parallel": {"rounds": 10, "steps": 30, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.2},
     # the sequential schedules with MemGuard's normalised-gradient step
     "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1},
     "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1},
@@ -46,7 +46,7 @@ class GuardConfig:
     #: "sign" (the defender's decision flipped), "margin" (|h| <= margin) or "hybrid" (parallel schedule only:
     #: the first flip in (round, step) order, failing that the first |h| <= margin)
     validator: str = "hybrid"
-    margin: float = 0.1
+    margin: float = 0.2
     lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
     c3_max: float = 100.0
     exp_degree: int = 4
