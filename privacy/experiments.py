@@ -74,9 +74,11 @@ DEFAULTS_CONFIGS: list[tuple[str, dict[str, Any]]] = [
     ("paper 6x49 sign", {"schedule": "paper"}),
     ("freeze 6x49 margin 0.1", {"validator": "margin", "margin": 0.1}),
     ("par 10x30 .04 hybrid .05", {**P, "validator": "hybrid", "margin": 0.05}),
-    ("par 8x30 .05 hybrid .05", {**P, "rounds": 8, "lr": 0.05, "validator": "hybrid", "margin": 0.05}),
-    ("par 10x30 .04 hybrid .03", {**P, "validator": "hybrid", "margin": 0.03}),
     ("par 10x30 .04 hybrid .1", {**P, "validator": "hybrid", "margin": 0.1}),
+    ("par 10x30 .04 hybrid .2", {**P, "validator": "hybrid", "margin": 0.2}),
+    ("par 10x30 .04 hybrid .3", {**P, "validator": "hybrid", "margin": 0.3}),
+    ("par 16x20 .04 g1.25 hybrid .2", {**P, "rounds": 16, "steps": 20, "lr_growth": 1.25, "validator": "hybrid",
+                                      "margin": 0.2}),
     ("par 10x30 .04 sign", {**P}),
 ]
 
