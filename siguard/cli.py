@@ -99,17 +99,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from siguard.compiler.plan import Plan
-    from siguard.runtime.local import run_reference, run_threads
 
     plan = Plan.load(args.plan)
     x = _load_npy(args.input)
     if args.mode == "reference":
+        from siguard.runtime.local import run_reference
+
         with _guard_progress(plan):
             result = run_reference(plan, x)
     elif args.mode in ("threads", "lockstep"):
+        from siguard.runtime.local import run_threads
+
         with _guard_progress(plan):
             result = run_threads(plan, x, timeout=args.timeout, scheduler=args.mode)
-    elif args.mode == "processes":
+    elif args.mode == "processes":  # (this process does not import torch: the servers and the client do)
         from siguard.runtime.net.processes import run_processes
 
         result = run_processes(args.plan, x, timeout=args.timeout)
