@@ -286,7 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def small_pages() -> bool:
+    """Let numpy allocate big arrays without transparent huge pages, unless ``NUMPY_MADVISE_HUGEPAGE`` (which
+    numpy reads at import) says otherwise. Returns whether huge pages are now off.
+
+    numpy asks the kernel (madvise) to back every array of 4 MiB or more with 2 MiB pages. A query allocates
+    its big protocol buffers fresh (for ResNet-34 the keystream that re-randomises the weights: 170 MB per
+    party per query), and the first touch of a huge page is slow wherever the kernel must compact memory to
+    find one or a VM backs its memory lazily: on the 2-core EPYC VM of issue 14 (load 3), ResNet-34's first
+    query took 7.3-9.6 s with huge pages and 2.3-2.4 s without (system time 6.7-8.0 s against 1.6-1.7 s);
+    the warm queries took the same 1.2 s either way. Called by :func:`main`, so every command's process
+    (``run``, ``bench``, the servers of ``party``, the client of ``query``) allocates this way."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() in ("0", "")
+    core = getattr(np, "_core", None) or getattr(np, "core", None)  # numpy 2, numpy 1
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
+    if setter is None:  # a numpy without the switch: nothing to turn off
+        return False
+    setter(False)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    small_pages()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or bool(os.environ.get("SIGUARD_DEBUG"))

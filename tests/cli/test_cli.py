@@ -138,6 +138,29 @@ def test_fast_exit_keeps_what_a_command_relies_on(tmp_path, threads):
         assert (tmp_path / "thread").read_text() == "done"
 
 
+_PAGES_SCRIPT = r"""
+import numpy as np
+from siguard.cli import small_pages
+core = getattr(np, "_core", None) or np.core
+print(small_pages(), core.multiarray._set_madvise_hugepage(True))  # (now off?, what it was)
+"""
+
+
+@pytest.mark.parametrize("env, expect", [(None, "True False"), ("1", "False True"), ("0", "True False")])
+def test_commands_allocate_without_huge_pages_unless_numpy_is_told(tmp_path, env, expect):
+    """main() turns numpy's transparent huge pages off (slow first touches: see siguard.cli.small_pages),
+    unless NUMPY_MADVISE_HUGEPAGE gives numpy the user's own choice."""
+    import os
+
+    child = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if env is not None:
+        child["NUMPY_MADVISE_HUGEPAGE"] = env
+    proc = subprocess.run([sys.executable, "-c", _PAGES_SCRIPT], cwd=ROOT, env=child, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expect.split()
+
+
 def _unsupported_model(path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
