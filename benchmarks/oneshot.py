@@ -79,6 +79,7 @@ def mark(name, t, c):
     cpu[name] = time.process_time() - c
 t, c = time.perf_counter(), time.process_time()
 import siguard.cli  # what `siguard run` imports before it parses (then: the plan, the input, the runtime)
+getattr(siguard.cli, "small_pages", lambda: None)()  # as siguard.cli.main does (absent from trees before it)
 from siguard.compiler.plan import Plan
 try:
     from siguard.compiler.arrays import load_npy
@@ -106,6 +107,8 @@ json.dump({"phases": phases, "cpu": cpu, "cpu_all": time.process_time() - c0}, s
 
 _WARM = r"""
 import json, sys, statistics
+import siguard.cli
+getattr(siguard.cli, "small_pages", lambda: None)()  # as `siguard bench` (siguard.cli.main) does
 from siguard.compiler.plan import Plan
 try:
     from siguard.compiler.arrays import load_npy

@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     profile = dict(forced("auto")(linalg.cpu_profile)())
+    profile["probe_now"] = linalg.probe_cpu()  # cpu_profile may come from the cache: this run's own probe
     mm = [bench_matmul(m, k, n, args.repeat) for m, k, n in MATMULS]
     cv = [bench_conv(ci, co, h, s, args.repeat) for ci, co, h, s in CONVS]
     merge = [bench_merge(256, 576, 64, args.repeat), bench_merge(64, 64, 64, args.repeat)]

@@ -27,8 +27,11 @@ Which kernel runs is decided per CPU and per shape by :func:`backend` from measu
 (``benchmarks/ring_matmul.py`` writes them to ``benchmarks/results/ring_matmul.json``):
 
 * per CPU: on first use, one probe times an int64 GEMM and a float64 GEMM of the same reference
-  shape (a few ms, once per process). The limb kernel costs about six float64 GEMMs plus the digit
-  split, so it is chosen only where int64 is more than :data:`LIMB_RATIO` times slower than float64.
+  shape (a few ms of GEMMs, but 0.01-0.15 s of a fresh process: MKL's first calls, measured on this
+  2-core EPYC). Its result is kept on disk (:func:`cpu_profile`, keyed by the CPU, torch's version and
+  capability and the thread count), so that it is not a cost of every one-shot ``siguard run``. The
+  limb kernel costs about six float64 GEMMs plus the digit split, so it is chosen only where int64
+  is more than :data:`LIMB_RATIO` times slower than float64.
   Measured: on the 2-core AMD EPYC of issue 18 (AVX2, no AVX-512; torch capability ``AVX2``) int64
   GEMM runs at 0.34 GMAC/s, 60x slower than float64: limbs win there (the issue's prototype: 17 ms
   against 113 ms at 64x576x1024). On the 2-core AMD EPYC with AVX-512 where this was written, torch's
@@ -46,14 +49,20 @@ Which kernel runs is decided per CPU and per shape by :func:`backend` from measu
   operands stay on int64.
 
 ``SIGUARD_RING_GEMM=int64|limbs|auto`` (default ``auto``) overrides the per-CPU choice (tests use it
-to check both kernels; the benchmark uses it to time both).
+to check both kernels; the benchmark uses it to time both). ``SIGUARD_CACHE_DIR`` is where the probe's
+result is kept (default ``$XDG_CACHE_HOME/siguard`` or ``~/.cache/siguard``; empty: no cache, probe in
+every process). A stale or edited cache can only change which kernel runs, that is speed, never bits.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,6 +79,8 @@ __all__ = [
     "ring_conv2d",
     "backend",
     "cpu_profile",
+    "probe_cpu",
+    "probe_cache_path",
     "LIMB_RATIO",
     "LIMB_MIN_MACS",
     "MEASURED",
@@ -106,30 +117,122 @@ def _min_time(fn, reps: int = 3) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_profile() -> dict:
-    """The per-CPU measurement behind :func:`backend` (once per process): torch's CPU capability,
-    the probe's int64 and float64 GEMM times and their ratio, and the kernel chosen for large
-    products. The probe's operands are fixed constants (timing only; no secret passes through it)."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    forced = _forced()
+def probe_cpu() -> dict:
+    """Measure this CPU now (what :func:`cpu_profile` caches): torch's CPU capability, the probe's int64
+    and float64 GEMM times and their ratio. The probe's operands are fixed constants (timing only; no
+    secret passes through it)."""
     m, k, n = _PROBE
     ai = torch.arange(m * k, dtype=torch.int64).reshape(m, k) * 0x9E3779B1 % (1 << 62)
     bi = torch.arange(k * n, dtype=torch.int64).reshape(k, n) * 0x632BE5AB % (1 << 62)
     af, bf = (ai & 0xFFFF).to(torch.float64), (bi & 0xFFFF).to(torch.float64)
     t_int = _min_time(lambda: ai @ bi)
     t_f64 = _min_time(lambda: af @ bf)
-    ratio = t_int / max(t_f64, 1e-9)
-    measured = "limbs" if ratio > LIMB_RATIO else "int64"
     return {
-        "capability": cap,
+        "capability": torch.backends.cpu.get_cpu_capability(),
         "probe_shape": list(_PROBE),
         "int64_ms": round(t_int * 1e3, 3),
         "float64_ms": round(t_f64 * 1e3, 3),
-        "int64_over_float64": round(ratio, 2),
-        "measured_choice": measured,
-        "backend": measured if forced == "auto" else forced,
+        "int64_over_float64": round(t_int / max(t_f64, 1e-9), 2),
+    }
+
+
+# ---- the probe's cache ----------------------------------------------------------------------------
+_CACHE_FORMAT = 1
+_CACHE_FILE = "ring_gemm.json"
+_CACHE_ENTRIES = 16  # machines x torch versions x thread counts kept in one file (a shared home directory)
+
+
+def probe_cache_path() -> Path | None:
+    """Where :func:`cpu_profile` keeps the probe's result: ``$SIGUARD_CACHE_DIR`` (empty: nowhere), else
+    ``$XDG_CACHE_HOME/siguard``, else ``~/.cache/siguard``."""
+    d = os.environ.get("SIGUARD_CACHE_DIR")
+    if d is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        d = os.path.join(base, "siguard")
+    return Path(d) / _CACHE_FILE if d else None
+
+
+def _cpu_identity() -> str:
+    """The CPU as the OS describes it: model name and feature flags (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    fields: dict[str, str] = {}
+    for line in info.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return " | ".join(fields.get(k, "") for k in ("vendor_id", "model name", "flags"))
+
+
+def _cache_key() -> tuple[str, dict]:
+    """(entry name, what it stands for): what the probe's result depends on, the CPU, torch (version,
+    capability) and its thread count (and the probe itself). Any change re-runs the probe."""
+    key = {"machine": platform.machine(), "cpu": _cpu_identity(), "torch": torch.__version__,
+           "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+           "probe_shape": list(_PROBE)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32], key
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != _CACHE_FORMAT or not isinstance(doc.get("entries"), dict):
+        return {}
+    return doc["entries"]
+
+
+def _valid_entry(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("int64_over_float64"), (int, float))
+            and isinstance(entry.get("capability"), str))
+
+
+def _cached_probe() -> tuple[dict, bool]:
+    """(the probe's result, whether it came from the cache): from the cache file when it holds an entry
+    for this machine's key, else measured now and stored (best effort: an unwritable cache only means
+    probing again next time)."""
+    path = probe_cache_path()
+    if path is None:
+        return probe_cpu(), False
+    name, key = _cache_key()
+    entries = _read_cache(path)
+    entry = entries.get(name)
+    if _valid_entry(entry) and entry.get("key") == key:
+        return {k: v for k, v in entry.items() if k != "key"}, True
+    measured = probe_cpu()
+    entries = {k: v for k, v in entries.items() if k != name}
+    entries = dict(list(entries.items())[-(_CACHE_ENTRIES - 1):])
+    entries[name] = {**measured, "key": key}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": _CACHE_FORMAT, "entries": entries}, indent=1))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass
+    return measured, False
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_profile() -> dict:
+    """The per-CPU measurement behind :func:`backend` (once per process; the probe itself once per
+    machine, torch version and thread count: :func:`probe_cache_path`): :func:`probe_cpu`'s fields,
+    the kernel chosen for large products, whether it was forced, and whether the probe came from the
+    cache."""
+    forced = _forced()
+    measured, cached = _cached_probe()
+    choice = "limbs" if measured["int64_over_float64"] > LIMB_RATIO else "int64"
+    return {
+        **measured,
+        "measured_choice": choice,
+        "backend": choice if forced == "auto" else forced,
         "forced": forced != "auto",
+        "cached": cached,
     }
 
 

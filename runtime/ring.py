@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from siguard.core.fixedpoint import MAX_ABS_REAL  # (defined without torch: runs.py checks inputs with it)
+
 __all__ = [
     "RING_BITS",
     "SIGN_BIT",
@@ -34,12 +36,6 @@ __all__ = [
 
 RING_BITS = 64
 SIGN_BIT = -(2**63)  # the sign bit as a signed int64 constant
-
-
-def MAX_ABS_REAL(frac_bits: int) -> float:  # noqa: N802 - reads like a constant
-    """Largest real magnitude encodable with ``frac_bits`` that still leaves 2 bits of headroom
-    (comparisons need |x| < 2^62)."""
-    return float(2 ** (62 - frac_bits))
 
 
 def encode(x: np.ndarray | torch.Tensor | float, frac_bits: int) -> torch.Tensor:

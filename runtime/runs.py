@@ -10,8 +10,7 @@ import numpy as np
 
 from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError
-
-from .ring import MAX_ABS_REAL
+from siguard.core.fixedpoint import MAX_ABS_REAL
 
 __all__ = ["RunResult", "check_inputs"]
 

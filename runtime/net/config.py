@@ -48,7 +48,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from siguard.core.errors import InputError
-from siguard.runtime.mpc.transport import CLIENT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +58,10 @@ __all__ = ["PARTY_NAMES", "CLIENT", "PartyEntry", "PartiesConfig", "load_config"
            "fingerprint_of_pem"]
 
 PARTY_NAMES = ("P0", "P1", "P2", "client")
+#: the client's party number: :data:`siguard.runtime.mpc.transport.CLIENT`, restated here so that reading a
+#: configuration (``siguard certs``, the parent of ``run --mode processes``) does not import torch
+#: (tests/net/test_tls.py checks that the two agree)
+CLIENT = 3
 
 
 def party_name(party: int) -> str:

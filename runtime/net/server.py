@@ -52,6 +52,7 @@ import numpy as np
 from siguard.compiler.plan import Plan
 from siguard.core.errors import InputError, RuntimeFault
 from siguard.runtime.executor import Executor
+from siguard.runtime.linalg import cpu_profile
 from siguard.runtime.mpc.prg import PartyKeys, setup_keys
 from siguard.runtime.mpc.rss import RSSEngine
 from siguard.runtime.mpc.transport import FrameHeader
@@ -219,6 +220,7 @@ class PartyServer:
         self._raise_if_stopped()
         t1 = time.monotonic()
         self._setup()
+        cpu_profile()  # the ring kernel's per-CPU choice (probe or cache) now, not in the first session
         self._raise_if_stopped()
         self.mesh_seconds, self.setup_seconds = t1 - t0, time.monotonic() - t1
         self._ready.set()

@@ -110,6 +110,57 @@ def test_run_reference_matches_onnxruntime(plan_dir, mlp_onnx, digits, tmp_path)
     assert np.abs(y - ort_run(mlp_onnx, x)).max() <= 1e-2
 
 
+_EXIT_SCRIPT = r"""
+import atexit, sys, threading, time
+from pathlib import Path
+from siguard.cli import exit_now
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+if sys.argv[2] == "thread":  # a non-daemon thread still working: the exit must wait for it
+    threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+sys.stdout.write("no newline, buffered")  # a pipe: block-buffered, so only a flush writes it
+sys.stderr.write("to stderr")
+exit_now(3)
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("threads", ["none", "thread"])
+def test_fast_exit_keeps_what_a_command_relies_on(tmp_path, threads):
+    """The command's fast exit (siguard.cli.exit_now, which skips the interpreter's teardown): the exit code,
+    everything written to stdout and stderr, the atexit handlers, and non-daemon threads finishing first."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path), threads], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "no newline, buffered" and proc.stderr == "to stderr"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if threads == "thread":
+        assert (tmp_path / "thread").read_text() == "done"
+
+
+_PAGES_SCRIPT = r"""
+import numpy as np
+from siguard.cli import small_pages
+core = getattr(np, "_core", None) or np.core
+print(small_pages(), core.multiarray._set_madvise_hugepage(True))  # (now off?, what it was)
+"""
+
+
+@pytest.mark.parametrize("env, expect", [(None, "True False"), ("1", "False True"), ("0", "True False")])
+def test_commands_allocate_without_huge_pages_unless_numpy_is_told(tmp_path, env, expect):
+    """main() turns numpy's transparent huge pages off (slow first touches: see siguard.cli.small_pages),
+    unless NUMPY_MADVISE_HUGEPAGE gives numpy the user's own choice."""
+    import os
+
+    child = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if env is not None:
+        child["NUMPY_MADVISE_HUGEPAGE"] = env
+    proc = subprocess.run([sys.executable, "-c", _PAGES_SCRIPT], cwd=ROOT, env=child, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expect.split()
+
+
 def _unsupported_model(path: Path) -> Path:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])

@@ -131,17 +131,23 @@ def test_the_bound_is_the_plans_domain_else_the_clients_own_limit(net_plans):
 # ---- fresh weight shares per session ------------------------------------------------------------------
 def test_queries_use_fresh_weight_share_components(net_plans, digit_inputs, monkeypatch):
     """Two queries after one weight sharing (one session of run_threads, queries=2) compute on
-    different share components of every weight; the zero component stays zero."""
+    different share components of every weight; the zero component stays zero. The last query releases
+    the set-up shares as it re-randomises them (a one-shot run holds one weight set, not two): the
+    first keeps them all, the last leaves none, and computes on fresh components all the same."""
     seen: dict[int, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {0: [], 1: [], 2: []}
+    kept: dict[int, list[tuple[bool, int]]] = {0: [], 1: [], 2: []}
     original = siguard.runtime.executor.Executor.use_weights
 
-    def spy(self, shared):
-        original(self, shared)
+    def spy(self, shared, **kw):
+        original(self, shared, **kw)
+        kept[self.engine.party].append((kw.get("release", False), len(shared)))
         seen[self.engine.party].append({k: (w.a.clone(), w.b.clone(), w.zero) for k, w in self.weights.items()})
 
     monkeypatch.setattr(siguard.runtime.executor.Executor, "use_weights", spy)
     run_threads(net_plans[1], digit_inputs[:1], queries=2)
     _assert_fresh_components(seen, net_plans[1])
+    n = len(net_plans[1].doc["weights"])
+    assert all(kept[p] == [(False, n), (True, 0)] for p in range(3)), kept
 
 
 def _assert_fresh_components(seen, plan) -> None:
@@ -217,8 +223,8 @@ def test_two_networked_sessions_use_different_weight_share_components(net_plans,
     lock = threading.Lock()
     original = siguard.runtime.executor.Executor.use_weights
 
-    def spy(self, shared):
-        original(self, shared)
+    def spy(self, shared, **kw):
+        original(self, shared, **kw)
         with lock:
             seen[self.engine.party].append({k: (w.a.clone(), w.b.clone(), w.zero) for k, w in self.weights.items()})
 

@@ -76,6 +76,23 @@ def test_certs_command_writes_a_ca_party_certificates_and_config(tmp_path):
     assert "exists; pass --force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
+def test_configuration_and_the_processes_parent_do_not_import_torch():
+    """Reading parties.toml, making certificates and the parent of `run --mode processes` (which only starts the
+    servers and the client, each importing torch itself) stay free of torch: a second ~1 s import of torch on a
+    2-core machine would compete with the servers starting. The client's party number restated in the
+    configuration module agrees with the transport's."""
+    import sys
+
+    from siguard.runtime.mpc import transport
+    from siguard.runtime.net import config
+
+    assert config.CLIENT == transport.CLIENT
+    code = ("import sys, siguard.cli, siguard.runtime.net.processes, siguard.runtime.runs; "
+            "siguard.cli.build_parser(); assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -4,6 +4,8 @@ built on it give the same bits with either kernel."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -201,6 +203,63 @@ def test_bad_override_is_one_clear_error(monkeypatch):
                 fn()
     finally:
         monkeypatch.delenv(linalg.ENV)
+        linalg.cpu_profile.cache_clear()
+
+
+def test_probe_result_is_cached_per_machine_and_reprobed_when_the_key_changes(tmp_path, monkeypatch):
+    """The per-CPU probe runs once per machine, torch version and thread count (a one-shot run does not pay
+    for it), not once per process: a second process (here: a cleared in-process cache) reads the file;
+    a different key (another CPU, thread count or torch), a corrupt file or no cache directory probe again.
+    The override still applies to a cached result."""
+    monkeypatch.setenv("SIGUARD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(linalg.ENV, raising=False)
+    calls = []
+    real = linalg.probe_cpu
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(linalg, "probe_cpu", counted)
+
+    def fresh():
+        linalg.cpu_profile.cache_clear()
+        return linalg.cpu_profile()
+
+    try:
+        first = fresh()
+        assert not first["cached"] and len(calls) == 1
+        assert linalg.probe_cache_path() == tmp_path / "ring_gemm.json" and linalg.probe_cache_path().exists()
+        second = fresh()
+        assert second["cached"] and len(calls) == 1
+        assert {k: v for k, v in second.items() if k != "cached"} == {k: v for k, v in first.items() if k != "cached"}
+        monkeypatch.setenv(linalg.ENV, "limbs")  # forced on top of the cached measurement
+        assert fresh()["backend"] == "limbs" and len(calls) == 1
+        monkeypatch.delenv(linalg.ENV)
+
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 97)  # another thread count: another entry
+        assert not fresh()["cached"] and len(calls) == 2
+        assert fresh()["cached"] and len(calls) == 2
+        monkeypatch.undo()  # back to the first key (and the real probe and cache directory)
+        monkeypatch.setenv("SIGUARD_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(linalg, "probe_cpu", counted)
+        assert fresh()["cached"] and len(calls) == 2  # both entries kept
+        monkeypatch.setattr(linalg, "_cpu_identity", lambda: "another CPU")
+        assert not fresh()["cached"] and len(calls) == 3
+
+        (tmp_path / "ring_gemm.json").write_text("{not json")
+        assert not fresh()["cached"] and len(calls) == 4  # a corrupt cache is measured over, not trusted
+        assert fresh()["cached"]
+        doc = json.loads((tmp_path / "ring_gemm.json").read_text())
+        (entry,) = doc["entries"].values()
+        entry["key"]["torch"] = "0.0"  # an entry whose recorded key disagrees with its name is not used
+        (tmp_path / "ring_gemm.json").write_text(json.dumps(doc))
+        assert not fresh()["cached"] and len(calls) == 5
+
+        monkeypatch.setenv("SIGUARD_CACHE_DIR", "")  # no cache: every process probes
+        assert linalg.probe_cache_path() is None
+        assert not fresh()["cached"] and not fresh()["cached"] and len(calls) == 7
+    finally:
         linalg.cpu_profile.cache_clear()
 
 
