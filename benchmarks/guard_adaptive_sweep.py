@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from siguard.core.errors import InputError  # noqa: E402
 from siguard.privacy.attacks import NeuralAttack  # noqa: E402
 from siguard.privacy.datasets import load_dataset  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
@@ -66,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    data = load_dataset("fashion-mnist")
+    try:
+        data = load_dataset("fashion-mnist")
+    except InputError as exc:  # Debian's dataset-fashion-mnist absent: scikit-learn's digits
+        print(f"{exc}; falling back to digits")
+        data = load_dataset("digits")
+    n = min(1000, len(data.x) // 6)
     rows = []
     for seed in args.seeds:
         with single_threaded():
-            s = prepare_seed(data, 1000, 150, seed, TARGETS[args.target], Path(tempfile.mkdtemp()))
+            s = prepare_seed(data, n, 150, seed, TARGETS[args.target], Path(tempfile.mkdtemp()))
             neural = NeuralAttack(seed=seed).fit(s.shadow.plain_outputs(), s.shadow.membership)
             for name in args.configs:
                 opts, t = CONFIGS[name], time.time()
