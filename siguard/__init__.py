@@ -6,20 +6,14 @@ a second and a half) for a command that never compiles."""
 
 from __future__ import annotations
 
-import os
-
 # A source checkout keeps the subpackages in the repository's top-level folders (compiler/, passes/, runtime/,
-# privacy/), which pyproject.toml maps under siguard.; a wheel puts them inside this directory. Imported from a
-# checkout (pytest from the root, PYTHONPATH=checkout, an editable install), siguard.compiler must be that
-# checkout's compiler/, whichever checkout an editable install's finder points at: so search the root too.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_ROOT, "pyproject.toml")) and not os.path.isdir(os.path.join(__path__[0], "compiler")):
-    __path__.append(_ROOT)
+# privacy/), which pyproject.toml maps under siguard.; this directory holds a relative symlink to each
+# (siguard/compiler -> ../compiler, ...), so a checkout has the installed layout: plain imports from the root,
+# PYTHONPATH=checkout and import-linter's walk of the package all see the same siguard.compiler.
+import importlib
+from typing import Any
 
-import importlib  # noqa: E402
-from typing import Any  # noqa: E402
-
-from siguard.core.errors import SiguardError  # noqa: E402
+from siguard.core.errors import SiguardError
 
 __all__ = ["compile", "inspect", "load_plan", "run", "train_defender", "audit", "format_audit", "SiguardError"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """Imports inside functions: of a siguard module only where listed, and third-party ones only for listed heavy deps.
 
 A function-level import of another siguard module is how a layer used to reach upward past a cycle; the
-layers themselves are import-linter contracts (pyproject.toml, run in CI by tools/lint_imports.py).
+layers themselves are import-linter contracts (pyproject.toml, run in CI by `lint-imports`).
 """
 
 import ast

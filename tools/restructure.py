@@ -21,7 +21,9 @@ What it does, in order:
    in Markdown, shell and CI files.
 4. Regenerate ``[tool.setuptools]`` in pyproject.toml: ``package-dir`` maps each top-level folder under
    ``siguard.``, ``packages`` lists every package found on disk, package-data keys use the namespace.
-5. Sort the imports (``siguard`` is first-party) (``ruff check --select I --fix``).
+5. Link each mapped folder into ``siguard/`` (``siguard/compiler -> ../compiler``, ...), so a checkout has the
+   installed layout.
+6. Sort the imports (``siguard`` is first-party) (``ruff check --select I --fix``).
 
 It never touches ``.git``, ``build/``, virtualenvs, ``benchmarks/results`` or itself.
 """
@@ -481,31 +483,17 @@ def rewrite_pyproject(dry: bool) -> bool:
     return new != text
 
 
-_CHECKOUT = '''
-# A source checkout keeps the subpackages in the repository's top-level folders (compiler/, passes/, runtime/,
-# privacy/), which pyproject.toml maps under siguard.; a wheel puts them inside this directory. Imported from a
-# checkout (pytest from the root, PYTHONPATH=checkout, an editable install), siguard.compiler must be that
-# checkout's compiler/, whichever checkout an editable install's finder points at: so search the root too.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_ROOT, "pyproject.toml")) and not os.path.isdir(os.path.join(__path__[0], "compiler")):
-    __path__.append(_ROOT)
-'''
-
-
-def checkout_path(dry: bool) -> bool:
-    path = ROOT / NAMESPACE / "__init__.py"
-    text = path.read_text()
-    if "_ROOT = os.path.dirname" in text:
-        return False
-    doc_end = text.index('"""', 3) + 3
-    future = re.search(r"^from __future__ import [^\n]*\n", text[doc_end:], flags=re.M)
-    if future:  # the block goes after it (it must stay the first statement)
-        doc_end += future.end()
-    tail = re.sub(r"^((?:from|import) .*?)$", r"\1  # noqa: E402", text[doc_end:], flags=re.M)
-    new = text[:doc_end].rstrip("\n") + "\n\nimport os\n" + _CHECKOUT + tail
-    if not dry:
-        path.write_text(new)
-    return True
+def checkout_links(dry: bool) -> list[str]:
+    """Relative symlinks siguard/<folder> -> ../<folder> for the mapped top-level folders, so that a checkout
+    has the installed layout (imports from the root, import-linter's walk of the package)."""
+    made = []
+    for folder in FOLDERS:
+        link = ROOT / NAMESPACE / folder
+        if (ROOT / folder).is_dir() and not link.exists() and not link.is_symlink():
+            if not dry:
+                link.symlink_to(Path("..") / folder, target_is_directory=True)
+            made.append(f"{NAMESPACE}/{folder} -> ../{folder}")
+    return made
 
 
 def main() -> None:
@@ -519,9 +507,8 @@ def main() -> None:
         print("rewrote", p.relative_to(ROOT))
     if rewrite_pyproject(args.dry_run):
         print("rewrote pyproject.toml")
-    if checkout_path(args.dry_run):
-        print(f"rewrote {NAMESPACE}/__init__.py")
-        changed.append(ROOT / NAMESPACE / "__init__.py")
+    for line in checkout_links(args.dry_run):
+        print("linked", line)
     if not args.dry_run:  # imports sorted for the namespace (a tree that was clean before has nothing else to sort)
         subprocess.run([sys.executable, "-m", "ruff", "check", "-q", "--select", "I", "--fix", "."], cwd=ROOT)
 
