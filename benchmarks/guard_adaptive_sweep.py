@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from siguard.core.errors import InputError  # noqa: E402
-from siguard.privacy.attacks import NeuralAttack  # noqa: E402
+from siguard.privacy.attacks import BaggedNeuralAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.datasets import load_dataset  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
 from siguard.privacy.experiments import TARGETS, prepare_seed  # noqa: E402
@@ -58,8 +58,6 @@ CONFIGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sklearn.metrics import roc_auc_score
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", choices=tuple(TARGETS), default="overfit")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5])
@@ -82,12 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 opts, t = CONFIGS[name], time.time()
                 res = guard_reference(s.logits, s.defender, seed=seed, **opts)
                 shadow_guarded = s.shadow.adaptive_outputs(seed=seed + 1000, **opts).probs
-                scores = []
-                for k in [seed] + [100 + j for j in range(args.models - 1)]:
-                    a = NeuralAttack(seed=k).fit(shadow_guarded, s.shadow.membership)
-                    scores.append(a.classifier.predict_proba(a._features(res.guarded))[:, 1])
-                aucs = [float(roc_auc_score(s.membership, sc)) for sc in scores]
-                bag = float(roc_auc_score(s.membership, np.mean(scores, 0)))
+                attack = BaggedNeuralAttack(seeds=[seed] + [100 + j for j in range(args.models - 1)])
+                bag = attack.fit(shadow_guarded, s.shadow.membership).evaluate(res.guarded, s.membership).auc
+                aucs = [r.auc for r in attack.single]
                 row = {"target": args.target, "seed": seed, "config": name, "options": opts,
                        "neural_advantage": neural.evaluate(res.guarded, s.membership).advantage,
                        "adaptive_single_advantage": abs(aucs[0] - 0.5), "adaptive_models_auc": aucs,

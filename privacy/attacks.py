@@ -18,7 +18,7 @@ and advantage = |AUC - 0.5| (an attacker may invert its decision, so an AUC far 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -303,10 +303,13 @@ class BaggedNeuralAttack:
     name = "neural (ML-Leaks), bagged"
     label_aware = False
 
-    def __init__(self, models: int = 5, top_k: int = 3, hidden: tuple[int, ...] = (64,), seed: int = 0):
-        if models < 1:
+    def __init__(self, models: int = 5, top_k: int = 3, hidden: tuple[int, ...] = (64,), seed: int = 0,
+                 seeds: Sequence[int] | None = None):
+        """``seeds`` (optional) names the initialisations instead of ``seed .. seed + models - 1``."""
+        seeds = list(range(seed, seed + models)) if seeds is None else list(seeds)
+        if not seeds:
             raise ValueError("models must be >= 1")
-        self.members = [NeuralAttack(top_k=top_k, hidden=hidden, seed=seed + i) for i in range(models)]
+        self.members = [NeuralAttack(top_k=top_k, hidden=hidden, seed=s) for s in seeds]
         self.single: list[AttackResult] = []
 
     def fit(self, shadow_probs: np.ndarray, shadow_membership: np.ndarray,
