@@ -1,7 +1,7 @@
 """How stable is the adaptive attacker, and which guard setting leaks least to it? (the oracle only)
 
     python benchmarks/guard_adaptive_sweep.py --target demo|overfit --seeds 0 1 2 3 4 5
-        [--configs default h.2 ...] [--models 5] [--out benchmarks/results/guard_adaptive_sweep_TARGET.json]
+        [--configs default h.2 ...] [--models 5] [--diagnose] [--out benchmarks/results/guard_adaptive_sweep_TARGET.json]
 
 Per seed, the set-up of :func:`siguard.privacy.experiments.prepare_seed` (target, owner's defender, shadow model
 and shadow defender); per configuration, the float oracle (:func:`siguard.privacy.memguard.guard_reference`)
@@ -11,6 +11,8 @@ are fitted on the guarded shadow outputs. Reported: the non-adaptive neural atta
 of seed ``seed``; the mean and spread of the single models' AUC; the bagged attacker's AUC (their mean score,
 :class:`siguard.privacy.attacks.BaggedNeuralAttack`); acceptance and mean L1. The spread of one model's AUC over
 initialisations alone (up to +-0.035 on a seed) is why the protection benchmark reports the bagged attacker.
+``--diagnose`` adds where the signal lies (:func:`diagnose`): single features of the guarded outputs, the bag of
+the protection benchmark's initialisations, and a gradient-boosted attacker without initialisation noise.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from siguard.core.errors import InputError  # noqa: E402
-from siguard.privacy.attacks import BaggedNeuralAttack, NeuralAttack  # noqa: E402
+from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.datasets import load_dataset  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
 from siguard.privacy.experiments import TARGETS, prepare_seed  # noqa: E402
 from siguard.privacy.memguard import guard_reference  # noqa: E402
 
-P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 30, "lr": 0.04,
+P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
      "validator": "hybrid", "margin": 0.2}
 CONFIGS = {
     "default": dict(P),
@@ -50,11 +52,38 @@ CONFIGS = {
     "16x20 g1.25": {**P, "rounds": 16, "steps": 20, "lr_growth": 1.25},
     "20x16 g1.2": {**P, "rounds": 20, "steps": 16, "lr_growth": 1.2},
     "c3 .3": {**P, "c3": 0.3},
+    "10x30": {**P, "steps": 30},  # the default before this session's audit (README, "The guard")
+    "10x25 .05": {**P, "lr": 0.05},
+    "10x20 .06": {**P, "steps": 20, "lr": 0.06},
+    "l2 .2 g1.1": {**P, "step": "l2", "lr": 0.2, "lr_growth": 1.1},
+    "l2 .1 g1.3": {**P, "step": "l2", "lr": 0.1, "lr_growth": 1.3},
+    "l2 sign .2": {**P, "step": "l2", "lr": 0.2, "lr_growth": 1.1, "validator": "sign"},
     "paper": {"schedule": "paper", "rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign",
               "step": "l2"},
     "freeze-margin": {"schedule": "freeze", "rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1,
                       "validator": "margin", "margin": 0.1, "step": "l2"},
 }
+
+
+def _log_top3(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.sort(probs, axis=1)[:, ::-1][:, :3], 1e-30))
+
+
+def diagnose(guarded: np.ndarray, membership: np.ndarray, shadow_guarded: np.ndarray, shadow_membership: np.ndarray,
+             seed: int, models: int) -> dict[str, float]:
+    """Where the adaptive attacker's signal lies: the advantage |AUC - 0.5| of single features of the guarded
+    outputs (no fitting: the statistic alone), of the bag drawn as the protection benchmark draws it, and of a
+    gradient-boosted attacker fitted on the guarded shadow outputs' log sorted top-3 (no initialisation noise)."""
+    from sklearn.metrics import roc_auc_score
+
+    lt = _log_top3(guarded)
+    adv = lambda score: abs(roc_auc_score(membership, score) - 0.5)  # noqa: E731
+    bag = BaggedNeuralAttack(models=models, seed=seed).fit(shadow_guarded, shadow_membership)
+    boosted = BoostedAttack().fit(shadow_guarded, shadow_membership)
+    return {"diag_top1": adv(lt[:, 0]), "diag_log_q1_q2": adv(lt[:, 0] - lt[:, 1]),
+            "diag_log_q2_q3": adv(lt[:, 1] - lt[:, 2]),
+            "diag_bag_protection_seeds": bag.evaluate(guarded, membership).advantage,
+            "diag_gbt_log_top3": boosted.evaluate(guarded, membership).advantage}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--models", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also: single-feature AUCs of the guarded outputs (top-1, log q1/q2, log q2/q3), a second bag "
+                         "(initialisations seed .. seed + models - 1, as benchmarks/guard_protection.py draws them) and a "
+                         "gradient-boosted attacker on the log of the sorted top-3 (deterministic)")
     args = ap.parse_args(argv)
     try:
         data = load_dataset("fashion-mnist")
@@ -89,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                        "adaptive_bagged_auc": bag, "adaptive_bagged_advantage": abs(bag - 0.5),
                        "accepted": float(res.accepted.mean()),
                        "mean_l1": float(np.abs(res.guarded - s.plain).sum(1).mean()), "seconds": time.time() - t}
+                if args.diagnose:
+                    row.update(diagnose(res.guarded, s.membership, shadow_guarded, s.shadow.membership, seed, args.models))
                 rows.append(row)
                 print(f"{args.target} {seed} {name:14s} neural {row['neural_advantage']:.3f} one model "
                       f"{row['adaptive_single_advantage']:.3f} models {np.mean(aucs):.3f}±{np.std(aucs):.3f} bagged "
                       f"{bag:.3f} accepted {row['accepted']:.2f} L1 {row['mean_l1']:.3f}", flush=True)
+                if args.diagnose:
+                    print("    " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("diag_")), flush=True)
     print()
     print(f"{'configuration':14s} {'worst bagged adv':>16s} {'mean':>6s} {'seeds > 0.03':>12s}")
     for name in args.configs:

@@ -7,6 +7,7 @@ import pytest
 
 from siguard.privacy.attacks import (
     BaggedNeuralAttack,
+    BoostedAttack,
     EntropyAttack,
     MaxProbabilityAttack,
     NeuralAttack,
@@ -143,3 +144,39 @@ def test_bagged_neural_attack_is_the_mean_of_its_models():
         BaggedNeuralAttack(models=2).evaluate(probs, membership)
     with pytest.raises(ValueError, match="models"):
         BaggedNeuralAttack(models=0)
+
+
+def tail_signal(n: int, seed: int, gap_in: float, gap_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """Confident outputs (top-1 = 1 - 1e-3 (1 + U)) whose only difference between members and non-members is
+    log(q2 / q3) (gap_in, gap_out, each +- 0.5): a signal a guard that keeps the tail's shape leaves intact."""
+    rng = np.random.default_rng(seed)
+
+    def rows(gap: float) -> np.ndarray:
+        rest = 1e-3 * (1 + rng.uniform(size=n))
+        w = np.exp(-rng.uniform(0.0, 1.0, size=(n, 9)) * 6)  # the tail below q3
+        w[:, 0] = np.exp(gap + rng.uniform(-0.5, 0.5, n))  # q2 / q3 = e^gap
+        w[:, 1] = 1.0  # q3
+        w[:, 2:] = np.minimum(w[:, 2:], 0.9)
+        out = np.concatenate([(1 - rest)[:, None], w / w.sum(1, keepdims=True) * rest[:, None]], axis=1)
+        return out
+
+    probs = np.concatenate([rows(gap_in), rows(gap_out)])
+    return probs, np.concatenate([np.ones(n, bool), np.zeros(n, bool)])
+
+
+def test_boosted_attack_finds_a_tail_ratio_the_top_probability_hides():
+    shadow = tail_signal(400, 0, 3.0, 1.0)
+    target, membership = tail_signal(400, 1, 3.0, 1.0)
+    res = BoostedAttack().fit(*shadow).evaluate(target, membership)
+    score = BoostedAttack().fit(*shadow).classifier.predict_proba(
+        np.log(np.maximum(top_k_sorted(target), 1e-30)))[:, 1]
+    m = membership.astype(bool)
+    pairs = score[m][:, None] - score[~m][None, :]
+    assert res.auc == pytest.approx(float((pairs > 0).mean() + 0.5 * (pairs == 0).mean()), abs=1e-12)  # deterministic
+    assert res.auc > 0.95
+    # the top probability carries nothing here: the threshold attack on it stays at chance (AUC sd ~0.02 at n = 400)
+    assert abs(MaxProbabilityAttack().fit(*shadow).evaluate(target, membership).auc - 0.5) < 0.1
+    null_shadow, null_target = tail_signal(400, 2, 2.0, 2.0), tail_signal(400, 3, 2.0, 2.0)
+    assert abs(BoostedAttack().fit(*null_shadow).evaluate(*null_target).auc - 0.5) < 0.1  # no signal: chance
+    with pytest.raises(RuntimeError, match="fit"):
+        BoostedAttack().evaluate(target, membership)
