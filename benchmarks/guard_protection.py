@@ -16,15 +16,17 @@ Rows (each for 2 x ``--n`` queries):
   (``--mode``, batches of ``--batch``): what the client receives;
 * ``oracle``: the float64 oracle of the same configuration (:func:`siguard.privacy.memguard.guard_reference`) --
   "plaintext MemGuard" of the same algorithm;
-* ``paper``, ``freeze-margin``, ``hybrid-0.1``: the oracle of the paper's sequential schedule (6 x 49,
+* ``paper``, ``freeze-margin``, ``parallel-10x30``: the oracle of the paper's sequential schedule (6 x 49,
   end-of-round test, sign validator), of the default before the parallel schedule (freeze 6 x 49, margin 0.1)
-  and of the parallel schedule's first default (hybrid margin 0.1), for comparison.
+  and of the parallel schedule with 30 steps (its previous default), for comparison.
 
 Columns: the shadow neural attack (ML-Leaks, sorted top-3 probabilities, fitted on the shadow model's plain
 outputs) and the adaptive attacker (the same attack fitted on its own guarded shadow outputs, bagged over
 ADAPTIVE_MODELS initialisations: one model's AUC moves by up to +-0.03 with its initialisation alone; the
 single model of seed ``seed`` -- the attacker before bagging -- and the spread of the models are shown too)
-as AUC and advantage |AUC - 0.5|; the best label-aware attack (modified entropy, true-label confidence, loss; fitted on
+as AUC and advantage |AUC - 0.5|; a second adaptive attacker without initialisation noise (gradient-boosted
+trees on the log of the sorted top-3, :class:`siguard.privacy.attacks.BoostedAttack`, fitted on the same guarded
+shadow outputs); the best label-aware attack (modified entropy, true-label confidence, loss; fitted on
 labelled shadow data); labels kept; the share of queries whose vector moved (L1 > 2e-3 from softmax(z));
 mean L1; and for ``secure`` the agreement of those noise decisions with the oracle. Criterion (issue): both
 advantages <= 0.03, best label-aware AUC at most 0.01 above the oracle's, 100 % labels, agreement >= 98 %.
@@ -54,7 +56,7 @@ NOISED_L1 = 2e-3
 #: the adaptive attacker bags this many attack models (see siguard.privacy.attacks.BaggedNeuralAttack)
 ADAPTIVE_MODELS = 5
 BASELINES = {"paper": {"schedule": "paper"}, "freeze-margin": {"schedule": "freeze"},
-             "hybrid-0.1": {"schedule": "parallel", "margin": 0.1}}  # the previous parallel default
+             "parallel-10x30": {"schedule": "parallel", "steps": 30}}  # the previous parallel default (30 steps)
 
 
 def _noised(probs: np.ndarray, plain: np.ndarray) -> np.ndarray:
@@ -66,7 +68,13 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
     from siguard.compiler.plan import Plan
     from siguard.core.config import GuardConfig
     from siguard.pipeline import CompileOptions, compile_model, write_plan
-    from siguard.privacy.attacks import BaggedNeuralAttack, NeuralAttack, label_only_gap, standard_attacks
+    from siguard.privacy.attacks import (
+        BaggedNeuralAttack,
+        BoostedAttack,
+        NeuralAttack,
+        label_only_gap,
+        standard_attacks,
+    )
     from siguard.privacy.memguard import guard_reference
     from siguard.runtime.local import run_threads
 
@@ -92,6 +100,8 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
             row["adaptive"] = bag.evaluate(probs, membership).to_dict()
             row["adaptive_single"] = bag.single[0].to_dict()  # seed = seed: the attacker before bagging
             row["adaptive_models_auc"] = [r.auc for r in bag.single]
+            row["adaptive_boosted"] = BoostedAttack().fit(guarded_shadow, shadow.membership).evaluate(
+                probs, membership).to_dict()
         aw = {k: a.evaluate(probs, membership, labels).auc for k, a in aware.items()}
         row["label_aware_best"] = max(aw.values())
         row["label_aware"] = aw
@@ -146,8 +156,8 @@ def run_seed(data: Any, target: str, seed: int, n: int, batch: int, mode: str | 
 
 def table(runs: list[dict[str, Any]]) -> str:
     head = ("| target | seed | output | neural AUC / adv | adaptive (bagged) AUC / adv | one model: adv (AUC range) "
-            "| best label-aware AUC | labels kept | noised | mean L1 | agreement |")
-    lines = [head, "|" + "---|" * 11]
+            "| adaptive, boosted: adv | best label-aware AUC | labels kept | noised | mean L1 | agreement |")
+    lines = [head, "|" + "---|" * 12]
     for r in runs:
         for name, v in r["rows"].items():
             ad = v.get("adaptive")
@@ -155,7 +165,8 @@ def table(runs: list[dict[str, Any]]) -> str:
                 f"| {r['target']} | {r['seed']} | {name} | {v['neural']['auc']:.3f} / {v['neural']['advantage']:.3f} | "
                 + (f"{ad['auc']:.3f} / {ad['advantage']:.3f}" if ad else "–") + " | "
                 + (f"{v['adaptive_single']['advantage']:.3f} ({min(v['adaptive_models_auc']):.3f}–"
-                   f"{max(v['adaptive_models_auc']):.3f})" if "adaptive_single" in v else "–")
+                   f"{max(v['adaptive_models_auc']):.3f})" if "adaptive_single" in v else "–") + " | "
+                + (f"{v['adaptive_boosted']['advantage']:.3f}" if "adaptive_boosted" in v else "–")
                 + f" | {v['label_aware_best']:.3f} | {v['labels_kept']:.3f} | {v['noised']:.3f} | {v['mean_l1']:.4f} | "
                 + (f"{v['agreement']:.3f}" if "agreement" in v else "–") + " |")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ Every round before a query's first success has failed, so running the rounds as 
 candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
 instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
 power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
-costs 45 rounds, the guard 64 + 45 T + 76 for R x T candidates (1,490 at the default 10 x 30).
+costs 44 rounds, the guard 64 + 44 T + 76 for R x T candidates (1,240 at the default 10 x 25).
 
 The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
@@ -501,12 +501,14 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
       as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits
       ("negative" only below -2^-TIE_BITS, as for sgn(q - p));
       S = sgn(a) S_h + S_c splits into the defender's part and c3's, both known before sgn(a): the msb
-      tests both signs and a mux on [a < 0] picks one.
+      tests both signs, and the ratios r [a < 0] and r [a >= 0] are moved by the bits of S_c - S_h and
+      S_c + S_h respectively (one mul_bit call for both halves, so the choice costs no round of its own).
     Only the released vector is normalised, once: q* = r* / sum r*.
 
     Rounds per step: products 1, msb || trunc 8, mul_bit 2, matmul 1, msb || trunc 8, mul_bit 2, then
     three branches in one fork (score 1 + msb 8 | backward 8 + S_h 1 | hinge bits 6 + products 2) 9,
-    the sign test of S_c + S_h and S_c - S_h 8, the mux on [a < 0] 1, AND 1, mul_bit 2, trunc 2: 45.
+    the sign test of S_c + S_h and S_c - S_h 8 (r split by [a < 0] into the halves each sign moves, in the same
+    rounds: no mux round), AND 1, mul_bit 2, trunc 2: 44.
     See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
@@ -629,15 +631,20 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         # as 2^61 H), then a mux on [a < 0]; |S| < 2^60 (s_shift)
         s_h = out[2]
         big = e.add(e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT))), _t(1 << (qs - shift + f - TIE_BITS)))
-        b_pos, b_neg = msb_many(e, [e.add(big, s_h), e.sub(big, s_h)])
-        flip = e.bit_local(lambda v: v.expand(n, k + 1).contiguous(), m_a)
-        bits = e.bit_xor(b_pos, e.bit_and(flip, e.bit_xor(b_pos, b_neg)))
-        bj = e.bit_local(lambda v: v[:, :k].contiguous(), bits)
-        bl = e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), bits)
-        # r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
-        xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))
-        rx, ry = mul_bit_many(e, [r_other, r_other], [e.bit_local(lambda v: v[:, :k].contiguous(), xy),
-                                          e.bit_local(lambda v: v[:, k:].contiguous(), xy)])
+        # the mux on [a < 0] is not a round of its own: while the msb runs, r is split by that bit into
+        # r_neg = r [a < 0] and r_pos = r - r_neg, and each half is later moved by its own candidate's bits
+        flip = e.bit_local(lambda v: v.expand(n, k).contiguous(), m_a)
+        (b_pos, b_neg), r_neg = e.fork(lambda: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)]),
+                                       lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
+        r_pos = e.sub(r_other, r_neg)
+        # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
+        bj = e.bit_cat([e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)], -1)
+        bl = e.bit_cat([e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)], -1)
+        xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))  # (n, 4k)
+        part = lambda i: e.bit_local(lambda v: v[:, i * k:(i + 1) * k].contiguous(), xy)  # noqa: E731
+        # xy's blocks: x of pos, x of neg, y of pos, y of neg
+        xp, xn, yp, yn = mul_bit_many(e, [r_pos, r_neg, r_pos, r_neg], [part(0), part(1), part(2), part(3)])
+        rx, ry = e.add(xp, xn), e.add(yp, yn)
         incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
         wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
         dsum = e.local(lambda v: v.sum(-1, keepdim=True), wide_r)

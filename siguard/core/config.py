@@ -21,7 +21,7 @@ OBJECTIVES = ("rounds", "bytes")
 #: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
 SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     # the default: every round a candidate of one batch, sign steps, the hybrid validator (README, "The guard")
-    "parallel": {"rounds": 10, "steps": 30, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.2},
+    "parallel": {"rounds": 10, "steps": 25, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.2},
     # the sequential schedules with MemGuard's normalised-gradient step
     "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1},
     "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1},
@@ -34,7 +34,7 @@ class GuardConfig:
     the default schedule's (``parallel``); :meth:`for_schedule` gives another schedule's defaults."""
 
     rounds: int = 10
-    steps: int = 30
+    steps: int = 25
     c1: float = 1.0
     c2: float = 10.0
     c3: float = 0.1
