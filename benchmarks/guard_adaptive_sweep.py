@@ -1,7 +1,8 @@
 """How stable is the adaptive attacker, and which guard setting leaks least to it? (the oracle only)
 
     python benchmarks/guard_adaptive_sweep.py --target demo|overfit --seeds 0 1 2 3 4 5
-        [--configs default h.2 ...] [--models 5] [--diagnose] [--out benchmarks/results/guard_adaptive_sweep_TARGET.json]
+        [--configs default h.2 ...] [--models 5] [--diagnose]
+        [--out benchmarks/results/guard_adaptive_sweep_TARGET.json]
 
 Per seed, the set-up of :func:`siguard.privacy.experiments.prepare_seed` (target, owner's defender, shadow model
 and shadow defender); per configuration, the float oracle (:func:`siguard.privacy.memguard.guard_reference`)
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--diagnose", action="store_true",
-                    help="also: single-feature AUCs of the guarded outputs (top-1, log q1/q2, log q2/q3), a second bag "
-                         "(initialisations seed .. seed + models - 1, as benchmarks/guard_protection.py draws them) and a "
-                         "gradient-boosted attacker on the log of the sorted top-3 (deterministic)")
+                    help="also: single-feature AUCs of the guarded outputs (top-1, log q1/q2, log q2/q3), a "
+                         "second bag (initialisations seed .. seed + models - 1, as benchmarks/guard_protection.py "
+                         "draws them) and a gradient-boosted attacker on the log of the sorted top-3")
     args = ap.parse_args(argv)
     try:
         data = load_dataset("fashion-mnist")
@@ -123,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                        "accepted": float(res.accepted.mean()),
                        "mean_l1": float(np.abs(res.guarded - s.plain).sum(1).mean()), "seconds": time.time() - t}
                 if args.diagnose:
-                    row.update(diagnose(res.guarded, s.membership, shadow_guarded, s.shadow.membership, seed, args.models))
+                    row.update(diagnose(res.guarded, s.membership, shadow_guarded, s.shadow.membership, seed,
+                                        args.models))
                 rows.append(row)
                 print(f"{args.target} {seed} {name:14s} neural {row['neural_advantage']:.3f} one model "
                       f"{row['adaptive_single_advantage']:.3f} models {np.mean(aucs):.3f}±{np.std(aucs):.3f} bagged "
                       f"{bag:.3f} accepted {row['accepted']:.2f} L1 {row['mean_l1']:.3f}", flush=True)
                 if args.diagnose:
-                    print("    " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("diag_")), flush=True)
+                    print("    " + " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("diag_")),
+                          flush=True)
     print()
     print(f"{'configuration':14s} {'worst bagged adv':>16s} {'mean':>6s} {'seeds > 0.03':>12s}")
     for name in args.configs:

@@ -634,16 +634,16 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         # the mux on [a < 0] is not a round of its own: while the msb runs, r is split by that bit into
         # r_neg = r [a < 0] and r_pos = r - r_neg, and each half is later moved by its own candidate's bits
         flip = e.bit_local(lambda v: v.expand(n, k).contiguous(), m_a)
-        (b_pos, b_neg), r_neg = e.fork(lambda: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)]),
+        (b_pos, b_neg), r_neg = e.fork(lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)]),
                                        lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
         r_pos = e.sub(r_other, r_neg)
         # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
         bj = e.bit_cat([e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)], -1)
         bl = e.bit_cat([e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)], -1)
         xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))  # (n, 4k)
-        part = lambda i: e.bit_local(lambda v: v[:, i * k:(i + 1) * k].contiguous(), xy)  # noqa: E731
         # xy's blocks: x of pos, x of neg, y of pos, y of neg
-        xp, xn, yp, yn = mul_bit_many(e, [r_pos, r_neg, r_pos, r_neg], [part(0), part(1), part(2), part(3)])
+        parts = [e.bit_local(lambda v, i=i: v[:, i * k:(i + 1) * k].contiguous(), xy) for i in range(4)]
+        xp, xn, yp, yn = mul_bit_many(e, [r_pos, r_neg, r_pos, r_neg], parts)
         rx, ry = e.add(xp, xn), e.add(yp, yn)
         incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
         wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
