@@ -49,5 +49,5 @@ def test_demo_runs_in_a_fresh_venv_after_the_readme_install(tmp_path):
     # the story the demo tells: labels kept by the guard, secure = plaintext labels
     assert doc["outputs"]["guarded"]["top1_agreement"] == 1.0
     assert doc["outputs"]["secure"]["top1_agreement"] >= 0.99
-    # the guard ran between the parties: its rounds (1,490 per batch at the default) on top of the plain plan's
+    # the guard ran between the parties: its rounds (1,240 per batch at the default) on top of the plain plan's
     assert doc["mode"] == "threads" and doc["outputs"]["guarded"]["rounds"] > doc["outputs"]["secure"]["rounds"] + 1000
