@@ -7,7 +7,7 @@ least significant bit of each share word (every share word is 0 or 1).
 
 One :class:`RSSEngine` per server, each in its own thread or process, all executing the same
 sequence of Engine calls. Every protocol round is exactly one
-:meth:`siguard.runtime.mpc.transport.Transport.exchange` call at every server (also at a server with
+:meth:`siguard.runtime.mpc.transport.Transport.exchange_words` call at every server (also at a server with
 nothing to send), with at most one message per peer: things that travel to the same peer in the
 same round are concatenated (also across independent calls merged by :meth:`RSSEngine.parallel`,
 which runs the stepwise forms of ``msb`` and ``trunc`` side by side). Costs in the docstrings are
@@ -37,6 +37,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import greenlet
 import numpy as np
 import torch
 
@@ -231,8 +232,8 @@ class RSSEngine(Engine):
     def _reshare(self, z: torch.Tensor) -> Shares:
         """3-of-3 -> replicated: send z_i (already masked by a zero share) to P_{i-1}, receive
         z_{i+1} from P_{i+1}. 1 round, 8 B per element from every party."""
-        got = self.transport.exchange({self.prev: z}, {self.next: tuple(z.shape)})
-        return Shares(z, got[self.next])
+        got = self.transport.exchange_words({self.prev: z.numpy()}, {self.next: tuple(z.shape)})
+        return Shares(z, torch.from_numpy(got[self.next]))
 
     def _reshare_np(self, z: np.ndarray, shape: tuple[int, ...]) -> Shares:
         """:meth:`_reshare` of a numpy word array, sent and kept as a tensor of ``shape``."""
@@ -240,9 +241,9 @@ class RSSEngine(Engine):
 
     def _reshare_np_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
         """:meth:`_reshare_np` as one stepwise round (see :meth:`parallel`)."""
-        zt = _tensor(z, shape)
-        got = yield {self.prev: zt}, {self.next: shape}
-        return Shares(zt, got[self.next])
+        z = z.reshape(shape)
+        got = yield {self.prev: z}, {self.next: shape}
+        return Shares(torch.from_numpy(z), torch.from_numpy(got[self.next]))
 
     def _rotate_np(self, z: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The reshare round on numpy words: z to P_{i-1}; returns z_{i+1} from P_{i+1} (flat)."""
@@ -250,8 +251,8 @@ class RSSEngine(Engine):
 
     def _rotate_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
         """:meth:`_rotate_np` as one stepwise round (see :meth:`parallel`)."""
-        got = yield {self.prev: _tensor(z, shape)}, {self.next: shape}
-        return got[self.next].numpy().reshape(-1)
+        got = yield {self.prev: z.reshape(shape)}, {self.next: shape}
+        return got[self.next].reshape(-1)
 
     def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
         """Run independent primitive calls with their rounds merged (see Engine.parallel).
@@ -298,8 +299,6 @@ class RSSEngine(Engine):
         greenlet per branch (~5-10 us) and a switch per branch and round (~1 us)."""
         if len(branches) <= 1:
             return [b() for b in branches]
-        import greenlet
-
         outer = self.transport
         proxy = outer if isinstance(outer, _ForkTransport) else _ForkTransport(outer)
         driver = greenlet.getcurrent()
@@ -334,7 +333,7 @@ class RSSEngine(Engine):
 
     def _drive(self, steps: Any) -> Any:
         """Run a stepwise protocol alone: one exchange per yielded round."""
-        exchange = self.transport.exchange
+        exchange = self.transport.exchange_words
         try:
             msg = next(steps)
             while True:
@@ -344,7 +343,7 @@ class RSSEngine(Engine):
 
     def _idle_round(self) -> None:
         """A round in which this server neither sends nor receives (keeps round counts equal)."""
-        self.transport.exchange({}, {})
+        self.transport.exchange_words({}, {})
 
     # ---- input and output -------------------------------------------------------------------
     def input(self, owner: str, value: torch.Tensor | None, shape: Sequence[int]) -> Shares:
@@ -675,12 +674,12 @@ class RSSEngine(Engine):
             a_sum = _arr(x.a) + _arr(x.b)
             a_sum += _TWO_62
             r = self.rand.key_stream_np(0, n).reshape(ns)
-            yield {1: _tensor(r - (a_sum >> 63), shape)}, {}
+            yield {1: (r - (a_sum >> 63)).reshape(shape)}, {}
             t = a_sum >> d
             t -= 1 << (62 - d)
         elif i == 1:
             xb = _arr(x.b)
-            u = _arr((yield {}, {0: shape})[0])
+            u = (yield {}, {0: shape})[0].reshape(ns)
             t = xb >> d
             t += (u * wrap) & (xb >> 63)
         else:
@@ -835,7 +834,7 @@ class RSSEngine(Engine):
         if i == 0:
             x_next = self.rand.key_stream_np(1, n).reshape(ns)
             t_own = (_arr(b.a) ^ _arr(b.b)) - x_next
-            self.transport.exchange({2: _tensor(t_own, shape)}, {})
+            self.transport.exchange_words({2: t_own.reshape(shape)}, {})
             z = self.rand.zero_share_np(n).reshape(ns)  # t b2 has no local terms at P0
             got = self._rotate_np(z, shape).reshape(ns)
             out_a, out_b = t_own - (z << 1), x_next - (got << 1)
@@ -848,7 +847,7 @@ class RSSEngine(Engine):
             got = self._rotate_np(z, shape).reshape(ns)
             out_a, out_b = x_next - (z << 1), bb - (got << 1)
         else:
-            t_in = _arr(self.transport.exchange({}, {0: shape})[0])
+            t_in = self.transport.exchange_words({}, {0: shape})[0].reshape(ns)
             ba = _arr(b.a)
             z = t_in * ba
             z += self.rand.zero_share_np(n).reshape(ns)
@@ -876,7 +875,7 @@ class RSSEngine(Engine):
             t_own = (_arr(b.a) ^ _arr(b.b)).reshape(-1) - x_next
             va = self.rand.zero_share_np(n)  # x [b2] has no local terms at P0
             msg = np.concatenate((t_own, va))
-            vb = _arr(self.transport.exchange({2: torch.from_numpy(msg)}, {1: shape})[1])
+            vb = self.transport.exchange_words({2: msg}, {1: shape})[1].reshape(ns)
             va = va.reshape(ns)
             ta, tb = t_own.reshape(_nshape(bshape)), x_next.reshape(_nshape(bshape))
             w = (xa - (va << 1)) * (ta + tb)  # u_a (t_a + t_b) + u_b t_a
@@ -885,20 +884,18 @@ class RSSEngine(Engine):
             x_next = self.rand.key_stream_np(1, nb).reshape(_nshape(bshape))
             va = xa * _arr(b.b)
             va += self.rand.zero_share_np(n).reshape(ns)
-            vb = _arr(self.transport.exchange({0: _tensor(va, shape)}, {2: shape})[2])
+            vb = self.transport.exchange_words({0: va.reshape(shape)}, {2: shape})[2].reshape(ns)
             w = (xa + xb) - ((va + vb) << 1)
             w *= x_next  # (u_a + u_b) t_a
         else:
             va = (xa + xb) * _arr(b.a)
             va += self.rand.zero_share_np(n).reshape(ns)
-            got = self.transport.exchange({1: _tensor(va, shape)}, {0: (nb + n,)})
-            msg = got[0].numpy()
+            msg = self.transport.exchange_words({1: va.reshape(shape)}, {0: (nb + n,)})[0]
             t_in, vb = msg[:nb].reshape(_nshape(bshape)), msg[nb:].reshape(ns)
             w = xa - (va << 1)
             w *= t_in  # u_a t_b
         w += self.rand.zero_share_np(n).reshape(ns)
-        wa = _tensor(w, shape)
-        wb = _arr(self.transport.exchange({self.prev: wa}, {self.next: shape})[self.next])
+        wb = self.transport.exchange_words({self.prev: w.reshape(shape)}, {self.next: shape})[self.next].reshape(ns)
         return Shares(_tensor(w + va, shape), _tensor(wb + vb, shape))
 
 
@@ -911,14 +908,21 @@ class _ForkTransport:
         self.real = real
         self.drivers: dict[Any, Any] = {}  # branch greenlet -> the greenlet that forked it
 
-    def exchange(self, send: Mapping[int, torch.Tensor],
-                 recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
-        import greenlet
-
+    def exchange_words(self, send: Mapping[int, np.ndarray],
+                       recv: Mapping[int, tuple[int, ...]]) -> dict[int, np.ndarray]:
         driver = self.drivers.get(greenlet.getcurrent())
         if driver is None:
-            return self.real.exchange(send, recv)
+            return self.real.exchange_words(send, recv)
         return driver.switch((_ROUND, send, recv))
+
+    def exchange(self, send: Mapping[int, torch.Tensor],
+                 recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+        """The torch face of :meth:`exchange_words` (as :meth:`Transport.exchange`)."""
+        for tensor in send.values():
+            if tensor.dtype != torch.int64:
+                raise TypeError(f"party {self.real.party}: payloads are int64 tensors, got {tensor.dtype}")
+        got = self.exchange_words({peer: t.numpy() for peer, t in send.items()}, recv)
+        return {peer: torch.from_numpy(a) for peer, a in got.items()}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
@@ -940,31 +944,35 @@ def _post(i: int, msg: tuple[Any, ...], pending: dict[int, tuple[Any, Any]], res
 
 
 def _merged_exchange(
-    outer: Transport, posted: Sequence[tuple[int, Mapping[int, torch.Tensor], Mapping[int, tuple[int, ...]]]]
-) -> dict[int, dict[int, torch.Tensor]]:
+    outer: Transport, posted: Sequence[tuple[int, Mapping[int, np.ndarray], Mapping[int, tuple[int, ...]]]]
+) -> dict[int, dict[int, np.ndarray]]:
     """One real round for the rounds ``(call index, send, recv)`` that merged calls posted; returns each
     call's received messages. Per peer, payloads go flattened and concatenated in call-index order, the
     order in which every server lists them."""
     if len(posted) == 1:
         i, send, recv = posted[0]
-        return {i: outer.exchange(send, recv)}
-    send_parts: dict[int, list[torch.Tensor]] = {}
-    recv_parts: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+        return {i: outer.exchange_words(send, recv)}
+    send_parts: dict[int, list[np.ndarray]] = {}
+    recv_parts: dict[int, list[tuple[int, tuple[int, ...], int]]] = {}
     for i, send, recv in posted:
-        for peer, t in send.items():
-            send_parts.setdefault(peer, []).append(t.reshape(-1))
+        for peer, words in send.items():
+            parts = send_parts.get(peer)
+            if parts is None:
+                send_parts[peer] = [words.reshape(-1)]
+            else:
+                parts.append(words.reshape(-1))
         for peer, shape in recv.items():
-            recv_parts.setdefault(peer, []).append((i, tuple(shape)))
-    merged_send = {peer: (ts[0] if len(ts) == 1 else torch.cat(ts)) for peer, ts in send_parts.items()}
-    merged_recv = {peer: (sum(numel(sh) for _, sh in parts),) for peer, parts in recv_parts.items()}
-    got = outer.exchange(merged_send, merged_recv)
-    out: dict[int, dict[int, torch.Tensor]] = {i: {} for i, _, _ in posted}
+            parts = recv_parts.get(peer)
+            if parts is None:
+                recv_parts[peer] = parts = []
+            parts.append((i, shape, numel(shape)))
+    merged_send = {peer: (ws[0] if len(ws) == 1 else np.concatenate(ws)) for peer, ws in send_parts.items()}
+    merged_recv = {peer: (sum(p[2] for p in parts),) for peer, parts in recv_parts.items()}
+    got = outer.exchange_words(merged_send, merged_recv)
+    out: dict[int, dict[int, np.ndarray]] = {i: {} for i, _, _ in posted}
     for peer, parts in recv_parts.items():
         flat, start = got[peer], 0
-        for i, shape in parts:
-            n = numel(shape)
+        for i, shape, n in parts:
             out[i][peer] = flat[start : start + n].reshape(shape)
             start += n
     return out
-
-
