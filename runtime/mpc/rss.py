@@ -698,18 +698,18 @@ class RSSEngine(Engine):
         return (yield from self._reshare_np_steps(t, shape))
 
     # ---- Boolean ----------------------------------------------------------------------------
-    def _and_steps(self, x: np.ndarray, y: np.ndarray, beta: np.ndarray, shape: tuple[int, ...]) -> Any:
-        """AND of XOR-replicated words given as stacked numpy slots (2, n): z_i = x_i y_i ^ x_i y_{i+1}
-        ^ x_{i+1} y_i ^ beta_i (= x_i (y_i ^ y_{i+1}) ^ x_{i+1} y_i ^ beta_i), sent to P_{i-1}; returns
-        the stacked (z_i, z_{i+1}). 1 round (stepwise), 8 B per word from every party."""
-        out = np.empty_like(x)
+    @staticmethod
+    def _and_words(x: np.ndarray, y: np.ndarray, beta: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The local half of an AND of XOR-replicated words given as stacked numpy slots (2, n):
+        z_i = x_i y_i ^ x_i y_{i+1} ^ x_{i+1} y_i ^ beta_i (= x_i (y_i ^ y_{i+1}) ^ x_{i+1} y_i ^ beta_i),
+        written to ``out[0]`` (returned); its round sends z_i to P_{i-1}, whose z_{i+1} fills ``out[1]``.
+        1 round, 8 B per word from every party."""
         z = out[0]
         np.bitwise_xor(y[0], y[1], out=z)
         z &= x[0]
         z ^= x[1] & y[0]
         z ^= beta
-        out[1] = yield from self._rotate_steps(z, shape)
-        return out
+        return z
 
     def msb(self, x: Shares) -> BoolShares:
         """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
@@ -737,9 +737,13 @@ class RSSEngine(Engine):
         return self._drive(self._msb_steps(x))
 
     def _msb_steps(self, x: Shares) -> Any:
-        """:meth:`msb` as a stepwise protocol (yields each round's (send, recv))."""
+        """:meth:`msb` as a stepwise protocol (yields each round's (send, recv)). Its eight rounds are
+        written out (no nested generators) and the levels reuse three (2, n) buffers: the same words as
+        the textbook form in the docstring, with fewer Python calls and allocations per round."""
         shape = tuple(x.shape)
         n = numel(shape)
+        prev, nxt = self.prev, self.next
+        recv = {nxt: shape}
         beta = self.rand.zero_share_xor_np(8 * n).reshape(8, n)  # one draw per key for the 8 AND rounds
         s = np.empty((2, n), dtype=np.int64)
         s[0] = _arr(x.a).reshape(-1)
@@ -748,27 +752,34 @@ class RSSEngine(Engine):
         majority = c_shift[0]
         np.bitwise_and(s[0], s[1], out=majority)
         majority ^= beta[0]
-        c_shift[1] = yield from self._rotate_steps(majority, shape)
+        c_shift[1] = (yield {prev: majority.reshape(shape)}, recv)[nxt].reshape(-1)
         c_shift <<= 1
-        gen = yield from self._and_steps(s, c_shift, beta[1], shape)
+        gen = np.empty_like(s)
+        z = self._and_words(s, c_shift, beta[1], gen)
+        gen[1] = (yield {prev: z.reshape(shape)}, recv)[nxt].reshape(-1)
         gen &= _NP_LOW63
-        prop = s ^ c_shift
+        prop = np.bitwise_xor(s, c_shift, out=s)  # s is not read again
         top = (prop.view(np.uint64) >> 63).view(np.int64)
         prop &= _NP_LOW63
         if self.party == 0:
             prop[0] ^= _NP_SIGN
         elif self.party == 2:
             prop[1] ^= _NP_SIGN
+        lhs, rhs, tmp, out = c_shift, np.empty_like(s), np.empty_like(s), np.empty_like(s)
         for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE, start=2):
-            lhs = prop & hi
-            lhs ^= (prop >> d) & lo
-            rhs = gen << d
+            np.bitwise_and(prop, hi, out=lhs)
+            np.right_shift(prop, d, out=tmp)
+            tmp &= lo
+            lhs ^= tmp
+            np.left_shift(gen, d, out=rhs)
             rhs &= hi
-            rhs ^= prop & lo
-            z = yield from self._and_steps(lhs, rhs, beta[level], shape)
-            gen ^= z  # correct at the hi positions, the only ones read later
-            z <<= d  # P_k & P_{k-d} moves up to position k
-            prop = z
+            np.bitwise_and(prop, lo, out=tmp)
+            rhs ^= tmp
+            z = self._and_words(lhs, rhs, beta[level], out)
+            out[1] = (yield {prev: z.reshape(shape)}, recv)[nxt].reshape(-1)
+            gen ^= out  # correct at the hi positions, the only ones read later
+            out <<= d  # P_k & P_{k-d} moves up to position k
+            prop, out = out, prop  # the old P is not read again: its buffer takes the next level's words
         top ^= (gen.view(np.uint64) >> 63).view(np.int64)
         return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
 
