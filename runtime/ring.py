@@ -79,7 +79,8 @@ def to_ring(x: np.ndarray) -> torch.Tensor:
 
 def numel(shape: Sequence[int]) -> int:
     """The number of elements of a tensor of this shape (1 for a scalar)."""
-    return math.prod(int(s) for s in shape)
+    n = math.prod(shape)  # on the hot path of every protocol: no generator unless the sizes are not ints
+    return n if type(n) is int else math.prod(int(s) for s in shape)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 from siguard.core.errors import RuntimeFault
 
 from .client import Client
@@ -80,7 +82,8 @@ def run_threads(
     if fn_client is not None:
         bodies[CLIENT] = client
     if isinstance(net, LockstepNetwork):
-        failures = net.run(bodies)
+        with torch.no_grad():  # the parties' greenlets run in this thread (see _run_in_threads)
+            failures = net.run(bodies)
     else:
         failures = _run_in_threads(net, bodies)
     stats = [net.transport(p).stats for p in range(4)]
@@ -104,7 +107,10 @@ def _run_in_threads(net: InProcessNetwork, bodies: dict[int, Callable[[], None]]
 
     def guarded(party: int, body: Callable[[], None]) -> None:
         try:
-            body()
+            # No autograd in a party: every torch op on the small tensors of a round then costs less (a view
+            # or slice about 0.3-0.4 us of 0.8-1.6 us). Grad mode is per OS thread, so the caller's is untouched.
+            with torch.no_grad():
+                body()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
             with lock:
                 failures.append((party, exc))

@@ -1,10 +1,15 @@
-"""Message passing between the parties: one round = one :meth:`Transport.exchange` call.
+"""Message passing between the parties: one round = one :meth:`Transport.exchange_words` call.
 
 Parties are numbered 0, 1, 2 (compute servers P0, P1, P2) and 3 (the client). In one round a
-party sends at most one int64 tensor to each peer and receives at most one from each peer; a
+party sends at most one int64 array to each peer and receives at most one from each peer; a
 protocol that has two things for the same peer in one round concatenates them. Every server
-calls :meth:`Transport.exchange` once per protocol round, even with nothing to send or receive,
-so the three servers count the same rounds.
+calls :meth:`Transport.exchange_words` (or :meth:`Transport.exchange`) once per protocol round,
+even with nothing to send or receive, so the three servers count the same rounds.
+
+Payloads are int64 words: :meth:`Transport.exchange_words` takes and returns numpy arrays (what the
+protocols compute on, :mod:`siguard.runtime.mpc.rss`), :meth:`Transport.exchange` is the same round on
+torch tensors. A transport implements ``_send_words``/``_recv_words`` (the in-process ones: numpy arrays
+on the links) or ``_send``/``_recv`` on tensors (the networked one).
 
 Frames carry a :class:`FrameHeader` (session, step, sender, per-link sequence number) ahead of
 the payload, so a networked transport can frame messages identically and every side can detect a
@@ -34,7 +39,7 @@ import queue
 import struct
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,6 +88,7 @@ class TransportAborted(TransportError):
 
 _HEADER_FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
 _INT64 = torch.int64
+_NP_INT64 = np.dtype(np.int64)
 _new_header = tuple.__new__  # builds a FrameHeader without NamedTuple's keyword-handling __new__
 
 
@@ -210,7 +216,22 @@ class Transport(ABC):
     ) -> dict[int, torch.Tensor]:
         """One round: send ``send[peer]`` to each peer, then receive a tensor of shape
         ``recv[peer]`` from each peer. Raises :class:`TransportError` naming the peer on timeout,
-        abort, or a frame that does not match (wrong shape, sequence or step)."""
+        abort, or a frame that does not match (wrong shape, sequence or step).
+
+        The torch face of :meth:`exchange_words` (the same round: the tensors travel as their words)."""
+        words = {}
+        for peer, tensor in send.items():
+            if tensor.dtype is not _INT64:
+                raise TypeError(f"party {self.party}: payloads are int64 tensors, got {tensor.dtype}")
+            words[peer] = tensor.numpy()
+        return {peer: torch.from_numpy(a) for peer, a in self.exchange_words(words, recv).items()}
+
+    def exchange_words(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, np.ndarray]:
+        """:meth:`exchange` on numpy int64 arrays: every round, also each :meth:`exchange`, is one call of
+        this. The protocols compute on numpy words (:mod:`siguard.runtime.mpc.rss`), so they skip the
+        conversions to torch and back (about 3 us per message). The received arrays are the caller's."""
         steps = self._steps
         step = steps[-1] if steps else DEFAULT_STEP
         st = self._stats.get(step)
@@ -220,29 +241,29 @@ class Transport(ABC):
         party = self.party
         if send:
             sent, sent_seq, session = st.sent, self._sent_seq, self.session
-            for peer, tensor in send.items():
+            for peer, words in send.items():
                 if peer == party:
                     raise ValueError(f"party {party} cannot send to itself")
-                if tensor.dtype is not _INT64:
-                    raise TypeError(f"party {party}: payloads are int64 tensors, got {tensor.dtype}")
+                if words.dtype is not _NP_INT64 and words.dtype != _NP_INT64:
+                    raise TypeError(f"party {party}: payloads are int64 words, got {words.dtype}")
                 seq = sent_seq.get(peer, 0)
                 sent_seq[peer] = seq + 1
-                header = _new_header(FrameHeader, (session, step, party, seq, tuple(tensor.shape)))
-                st.framing_bytes += self._send(peer, header, tensor)
-                sent[peer] = sent.get(peer, 0) + 8 * tensor.numel()
+                header = _new_header(FrameHeader, (session, step, party, seq, words.shape))
+                st.framing_bytes += self._send_words(peer, header, words)
+                sent[peer] = sent.get(peer, 0) + 8 * words.size
         if not recv:
             return {}
-        out: dict[int, torch.Tensor] = {}
+        out: dict[int, np.ndarray] = {}
         received, recv_seq, session = st.received, self._recv_seq, self.session
         deadline = time.monotonic() + self.timeout
         for peer, shape in recv.items():
             seq = recv_seq.get(peer, 0)
             recv_seq[peer] = seq + 1
-            header, tensor = self._recv(peer, deadline)
+            header, words = self._recv_words(peer, deadline)
             if header[3] != seq or header[1] != step or header[2] != peer or header[4] != shape or header[0] != session:
                 self._check_frame(peer, header, seq, step, tuple(shape))
-            received[peer] = received.get(peer, 0) + 8 * tensor.numel()
-            out[peer] = tensor
+            received[peer] = received.get(peer, 0) + 8 * words.size
+            out[peer] = words
         return out
 
     def _check_frame(self, peer: int, header: FrameHeader, seq: int, step: str, shape: tuple) -> None:
@@ -257,13 +278,23 @@ class Transport(ABC):
         if header.shape != shape:
             raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
 
-    @abstractmethod
-    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
-        """Queue one frame to ``peer`` without blocking; return the framing bytes it added."""
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+        """Queue one frame to ``peer`` without blocking; return the framing bytes it added. The default
+        hands the words to :meth:`_send` as a tensor; a transport overrides this pair or that one."""
+        return self._send(peer, header, torch.from_numpy(words))
 
-    @abstractmethod
+    def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
+        """The next frame from ``peer`` as numpy words, waiting until ``deadline`` (default: :meth:`_recv`)."""
+        header, tensor = self._recv(peer, deadline)
+        return header, tensor.numpy()
+
+    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+        """:meth:`_send_words` for a transport that sends tensors."""
+        raise NotImplementedError
+
     def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
-        """The next frame from ``peer``, waiting until ``deadline`` (time.monotonic())."""
+        """:meth:`_recv_words` for a transport that receives tensors."""
+        raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the in-process transport has none."""
@@ -336,8 +367,8 @@ class InProcessNetwork:
 
 
 class InProcessTransport(Transport):
-    """Party ``party``'s endpoint on an :class:`InProcessNetwork`. Payloads are copied on send,
-    so neither side can alias the other's tensors."""
+    """Party ``party``'s endpoint on an :class:`InProcessNetwork`. Payloads are copied on send (numpy words
+    on the links), so neither side can alias the other's."""
 
     def __init__(self, network: InProcessNetwork, party: int):
         super().__init__(party, network.session, network.timeout)
@@ -346,19 +377,18 @@ class InProcessTransport(Transport):
         self._put = {d: q.put for (s, d), q in network._links.items() if s == party}
         self._get = {s: q.get for (s, d), q in network._links.items() if d == party}
 
-    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         if self.network.abort_reason is not None:
             raise TransportAborted(
                 f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
             )
-        # The copy: the sender may reuse its tensor after the round; the receiver owns its copy. It is
+        # The copy: the sender may reuse its words after the round; the receiver owns its copy. It is
         # made by numpy, which keeps the GIL: torch's clone releases it, and a party thread that lets
         # go of the GIL in the middle of a round waits for another party's Python to give it back.
-        copy = torch.from_numpy(np.array(payload.numpy(), order="C", copy=True))
-        self._put[peer]((header, copy))
+        self._put[peer]((header, np.array(words, order="C", copy=True)))
         return 0
 
-    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
+    def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
         network = self.network
         get = self._get[peer]
         tick = network.tick
@@ -375,7 +405,7 @@ class InProcessTransport(Transport):
             )
         return item
 
-    def _wait_live(self, peer: int, quiet_since: float) -> tuple[FrameHeader, torch.Tensor] | object:
+    def _wait_live(self, peer: int, quiet_since: float) -> tuple[FrameHeader, np.ndarray] | object:
         """Keep waiting for ``peer`` while it is live; raise once it was silent for the timeout
         (or at once when its thread ended without sending)."""
         network, get, party = self.network, self._get[peer], self.party
@@ -471,7 +501,8 @@ class LockstepNetwork:
 
 
 class LockstepTransport(Transport):
-    """Party ``party``'s endpoint on a :class:`LockstepNetwork`. Payloads are copied on send."""
+    """Party ``party``'s endpoint on a :class:`LockstepNetwork`. Payloads are copied on send (numpy words
+    on the links)."""
 
     def __init__(self, network: LockstepNetwork, party: int):
         super().__init__(party, network.session, network.timeout)
@@ -487,15 +518,15 @@ class LockstepTransport(Transport):
         return TransportAborted(f"party {self.party}: aborted while {doing} party {peer}: {net.abort_reason}",
                                 self.party, peer)
 
-    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         net = self.network
         if net.abort_reason is not None:
             raise self._aborted(peer, "sending to")
-        self._out[peer].append((header, torch.from_numpy(np.array(payload.numpy(), order="C", copy=True))))
+        self._out[peer].append((header, np.array(words, order="C", copy=True)))
         net.sent += 1
         return 0
 
-    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
+    def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
         link = self._in[peer]
         net = self.network
         if not link:

@@ -176,3 +176,34 @@ def test_a_failing_branch_fails_the_fork():
 
     with pytest.raises(PartyFailure, match="outside 1..62"):
         run_threads(party, None, timeout=5)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "lockstep"])
+def test_fork_reuses_its_branch_greenlets_also_after_a_failed_fork(scheduler):
+    """The engine keeps fork's branch greenlets for the next fork (nested ones too): the values stay right
+    fork after fork, a failed fork (a branch raising while another waits in a round) leaves the engine
+    usable, and the kept greenlets do not pile up."""
+    n = 12
+
+    def party(e):
+        x = e.input("model", torch.arange(n) - 6 if e.party == 0 else None, (n,))
+        y = e.input("model", (torch.arange(n) - 3) << 4 if e.party == 0 else None, (n,))
+
+        def failing():
+            e.mul(x, y)
+            raise ValueError("branch failed after a round")
+
+        outs, kept = [], []
+        for k in range(4):
+            if k == 2:
+                with pytest.raises(ValueError, match="after a round"):
+                    e.fork(failing, lambda: e.mul(e.mul(x, y), x), lambda: e.add(x, y))
+            outs.append(e.fork(*_branches(e, x, y))[1])  # the mul_bit branch; a nested fork inside
+            kept.append(len(e._runners))
+        return [open_at_p0(e, v) for v in outs], kept
+
+    res, _, _ = run_threads(party, None, scheduler=scheduler, timeout=20)
+    values, kept = res[0]
+    want = torch.where(torch.arange(n) < 6, (torch.arange(n) - 3) << 4, 0)
+    assert all(torch.equal(v, want) for v in values)
+    assert kept == [kept[0]] * 4 and kept[0] <= 6  # 4 branches + 2 nested, reused each time

@@ -91,19 +91,20 @@ def test_protocol_outputs_are_uniform(secret):
 
 # ---- views ---------------------------------------------------------------------------------------
 def record_views(monkeypatch):
-    """Patch the in-process transport so every received message is logged per party, in order."""
+    """Patch the in-process transport so every received message is logged per party, in order (every round,
+    ``exchange`` included, is one ``exchange_words`` call)."""
     views = {p: [] for p in range(4)}
     lock = threading.Lock()
-    original = InProcessTransport.exchange
+    original = InProcessTransport.exchange_words
 
-    def exchange(self, send, recv):
+    def exchange_words(self, send, recv):
         got = original(self, send, recv)
         with lock:
             for peer in sorted(got):
-                views[self.party].append((self.current_step, peer, got[peer].clone()))
+                views[self.party].append((self.current_step, peer, torch.from_numpy(got[peer].copy())))
         return got
 
-    monkeypatch.setattr(InProcessTransport, "exchange", exchange)
+    monkeypatch.setattr(InProcessTransport, "exchange_words", exchange_words)
     return views
 
 
