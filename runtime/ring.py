@@ -1,4 +1,5 @@
-"""The ring Z_2^64 on torch int64 tensors, and fixed-point encoding.
+"""The ring Z_2^64 on torch int64 tensors, and fixed-point encoding (as tensors; the numpy implementation,
+which the torch-free query client uses directly, is :mod:`siguard.core.fixedpoint`).
 
 Two's-complement wrap-around of torch's CPU int64 arithmetic *is* arithmetic modulo 2^64 for
 ``+ - *``, ``sum``, ``matmul`` and ``conv2d`` (checked against Python integers in the tests).
@@ -16,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from siguard.core.fixedpoint import MAX_ABS_REAL  # (defined without torch: runs.py checks inputs with it)
+from siguard.core.fixedpoint import MAX_ABS_REAL, encode_words
+from siguard.core.fixedpoint import decode_words as decode  # one decoder for tensors and numpy arrays
 
 __all__ = [
     "RING_BITS",
@@ -39,25 +41,9 @@ SIGN_BIT = -(2**63)  # the sign bit as a signed int64 constant
 
 
 def encode(x: np.ndarray | torch.Tensor | float, frac_bits: int) -> torch.Tensor:
-    """Real values -> ring elements round(x * 2^f) as int64. Rejects NaN/inf and overflow."""
-    t = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x)
-    t = t.to(torch.float64)
-    limit = MAX_ABS_REAL(frac_bits)
-    if t.numel():
-        lo, hi = torch.aminmax(t)  # one pass, no temporary; NaN propagates, so one test covers all three
-        if not max(-lo.item(), hi.item()) < limit:
-            if not torch.isfinite(t).all():
-                raise ValueError("cannot encode NaN or infinite values")
-            raise ValueError(
-                f"value {t.abs().max().item():.4g} too large for {frac_bits} fractional bits (limit {limit:.4g})"
-            )
-    scaled = t * float(2**frac_bits)
-    return torch.round(scaled, out=scaled).to(torch.int64)
-
-
-def decode(x: torch.Tensor, frac_bits: int) -> np.ndarray:
-    """Ring elements (signed int64) -> float64 numpy array x / 2^f."""
-    return (x.to(torch.float64) / float(2**frac_bits)).numpy()
+    """Real values -> ring elements round(x * 2^f) as int64. Rejects NaN/inf and overflow.
+    (:func:`siguard.core.fixedpoint.encode_words`, as a tensor sharing its memory.)"""
+    return torch.from_numpy(encode_words(x, frac_bits))
 
 
 def rshift_logical(x: torch.Tensor, k: int) -> torch.Tensor:
