@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from siguard.compiler.plan import Plan
 from siguard.runtime.kernels.plain import PlainEngine
@@ -85,7 +84,7 @@ def run_threads(
             times.append(time.perf_counter() - t_query)
         return ex.step_seconds, times
 
-    def client(c) -> dict[str, torch.Tensor]:
+    def client(c) -> dict[str, np.ndarray]:
         for q in range(queries):
             if q:
                 c.transport.reset_stats(keep_prefix="setup")

@@ -77,13 +77,13 @@ def _load_input(path: str) -> np.ndarray | dict[str, np.ndarray]:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """One query: share the input, reconstruct the output, write it."""
+    """One query: share the input, reconstruct the output, write it (numpy only: this process never imports
+    torch)."""
     from siguard.runtime.net.client import QueryClient
     from siguard.runtime.net.config import load_config
 
     config = load_config(args.config)
     x = _load_input(args.input)
-    _set_threads(args.threads)
     timeout = _timeout(args, config)
     client = QueryClient(config, timeout=timeout, query_timeout=args.query_timeout or max(3600.0, timeout),
                          expected_hash=args.plan_hash)
@@ -165,7 +165,7 @@ def register(sub: Any) -> None:
     q.add_argument("--plan-hash", default=None, help="insist on this plan hash (default: the config's plan_hash)")
     q.add_argument("--stats", action="store_true", help="print rounds and MB per party per step")
     q.add_argument("--stats-json", default=None, help="write session, seconds and statistics as JSON")
-    q.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    q.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)  # accepted, unused: no torch here
     q.set_defaults(func=cmd_query)
 
     c = sub.add_parser("certs", help="create a local CA, certificates for P0, P1, P2 and the client, parties.toml")

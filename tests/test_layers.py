@@ -35,7 +35,8 @@ LAZY = {
     "greenlet": "the lockstep scheduler only",
     "threadpoolctl": "pinning BLAS threads while training the defender only",
     "tqdm": "the audit's progress bar only",
-    "torch": "privacy helpers and the net CLI that run without torch otherwise",
+    "torch": "privacy helpers, the net CLI and Transport.exchange, the torch face of mpc/transport.py, whose "
+             "module the torch-free query client imports",
     "scipy": "special functions for fitted approximations only; a one-shot run does not load scipy",
 }
 

@@ -1,14 +1,19 @@
-"""The client's side of the secure protocol: it shares its input and reconstructs what is revealed to it."""
+"""The client's side of the secure protocol: it shares its input and reconstructs what is revealed to it.
+
+numpy only (no torch): the networked query client runs this in a process that never loads torch. The
+words it sends are the ones the servers' tensors would hold: int64 two's complement, so numpy's
+wrapping ``+ -`` are arithmetic modulo 2^64 as torch's are.
+"""
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
-import torch
+import numpy as np
 
 from .prg import PartyKeys, Randomness
-from .rss import public_tensor
 from .transport import CLIENT, Transport
 
 __all__ = ["Client"]
@@ -27,16 +32,26 @@ class Client:
         self.transport = transport
         self.rand = randomness if randomness is not None else PartyKeys(CLIENT).session(secrets.token_bytes(16))
 
-    def share_input(self, x: torch.Tensor) -> None:
-        """Send (x_i, x_{i+1}) to P_i with x0, x1 uniform and x2 = x - x0 - x1. 1 round; 48 B per
-        element sent by the client (16 to each server)."""
-        x = public_tensor(x)
-        x0, x1 = self.rand.private(x.shape), self.rand.private(x.shape)
+    def input_shares(self, x: Any) -> dict[int, np.ndarray]:
+        """What P_i receives for input x (int64 words: a numpy array, or anything numpy reads as one, e.g. a CPU
+        tensor): the (2, *shape) stack (x_i, x_{i+1}) with x0, x1 drawn from the private PRF stream and
+        x2 = x - x0 - x1 mod 2^64."""
+        x = np.asarray(x)
+        if x.dtype != np.int64:
+            raise TypeError(f"the client shares int64 ring words, got {x.dtype}")
+        n = x.size
+        x0 = self.rand.private_np(n).reshape(x.shape)
+        x1 = self.rand.private_np(n).reshape(x.shape)
         comps = (x0, x1, x - x0 - x1)
-        self.transport.exchange({i: torch.stack((comps[i], comps[(i + 1) % 3])) for i in range(3)}, {})
+        return {i: np.stack((comps[i], comps[(i + 1) % 3])) for i in range(3)}
 
-    def receive_output(self, shape: Sequence[int]) -> torch.Tensor:
-        """Receive x_i from every P_i and return x0 + x1 + x2. 1 round; the client sends nothing."""
+    def share_input(self, x: Any) -> None:
+        """Send (x_i, x_{i+1}) to P_i (:meth:`input_shares`). 1 round; 48 B per element sent by the client
+        (16 to each server)."""
+        self.transport.exchange_words(self.input_shares(x), {})
+
+    def receive_output(self, shape: Sequence[int]) -> np.ndarray:
+        """Receive x_i from every P_i and return x0 + x1 + x2 (int64 words). 1 round; the client sends nothing."""
         shape = tuple(int(s) for s in shape)
-        got = self.transport.exchange({}, {i: shape for i in range(3)})
+        got = self.transport.exchange_words({}, {i: shape for i in range(3)})
         return got[0] + got[1] + got[2]

@@ -21,6 +21,10 @@ No (key, counter) pair is ever used twice, because the stream is only read forwa
 
 Only ``os.urandom``/``secrets`` and AES from ``cryptography`` produce randomness here; numpy's and
 torch's generators are never used for shares or masks.
+
+Words are numpy int64 arrays (the keystream read as little-endian int64, so every host draws the same
+words); this module does not import torch, so the networked query client draws its input shares with it
+without loading torch. The servers' engine wraps the words as tensors (``torch.from_numpy``, no copy).
 """
 
 from __future__ import annotations
@@ -29,13 +33,9 @@ import hashlib
 import hmac
 import secrets
 import sys
-from collections.abc import Sequence
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-from siguard.runtime.ring import numel
 
 from .transport import Transport
 
@@ -64,12 +64,6 @@ def derive_key(master: bytes, label: str, session_id: str | bytes) -> bytes:
     return hmac.new(master, _LABEL + label.encode() + b"\x00" + sid, hashlib.sha256).digest()[:KEY_BYTES]
 
 
-def _words_from_bytes(data: bytes, shape: Sequence[int]) -> torch.Tensor:
-    # '<i8' pins the byte order, so hosts of either endianness draw identical words.
-    arr = np.frombuffer(data, dtype="<i8").astype(np.int64)
-    return torch.from_numpy(arr).reshape(tuple(shape))
-
-
 _NATIVE_LE = sys.byteorder == "little"
 _PIECE = 1 << 17  # words encrypted per AES call (1 MiB)
 _ZERO_PLAIN = memoryview(bytes(8 * _PIECE))  # the keystream is the encryption of zeros
@@ -79,7 +73,7 @@ _EMPTY = np.empty(0, dtype=np.int64)
 class WordStream:
     """One AES-128-CTR keystream read forward as int64 words; ``drawn`` counts the words read.
 
-    ``words(shape)`` returns keystream words [drawn, drawn + n) whatever the buffering, so two
+    ``take(n)`` returns keystream words [drawn, drawn + n) whatever the buffering, so two
     objects built from the same key return identical words for identical sequences of draws.
     Small draws are served from a pre-generated chunk (one AES call per chunk instead of per
     draw: the protocols draw a few words per round). The keystream is written straight into a
@@ -134,11 +128,6 @@ class WordStream:
         self._buf, self._pos = _EMPTY, 0
         return self._generate(need, rest)
 
-    def words(self, shape: Sequence[int]) -> torch.Tensor:
-        """Uniform int64 words of the given shape (the next ``prod(shape)`` words of the stream)."""
-        shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.take(numel(shape)).reshape(shape))
-
 
 class PartyKeys:
     """The long-term keys of one party.
@@ -172,8 +161,9 @@ class PartyKeys:
 class Randomness:
     """Per-session PRF streams of party i: F_{k_i}, F_{k_{i+1}}, the common and the private stream.
 
-    Draw methods take a shape and return int64 tensors of that shape. See the module docstring
-    for the invariant that keeps the two holders of each key in step.
+    Draw methods take a word count n and return 1-D numpy int64 arrays of n words (the caller reshapes,
+    and wraps them as tensors where it computes on tensors). See the module docstring for the invariant
+    that keeps the two holders of each key in step.
     """
 
     def __init__(self, keys: PartyKeys, session_id: str | bytes):
@@ -192,66 +182,45 @@ class Randomness:
         """True iff this party holds k_j (j = i or i+1 mod 3)."""
         return j % 3 in self._streams
 
-    def key_stream(self, j: int, shape: Sequence[int]) -> torch.Tensor:
-        """F_{k_j} words; known to P_j and P_{j-1} only. Raises if this party lacks k_j."""
-        try:
-            stream = self._streams[j % 3]
-        except KeyError:
-            raise ValueError(f"party {self.party} does not hold key k{j % 3}") from None
-        return stream.words(shape)
-
     def key_stream_np(self, j: int, n: int) -> np.ndarray:
-        """:meth:`key_stream` of n words as a 1-D numpy int64 array (read-only use: it may be a
-        view of the stream's chunk)."""
+        """n words of F_{k_j}, known to P_j and P_{j-1} only (raises if this party lacks k_j). Never handed
+        out again: the caller may overwrite them (it may be a view of the stream's chunk)."""
         try:
             stream = self._streams[j % 3]
         except KeyError:
             raise ValueError(f"party {self.party} does not hold key k{j % 3}") from None
         return stream.take(n)
 
-    def common(self, shape: Sequence[int]) -> torch.Tensor:
-        """Words known to all three servers (never to the client)."""
+    def common_np(self, n: int) -> np.ndarray:
+        """n words known to all three servers (never to the client)."""
         if self._common is None:
             raise ValueError(f"party {self.party} has no common key")
-        return self._common.words(shape)
+        return self._common.take(n)
 
-    def private(self, shape: Sequence[int]) -> torch.Tensor:
-        """Words known to this party only."""
-        return self._private.words(shape)
+    def private_np(self, n: int) -> np.ndarray:
+        """n words known to this party only."""
+        return self._private.take(n)
 
     def drawn(self, j: int) -> int:
         """Number of words drawn so far from k_j (for checking the invariant in tests)."""
         return self._streams[j % 3].drawn
 
     # ---- correlated draws -------------------------------------------------------------------
-    def pair(self, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F_{k_i}, F_{k_{i+1}}): this party's two slots of a fresh random RSS sharing."""
-        i = self.party
-        return self.key_stream(i, shape), self.key_stream(i + 1, shape)
-
-    def _pair_np(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def pair_np(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(F_{k_i}, F_{k_{i+1}}), n words each: this party's two slots of a fresh random RSS sharing."""
         i = self.party
         return self.key_stream_np(i, n), self.key_stream_np(i + 1, n)
 
     def zero_share_np(self, n: int) -> np.ndarray:
-        """:meth:`zero_share` of n words as a 1-D numpy int64 array (the same draws; the caller owns it)."""
-        own, nxt = self._pair_np(n)
+        """alpha_i = F_{k_i} - F_{k_{i+1}}, n words; the three parties' alphas sum to 0 mod 2^64 (the caller
+        owns them)."""
+        own, nxt = self.pair_np(n)
         return np.subtract(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
     def zero_share_xor_np(self, n: int) -> np.ndarray:
-        """:meth:`zero_share_xor` of n words as a 1-D numpy int64 array (the same draws; the caller owns it)."""
-        own, nxt = self._pair_np(n)
+        """beta_i = F_{k_i} xor F_{k_{i+1}}, n words; the three parties' betas XOR to 0 (the caller owns them)."""
+        own, nxt = self.pair_np(n)
         return np.bitwise_xor(own, nxt, out=own)  # own's words are consumed: reuse their memory
-
-    def zero_share(self, shape: Sequence[int]) -> torch.Tensor:
-        """alpha_i = F_{k_i} - F_{k_{i+1}}; the three parties' alphas sum to 0 mod 2^64."""
-        shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_np(numel(shape)).reshape(shape))
-
-    def zero_share_xor(self, shape: Sequence[int]) -> torch.Tensor:
-        """beta_i = F_{k_i} xor F_{k_{i+1}}; the three parties' betas XOR to 0."""
-        shape = tuple(int(s) for s in shape)
-        return torch.from_numpy(self.zero_share_xor_np(numel(shape)).reshape(shape))
 
 
 def setup_keys(transport: Transport) -> PartyKeys:
@@ -267,16 +236,17 @@ def setup_keys(transport: Transport) -> PartyKeys:
     prev, nxt = (i - 1) % 3, (i + 1) % 3
     own, contribution = new_key(), new_key()
 
-    def as_words(*keys: bytes) -> torch.Tensor:
-        return _words_from_bytes(b"".join(keys), (len(keys) * KEY_BYTES // 8,))
+    def key_words(*keys: bytes) -> np.ndarray:
+        # '<i8' pins the byte order, so hosts of either endianness exchange identical bytes
+        return np.frombuffer(b"".join(keys), dtype="<i8").astype(np.int64)
 
     with transport.step("setup"):
-        got = transport.exchange(
-            {prev: as_words(own, contribution), nxt: as_words(contribution)},
+        got = transport.exchange_words(
+            {prev: key_words(own, contribution), nxt: key_words(contribution)},
             {nxt: (4,), prev: (2,)},
         )
-    from_next = got[nxt].numpy().astype("<i8").tobytes()
-    from_prev = got[prev].numpy().astype("<i8").tobytes()
+    from_next = got[nxt].astype("<i8").tobytes()
+    from_prev = got[prev].astype("<i8").tobytes()
     next_key, c_next = from_next[:KEY_BYTES], from_next[KEY_BYTES:]
     contributions = {i: contribution, nxt: c_next, prev: from_prev}
     common = hashlib.sha256(b"".join(contributions[j] for j in range(3))).digest()[:KEY_BYTES]

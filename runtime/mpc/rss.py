@@ -404,7 +404,7 @@ class RSSEngine(Engine):
         values are returned as they are. 0 rounds, 0 bytes; one PRF word per element at each server."""
         if not isinstance(x, ServerInput):
             return x
-        r = self.rand.common(tuple(x.shape))  # fresh words, ours to overwrite
+        r = _tensor(self.rand.common_np(numel(x.shape)), x.shape)  # fresh words, ours to overwrite
         z, i = x.zero, self.party
         sign = {(z + 1) % 3: 1, (z + 2) % 3: -1}
         slots = [x.a, x.b]
@@ -428,12 +428,12 @@ class RSSEngine(Engine):
             value = public_tensor(value)
             if tuple(value.shape) != shape:
                 raise ValueError(f"input shape {tuple(value.shape)} != declared {shape}")
-            x_next = self.rand.key_stream(o + 1, shape)
+            x_next = _tensor(self.rand.key_stream_np(o + 1, numel(shape)), shape)
             x_own = value - x_next
             rnd.send((o + 2) % 3, x_own)
             return lambda got: ServerInput(x_own, x_next, (o + 2) % 3)
         if i == (o + 1) % 3:
-            x_next = self.rand.key_stream(o + 1, shape)
+            x_next = _tensor(self.rand.key_stream_np(o + 1, numel(shape)), shape)
             return lambda got: ServerInput(x_next, zero, (o + 2) % 3)
         handle = rnd.recv(o, shape)
         return lambda got: ServerInput(zero, got[handle], (o + 2) % 3)
@@ -566,7 +566,7 @@ class RSSEngine(Engine):
             else:
                 z = op(a.a, right((b.a, b.b)))
                 z += op(a.b, right((b.a,)))
-            z += self.rand.zero_share(z.shape)
+            z += _tensor(self.rand.zero_share_np(z.numel()), z.shape)
             return self._reshare(z)
         if isinstance(a, Shares):
             c = public_tensor(b)

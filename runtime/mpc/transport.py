@@ -7,9 +7,11 @@ calls :meth:`Transport.exchange_words` (or :meth:`Transport.exchange`) once per 
 even with nothing to send or receive, so the three servers count the same rounds.
 
 Payloads are int64 words: :meth:`Transport.exchange_words` takes and returns numpy arrays (what the
-protocols compute on, :mod:`siguard.runtime.mpc.rss`), :meth:`Transport.exchange` is the same round on
-torch tensors. A transport implements ``_send_words``/``_recv_words`` (the in-process ones: numpy arrays
-on the links) or ``_send``/``_recv`` on tensors (the networked one).
+protocols compute on, :mod:`siguard.runtime.mpc.rss`, and what the networked query client sends),
+:meth:`Transport.exchange` is the same round on torch tensors. A transport implements
+``_send_words``/``_recv_words``: numpy arrays on the in-process links and in the TLS frames. This module
+does not import torch (the torch face imports it when called): the query client, which imports it, never
+loads torch.
 
 Frames carry a :class:`FrameHeader` (session, step, sender, per-link sequence number) ahead of
 the payload, so a networked transport can frame messages identically and every side can detect a
@@ -39,15 +41,14 @@ import queue
 import struct
 import threading
 import time
-from abc import ABC
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 __all__ = [
     "CLIENT",
@@ -87,7 +88,6 @@ class TransportAborted(TransportError):
 
 
 _HEADER_FIXED = struct.Struct("<BIQB")  # sender, len(step) | len(session) << 16, seq, ndim
-_INT64 = torch.int64
 _NP_INT64 = np.dtype(np.int64)
 _new_header = tuple.__new__  # builds a FrameHeader without NamedTuple's keyword-handling __new__
 
@@ -159,7 +159,7 @@ class StepStats:
 
 
 class Transport(ABC):
-    """One party's endpoint. Subclasses implement :meth:`_send` and :meth:`_recv`."""
+    """One party's endpoint. Subclasses implement :meth:`_send_words` and :meth:`_recv_words`."""
 
     party: int
     session: str
@@ -211,17 +211,17 @@ class Transport(ABC):
             del self._stats[name]
 
     # ---- one round --------------------------------------------------------------------------
-    def exchange(
-        self, send: Mapping[int, torch.Tensor], recv: Mapping[int, tuple[int, ...]]
-    ) -> dict[int, torch.Tensor]:
+    def exchange(self, send: Mapping[int, Any], recv: Mapping[int, tuple[int, ...]]) -> dict[int, Any]:
         """One round: send ``send[peer]`` to each peer, then receive a tensor of shape
         ``recv[peer]`` from each peer. Raises :class:`TransportError` naming the peer on timeout,
         abort, or a frame that does not match (wrong shape, sequence or step).
 
         The torch face of :meth:`exchange_words` (the same round: the tensors travel as their words)."""
+        import torch  # (already loaded wherever tensors are exchanged; the client never calls this)
+
         words = {}
         for peer, tensor in send.items():
-            if tensor.dtype is not _INT64:
+            if tensor.dtype is not torch.int64:
                 raise TypeError(f"party {self.party}: payloads are int64 tensors, got {tensor.dtype}")
             words[peer] = tensor.numpy()
         return {peer: torch.from_numpy(a) for peer, a in self.exchange_words(words, recv).items()}
@@ -278,23 +278,14 @@ class Transport(ABC):
         if header.shape != shape:
             raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
 
+    @abstractmethod
     def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
-        """Queue one frame to ``peer`` without blocking; return the framing bytes it added. The default
-        hands the words to :meth:`_send` as a tensor; a transport overrides this pair or that one."""
-        return self._send(peer, header, torch.from_numpy(words))
+        """Queue one frame to ``peer`` without blocking (the sender may reuse ``words`` after the round);
+        return the framing bytes it added."""
 
+    @abstractmethod
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
-        """The next frame from ``peer`` as numpy words, waiting until ``deadline`` (default: :meth:`_recv`)."""
-        header, tensor = self._recv(peer, deadline)
-        return header, tensor.numpy()
-
-    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
-        """:meth:`_send_words` for a transport that sends tensors."""
-        raise NotImplementedError
-
-    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
-        """:meth:`_recv_words` for a transport that receives tensors."""
-        raise NotImplementedError
+        """The next frame from ``peer`` as numpy words, waiting until ``deadline`` (time.monotonic())."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the in-process transport has none."""

@@ -9,6 +9,10 @@ session at P1 and P2, compare the three servers' plan hash, protocol version and
 via a fresh private PRF key) and reconstruct the revealed output. The client learns nothing but
 the output (and public information: shapes, the plan hash, rounds and bytes per step).
 
+The client's process never imports torch (about a second of start-up, as long as a warm query): the
+input's encoding (:func:`siguard.core.fixedpoint.encode_words`), its shares, the frames and the
+output's reconstruction and decoding are numpy, bit for bit what the servers' tensors hold.
+
 Failures raise :class:`siguard.core.errors.RuntimeFault` naming the server involved ("P1 unreachable
 at 10.0.0.2:7401 (Connection refused)", "connection to P2 lost (closed by the peer)", or the error
 a server reported); a bad input raises :class:`siguard.core.errors.InputError` after telling P0 to
@@ -26,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from siguard.core.errors import InputError, RuntimeFault
+from siguard.core.fixedpoint import decode_words, encode_words
 from siguard.runtime.mpc.client import Client
 from siguard.runtime.mpc.transport import TransportError
-from siguard.runtime.ring import decode, encode
 from siguard.runtime.runs import check_inputs
 from siguard.runtime.stats import summarize
 
@@ -218,7 +222,7 @@ class QueryClient:
         try:
             for spec in w0["inputs"]:
                 with transport.step(f"input:{spec['name']}"):
-                    client.share_input(encode(xs[spec["name"]], frac))
+                    client.share_input(encode_words(xs[spec["name"]], frac))
             revealed = {}
             for spec in out_specs:
                 with transport.step(f"reveal:{spec['name']}"):
@@ -231,7 +235,7 @@ class QueryClient:
         seconds = time.monotonic() - t0
         all_stats.wait(min(5.0, self.timeout))
         finished.set()
-        outputs = {name: decode(v, frac) for name, v in revealed.items()}
+        outputs = {name: decode_words(v, frac) for name, v in revealed.items()}
         return QueryResult(outputs, seconds, sid, str(w0["plan_hash"]), _summary(stats_msgs, transport))
 
 

@@ -312,12 +312,12 @@ class PartyServer:
                 self._mesh_ready.set()
         self._log(f"{self.name}: {them} connected (handshake ok)")
 
-    def _on_mesh_data(self, link: TLSLink, header: FrameHeader, tensor) -> None:
+    def _on_mesh_data(self, link: TLSLink, header: FrameHeader, words: np.ndarray) -> None:
         if header.sender != link.peer:
             raise LinkError(f"frame on {link.peer_name}'s connection claims sender {header.sender}")
         s = self._session(header.session)
         if s is not None:
-            s.mailbox.put(link.peer, (header, tensor))
+            s.mailbox.put(link.peer, (header, words))
 
     def _on_mesh_control(self, link: TLSLink, msg: dict[str, Any]) -> None:
         kind, j = msg["kind"], link.peer
@@ -560,10 +560,10 @@ class PartyServer:
     def _progress(self, i: int, n: int, step: dict[str, Any]) -> None:
         time.sleep(self.step_delay)
 
-    def _on_client_data(self, s: _Session, link: TLSLink, header: FrameHeader, tensor) -> None:
+    def _on_client_data(self, s: _Session, link: TLSLink, header: FrameHeader, words: np.ndarray) -> None:
         if header.sender != CLIENT or header.session != s.sid:
             raise LinkError(f"the client sent a frame for session {header.session!r} as party {header.sender}")
-        s.mailbox.put(CLIENT, (header, tensor))
+        s.mailbox.put(CLIENT, (header, words))
 
     def _on_client_control(self, s: _Session, link: TLSLink, msg: dict[str, Any]) -> None:
         if msg["kind"] == "abort":

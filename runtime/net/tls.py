@@ -5,8 +5,9 @@ Wire format. Every message is one *frame*::
     kind (u8) | header length (u32) | payload length (u64) | header | payload      (little-endian)
 
 ``kind`` 0 is a data frame: the header is a :class:`siguard.runtime.mpc.transport.FrameHeader` (session,
-step, sender, per-link sequence number, shape) and the payload the int64 words of the tensor
-(8 bytes each, little-endian); the reader checks that the payload length is 8 x prod(shape).
+step, sender, per-link sequence number, shape) and the payload the int64 words of the message
+(8 bytes each, little-endian); the reader checks that the payload length is 8 x prod(shape) and hands
+the words on as a numpy array (this module does not import torch: the query client uses it too).
 ``kind`` 1 is a control frame: no header, a small JSON object with a ``kind`` field (hello,
 welcome, join, new_session, abort, error, stats, goodbye, ping). A protocol round sends at most
 one data frame per peer (:meth:`siguard.runtime.mpc.transport.Transport.exchange`).
@@ -46,7 +47,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
+import numpy as np
 
 from siguard.compiler.plan import PROTOCOL, PROTOCOL_VERSION
 from siguard.runtime.mpc.transport import (
@@ -109,18 +110,19 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
     return reason.lower() or str(exc)
 
 
-def _tensor(header: FrameHeader, payload: bytearray) -> torch.Tensor:
+def _words(header: FrameHeader, payload: bytearray) -> np.ndarray:
+    """A data frame's payload as native int64 words of the header's shape (a writable view of ``payload``)."""
     n = 1
     for s in header.shape:
         n *= s
     if len(payload) != 8 * n:
         raise LinkError(f"data frame of shape {header.shape} carries {len(payload)} bytes, expected {8 * n}")
     if n == 0:
-        return torch.empty(header.shape, dtype=torch.int64)
-    t = torch.frombuffer(payload, dtype=torch.int64)
+        return np.empty(header.shape, dtype=np.int64)
+    words = np.frombuffer(payload, dtype="<i8")
     if not _LITTLE:  # pragma: no cover - big-endian hosts
-        t = t.byteswap() if hasattr(t, "byteswap") else torch.from_numpy(t.numpy().byteswap())
-    return t.reshape(header.shape)
+        words = words.astype(np.int64)
+    return words.reshape(header.shape)
 
 
 class TLSLink:
@@ -368,10 +370,11 @@ class TLSLink:
         while done < len(view):
             done += self._ssl.write(view[done:])
 
-    def send_tensor(self, header: FrameHeader, tensor: torch.Tensor) -> int:
-        """Send one data frame; returns the framing bytes (prefix + header) it added."""
+    def send_words(self, header: FrameHeader, words: np.ndarray) -> int:
+        """Send one data frame of int64 ``words`` (a numpy array); returns the framing bytes (prefix + header)
+        it added."""
         h = header.encode()
-        arr = tensor.numpy() if tensor.is_contiguous() else tensor.contiguous().numpy()
+        arr = np.ascontiguousarray(words)
         if not _LITTLE:  # pragma: no cover - big-endian hosts
             arr = arr.astype("<i8")
         payload = memoryview(arr.reshape(-1)).cast("B")
@@ -397,13 +400,14 @@ class TLSLink:
     # ---- reader thread ------------------------------------------------------------------------
     def start_reader(
         self,
-        on_data: Callable[[TLSLink, FrameHeader, torch.Tensor], None],
+        on_data: Callable[[TLSLink, FrameHeader, np.ndarray], None],
         on_control: Callable[[TLSLink, dict[str, Any]], None],
         on_close: Callable[[TLSLink, str], None],
         *,
         liveness: float | None,
     ) -> None:
-        """Start the reader thread. Callbacks run on it; ``on_close(link, reason)`` runs once
+        """Start the reader thread. Callbacks run on it (``on_data`` gets a data frame's words as a numpy
+        array); ``on_close(link, reason)`` runs once
         when the connection fails or the peer closes it (not after a local :meth:`close`)."""
         self.liveness = liveness
         self.last_recv = time.monotonic()
@@ -424,7 +428,7 @@ class TLSLink:
                         on_control(self, msg)
                 else:
                     hdr = FrameHeader.decode(header)
-                    on_data(self, hdr, _tensor(hdr, payload))
+                    on_data(self, hdr, _words(hdr, payload))
         except LinkError as exc:
             reason = str(exc)
         except Exception as exc:  # noqa: BLE001 - a malformed frame or a callback bug ends the link
@@ -603,7 +607,7 @@ class Mailbox:
 
 class NetTransport(Transport):
     """Party ``party``'s endpoint for one session: sends over ``links[peer]``, receives from the
-    session's :class:`Mailbox` (filled by the links' reader threads).
+    session's :class:`Mailbox` (filled by the links' reader threads with each frame's numpy words).
 
     Errors name this party, the peer, the session and the step."""
 
@@ -615,7 +619,7 @@ class NetTransport(Transport):
     def _where(self) -> str:
         return f"session {self.session}, step {self.current_step!r}"
 
-    def _send(self, peer: int, header: FrameHeader, payload: torch.Tensor) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         me = party_name(self.party)
         if self.mailbox.reason is not None:
             raise TransportAborted(f"{me}: {self.mailbox.reason} ({self._where()})", self.party, peer)
@@ -623,11 +627,11 @@ class NetTransport(Transport):
         if link is None:
             raise TransportError(f"{me}: no connection to {party_name(peer)} ({self._where()})", self.party, peer)
         try:
-            return link.send_tensor(header, payload)
+            return link.send_words(header, words)
         except LinkError as exc:
             raise TransportError(f"{me}: {exc} ({self._where()})", self.party, peer) from None
 
-    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, torch.Tensor]:
+    def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
         me = party_name(self.party)
         link = self.links.get(peer)
         quiet_since = deadline - self.timeout  # the round's start

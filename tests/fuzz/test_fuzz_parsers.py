@@ -19,7 +19,7 @@ from siguard.compiler.plan import Plan, compute_hash
 from siguard.compiler.report import render
 from siguard.core.errors import PlanError
 from siguard.runtime.mpc.transport import FrameHeader
-from siguard.runtime.net.tls import KIND_CONTROL, KIND_DATA, LinkError, TLSLink, _tensor
+from siguard.runtime.net.tls import KIND_CONTROL, KIND_DATA, LinkError, TLSLink, _words
 
 PLAN_CASES = 1000
 FRAME_CASES = 1500
@@ -194,14 +194,14 @@ def test_frame_parser_accepts_only_frames_within_limits(frame, limit):
         return
     try:
         hdr = FrameHeader.decode(bytes(header))
-        t = _tensor(hdr, payload)
+        t = _words(hdr, payload)
     except (LinkError, ValueError, struct.error, UnicodeDecodeError):
         return
     COUNTS["frame_ok"] += 1
     n = 1
     for s in hdr.shape:
         n *= s
-    assert tuple(t.shape) == hdr.shape and t.numel() == n and 8 * n == len(payload)
+    assert t.shape == hdr.shape and t.size == n and 8 * n == len(payload)
     if how == "ok":
         assert hdr == h
 

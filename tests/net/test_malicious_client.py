@@ -36,11 +36,10 @@ DELTA = 1 << 16  # 1.0 at 16 fractional bits
 def _inconsistent_share_input(holder: int, component: int):
     """Client.share_input that adds DELTA to ``holder``'s copy of share component ``component``."""
 
+    input_shares = client.Client.input_shares
+
     def share_input(self, x):
-        x = torch.as_tensor(x, dtype=torch.int64)
-        x0, x1 = self.rand.private(x.shape), self.rand.private(x.shape)
-        comps = (x0, x1, x - x0 - x1)
-        msgs = {i: torch.stack((comps[i], comps[(i + 1) % 3])).clone() for i in range(3)}
+        msgs = input_shares(self, x)  # fresh arrays: ours to change
         slot = 0 if component == holder else 1  # P_i holds (x_i, x_{i+1})
         assert component in (holder, (holder + 1) % 3)
         msgs[holder][slot] += DELTA
