@@ -121,6 +121,26 @@ def test_query_command_answers(serving, net_plans, digit_inputs, tmp_path):
     assert info["stats"]["totals"]["rounds"] == net_plans[1].totals["rounds"]
 
 
+def test_the_query_command_never_imports_torch(serving, net_plans, digit_inputs, tmp_path):
+    """Issue 14: a `siguard query` process -- read and check the input, share it, mutual TLS, reconstruct and
+    decode the output, write it, print the statistics -- runs on numpy alone (importing torch would cost about a
+    second, as long as a warm query). Checked on the real command with `python -X importtime`, which names every
+    module the process imports, whatever the path that imports it."""
+    trio, config, _ = serving
+    np.save(tmp_path / "x.npy", digit_inputs[:1])
+    python, *cli = siguard_command()
+    cmd = [python, "-X", "importtime", *cli, "query", "--config", str(config), "--input", str(tmp_path / "x.npy"),
+           "--output", str(tmp_path / "y.npy"), "--timeout", "10", "--stats"]
+    proc = subprocess.run(cmd, env=child_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = [ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")]
+    assert {"numpy", "siguard.runtime.net.client", "siguard.runtime.mpc.prg"} <= set(imported)  # the scan sees them
+    assert [m for m in imported if m.split(".")[0] == "torch"] == []
+    assert "rounds" in proc.stdout  # the statistics were printed
+    y = np.load(tmp_path / "y.npy")
+    assert np.abs(y - run_threads(net_plans[1], digit_inputs[:1]).output).max() <= TOL
+
+
 def test_wrong_client_certificate_is_refused(serving, net_plans, digit_inputs, tmp_path):
     from siguard.runtime.net.certs import make_certs
 
