@@ -79,7 +79,7 @@ def test_client_input_and_reveal_to_client_only():
 
     def client(c):
         c.share_input(x)
-        return c.receive_output(x.shape)
+        return torch.from_numpy(c.receive_output(x.shape))  # (the client's words are numpy)
 
     shares, out, stats = run_threads(party, client)
     assert torch.equal(out, x)
