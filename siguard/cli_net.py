@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import numpy as np
 
 from siguard.core.errors import InputError
 
-__all__ = ["register", "cmd_party", "cmd_query", "cmd_certs"]
+__all__ = ["register", "cmd_party", "cmd_query", "cmd_certs", "keep_freed_memory"]
 
 
 def _set_threads(n: int | None) -> None:
@@ -23,6 +25,31 @@ def _set_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's allocator keep the memory a session frees for the next one, unless ``MALLOC_TRIM_THRESHOLD_``
+    or ``MALLOC_MMAP_THRESHOLD_`` (which glibc reads at start) say otherwise. Returns whether it was set.
+
+    By default glibc hands a thread's freed memory back to the kernel once more than twice its mmap threshold
+    is free at the top of a heap, and serves blocks above that threshold (which it moves between 128 KiB and
+    32 MiB as blocks are freed) by mmap: a session's re-randomised weight shares and convolution buffers (ResNet-34:
+    hundreds of MB, each block under 32 MiB) were then faulted in afresh, in the first session and, in part, in
+    every later one. A server keeps its memory instead (blocks under 32 MiB from the heaps; up to 1 GiB free
+    kept per heap), so the session that :mod:`siguard.runtime.net.warmup` rehearses at start-up leaves the
+    pages the first query uses (measured on the 2-core EPYC of issue 14, ResNet-34: a first query's page
+    faults at P0 145k without the warm-up, 56k with it alone, 1-10k with both; later queries 40-50k, 1-10k).
+    Called by :func:`cmd_party`; a no-op where the C library is not glibc."""
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def _timeout(args: argparse.Namespace, config: Any) -> float:
@@ -38,6 +65,7 @@ def cmd_party(args: argparse.Namespace) -> int:
     from siguard.runtime.net.config import load_config
     from siguard.runtime.net.server import PartyServer, ServerStopped
 
+    keep_freed_memory()
     config = load_config(args.config)
     plan = Plan.load(args.plan)
     weights = plan.load_weights(args.weights) if args.id == 0 else None
@@ -46,7 +74,7 @@ def cmd_party(args: argparse.Namespace) -> int:
         raise InputError(f"--connect-timeout must be positive, got {args.connect_timeout}")
     server = PartyServer(plan, args.id, config, weights=weights, timeout=_timeout(args, config),
                          connect_timeout=args.connect_timeout, max_sessions=args.max_sessions,
-                         step_delay=args.step_delay)
+                         step_delay=args.step_delay, warmup=not args.no_warmup)
 
     def on_signal(signum: int, _frame: Any) -> None:
         server.stop(f"signal {signal.Signals(signum).name}")
@@ -150,6 +178,9 @@ def register(sub: Any) -> None:
     p.add_argument("--max-sessions", type=int, default=8, help="queries served at once (default 8)")
     p.add_argument("--weights", default=None, help="P0: the weights file (default PLAN/weights.npz)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready without first rehearsing a session alone (nothing sent, no data involved), "
+                        "which makes the first query as fast as later ones")
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # testing aid
     p.set_defaults(func=cmd_party)
 

@@ -159,3 +159,11 @@ def test_messages_do_not_depend_on_acceptance(scenario, scheduler):
     views = [[(s["name"], s["rounds"], s["bytes_per_party"], s["received_per_party"]) for s in r.stats["steps"]]
              for r in runs]
     assert views[0] == views[1]
+
+
+def test_every_server_rehearses_a_guarded_session_alone(scenario, monkeypatch):
+    """A server's warm-up (runtime/net/warmup.py) runs the guard too -- its forks and merged rounds -- on a
+    transport that sends nothing, to the end, touching only the warm-up session's randomness."""
+    from tests.net.test_warmup import check_rehearsal
+
+    check_rehearsal(_plan(scenario, 1, "plan-default"), monkeypatch)
