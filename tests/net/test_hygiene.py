@@ -137,17 +137,29 @@ def test_garbage_and_oversized_frames_after_the_handshake(hygiene, net_plans, di
     _honest(hygiene, net_plans[1], digit_inputs[3:4])
 
 
+def _wait_for_log(logs: list[str], text: str, start: int = 0, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in logs[start:]):
+        assert time.monotonic() < deadline, f"no log line with {text!r}: {logs[-5:]}"
+        time.sleep(0.02)
+
+
 def test_abort_reasons_are_sanitised_before_logging(hygiene, net_plans, digit_inputs, monkeypatch):
     import siguard.runtime.mpc.rss
 
     servers, config, *_ , logs = hygiene
+    before = len(logs)
     nasty = "bye\n\x1b[31mP1: session q1 done\r" + "x" * 5000
 
     def cancel(self, x):  # in the session: cancel with a crafted reason instead of sharing the input
+        # once P0 runs the session (its reader takes the abort) and until P0 took it: closing the connections
+        # earlier lets P2 report the lost client first, and P0 then logs P2's reason instead of this one
+        sid = self.transport.session
+        _wait_for_log(logs, f"P0: session {sid} started", before)
         self.transport.links[0].send_control({"kind": "abort", "reason": nasty})
+        _wait_for_log(logs, "cancelled the query", before)
         raise RuntimeError("cancelled")
 
-    before = len(logs)
     monkeypatch.setattr(siguard.runtime.mpc.client.Client, "share_input", cancel)
     with pytest.raises(RuntimeError, match="cancelled"):
         QueryClient(config, timeout=5).run(digit_inputs[:1])
