@@ -15,8 +15,9 @@ a user's one-shot command pays):
 * ``warm``: ``siguard bench``'s number in the same run: the median of the warm queries after one
   warm-up, same plan and input, one key set-up and weight sharing for all of them;
 * ``processes``: ``siguard run --mode processes`` as a whole (server start, TLS, set-up, query);
-* ``first networked query``: a serving trio started, then the first ``siguard query`` and a second
-  one (``--skip-net`` leaves these out).
+* ``first networked query``: a serving trio started (``servers ready``: until all three logged ready,
+  their warm-up included), then the first ``siguard query`` and a second one, each a fresh client
+  process; a fresh trio per repeat (``--skip-net`` leaves these out).
 
 Each row is the median of ``--repeat`` fresh runs; the process CPU time (user + sys, all threads) is
 shown next to the wall time because this machine is shared (the load average is recorded too): for
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["processes mode (whole command)"] = statistics.median(
             _wall([sys.executable, "-m", "siguard.cli", "run", str(plan_dir), "--input", str(x_path),
                    "--mode", "processes"]) for _ in range(max(1, args.repeat // 2)))
-        extra.update(first_networked_queries(plan_dir, x_path, work))
+        nets = [first_networked_queries(plan_dir, x_path, work) for _ in range(args.repeat)]
+        extra.update({name: statistics.median(n[name] for n in nets) for name in nets[0]})
         rows.update(extra)
     load.append(os.getloadavg()[0])
     ratio = rows["one-shot `siguard run` (whole command)"] / warm["median"]
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"model": args.model, "batch": args.batch, "repeat": args.repeat, "label": args.label,
            "load_average": load, "cores": os.cpu_count(), "phases_seconds": rows, "phases_cpu_seconds": cpu,
            "one_shot_runs": shots, "whole_command_seconds": whole, "warm": warm, "ratio": ratio,
+           "networked_runs": nets if not args.skip_net else [],
            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
