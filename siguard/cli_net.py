@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
     every later one. A server keeps its memory instead (blocks under 32 MiB from the heaps; up to 1 GiB free
     kept per heap), so the session that :mod:`siguard.runtime.net.warmup` rehearses at start-up leaves the
     pages the first query uses (measured on the 2-core EPYC of issue 14, ResNet-34: a first query's page
-    faults at P0 145k without the warm-up, 56k with it alone, 1-10k with both; later queries 40-50k, 1-10k).
+    faults at P0 145k without the warm-up, 56k with it alone, 6k with both; later queries 40-48k, 0-14k).
     Called by :func:`cmd_party`; a no-op where the C library is not glibc."""
     if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False

@@ -3,8 +3,9 @@
 Why. A server's first session pays for what later ones find ready: the pages of the memory a session
 allocates (the re-randomised weight shares, the convolutions' buffers, the frames) are touched for the
 first time, and the allocator keeps them afterwards for the next session's thread. Measured on ResNet-34
-(CIFAR form, batch 1), a fresh trio's first query cost P0 0.38 s more CPU than its later ones (83k + 56k
-page faults instead of 14k), P1 and P2 0.1-0.2 s more (README, *One-shot runs*).
+(CIFAR form, batch 1, fresh trios, medians of 3): the first query cost P0 0.24 s more CPU than its later
+ones (145k page faults instead of 40-48k), P1 and P2 0.11-0.12 s more; with this rehearsal and the memory
+kept (:func:`siguard.cli_net.keep_freed_memory`) it costs what later ones do (README, *A first networked query*).
 
 What. :func:`rehearse_session` runs the executor of a whole session at this server alone, in a thread of
 its own as a session does: the weights re-randomised for the session, then every plan step on the secure
