@@ -1,1 +1,1 @@
-"""The bottom layer: the errors and configuration types that every other package may import."""
+"""The bottom layer: the errors, configuration types and fixed-point encoding that every other package may import."""
