@@ -29,13 +29,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from siguard.compiler.plan import Plan
 from siguard.runtime.executor import Executor
 from siguard.runtime.mpc.prg import PartyKeys
 from siguard.runtime.mpc.rss import RSSEngine
-from siguard.runtime.mpc.transport import FrameHeader, Payload, Transport, as_words
+from siguard.runtime.mpc.transport import FrameHeader, Transport
 
 __all__ = ["WARMUP_SESSION", "rehearse_session"]
 
@@ -45,21 +44,21 @@ WARMUP_SESSION = "warm-up"
 
 class _Rehearsal(Transport):
     """A server's transport in a rehearsal: sends go nowhere; a receive gets a copy of what this party sent
-    in the same round if one message had that shape, else zeros (tensors, as a server's transport delivers)."""
+    in the same round if one message had that shape, else zeros."""
 
-    def exchange(self, send: Mapping[int, Payload], recv: Mapping[int, tuple[int, ...]]) -> dict[int, Payload]:
-        sent = [as_words(p) for p in send.values()]
-        out: dict[int, Payload] = {}
+    def exchange_words(self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
+                       ) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
         for peer, shape in recv.items():
             shape = tuple(shape)
-            mine = next((w for w in sent if w.shape == shape), None)
-            out[peer] = torch.from_numpy(np.array(mine)) if mine is not None else torch.zeros(shape, dtype=torch.int64)
+            mine = next((w for w in send.values() if w.shape == shape), None)
+            out[peer] = np.array(mine, dtype=np.int64) if mine is not None else np.zeros(shape, dtype=np.int64)
         return out
 
-    def _send(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:  # pragma: no cover - unused
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:  # pragma: no cover
         raise NotImplementedError("a rehearsal sends nothing")
 
-    def _recv(self, peer: int, deadline: float) -> tuple[FrameHeader, Payload]:  # pragma: no cover - unused
+    def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:  # pragma: no cover
         raise NotImplementedError("a rehearsal receives nothing")
 
 

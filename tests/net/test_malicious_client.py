@@ -43,7 +43,7 @@ def _inconsistent_share_input(holder: int, component: int):
         slot = 0 if component == holder else 1  # P_i holds (x_i, x_{i+1})
         assert component in (holder, (holder + 1) % 3)
         msgs[holder][slot] += DELTA
-        self.transport.exchange(msgs, {})
+        self.transport.exchange_words(msgs, {})
 
     return share_input
 
