@@ -237,8 +237,11 @@ class RSSEngine(Engine):
         return Shares(z, torch.from_numpy(got[self.next]))
 
     def _reshare_np(self, z: np.ndarray, shape: tuple[int, ...]) -> Shares:
-        """:meth:`_reshare` of a numpy word array, sent and kept as a tensor of ``shape``."""
-        return self._drive(self._reshare_np_steps(z, shape))
+        """:meth:`_reshare` of a numpy word array, sent and kept as a tensor of ``shape`` (the round of
+        :meth:`_reshare_np_steps`, without a generator)."""
+        z = z.reshape(shape)
+        got = self.transport.exchange_words({self.prev: z}, {self.next: shape})
+        return Shares(torch.from_numpy(z), torch.from_numpy(got[self.next]))
 
     def _reshare_np_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
         """:meth:`_reshare_np` as one stepwise round (see :meth:`parallel`)."""
@@ -248,12 +251,7 @@ class RSSEngine(Engine):
 
     def _rotate_np(self, z: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """The reshare round on numpy words: z to P_{i-1}; returns z_{i+1} from P_{i+1} (flat)."""
-        return self._drive(self._rotate_steps(z, shape))
-
-    def _rotate_steps(self, z: np.ndarray, shape: tuple[int, ...]) -> Any:
-        """:meth:`_rotate_np` as one stepwise round (see :meth:`parallel`)."""
-        got = yield {self.prev: z.reshape(shape)}, {self.next: shape}
-        return got[self.next].reshape(-1)
+        return self.transport.exchange_words({self.prev: z.reshape(shape)}, {self.next: shape})[self.next].reshape(-1)
 
     def parallel(self, *calls: tuple[Any, ...]) -> list[Any]:
         """Run independent primitive calls with their rounds merged (see Engine.parallel).
