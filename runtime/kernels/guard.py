@@ -628,7 +628,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
         # ---- the step's direction bits b = [g < 0] (with the label's entry b_l last) ----------------------
         # S = sgn(a) S_h + S_c: the sign test of both candidates S_c + S_h and S_c - S_h (the hinge folded in
-        # as 2^61 H), then a mux on [a < 0]; |S| < 2^60 (s_shift)
+        # as 2^61 H), each moving its half of r (below); |S| < 2^60 (s_shift)
         s_h = out[2]
         big = e.add(e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT))), _t(1 << (qs - shift + f - TIE_BITS)))
         # the mux on [a < 0] is not a round of its own: while the msb runs, r is split by that bit into
