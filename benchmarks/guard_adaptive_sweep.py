@@ -30,11 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siguard.core.errors import InputError  # noqa: E402
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
-from siguard.privacy.datasets import load_dataset  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
-from siguard.privacy.experiments import TARGETS, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed  # noqa: E402
 from siguard.privacy.memguard import guard_reference  # noqa: E402
 
 P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
@@ -99,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                          "second bag (initialisations seed .. seed + models - 1, as benchmarks/guard_protection.py "
                          "draws them) and a gradient-boosted attacker on the log of the sorted top-3")
     args = ap.parse_args(argv)
-    try:
-        data = load_dataset("fashion-mnist")
-    except InputError as exc:  # Debian's dataset-fashion-mnist absent: scikit-learn's digits
-        print(f"{exc}; falling back to digits")
-        data = load_dataset("digits")
+    data = load_experiment_data()
     n = min(1000, len(data.x) // 6)
     rows = []
     for seed in args.seeds:

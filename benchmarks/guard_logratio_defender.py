@@ -30,11 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siguard.core.errors import InputError  # noqa: E402
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
-from siguard.privacy.datasets import load_dataset  # noqa: E402
 from siguard.privacy.defender import DefenderWeights, single_threaded, train_defender  # noqa: E402
-from siguard.privacy.experiments import TARGETS, _splits, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, _splits, load_experiment_data, prepare_seed  # noqa: E402
 from siguard.privacy.memguard import softmax  # noqa: E402
 from siguard.privacy.targets import predict_onnx  # noqa: E402
 
@@ -103,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    try:
-        data = load_dataset("fashion-mnist")
-    except InputError as exc:  # Debian's dataset-fashion-mnist absent: scikit-learn's digits
-        print(f"{exc}; falling back to digits")
-        data = load_dataset("digits")
+    data = load_experiment_data()
     n = min(1000, len(data.x) // 6)
     rows = []
     for seed in args.seeds:

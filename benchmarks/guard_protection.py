@@ -48,8 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siguard.core.errors import InputError  # noqa: E402
-from siguard.privacy.experiments import TARGETS, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "guard_protection.json"
 NOISED_L1 = 2e-3
@@ -173,8 +172,6 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from siguard.privacy.datasets import load_dataset
-
     ap = argparse.ArgumentParser(prog="python benchmarks/guard_protection.py", description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="+", choices=tuple(TARGETS), default=list(TARGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -186,11 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeds that also run the secure plan (default: all)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
-    try:
-        data = load_dataset("fashion-mnist")
-    except InputError as exc:
-        print(f"{exc}; falling back to digits")
-        data = load_dataset("digits")
+    data = load_experiment_data()
     n = min(args.n, len(data.x) // 6)
     runs = []
     for target in args.targets:

@@ -53,7 +53,7 @@ from .defender import DefenderWeights, export_defender, single_threaded, train_d
 from .memguard import guard_reference, softmax
 from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
-__all__ = ["CONFIGS", "SeedSetup", "prepare_seed", "run_experiment", "main"]
+__all__ = ["CONFIGS", "SeedSetup", "load_experiment_data", "prepare_seed", "run_experiment", "main"]
 
 #: (name, guard_reference options); the defaults are R = 6, T = 49, lr = 0.2, c3 = 0.1, freeze, sign, margin 0.5
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -161,6 +161,16 @@ class SeedSetup:
     @property
     def plain(self) -> np.ndarray:
         return softmax(self.logits)
+
+
+def load_experiment_data(dataset: str = "fashion-mnist", log: Callable[[str], None] = print) -> Any:
+    """``dataset`` (:func:`siguard.privacy.datasets.load_dataset`), or scikit-learn's digits where it is absent
+    (Debian's dataset-fashion-mnist not installed), saying so through ``log``."""
+    try:
+        return load_dataset(dataset)
+    except InputError as exc:
+        log(f"{exc}; falling back to digits")
+        return load_dataset("digits")
 
 
 def prepare_seed(data: Any, n: int, epochs: int, seed: int, hidden: tuple[int, ...], work: Path) -> SeedSetup:
@@ -311,11 +321,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
 
     configs = configs or CONFIGS
     t0 = time.perf_counter()
-    try:
-        data = load_dataset(dataset)
-    except InputError as exc:
-        log(f"{exc}; falling back to digits")
-        data = load_dataset("digits")
+    data = load_experiment_data(dataset, log)
     n = min(n, len(data.x) // 6)
     log(f"dataset {data.name}: {n} per split (members, non-members, owner reference, shadow in/out/reference), "
         f"{epochs} epochs, seeds {list(seeds)}")
