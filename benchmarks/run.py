@@ -1,7 +1,7 @@
 """The benchmark runner: SIGuard secure inference (with and without the guard) next to onnxruntime and CrypTen.
 
     python benchmarks/run.py [--models mlp cnn resnet18 resnet34 resnet18_224] [--batches 1 8] [--guard off|on|both]
-        [--modes threads lockstep processes lan wan] [--repeat 3] [--guard-batch 32]
+        [--modes threads lockstep processes lan wan] [--repeat 3] [--runs 1] [--guard-batch 32]
         [--crypten-python PATH] [--json benchmarks/results/bench.json] [--md benchmarks/results/bench.md]
     python benchmarks/run.py --readme [--json benchmarks/results/bench.json] [--readme-path README.md]
 
@@ -139,6 +139,17 @@ def sample_input(name: str, batch: int) -> np.ndarray:
 # ---- measurements ---------------------------------------------------------------------------------
 def _median_row(times: list[float]) -> dict[str, Any]:
     return {"seconds": statistics.median(times), "seconds_all": times}
+
+
+def _pool(acc: dict[str, Any] | None, res: dict[str, Any]) -> dict[str, Any]:
+    """Merge one more child run's result into ``acc``: the warm query times are pooled (median over all
+    runs, ``runs`` counts them); rounds, bytes and the breakdown are the latest run's (they do not vary)."""
+    if acc is None:
+        return {**res, "runs": 1} if "error" not in res else res
+    if "error" in acc or "error" in res:  # a failed run is reported, never replaced by a later success
+        return acc if "error" in acc else res
+    times = acc["seconds_all"] + res["seconds_all"]
+    return {**res, **_median_row(times), "runs": acc["runs"] + 1}
 
 
 def worker_threads(plan_dir: str, x_path: str, repeat: int, out: str, scheduler: str = "threads") -> None:
@@ -315,7 +326,9 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs), Python {meta['python']}, "
         f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, siguard {meta['siguard']}"
         + (f", CrypTen {meta['crypten']} (2 parties, trusted first-party dealer)" if meta.get("crypten") else "")
-        + f". Times are medians of {meta['repeat']} warm queries after the weights were shared once; "
+        + f". Times are medians of {meta['repeat']} warm queries after the weights were shared once"
+        + (f" (threads/lockstep: of {meta['repeat']} x {meta['runs']} runs, plain and guarded alternated)"
+           if meta.get("runs", 1) > 1 else "") + "; "
         "MB = megabytes sent by the busiest server; CrypTen's rounds are its communicator's count.",
         "",
         "| model | batch | guard | mode | SIGuard (s) | rounds | MB/party | peak RSS (MB) | onnxruntime (ms) "
@@ -340,11 +353,17 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     shares = [s for s in doc.get("guard_shares", [])]
     if shares:
-        lines += ["", "| model | batch | mode | plain (s) | guarded (s) | guard (s) | guard share | paper |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Guard share = (guarded - plain) / guarded, medians of the warm queries of "
+                  f"{shares[0].get('runs', 1)} child run(s) per plan, plain and guarded alternated; the guard step's "
+                  "own time inside the last guarded query (its share of that query's steps) beside it.", "",
+                  "| model | batch | mode | plain (s) | guarded (s) | guard (s) | guard share | guard step (s) "
+                  "| paper |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in shares:
+            gs = (f"{s['guard_step_s']:.3f} ({100 * s['guard_step_share']:.1f} %)"
+                  if s.get("guard_step_s") is not None else "—")
             lines.append(f"| {s['model']} | {s['batch']} | {s['mode']} | {s['plain_s']:.3f} | {s['guarded_s']:.3f} | "
-                         f"{s['guard_s']:.3f} | {100 * s['share']:.1f} % | 1.1 s of 4.39 s = 25 % |")
+                         f"{s['guard_s']:.3f} | {100 * s['share']:.1f} % | {gs} | 1.1 s of 4.39 s = 25 % |")
     gb = doc.get("guard_batch")
     if gb and "error" not in gb:
         lines += ["", f"Guard alone at batch {gb['batch']} ({gb.get('scheduler', 'threads')}): {gb['seconds']:.2f} s, "
@@ -378,7 +397,7 @@ def update_readme(doc: dict[str, Any], readme: Path) -> None:
     readme.write_text(head + BEGIN + "\n" + note + markdown(doc) + END + tail)
 
 
-def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
+def _meta(repeat: int, crypten: dict | None, runs: int = 1) -> dict[str, Any]:
     import onnxruntime
     import torch
 
@@ -397,7 +416,7 @@ def _meta(repeat: int, crypten: dict | None) -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "ring_gemm": ring,
             "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "siguard": sg,
-            "date": time.strftime("%Y-%m-%d"), "repeat": repeat,
+            "date": time.strftime("%Y-%m-%d"), "repeat": repeat, "runs": runs,
             "crypten": (crypten or {}).get("crypten")}
 
 
@@ -417,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", nargs="+", default=["threads"],
                     choices=("threads", "lockstep", "processes", "lan", "wan"))
     ap.add_argument("--repeat", type=int, default=3, help="warm queries per configuration (median)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="threads/lockstep: child runs per configuration, plain and guarded alternated; the "
+                         "median is over all runs' warm queries (a child's memory layout and the machine's "
+                         "drift move a whole run: alternating runs hit the plain and the guarded plan alike)")
     ap.add_argument("--crypten-python", default=os.environ.get(CRYPTEN_ENV),
                     help=f"python of a CrypTen 0.4.1 environment (default ${CRYPTEN_ENV}; none = no CrypTen column)")
     ap.add_argument("--crypten-models", nargs="+", default=None,
@@ -433,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.runs < 1:
+        raise SystemExit("error: --runs must be at least 1")
 
     if args.worker_threads:
         plan, x, repeat, out, scheduler = args.worker_threads
@@ -464,12 +489,19 @@ def main(argv: list[str] | None = None) -> int:
                 guards = {"off": [False], "on": [True], "both": [False, True]}[args.guard]
                 if model not in args.guard_models:
                     guards = [g for g in guards if not g] or []
+                plans = {guard: compile_plan(onnx_path, batch, guard, guard_cfg, work) for guard in guards}
+                local = {}  # (guard, mode) -> pooled result of the alternated local runs
+                for mode in (m for m in args.modes if m in ("threads", "lockstep")):
+                    for _ in range(args.runs):  # plain, guarded, plain, guarded, ...: drift hits both alike
+                        for guard in guards:
+                            res = measure_threads(plans[guard], x, args.repeat, work, mode)
+                            local[guard, mode] = _pool(local.get((guard, mode)), res)
                 for guard in guards:
-                    plan_dir = compile_plan(onnx_path, batch, guard, guard_cfg, work)
+                    plan_dir = plans[guard]
                     for mode in args.modes:
                         base = {"model": model, "batch": batch, "guard": "on" if guard else "off", "mode": mode}
                         if mode in ("threads", "lockstep"):
-                            res = measure_threads(plan_dir, x, args.repeat, work, mode)
+                            res = local[guard, mode]
                         elif mode == "processes":
                             res = measure_processes(plan_dir, x, args.repeat, work)
                         elif guard or batch != 1:
@@ -492,12 +524,20 @@ def main(argv: list[str] | None = None) -> int:
                       (p["model"], p["batch"], p["mode"]) == (r["model"], r["batch"], r["mode"])), None)
         if plain:
             g = r["seconds"] - plain["seconds"]
+            # the guard step's own time inside the (last) guarded query, and its share of that query's steps
+            step = next((a for a in r.get("breakdown") or [] if a["op"] == "guard"), None)
             shares.append({"model": r["model"], "batch": r["batch"], "mode": r["mode"], "plain_s": plain["seconds"],
                            "guarded_s": r["seconds"], "guard_s": g, "share": g / r["seconds"],
-                           "plain_rounds": plain["rounds"], "guarded_rounds": r["rounds"]})
+                           "plain_rounds": plain["rounds"], "guarded_rounds": r["rounds"],
+                           "runs": r.get("runs", 1), "queries": len(r.get("seconds_all", [])),
+                           "guard_step_s": step["seconds"] if step else None,
+                           "guard_step_share": step["share"] if step else None})
             print(f"guard share {r['model']} b{r['batch']} {r['mode']}: {g:.3f} s of {r['seconds']:.3f} s = "
-                  f"{100 * g / r['seconds']:.1f} % (paper 25 %)", flush=True)
-    doc = {"meta": _meta(args.repeat, crypten_meta), "rows": rows, "guard_shares": shares, "paper": PAPER_GUARD}
+                  f"{100 * g / r['seconds']:.1f} % (paper 25 %)"
+                  + (f"; the guard step inside the guarded query: {step['seconds']:.3f} s, "
+                     f"{100 * step['share']:.1f} % of its steps" if step else ""), flush=True)
+    doc = {"meta": _meta(args.repeat, crypten_meta, args.runs), "rows": rows, "guard_shares": shares,
+           "paper": PAPER_GUARD}
     if args.guard_batch and args.guard != "off":
         try:
             local = next((m for m in ("lockstep", "threads") if m in args.modes), "threads")

@@ -103,3 +103,17 @@ def test_the_documented_runner_command_lines_parse():
             i = argv.index("--modes") + 1
             shown = [a for a in argv[i:] if not a.startswith("--")][: len(args.modes)]
             assert args.modes == shown
+
+
+def test_alternated_runs_pool_their_warm_queries():
+    """--runs K: each child run's warm query times are pooled and the median is taken over all of them (one
+    slow run cannot set the number); an error in any run is reported, not hidden."""
+    pool = _runner()._pool
+    a = {"seconds": 1.0, "seconds_all": [1.0, 1.2, 0.9], "rounds": 391}
+    b = {"seconds": 2.0, "seconds_all": [2.0, 2.1, 1.9], "rounds": 391}
+    c = {"seconds": 1.1, "seconds_all": [1.1, 1.05, 1.15], "rounds": 391}
+    acc = pool(pool(pool(None, a), b), c)
+    assert acc["runs"] == 3 and len(acc["seconds_all"]) == 9
+    assert acc["seconds"] == sorted(a["seconds_all"] + b["seconds_all"] + c["seconds_all"])[4] == 1.15
+    assert pool(acc, {"error": "child failed"})["error"] == "child failed"
+    assert pool(pool(None, {"error": "child failed"}), a)["error"] == "child failed"
