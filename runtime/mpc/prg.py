@@ -176,6 +176,8 @@ class Randomness:
             # Label by key index j, so both holders of k_j derive the same session key.
             self._streams[i % 3] = WordStream(derive_key(keys.own, f"k{i % 3}", session_id))
             self._streams[(i + 1) % 3] = WordStream(derive_key(keys.next_key, f"k{(i + 1) % 3}", session_id))
+        # F_{k_i}'s and F_{k_{i+1}}'s take, for the correlated draws (a few per round: no lookups)
+        self._pair = (self._streams[i % 3].take, self._streams[(i + 1) % 3].take) if self._streams else None
         self._common = WordStream(derive_key(keys.common, "common", session_id)) if keys.common else None
         self._private = WordStream(derive_key(keys.private, f"private{i}", session_id))
 
@@ -210,18 +212,20 @@ class Randomness:
     # ---- correlated draws -------------------------------------------------------------------
     def pair_np(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(F_{k_i}, F_{k_{i+1}}), n words each: this party's two slots of a fresh random RSS sharing."""
-        i = self.party
-        return self.key_stream_np(i, n), self.key_stream_np(i + 1, n)
+        if self._pair is None:  # raises: this party holds no key pair
+            return self.key_stream_np(self.party, n), self.key_stream_np(self.party + 1, n)
+        own, nxt = self._pair
+        return own(n), nxt(n)
 
     def zero_share_np(self, n: int) -> np.ndarray:
         """alpha_i = F_{k_i} - F_{k_{i+1}}, n words; the three parties' alphas sum to 0 mod 2^64 (the caller
         owns them)."""
-        own, nxt = self.pair_np(n)
+        own, nxt = self.pair_np(n) if self._pair is None else (self._pair[0](n), self._pair[1](n))
         return np.subtract(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
     def zero_share_xor_np(self, n: int) -> np.ndarray:
         """beta_i = F_{k_i} xor F_{k_{i+1}}, n words; the three parties' betas XOR to 0 (the caller owns them)."""
-        own, nxt = self.pair_np(n)
+        own, nxt = self.pair_np(n) if self._pair is None else (self._pair[0](n), self._pair[1](n))
         return np.bitwise_xor(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
 
