@@ -946,6 +946,14 @@ class _ForkTransport:
             return self.real.exchange_words(send, recv)
         return driver.switch((send, recv))  # a round: (send, recv); an end: (_DONE,) or (_FAILED, exc)
 
+    def exchange_owned(self, send: Mapping[int, np.ndarray],
+                       recv: Mapping[int, tuple[int, ...]]) -> dict[int, np.ndarray]:
+        """:meth:`Transport.exchange_owned` (a branch's round is merged by its driver: the arrays are copied there)."""
+        driver = self.drivers.get(greenlet.getcurrent())
+        if driver is None:
+            return self.real.exchange_owned(send, recv)
+        return driver.switch((send, recv))
+
     def exchange(self, send: Mapping[int, torch.Tensor],
                  recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
         """The torch face of :meth:`exchange_words` (as :meth:`Transport.exchange`)."""
@@ -1023,10 +1031,16 @@ def _merged_exchange(
             else:
                 parts.append((reply, shape, n))
                 recv_total[peer] += n
-    got = outer.exchange_words(
-        {peer: (ws[0] if len(ws) == 1 else np.concatenate(ws)) for peer, ws in send_parts.items()},
-        {peer: (n,) for peer, n in recv_total.items()},
-    )
+    # a concatenation is this round's own array: handed over without the link's copy when every message is one
+    fresh = True
+    merged_send = {}
+    for peer, ws in send_parts.items():
+        if len(ws) == 1:
+            merged_send[peer], fresh = ws[0], False
+        else:
+            merged_send[peer] = np.concatenate(ws)
+    exchange = outer.exchange_owned if fresh else outer.exchange_words
+    got = exchange(merged_send, {peer: (n,) for peer, n in recv_total.items()})
     for peer, parts in recv_parts.items():
         flat, start = got[peer], 0
         for reply, shape, n in parts:

@@ -266,6 +266,13 @@ class Transport(ABC):
             out[peer] = words
         return out
 
+    def exchange_owned(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, np.ndarray]:
+        """:meth:`exchange_words` for a caller that hands the send arrays over: it never reads or writes them
+        again (e.g. a concatenation made for this round), so a link may pass them on without a copy."""
+        return self.exchange_words(send, recv)
+
     def _check_frame(self, peer: int, header: FrameHeader, seq: int, step: str, shape: tuple) -> None:
         """Raise the error that describes a mismatching frame (steps may differ with the client)."""
         where = f"party {self.party}, step {step!r}: frame from party {peer}"
@@ -523,6 +530,17 @@ class LockstepTransport(Transport):
         """:meth:`Transport.exchange_words` with :meth:`_send_words` and :meth:`_recv_words` written in (the
         same checks, frames, counters and waits; no deadline: a wait never blocks the thread). A round of
         the guard is a few of these per party: the two calls per message were a tenth of the round's cost."""
+        return self._round(send, recv, True)
+
+    def exchange_owned(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, np.ndarray]:
+        """:meth:`Transport.exchange_owned`: the send arrays go on the links as they are (no copy)."""
+        return self._round(send, recv, False)
+
+    def _round(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]], copy: bool
+    ) -> dict[int, np.ndarray]:
         steps = self._steps
         step = steps[-1] if steps else DEFAULT_STEP
         st = self._stats.get(step)
@@ -541,7 +559,8 @@ class LockstepTransport(Transport):
                 sent_seq[peer] = seq + 1
                 if net.abort_reason is not None:
                     raise self._aborted(peer, "sending to")
-                links[peer].append((_new_header(FrameHeader, (session, step, party, seq, words.shape)), words.copy()))
+                header = _new_header(FrameHeader, (session, step, party, seq, words.shape))
+                links[peer].append((header, words.copy() if copy else words))
                 net.sent += 1
                 sent[peer] = sent.get(peer, 0) + 8 * words.size
         if not recv:
