@@ -500,7 +500,7 @@ class LockstepNetwork:
 
 class LockstepTransport(Transport):
     """Party ``party``'s endpoint on a :class:`LockstepNetwork`. Payloads are copied on send (numpy words
-    on the links)."""
+    on the links), except those handed over by :meth:`exchange_owned`."""
 
     def __init__(self, network: LockstepNetwork, party: int):
         super().__init__(party, network.session, network.timeout)
