@@ -76,14 +76,16 @@ class WordStream:
     ``take(n)`` returns keystream words [drawn, drawn + n) whatever the buffering, so two
     objects built from the same key return identical words for identical sequences of draws.
     Small draws are served from a pre-generated chunk (one AES call per chunk instead of per
-    draw: the protocols draw a few words per round). The keystream is written straight into a
+    draw: the protocols draw a few words per round). A chunk of 16 Ki words: with 4 Ki, a quarter of
+    the guard's draws (about a thousand words each) straddled two chunks and were copied together;
+    the AES work per word is the same whatever the chunk. The keystream is written straight into a
     fresh buffer (``update_into``), viewed as a numpy int64 array, and handed out as zero-copy
     slices: a chunk is never written again once generated, and no word is handed out twice.
     """
 
     __slots__ = ("_enc", "_buf", "_pos", "drawn")
 
-    CHUNK = 4096  # words
+    CHUNK = 1 << 14  # words (128 KiB: a draw rarely straddles two chunks)
 
     def __init__(self, key: bytes):
         if len(key) != KEY_BYTES:
@@ -174,6 +176,8 @@ class Randomness:
             # Label by key index j, so both holders of k_j derive the same session key.
             self._streams[i % 3] = WordStream(derive_key(keys.own, f"k{i % 3}", session_id))
             self._streams[(i + 1) % 3] = WordStream(derive_key(keys.next_key, f"k{(i + 1) % 3}", session_id))
+        # F_{k_i}'s and F_{k_{i+1}}'s take, for the correlated draws (a few per round: no lookups)
+        self._pair = (self._streams[i % 3].take, self._streams[(i + 1) % 3].take) if self._streams else None
         self._common = WordStream(derive_key(keys.common, "common", session_id)) if keys.common else None
         self._private = WordStream(derive_key(keys.private, f"private{i}", session_id))
 
@@ -208,18 +212,20 @@ class Randomness:
     # ---- correlated draws -------------------------------------------------------------------
     def pair_np(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(F_{k_i}, F_{k_{i+1}}), n words each: this party's two slots of a fresh random RSS sharing."""
-        i = self.party
-        return self.key_stream_np(i, n), self.key_stream_np(i + 1, n)
+        if self._pair is None:  # raises: this party holds no key pair
+            return self.key_stream_np(self.party, n), self.key_stream_np(self.party + 1, n)
+        own, nxt = self._pair
+        return own(n), nxt(n)
 
     def zero_share_np(self, n: int) -> np.ndarray:
         """alpha_i = F_{k_i} - F_{k_{i+1}}, n words; the three parties' alphas sum to 0 mod 2^64 (the caller
         owns them)."""
-        own, nxt = self.pair_np(n)
+        own, nxt = self.pair_np(n) if self._pair is None else (self._pair[0](n), self._pair[1](n))
         return np.subtract(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
     def zero_share_xor_np(self, n: int) -> np.ndarray:
         """beta_i = F_{k_i} xor F_{k_{i+1}}, n words; the three parties' betas XOR to 0 (the caller owns them)."""
-        own, nxt = self.pair_np(n)
+        own, nxt = self.pair_np(n) if self._pair is None else (self._pair[0](n), self._pair[1](n))
         return np.bitwise_xor(own, nxt, out=own)  # own's words are consumed: reuse their memory
 
 

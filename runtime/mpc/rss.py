@@ -267,20 +267,24 @@ class RSSEngine(Engine):
         key, so pairs stay in step. Overhead: a generator resume per call and round (~1 us)."""
         gens = [self._stepwise(c) for c in calls]
         results: list[Any] = [None] * len(gens)
-        pending: dict[int, tuple[Any, Any]] = {}
+        live: list[int] = []  # the calls that posted a round, in call order ...
+        posted: list[tuple[Any, Any]] = []  # ... and their rounds' (send, recv)
         for i, g in enumerate(gens):
             try:
-                pending[i] = next(g)
+                posted.append(next(g))
+                live.append(i)
             except StopIteration as stop:
                 results[i] = stop.value
-        while pending:
-            replies = _merged_exchange(self.transport, [(i, m[0], m[1]) for i, m in pending.items()])
-            for i in list(pending):
+        transport = self.transport
+        while posted:
+            replies = _merged_exchange(transport, posted)
+            was, live, posted = live, [], []
+            for i, reply in zip(was, replies, strict=True):
                 try:
-                    pending[i] = gens[i].send(replies[i])
+                    posted.append(gens[i].send(reply))
+                    live.append(i)
                 except StopIteration as stop:
                     results[i] = stop.value
-                    del pending[i]
         return results
 
     def fork(self, *branches: Callable[[], Any]) -> list[Any]:
@@ -303,7 +307,6 @@ class RSSEngine(Engine):
         proxy = outer if isinstance(outer, _ForkTransport) else _ForkTransport(outer)
         driver = greenlet.getcurrent()
         results: list[Any] = [None] * len(branches)
-        pending: dict[int, tuple[Any, Any]] = {}
         idle = self._runners
         lets = [idle.pop() if idle else greenlet.greenlet(_run_branches) for _ in branches]
         for g in lets:
@@ -311,15 +314,27 @@ class RSSEngine(Engine):
             proxy.drivers[g] = driver
         self.transport = proxy
         running: set[int] = set()  # branches started and not finished: suspended in a round
+        live: list[int] = []  # the branches that posted a round, in branch order ...
+        posted: list[tuple[Any, Any]] = []  # ... and their rounds' (send, recv)
         try:
             for i, (g, body) in enumerate(zip(lets, branches, strict=True)):
                 running.add(i)
-                _post(i, g.switch((driver, body, results, i)), pending, running)
-            while pending:
-                replies = _merged_exchange(proxy, [(i, m[0], m[1]) for i, m in pending.items()])
-                live, pending = pending, {}
-                for i in live:
-                    _post(i, lets[i].switch(replies[i]), pending, running)
+                msg = g.switch((driver, body, results, i))
+                if msg[0] is _DONE or msg[0] is _FAILED:
+                    _ended(i, msg, running)
+                else:
+                    posted.append(msg)
+                    live.append(i)
+            while posted:
+                replies = _merged_exchange(proxy, posted)
+                was, live, posted = live, [], []
+                for i, reply in zip(was, replies, strict=True):
+                    msg = lets[i].switch(reply)
+                    if msg[0] is _DONE or msg[0] is _FAILED:
+                        _ended(i, msg, running)
+                    else:
+                        posted.append(msg)
+                        live.append(i)
         except BaseException:
             for i in running:  # unwind the branches still suspended in a round, here rather than at collection
                 if not lets[i].dead:
@@ -929,7 +944,15 @@ class _ForkTransport:
         driver = self.drivers.get(greenlet.getcurrent())
         if driver is None:
             return self.real.exchange_words(send, recv)
-        return driver.switch((_ROUND, send, recv))
+        return driver.switch((send, recv))  # a round: (send, recv); an end: (_DONE,) or (_FAILED, exc)
+
+    def exchange_owned(self, send: Mapping[int, np.ndarray],
+                       recv: Mapping[int, tuple[int, ...]]) -> dict[int, np.ndarray]:
+        """:meth:`Transport.exchange_owned` (a branch's round is merged by its driver: the arrays are copied there)."""
+        driver = self.drivers.get(greenlet.getcurrent())
+        if driver is None:
+            return self.real.exchange_owned(send, recv)
+        return driver.switch((send, recv))
 
     def exchange(self, send: Mapping[int, torch.Tensor],
                  recv: Mapping[int, tuple[int, ...]]) -> dict[int, torch.Tensor]:
@@ -944,7 +967,7 @@ class _ForkTransport:
         return getattr(self.real, name)
 
 
-_ROUND, _DONE, _FAILED = object(), object(), object()
+_DONE, _FAILED = object(), object()
 
 
 _FINISHED = (_DONE,)
@@ -964,35 +987,35 @@ def _run_branches(task: tuple[Any, Callable[[], Any], list[Any], int]) -> None:
             msg = _FINISHED
         except greenlet.GreenletExit:
             raise
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the driver (_post)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the driver (_ended)
             msg = (_FAILED, exc)
         del body, results
         task = driver.switch(msg)
 
 
-def _post(i: int, msg: tuple[Any, ...], pending: dict[int, tuple[Any, Any]], running: set[int]) -> None:
-    """Record what branch ``i`` handed its driver: a round to merge, or its end (raising its error)."""
-    tag = msg[0]
-    if tag is _ROUND:
-        pending[i] = (msg[1], msg[2])
-        return
+def _ended(i: int, msg: tuple[Any, ...], running: set[int]) -> None:
+    """Branch ``i`` handed its driver its end: forget it (raising its error if it failed)."""
     running.discard(i)
-    if tag is _FAILED:
+    if msg[0] is _FAILED:
         raise msg[1]
 
 
 def _merged_exchange(
-    outer: Transport, posted: Sequence[tuple[int, Mapping[int, np.ndarray], Mapping[int, tuple[int, ...]]]]
-) -> dict[int, dict[int, np.ndarray]]:
-    """One real round for the rounds ``(call index, send, recv)`` that merged calls posted; returns each
-    call's received messages. Per peer, payloads go flattened and concatenated in call-index order, the
-    order in which every server lists them."""
+    outer: Transport, posted: Sequence[tuple[Mapping[int, np.ndarray], Mapping[int, tuple[int, ...]]]]
+) -> list[dict[int, np.ndarray]]:
+    """One real round for the rounds ``(send, recv)`` that merged calls posted (in call order); returns
+    each call's received messages, in the same order. Per peer, payloads go flattened and concatenated in
+    call order, the order in which every server lists them."""
     if len(posted) == 1:
-        i, send, recv = posted[0]
-        return {i: outer.exchange_words(send, recv)}
+        send, recv = posted[0]
+        return [outer.exchange_words(send, recv)]
     send_parts: dict[int, list[np.ndarray]] = {}
-    recv_parts: dict[int, list[tuple[int, tuple[int, ...], int]]] = {}
-    for i, send, recv in posted:
+    recv_parts: dict[int, list[tuple[dict[int, np.ndarray], tuple[int, ...], int]]] = {}
+    recv_total: dict[int, int] = {}
+    replies: list[dict[int, np.ndarray]] = []
+    for send, recv in posted:
+        reply: dict[int, np.ndarray] = {}
+        replies.append(reply)
         for peer, words in send.items():
             parts = send_parts.get(peer)
             if parts is None:
@@ -1000,17 +1023,27 @@ def _merged_exchange(
             else:
                 parts.append(words.reshape(-1))
         for peer, shape in recv.items():
+            n = numel(shape)
             parts = recv_parts.get(peer)
             if parts is None:
-                recv_parts[peer] = parts = []
-            parts.append((i, shape, numel(shape)))
-    merged_send = {peer: (ws[0] if len(ws) == 1 else np.concatenate(ws)) for peer, ws in send_parts.items()}
-    merged_recv = {peer: (sum(p[2] for p in parts),) for peer, parts in recv_parts.items()}
-    got = outer.exchange_words(merged_send, merged_recv)
-    out: dict[int, dict[int, np.ndarray]] = {i: {} for i, _, _ in posted}
+                recv_parts[peer] = [(reply, shape, n)]
+                recv_total[peer] = n
+            else:
+                parts.append((reply, shape, n))
+                recv_total[peer] += n
+    # a concatenation is this round's own array: handed over without the link's copy when every message is one
+    fresh = True
+    merged_send = {}
+    for peer, ws in send_parts.items():
+        if len(ws) == 1:
+            merged_send[peer], fresh = ws[0], False
+        else:
+            merged_send[peer] = np.concatenate(ws)
+    exchange = outer.exchange_owned if fresh else outer.exchange_words
+    got = exchange(merged_send, {peer: (n,) for peer, n in recv_total.items()})
     for peer, parts in recv_parts.items():
         flat, start = got[peer], 0
-        for i, shape, n in parts:
-            out[i][peer] = flat[start : start + n].reshape(shape)
+        for reply, shape, n in parts:
+            reply[peer] = flat[start : start + n].reshape(shape)
             start += n
-    return out
+    return replies
