@@ -230,8 +230,21 @@ class Transport(ABC):
         self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
     ) -> dict[int, np.ndarray]:
         """:meth:`exchange` on numpy int64 arrays: every round, also each :meth:`exchange`, is one call of
-        this. The protocols compute on numpy words (:mod:`siguard.runtime.mpc.rss`), so they skip the
-        conversions to torch and back (about 3 us per message). The received arrays are the caller's."""
+        this (or of :meth:`exchange_owned`). The protocols compute on numpy words
+        (:mod:`siguard.runtime.mpc.rss`), so they skip the conversions to torch and back (about 3 us per
+        message). The received arrays are the caller's."""
+        return self._exchange(send, recv, False)
+
+    def exchange_owned(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
+    ) -> dict[int, np.ndarray]:
+        """:meth:`exchange_words` for a caller that hands the send arrays over: it never reads or writes them
+        again (e.g. a concatenation made for this round), so a link may pass them on without a copy."""
+        return self._exchange(send, recv, True)
+
+    def _exchange(
+        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]], owned: bool
+    ) -> dict[int, np.ndarray]:
         steps = self._steps
         step = steps[-1] if steps else DEFAULT_STEP
         st = self._stats.get(step)
@@ -249,7 +262,7 @@ class Transport(ABC):
                 seq = sent_seq.get(peer, 0)
                 sent_seq[peer] = seq + 1
                 header = _new_header(FrameHeader, (session, step, party, seq, words.shape))
-                st.framing_bytes += self._send_words(peer, header, words)
+                st.framing_bytes += self._send_words(peer, header, words, owned)
                 sent[peer] = sent.get(peer, 0) + 8 * words.size
         if not recv:
             return {}
@@ -266,13 +279,6 @@ class Transport(ABC):
             out[peer] = words
         return out
 
-    def exchange_owned(
-        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
-    ) -> dict[int, np.ndarray]:
-        """:meth:`exchange_words` for a caller that hands the send arrays over: it never reads or writes them
-        again (e.g. a concatenation made for this round), so a link may pass them on without a copy."""
-        return self.exchange_words(send, recv)
-
     def _check_frame(self, peer: int, header: FrameHeader, seq: int, step: str, shape: tuple) -> None:
         """Raise the error that describes a mismatching frame (steps may differ with the client)."""
         where = f"party {self.party}, step {step!r}: frame from party {peer}"
@@ -286,9 +292,9 @@ class Transport(ABC):
             raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
 
     @abstractmethod
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
-        """Queue one frame to ``peer`` without blocking (the sender may reuse ``words`` after the round);
-        return the framing bytes it added."""
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
+        """Queue one frame to ``peer`` without blocking (unless ``owned``, the sender may reuse ``words`` after
+        the round: a link that keeps them must copy); return the framing bytes it added."""
 
     @abstractmethod
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
@@ -375,7 +381,7 @@ class InProcessTransport(Transport):
         self._put = {d: q.put for (s, d), q in network._links.items() if s == party}
         self._get = {s: q.get for (s, d), q in network._links.items() if d == party}
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
         if self.network.abort_reason is not None:
             raise TransportAborted(
                 f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
@@ -383,7 +389,7 @@ class InProcessTransport(Transport):
         # The copy: the sender may reuse its words after the round; the receiver owns its copy. It is
         # made by numpy, which keeps the GIL: torch's clone releases it, and a party thread that lets
         # go of the GIL in the middle of a round waits for another party's Python to give it back.
-        self._put[peer]((header, np.array(words, order="C", copy=True)))
+        self._put[peer]((header, words if owned else np.array(words, order="C", copy=True)))
         return 0
 
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
@@ -516,74 +522,13 @@ class LockstepTransport(Transport):
         return TransportAborted(f"party {self.party}: aborted while {doing} party {peer}: {net.abort_reason}",
                                 self.party, peer)
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
         net = self.network
         if net.abort_reason is not None:
             raise self._aborted(peer, "sending to")
-        self._out[peer].append((header, words.copy()))  # (a C-ordered copy)
+        self._out[peer].append((header, words if owned else words.copy()))  # (a C-ordered copy)
         net.sent += 1
         return 0
-
-    def exchange_words(
-        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
-    ) -> dict[int, np.ndarray]:
-        """:meth:`Transport.exchange_words` with :meth:`_send_words` and :meth:`_recv_words` written in (the
-        same checks, frames, counters and waits; no deadline: a wait never blocks the thread). A round of
-        the guard is a few of these per party: the two calls per message were a tenth of the round's cost."""
-        return self._round(send, recv, True)
-
-    def exchange_owned(
-        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
-    ) -> dict[int, np.ndarray]:
-        """:meth:`Transport.exchange_owned`: the send arrays go on the links as they are (no copy)."""
-        return self._round(send, recv, False)
-
-    def _round(
-        self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]], copy: bool
-    ) -> dict[int, np.ndarray]:
-        steps = self._steps
-        step = steps[-1] if steps else DEFAULT_STEP
-        st = self._stats.get(step)
-        if st is None:
-            st = self._stats[step] = StepStats()
-        st.rounds += 1
-        party, net, session = self.party, self.network, self.session
-        if send:
-            sent, sent_seq, links = st.sent, self._sent_seq, self._out
-            for peer, words in send.items():
-                if peer == party:
-                    raise ValueError(f"party {party} cannot send to itself")
-                if words.dtype is not _NP_INT64 and words.dtype != _NP_INT64:
-                    raise TypeError(f"party {party}: payloads are int64 words, got {words.dtype}")
-                seq = sent_seq.get(peer, 0)
-                sent_seq[peer] = seq + 1
-                if net.abort_reason is not None:
-                    raise self._aborted(peer, "sending to")
-                header = _new_header(FrameHeader, (session, step, party, seq, words.shape))
-                links[peer].append((header, words.copy() if copy else words))
-                net.sent += 1
-                sent[peer] = sent.get(peer, 0) + 8 * words.size
-        if not recv:
-            return {}
-        out: dict[int, np.ndarray] = {}
-        received, recv_seq, links = st.received, self._recv_seq, self._in
-        for peer, shape in recv.items():
-            seq = recv_seq.get(peer, 0)
-            recv_seq[peer] = seq + 1
-            link = links[peer]
-            if not link:
-                net.waiting[party] = peer
-                while not link:
-                    if net.abort_reason is not None:
-                        raise self._aborted(peer, "waiting for")
-                    net._scheduler.switch()
-                del net.waiting[party]
-            header, words = link.popleft()
-            if header[3] != seq or header[1] != step or header[2] != peer or header[4] != shape or header[0] != session:
-                self._check_frame(peer, header, seq, step, tuple(shape))
-            received[peer] = received.get(peer, 0) + 8 * words.size
-            out[peer] = words
-        return out
 
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
         link = self._in[peer]

@@ -55,7 +55,8 @@ class _Rehearsal(Transport):
             out[peer] = np.array(mine, dtype=np.int64) if mine is not None else np.zeros(shape, dtype=np.int64)
         return out
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:  # pragma: no cover
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray,
+                    owned: bool = False) -> int:  # pragma: no cover
         raise NotImplementedError("a rehearsal sends nothing")
 
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:  # pragma: no cover
