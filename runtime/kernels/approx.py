@@ -155,19 +155,20 @@ def msb_many_with(e: Engine, xs: Sequence[Secret], bounds: Sequence[tuple[int, i
                   calls: Sequence[tuple] = ()) -> tuple[list[Bits], list]:
     """:func:`msb_many`, with further :meth:`Engine.parallel` calls (e.g. ``(e.trunc, x, d)``) run in the same
     rounds; returns (the bits per operand, the calls' results)."""
-    bounds = [None] * len(xs) if bounds is None else [None if b is None else (int(b[0]), int(b[1])) for b in bounds]
-    groups: dict[tuple[int, int] | None, list[int]] = {}
-    for i, b in enumerate(bounds):
-        groups.setdefault(b, []).append(i)
-    packed = []
-    for idx in groups.values():
-        if len(idx) == 1:  # nothing to batch (same words; only the message keeps x's shape)
-            packed.append((xs[idx[0]], None))
+    if bounds is None or len(set(bounds)) == 1:  # one group: one call
+        b = () if bounds is None or bounds[0] is None else tuple(bounds[0])
+        y, shapes = (xs[0], None) if len(xs) == 1 else pack(e, xs)
+        if calls:
+            bits, *rest = e.parallel((e.msb, y, *b), *calls)
         else:
-            packed.append(pack(e, [xs[i] for i in idx]))
-    msb_calls = [(e.msb, y) if b is None else (e.msb, y, *b) for (y, _), b in zip(packed, groups, strict=True)]
-    all_calls = msb_calls + list(calls)
-    results = [e.msb(*all_calls[0][1:])] if len(all_calls) == 1 else e.parallel(*all_calls)
+            bits, rest = e.msb(y, *b), []
+        return ([bits] if shapes is None else _unpack_bits(e, bits, shapes)), rest
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, bound in enumerate(bounds):
+        groups.setdefault(None if bound is None else tuple(bound), []).append(i)
+    packed = [(xs[idx[0]], None) if len(idx) == 1 else pack(e, [xs[i] for i in idx]) for idx in groups.values()]
+    msb_calls = [(e.msb, y, *(b or ())) for (y, _), b in zip(packed, groups, strict=True)]
+    results = e.parallel(*msb_calls, *calls)
     out: list[Bits] = [None] * len(xs)
     for (_y, shapes), idx, bits in zip(packed, groups.values(), results, strict=False):
         pieces = [bits] if shapes is None else _unpack_bits(e, bits, shapes)

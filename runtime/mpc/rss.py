@@ -33,6 +33,7 @@ matrix of a kernel, its float64 limbs) is prepared once per engine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -77,6 +78,14 @@ _CARRY_TREE = tuple((d, _positions_mask(2 * d, 2 * d - 1), _positions_mask(2 * d
 _NP_LOW63 = np.int64(_LOW63)
 _NP_SIGN = np.int64(SIGN_BIT)
 _NP_CARRY_TREE = tuple((d, np.int64(hi), np.int64(lo)) for d, hi, lo in _CARRY_TREE)
+
+
+@functools.lru_cache(maxsize=8)
+def _lane_masks(lanes: int) -> tuple[np.int64, np.int64]:
+    """(bit 0 of every lane, the top bit of every lane) for ``lanes`` lanes of 64 / lanes bits."""
+    size = 64 // lanes
+    return (np.int64(_ring_int(sum(1 << (t * size) for t in range(lanes)))),
+            np.int64(_ring_int(sum(1 << (t * size + size - 1) for t in range(lanes)))))
 
 # Elementwise protocol arithmetic runs on numpy views of the share tensors: on the small tensors
 # of a protocol round a numpy op costs about a third of a torch op (and keeps the GIL), and the
@@ -793,32 +802,30 @@ class RSSEngine(Engine):
 
         Local: every slot (a share component) becomes v_j = (lshr(x_j, drop) mod 2^w) << (L - w), the w low
         bits of y_j at the top of an L = 2^levels bit lane (docs/protocols.md §5a), and ``lanes`` = 64 / L
-        elements share a word (element t of a word in bits tL .. tL + L - 1; the padding is 0). Then the
-        rounds of :meth:`_msb_steps` lane by lane: the full adder (the shifted carry cleared at every lane's
-        bit 0, so no carry crosses into the next lane), the generate round, and ``levels`` levels of the
-        carry-out tree, whose blocks (2d <= L, aligned) never cross a lane; each lane's top bit plays the
-        part of bit 63 (g := 0, p := 1). msb = p_top ^ G_top per lane."""
+        elements share a word: with nw words, element t nw + i sits in lane t (bits tL .. tL + L - 1) of word i
+        (the padding is 0). Then the rounds of :meth:`_msb_steps` lane by lane: the full adder (the shifted
+        carry cleared at every lane's bit 0, so no carry crosses into the next lane), the generate round,
+        and ``levels`` levels of the carry-out tree, whose blocks (2d <= L, aligned) never cross a lane;
+        each lane's top bit plays the part of bit 63 (g := 0, p := 1). msb = p_top ^ G_top per lane."""
         shape = tuple(x.shape)
         n = numel(shape)
         L = 64 // lanes
         nw = -(-n // lanes)
         prev, nxt = self.prev, self.next
         recv = {nxt: (nw,)}
-        lane_low = np.int64(_ring_int(sum(1 << (t * L) for t in range(lanes))))
-        lane_top = np.int64(_ring_int(sum(1 << (t * L + L - 1) for t in range(lanes))))
+        lane_low, lane_top = _lane_masks(lanes)
         beta = self.rand.zero_share_xor_np((2 + levels) * nw).reshape(2 + levels, nw)
-        v = np.zeros((2, nw * lanes), dtype=np.int64)
-        v[0, :n] = _arr(x.a).reshape(-1)
-        v[1, :n] = _arr(x.b).reshape(-1)
+        u = np.empty((2, nw * lanes), dtype=np.uint64)
+        u[0, :n] = _arr(x.a).reshape(-1).view(np.uint64)
+        u[1, :n] = _arr(x.b).reshape(-1).view(np.uint64)
+        u[:, n:] = 0
         if drop:
-            v >>= drop  # arithmetic; the fill above bit 63 - drop is masked off below (w <= 64 - drop)
-        v &= (1 << width) - 1
-        v <<= L - width
-        if lanes == 1:
-            s = v
-        else:
-            shifts = (np.arange(lanes, dtype=np.int64) * L).reshape(1, 1, lanes)
-            s = np.bitwise_or.reduce(v.reshape(2, nw, lanes) << shifts, axis=2)
+            u >>= np.uint64(drop)  # logical: y_j = lshr(x_j, drop)
+        u <<= np.uint64(64 - width)  # y_j's w low bits at the top of the word, zeros below
+        s = u[:, (lanes - 1) * nw:].copy()  # the top lane: already in place
+        for t in range(lanes - 1):  # lane t: shifted down to bits tL + L - w .. tL + L - 1
+            s |= u[:, t * nw:(t + 1) * nw] >> np.uint64(64 - L * (t + 1))
+        s = s.view(np.int64)
         c_shift = np.empty_like(s)
         majority = c_shift[0]
         np.bitwise_and(s[0], s[1], out=majority)
@@ -853,13 +860,11 @@ class RSSEngine(Engine):
             out <<= d
             prop, out = out, prop
         top ^= gen
-        if lanes == 1:
-            bits_ = (top >> 63) & 1
-        else:
-            tops = (np.arange(lanes, dtype=np.int64) * L + L - 1).reshape(1, 1, lanes)
-            bits_ = ((top.reshape(2, nw, 1) >> tops) & 1).reshape(2, nw * lanes)[:, :n]
-        bits_ = np.ascontiguousarray(bits_)
-        return BoolShares(_tensor(bits_[0], shape), _tensor(bits_[1], shape))
+        bits_ = np.empty((2, nw * lanes), dtype=np.int64)
+        for t in range(lanes):
+            np.right_shift(top, t * L + L - 1, out=bits_[:, t * nw:(t + 1) * nw])
+        bits_ &= 1
+        return BoolShares(_tensor(bits_[0, :n], shape), _tensor(bits_[1, :n], shape))
 
     def _xorpublic_tensor(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
         if c.dim() == 0 or c.shape == b.a.shape:  # no broadcasting beyond b: touch component 0 only
