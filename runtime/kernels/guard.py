@@ -506,8 +506,8 @@ class _SignBounds:
       (conservative: an r_j in (1 - 2^-30, 1] may read as a violation, none above 1 is missed), and the label's
       own entry, exactly 0, is raised by 2^(drop+1) (it must never read as a violation).
     * ``layer2`` -- D (h1 W2 + b2) at scale 2f: D_max 2^h2_bound_bits; m = 40, band 2^10 = 2^-22.
-    * ``score`` -- D a, margin D -+ D a at scale 2f: D_max (2^score_bound_bits + margin); m = 43 by default,
-      band 2^13 = 2^-19 (D a carries the truncation errors of two layers, about 2^-14).
+    * ``score`` -- D a, margin D -+ D a at scale 2f: D_max (2^score_bound_bits + margin); m = 42 by default,
+      band 2^12 = 2^-20 (D a carries the truncation errors of two layers, about 2^-14).
     * ``direction`` -- S' = S_c +- S_h + 2^(B_S + 1) H + 2^-TIE_BITS + 2^(drop+1) at scale qs - shift + f with
       |S| < 2^B_S (:func:`s_shift`): |S'| < 2^(B_S + 2), m = B_S + 3 (63 when B_S = 60). The public 2^(drop+1)
       moves the band below the tie: S >= -2^-TIE_BITS reads non-negative as before (an exact 0 stays +1), and
