@@ -28,8 +28,8 @@ Every round before a query's first success has failed, so running the rounds as 
 candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
 instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
 power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
-costs 40 rounds (the sign tests run on 32 bits where the guard pass gives a public bound), the guard
-64 + 40 T + 42 for R x T candidates (1,106 at the default 10 x 25).
+costs 38 rounds (the sign tests run on 32 bits where the guard pass gives a public bound), the guard
+64 + 38 T + 36 for R x T candidates (1,050 at the default 10 x 25).
 
 The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
@@ -540,6 +540,17 @@ class _SignBounds:
         return e.add(x, _t(2 << bound[1])) if bound is not None and bound[1] else x
 
 
+def _step_constants(lr: float, f: int) -> tuple[int, int]:
+    """((U + V) / 2, (U - V) / 2) for the integers U ~ (e^(2 lr) - 1) 2^f and V ~ (e^(-2 lr) - 1) 2^f of a sign step
+    (:func:`_guard_parallel`'s update), rounded to the nearest pair with U + V even so that both halves are
+    integers: each factor 1 + U 2^-f, 1 + V 2^-f within 2^-f of e^(+-2 lr) (2^-(f+1) where plain rounding already
+    gives an even sum)."""
+    u, v = (math.exp(2 * lr) - 1) * 2**f, (math.exp(-2 * lr) - 1) * 2**f
+    pairs = [(a, b) for a in (math.floor(u), math.ceil(u)) for b in (math.floor(v), math.ceil(v)) if (a + b) % 2 == 0]
+    a, b = min(pairs, key=lambda p: (max(abs(p[0] - u), abs(p[1] - v)), abs(p[0] - u) + abs(p[1] - v)))
+    return (a + b) // 2, (a - b) // 2
+
+
 def _tile(e: Engine, x: Secret, n: int) -> Secret:
     """(B, ...) -> (n B, ...): the candidates' rows, candidate r at rows r B .. (r + 1) B - 1."""
     return e.local(lambda t: t.repeat(n, *([1] * (t.dim() - 1))), x)
@@ -598,8 +609,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     2^-RATIO_FLOOR_BITS), so r_l = 1 and no step normalises (the step's products use r with r_l masked out):
 
     * a sign step moves u by -lr sgn(g): r_j <- r_j e^(2 lr (b_j - b_l)) with b = [g < 0], i.e. times
-      e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one AND round, one mul_bit
-      (exact), one truncation;
+      e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one mul_bit of r with
+      b_j xor b_l, b_j and b_l (no AND: :func:`_step_constants`), one truncation;
     * the label check is r_j > 1 (local); sgn(q - p) = sgn(r D0 - r0 D) with D = sum r (products), for the
       label sgn(D0 - D);
     * h is positively homogeneous in (x, biases): D h(r / D) = h'(r) with every bias times D, so the
@@ -612,12 +623,15 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
       S_c + S_h respectively (one mul_bit call for both halves, so the choice costs no round of its own);
     * every sign test with a public bound (:class:`_SignBounds`) runs on 32 bits: 7 rounds instead of 8.
     Every candidate is normalised, q_c = r_c / D_c, while the last iteration runs (:func:`_recip_goldschmidt`
-    in a fork beside it); the selection then picks the released q directly.
+    in a fork beside it, with the part of the selection the earlier steps decide); the selection then picks
+    the released q directly.
 
     Rounds per step (with the guard pass's bounds): products 1, msb || trunc 7, mul_bit 2, matmul 1,
-    msb || trunc 7, mul_bit 2, then three branches in one fork (score 1 + msb 7 | backward 7 | hinge bits
-    4 + b2a 2 + products 1) 8, the sign test of S_c + S_h and S_c - S_h 7 (r split by [a < 0] into the halves
-    each sign moves, in the same rounds: no mux round), AND 1, mul_bit 2, trunc 2: 40.
+    msb 7 || (trunc 2, the score's products x2 w3 1), mul_bit 2 (ReLU'(x2) x2 w3, whose sum is D a), then three
+    branches in one fork (score msb 7 | backward 7 | hinge bits 4 + b2a 2 + products 1) 7, the sign test of
+    S_c + S_h and S_c - S_h 7 (r split by [a < 0] into the halves each sign moves, in the same rounds: no mux
+    round), mul_bit 2, trunc 2: 38. Final: the last evaluation 27 (beside it the normalisation 26 and the
+    earlier steps' selection 11), the last steps' selection 7, the selecting mul_bit 2: 36.
     See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
@@ -647,20 +661,19 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     def label_row() -> Secret:  # W1's row of the label, (B, H1): the label's column of the backward pass
         return e.matmul(onehot, W1)
 
-    def scaled_w3() -> Secret:  # c1 w3 laid out as rows: the backward pass starts from c1 h
+    def scaled_w3() -> tuple[Secret, Secret]:  # w3 laid out as rows, and c1 w3: the backward pass starts from c1 h
         row = _w3_row(e, w3, (n, H2))
-        return row if cfg.c1 == 1.0 else e.mul_public_real(row, cfg.c1)
+        return row, row if cfg.c1 == 1.0 else e.mul_public_real(row, cfg.c1)
 
     shift = s_shift(cfg, k, f)
-    (r0, d0, r0_32, r0_s), w1l, w3c_row = e.fork(fix_label, label_row, scaled_w3)
+    (r0, d0, r0_32, r0_s), w1l, (w3_row, w3c_row) = e.fork(fix_label, label_row, scaled_w3)
     r0t, d0t, r0t_32, r0t_s, onehot_t, w1l_t = (_tile(e, v, R) for v in (r0, d0, r0_32, r0_s, onehot, w1l))
     b_row = e.local(lambda a, b, c: torch.cat([a, b, c]).reshape(1, -1), b1, b2, b3)
     w2_t = e.local(lambda v: v.t().contiguous(), W2)
     w1_t = e.local(lambda v: v.t().contiguous(), W1)
     lrs = [cfg.lr * cfg.lr_growth**i for i in range(R)]
-    col = lambda vals: torch.tensor([round(v * 2**f) for v in vals for _ in range(B)],  # noqa: E731
-                                    dtype=torch.int64).reshape(n, 1)
-    up, down = col([math.exp(2 * x) - 1 for x in lrs]), col([math.exp(-2 * x) - 1 for x in lrs])
+    half_sum, half_diff = (torch.tensor([c[i] for c in map(_step_constants, lrs, [f] * R) for _ in range(B)],
+                                        dtype=torch.int64).reshape(n, 1) for i in (0, 1))
     c3_ring = _t(round(cfg.c3 * 2**f))
     margin_ring = _t(round(cfg.margin * 2**f))
     tie_48 = _t(1 << (qs + f - TIE_BITS))
@@ -689,15 +702,18 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         (m1, m_sig, m_sig_l, viol), (x1,) = msb_many_with(e, checks, bounds, [(e.trunc, pre1, qs)])
         h1 = e.mul_bit(x1, e.bit_not(m1))
         pre2 = e.add(e.matmul(h1, W2), bd2)
-        (m2,), (x2,) = msb_many_with(e, [sb.nonneg(e, pre2, sb.layer2)], [sb.layer2], [(e.trunc, pre2, f)])
+        # the score's products x2 w3 (scale 2f) run inside the sign test's rounds (truncation 2 + mul 1), so that
+        # the ReLU's mul_bit gives relu(x2) w3 directly: D a = sum_h ReLU'(x2_h) x2_h w3_h + D b3, no matmul after
+        m2, xw = e.fork(lambda: msb_many(e, [sb.nonneg(e, pre2, sb.layer2)], [sb.layer2])[0],
+                        lambda: e.mul(e.trunc(pre2, f), w3_row))
         d2 = e.bit_not(m2)
         if last:
-            h2, y = e.mul_bit(x2, d2), None
+            hw, y = e.mul_bit(xw, d2), None
         else:
-            h2, y = mul_bit_many(e, [x2, w3c_row], [d2, d2])
+            hw, y = mul_bit_many(e, [xw, w3c_row], [d2, d2])
 
         def score() -> list[Bits]:
-            da = e.add(e.matmul(h2, w3), bd3)  # D a, scale 2f
+            da = e.add(e.local(lambda v: v.sum(-1, keepdim=True), hw), bd3)  # D a, scale 2f
             if tiers == ("sign",):
                 return msb_many(e, [sb.nonneg(e, da, sb.score)], [sb.score])
             md = e.mul(d, margin_ring)  # margin D, scale 2f
@@ -751,15 +767,41 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     valids: list[list[Bits]] = [[] for _ in tiers]  # per tier and step: the validator's test (n, 1)
     s0: Bits | None = None
     qs_norm: list[Secret] = []
+    nt, N = len(tiers), R * (T + 1)
+    blocks = nt * R  # a block: the T + 1 steps of one (tier, round); candidates in (tier, round, step) order
+
+    def ok_bits(anys: list[Bits], vals: list[list[Bits]], steps: int) -> Bits:
+        """[no violation and valid] of ``steps`` steps, (B, blocks, steps) in (tier, round, step) order: 1 AND."""
+        ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anys, -1)] * nt, -1)),
+                       e.bit_cat([e.bit_cat(v, -1) for v in vals], -1))  # (n, nt steps)
+        return e.bit_local(lambda v: v.reshape(R, B, nt, steps).permute(1, 2, 0, 3).reshape(B, blocks, steps), ok)
+
+    def exclusive(seen: Bits) -> Bits:
+        """An inclusive prefix OR shifted by one along the last axis: [some earlier position is set]."""
+        return e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[..., :1], seen)),
+                          e.bit_local(lambda v: v[..., :-1], seen)], -1)
+
+    def early_selection(anys: list[Bits], vals: list[list[Bits]]) -> tuple[Bits, Bits, Bits]:
+        """The selection's part that the steps before the last decide (beside the last evaluation: AND 1, prefix
+        OR over the B x blocks T earlier candidates 9, AND 1): per earlier candidate ok and no earlier ok among
+        them (B, blocks T); per block, some ok among the earlier candidates up to its last step (B, blocks);
+        some ok at all (B, 1)."""
+        ok = e.bit_local(lambda v: v.reshape(B, blocks * T), ok_bits(anys, vals, T))
+        seen = _prefix_or(e, ok)
+        alone = e.bit_and(ok, e.bit_not(exclusive(seen)))
+        block_seen = e.bit_local(lambda v: v.reshape(B, blocks, T)[:, :, T - 1].contiguous(), seen)
+        return alone, block_seen, e.bit_local(lambda v: v[:, -1:].contiguous(), seen)
+
     for t in range(T + 1):
         last = t == T
         _report(e, t, T + 1)
         history.append(r)
         dhist.append(d)
-        if last:  # every candidate's normalisation (and p's) runs beside the last evaluation
-            (sbits, (anyv, hv, s_c, s_h), r_other), qs_norm = e.fork(
+        if last:  # every candidate's normalisation (and p's) and the earlier steps' selection run beside it
+            (sbits, (anyv, hv, s_c, s_h), r_other), qs_norm, (alone_e, block_seen, any_e) = e.fork(
                 lambda r=r, r32=r32, r_s=r_s, d=d: evaluate(r, r32, r_s, d, True),
-                lambda: normalise([*history, r0], [*dhist, d0]))
+                lambda: normalise([*history, r0], [*dhist, d0]),
+                lambda a=list(anyvs), v=[list(x) for x in valids]: early_selection(a, v))
         else:
             sbits, (anyv, hv, s_c, s_h), r_other = evaluate(r, r32, r_s, d, False)
         m_a = sbits[0]
@@ -781,15 +823,16 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
             lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)], [sb.direction] * 2),
             lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
         r_pos = e.sub(r_other, r_neg)
-        # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
-        bj = e.bit_cat([e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)], -1)
-        bl = e.bit_cat([e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)], -1)
-        xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))  # (n, 4k)
-        # xy's blocks: x of pos, x of neg, y of pos, y of neg
-        parts = [e.bit_local(lambda v, i=i: v[:, i * k:(i + 1) * k].contiguous(), xy) for i in range(4)]
-        xp, xn, yp, yn = mul_bit_many(e, [r_pos, r_neg, r_pos, r_neg], parts)
-        rx, ry = e.add(xp, xn), e.add(yp, yn)
-        incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
+        # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l (x), r_j e^(-2 lr) where b_l and not b_j (y).
+        # With s = b_j xor b_l (local): x = (s + b_j - b_l) / 2 and y = (s - b_j + b_l) / 2, so
+        # r (U x + V y) = ((U + V) / 2) r s + ((U - V) / 2) (r b_j - r b_l): three products with a bit, in ONE
+        # mul_bit call with both halves of r, and no AND round (U, V: e^(+-2 lr) - 1 at scale f, U + V even)
+        bj = [e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)]
+        bl = [e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)]
+        sx = [e.bit_xor(a, b) for a, b in zip(bj, bl, strict=True)]
+        sp, sn, jp, jn, lp, ln = mul_bit_many(e, [r_pos, r_neg] * 3, [*sx, *bj, *bl])
+        rsx, rdiff = e.add(sp, sn), e.sub(e.add(jp, jn), e.add(lp, ln))
+        incr = e.add(e.mul(rsx, half_sum), e.mul(rdiff, half_diff))  # scale qr + f
         wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
         dsum = e.local(lambda v: v.sum(-1, keepdim=True), wide_r)
         inc, d, r32, r_s = e.parallel((e.trunc, incr, f), (e.trunc, dsum, qr), (e.trunc, wide_r, qr + f - qs),
@@ -797,15 +840,20 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         r = e.add(r, inc)
 
     # ---- final selection: the first success in (tier, round, step) order, else p ---------------------------
-    nt, N = len(tiers), R * (T + 1)
-    ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anyvs, -1)] * nt, -1)),
-                   e.bit_cat([e.bit_cat(v, -1) for v in valids], -1))  # (n, nt (T + 1))
-    ok = e.bit_local(lambda v: v.reshape(R, B, nt, T + 1).permute(1, 2, 0, 3).reshape(B, nt * N), ok)
-    ok = e.bit_cat([ok, e.bit_not(_zero_bits(e, e.bit_local(lambda v: v[:, :1], ok)))], -1)  # p: always "ok"
-    seen = _prefix_or(e, ok)
-    before = e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[:, :1], seen)),
-                        e.bit_local(lambda v: v[:, :-1], seen)], -1)
-    first = e.bit_and(ok, e.bit_not(before))  # (B, nt N + 1): exactly one bit set per query
+    # candidate c of block beta is first iff ok_c, no earlier ok among the earlier steps (early_selection) and
+    # no ok last step in a block before beta; p iff no ok at all. OR distributes, so only the last steps' prefix
+    # OR over the blocks is left: AND 1 (their ok), prefix OR 5 (20 blocks) || AND 1, AND 1
+    ok_l = e.bit_local(lambda v: v.reshape(B, blocks), ok_bits([anyvs[T]], [[v[T]] for v in valids], 1))
+    seen_l, alone_l = e.fork(lambda: _prefix_or(e, ok_l), lambda: e.bit_and(ok_l, e.bit_not(block_seen)))
+    not_before = e.bit_not(exclusive(seen_l))  # (B, blocks): no ok last step in an earlier block
+    first = e.bit_and(
+        e.bit_cat([alone_e, alone_l, e.bit_not(any_e)], -1),
+        e.bit_cat([e.bit_local(lambda v: v.unsqueeze(-1).expand(B, blocks, T).reshape(B, blocks * T), not_before),
+                   not_before, e.bit_not(e.bit_local(lambda v: v[:, -1:].contiguous(), seen_l))], -1))
+    first = e.bit_cat([e.bit_local(lambda v: torch.cat([v[:, :blocks * T].reshape(B, blocks, T),
+                                                         v[:, blocks * T:blocks * (T + 1)].reshape(B, blocks, 1)], -1)
+                                   .reshape(B, blocks * (T + 1)), first),
+                       e.bit_local(lambda v: v[:, -1:].contiguous(), first)], -1)  # (B, nt N + 1): one bit set
     q_steps, q_p = qs_norm[:-1], qs_norm[-1]
     stack = e.local(lambda *hs: torch.stack(hs, 0).reshape(T + 1, R, B, k).permute(2, 1, 0, 3)
                     .reshape(B, N, k).repeat(1, nt, 1), *q_steps)
