@@ -152,3 +152,18 @@ def test_goldschmidt_reciprocal_on_the_guard_range():
     _recip_goldschmidt(c, MetaShares(_meta((5, 1))), 1.0, hi, 20)
     assert c.total["rounds"] == 2 + 3 + 3 * 6 == 23
     assert math.isclose(hi, 10 * math.exp(2 * GuardConfig().lr_max) * 1.02)
+
+
+def test_step_constants_halve_exactly_and_stay_within_an_ulp():
+    """The update r (U x + V y) = ((U + V) / 2) r (b_j xor b_l) + ((U - V) / 2) (r b_j - r b_l) needs U + V even."""
+    from siguard.runtime.kernels.guard import _step_constants
+
+    cfg = GuardConfig()
+    for lr in [cfg.lr * cfg.lr_growth**i for i in range(cfg.rounds)] + [0.001, 0.5, 1.0]:
+        hs, hd = _step_constants(lr, 16)
+        U, V = hs + hd, hs - hd
+        assert abs(U - (math.exp(2 * lr) - 1) * 2**16) <= 1.0 and abs(V - (math.exp(-2 * lr) - 1) * 2**16) <= 1.0
+        for bj in (0, 1):
+            for bl in (0, 1):  # the factor of every case: e^(2 lr), e^(-2 lr) or 1
+                factor = 2**16 + hs * (bj ^ bl) + hd * (bj - bl)
+                assert factor == 2**16 + (U if (bj, bl) == (1, 0) else V if (bj, bl) == (0, 1) else 0)
