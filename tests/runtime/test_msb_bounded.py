@@ -163,3 +163,31 @@ def test_cost_engine_counts_bounded_msb():
 
     e.msb(MetaShares(_meta((10, 148))), 56, 25)
     assert e.total["rounds"] == 7 and e.total["bytes_per_party"] == [8 * 7 * 740] * 3
+
+
+def test_bounded_msb_views_do_not_depend_on_the_secret(monkeypatch):
+    """Every word a server receives in the bounded test (majority, generate and tree rounds, two lanes per word)
+    has the same distribution for a positive and a negative secret (test_security's criterion)."""
+    from tests.runtime.test_security import ALPHA, record_views, same_distribution
+
+    n, m, d = 20_000, 40, 9
+    runs = []
+    for secret in (1 << 30, -(1 << 30) + 12345):
+        views = record_views(monkeypatch)
+        x = torch.full((n,), secret, dtype=torch.int64)
+
+        def party(e):
+            X = e.input("client", None, (n,))
+            with e.transport.step("compute"):
+                e.msb(X, m, d)
+
+        run_threads(party, lambda c, x=x: c.share_input(x), timeout=60)
+        monkeypatch.undo()
+        runs.append(views)
+    for party in range(3):
+        a = [v for v in runs[0][party] if v[0] == "compute"]
+        b = [v for v in runs[1][party] if v[0] == "compute"]
+        assert len(a) == len(b) == 7 and all(v[2].numel() == n // 2 for v in a)
+        for k, ((_, peer, msg_a), (_, _, msg_b)) in enumerate(zip(a, b, strict=True)):
+            p = same_distribution(msg_a, msg_b)
+            assert p > ALPHA, f"P{party} message {k} from {peer} depends on the secret (p={p:.2g})"
