@@ -31,7 +31,7 @@ OUT = ROOT / "benchmarks" / "results" / "guard_flip_rate.json"
 
 def main(argv: list[str] | None = None) -> int:
     from siguard.core.config import GuardConfig
-    from siguard.passes.guard import gradient_bound_bits
+    from siguard.passes.guard import guard_bounds
     from siguard.privacy.datasets import load_dataset
     from siguard.privacy.defender import DefenderWeights, export_defender, to_probabilities, train_defender
     from siguard.privacy.memguard import softmax
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         x = data.x[np.concatenate([members[:250], outsiders])][: args.queries]
         logits = predict_onnx(target, x).astype(np.float64)
     base = GuardConfig()
-    cfg = GuardConfig.for_schedule(grad_bound_bits=gradient_bound_bits(w, base.c1, base.c3))
+    cfg = GuardConfig.for_schedule(**guard_bounds(w, base))
     f = 16
     p = softmax(logits)
 

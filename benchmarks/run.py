@@ -281,7 +281,7 @@ def measure_crypten(python: str, onnx_path: Path, x_shape: tuple[int, ...], repe
 def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") -> dict[str, Any]:
     """The guard alone on ``batch`` queries' logits (10 classes) between three parties (``scheduler``)."""
     from siguard.core.config import GuardConfig
-    from siguard.passes.guard import gradient_bound_bits
+    from siguard.passes.guard import guard_bounds
     from siguard.runtime.kernels.guard import secure_guard
     from siguard.runtime.mpc.inprocess import run_threads as run_parties
     from siguard.runtime.ring import encode
@@ -290,7 +290,7 @@ def guard_batch_cost(batch: int, guard_cfg: dict, scheduler: str = "threads") ->
     ws = [d.W1.T, d.b1, d.W2.T, d.b2, d.w3.T, d.b3]
     z = np.random.default_rng(1).normal(0, 3, (batch, 10))
     cfg = GuardConfig.for_schedule(**guard_cfg)
-    cfg = GuardConfig.for_schedule(**{**guard_cfg, "grad_bound_bits": gradient_bound_bits(d, cfg.c1, cfg.c3)})
+    cfg = GuardConfig.for_schedule(**{**guard_cfg, **guard_bounds(d, cfg)})  # the bounds the guard pass records
     timing: list[float] = []
 
     def party(e):

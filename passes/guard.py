@@ -16,7 +16,7 @@ from siguard.privacy.defender import DefenderWeights
 
 from .base import Pass, PassContext
 
-__all__ = ["InsertGuard", "GUARD_OUTPUT"]
+__all__ = ["InsertGuard", "GUARD_OUTPUT", "gradient_bound_bits", "activation_bound_bits", "guard_bounds"]
 
 GUARD_OUTPUT = "guarded_probs"
 
@@ -39,6 +39,9 @@ class InsertGuard(Pass):
     5. ``grad_bound_bits`` becomes the smallest b with c1 |grad h| + c3 < 2^b for every input, from the
        defender's weights: |dh/dx_i| <= sum_a |W1_ai| sum_b |W2_ba| |w3_b| (all ReLU masks open). Only
        this power of two is public; the parallel schedule's sign test takes its headroom from it.
+    6. ``h1_bound_bits``, ``h2_bound_bits``, ``score_bound_bits`` become powers of two bounding the defender's
+       two hidden pre-activations and its score over every probability vector (:func:`activation_bound_bits`):
+       the parallel schedule's sign tests of them run on 32 bits (7 rounds instead of 8).
     """
 
     name = "guard"
@@ -80,7 +83,7 @@ class InsertGuard(Pass):
                                       data=np.ascontiguousarray(arr, dtype=np.float64)))
             names.append(v.name)
         graph.add_value(Value(GUARD_OUTPUT, tuple(shape)))
-        self.config = replace(self.config, grad_bound_bits=gradient_bound_bits(d, self.config.c1, self.config.c3))
+        self.config = replace(self.config, **guard_bounds(d, self.config))
         attrs = {k_: v for k_, v in asdict(self.config).items()}
         node = Node("guard", "guard", [logits, *names], [GUARD_OUTPUT], attrs,
                     impl=f"memguard-{self.config.schedule}", source="SIGuard guard")
@@ -100,3 +103,31 @@ def gradient_bound_bits(d: Any, c1: float, c3: float) -> int:
     path = np.abs(d.W1).T @ (np.abs(d.W2).T @ np.abs(d.w3[0]))  # (k,): every ReLU open
     bound = abs(c1) * float(path.max()) + abs(c3)
     return max(0, math.ceil(math.log2(bound * 1.001)))
+
+
+def activation_bound_bits(d: Any) -> tuple[int, int, int]:
+    """Smallest integers (b1, b2, b3) with |q W1 + b1| < 2^b1, |relu(q W1 + b1) W2 + b2| < 2^b2 and |h(q)| < 2^b3
+    for every probability vector q (rule 6 of :class:`InsertGuard`), by interval arithmetic: q_j >= 0 with
+    sum_j q_j = 1 puts unit a of q W1 + b1 in [min_j W1_aj + b1_a, max_j W1_aj + b1_a]; ReLU and the next
+    layer's product propagate the interval (positive weights take the same end, negative ones the other).
+    The bounds hold with 2 % and 2^-8 to spare, which covers the fixed-point rounding of the weights
+    (2^-(f+1) each) and of the activations (a few ulps through a layer)."""
+    def bits(v: np.ndarray) -> int:
+        return math.ceil(math.log2(float(np.max(np.abs(v))) * 1.02 + 2.0**-8))
+
+    lo1, hi1 = d.W1.min(axis=1) + d.b1, d.W1.max(axis=1) + d.b1
+    h_lo, h_hi = np.maximum(lo1, 0.0), np.maximum(hi1, 0.0)
+    pos, neg = np.maximum(d.W2, 0.0), np.minimum(d.W2, 0.0)
+    lo2, hi2 = pos @ h_lo + neg @ h_hi + d.b2, pos @ h_hi + neg @ h_lo + d.b2
+    g_lo, g_hi = np.maximum(lo2, 0.0), np.maximum(hi2, 0.0)
+    pos3, neg3 = np.maximum(d.w3[0], 0.0), np.minimum(d.w3[0], 0.0)
+    lo3, hi3 = pos3 @ g_lo + neg3 @ g_hi + d.b3[0], pos3 @ g_hi + neg3 @ g_lo + d.b3[0]
+    return bits(np.concatenate([lo1, hi1])), bits(np.concatenate([lo2, hi2])), bits(np.array([lo3, hi3]))
+
+
+def guard_bounds(d: Any, config: GuardConfig) -> dict[str, int]:
+    """The public bounds the guard pass records from the defender's weights (rules 5 and 6 of
+    :class:`InsertGuard`), as :class:`GuardConfig` fields: ``replace(config, **guard_bounds(d, config))``."""
+    b1, b2, b3 = activation_bound_bits(d)
+    return {"grad_bound_bits": gradient_bound_bits(d, config.c1, config.c3), "h1_bound_bits": b1,
+            "h2_bound_bits": b2, "score_bound_bits": b3}

@@ -38,6 +38,7 @@ __all__ = [
     "pack",
     "unpack",
     "msb_many",
+    "msb_many_with",
     "mul_many",
     "mul_bit_many",
     "trunc_many",
@@ -140,12 +141,40 @@ def _expand(e: Engine, x: Value, shape: torch.Size) -> Value:
 
 
 # ---- batched primitives ---------------------------------------------------------------------------
-def msb_many(e: Engine, xs: Sequence[Secret]) -> list[Bits]:
-    """msb of every secret in ``xs`` with ONE ``msb`` call (8 rounds)."""
-    if len(xs) == 1:  # nothing to batch (same words; only the message keeps x's shape)
-        return [e.msb(xs[0])]
-    y, shapes = pack(e, xs)
-    return _unpack_bits(e, e.msb(y), shapes)
+def msb_many(e: Engine, xs: Sequence[Secret], bounds: Sequence[tuple[int, int] | None] | None = None) -> list[Bits]:
+    """msb of every secret in ``xs`` with ONE ``msb`` call (8 rounds).
+
+    ``bounds``: per operand None or the public (bits, drop) of :meth:`Engine.msb` (|x| < 2^(bits-1),
+    e.g. from :func:`~siguard.runtime.kernels.engine.sign_bound`). Operands with the same bound are packed
+    into one call; the groups' calls run in :meth:`Engine.parallel` (rounds: the longest, 7 for a width
+    <= 32)."""
+    return msb_many_with(e, xs, bounds)[0]
+
+
+def msb_many_with(e: Engine, xs: Sequence[Secret], bounds: Sequence[tuple[int, int] | None] | None = None,
+                  calls: Sequence[tuple] = ()) -> tuple[list[Bits], list]:
+    """:func:`msb_many`, with further :meth:`Engine.parallel` calls (e.g. ``(e.trunc, x, d)``) run in the same
+    rounds; returns (the bits per operand, the calls' results)."""
+    if bounds is None or len(set(bounds)) == 1:  # one group: one call
+        b = () if bounds is None or bounds[0] is None else tuple(bounds[0])
+        y, shapes = (xs[0], None) if len(xs) == 1 else pack(e, xs)
+        if calls:
+            bits, *rest = e.parallel((e.msb, y, *b), *calls)
+        else:
+            bits, rest = e.msb(y, *b), []
+        return ([bits] if shapes is None else _unpack_bits(e, bits, shapes)), rest
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, bound in enumerate(bounds):
+        groups.setdefault(None if bound is None else tuple(bound), []).append(i)
+    packed = [(xs[idx[0]], None) if len(idx) == 1 else pack(e, [xs[i] for i in idx]) for idx in groups.values()]
+    msb_calls = [(e.msb, y, *(b or ())) for (y, _), b in zip(packed, groups, strict=True)]
+    results = e.parallel(*msb_calls, *calls)
+    out: list[Bits] = [None] * len(xs)
+    for (_y, shapes), idx, bits in zip(packed, groups.values(), results, strict=False):
+        pieces = [bits] if shapes is None else _unpack_bits(e, bits, shapes)
+        for i, piece in zip(idx, pieces, strict=True):
+            out[i] = piece
+    return out, results[len(msb_calls):]
 
 
 def mul_many(e: Engine, pairs: Sequence[tuple[Value, Value]]) -> list[Secret]:

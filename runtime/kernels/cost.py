@@ -21,7 +21,7 @@ import torch
 from siguard.runtime.linalg import ring_conv2d, ring_matmul
 from siguard.runtime.ring import numel
 
-from .engine import Engine, TensorBox, check_parallel_call
+from .engine import Engine, TensorBox, check_parallel_call, msb_layout
 
 __all__ = ["PrimitiveCost", "PRIMITIVE_COSTS", "CostTotals", "CostEngine", "MetaShares", "MetaBits"]
 
@@ -276,8 +276,17 @@ class CostEngine(Engine):
         return MetaShares(_meta(x.shape))
 
     # ---- bits -------------------------------------------------------------------------------
-    def msb(self, x: MetaShares) -> MetaBits:
-        self._charge("msb", numel(x.shape))
+    def msb(self, x: MetaShares, bits: int | None = None, drop: int = 0) -> MetaBits:
+        """8 rounds, 64 B per element; with a bound that leaves w <= 32 bits (:func:`msb_layout`)
+        2 + ceil(log2 w) rounds and 8 B per round per word of 64 / 2^ceil(log2 w) lanes."""
+        layout = msb_layout(bits, drop)
+        n = numel(x.shape)
+        if layout is None:
+            self._charge("msb", n)
+        else:
+            _, levels, lanes = layout
+            words = -(-n // lanes)
+            self._charge_raw(2 + levels, [8 * (2 + levels) * words] * 3)
         return MetaBits(_meta(x.shape))
 
     def bit_not(self, b: MetaBits) -> MetaBits:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Engine", "Secret", "Bits", "Value", "TensorBox", "SharePair"]
+__all__ = ["Engine", "Secret", "Bits", "Value", "TensorBox", "SharePair", "msb_layout", "sign_bound"]
 
 Secret = Any  # engine-specific secret arithmetic value
 Bits = Any  # engine-specific secret Boolean bit tensor
@@ -155,9 +155,16 @@ class Engine(ABC):
 
     # ---- Boolean bits, comparisons ----------------------------------------------------------
     @abstractmethod
-    def msb(self, x: Secret) -> Bits:
+    def msb(self, x: Secret, bits: int | None = None, drop: int = 0) -> Bits:
         """The sign bit of x (1 iff x < 0 as a signed ring element), Boolean-shared.
-        Secure: 8 rounds, 64 B per element."""
+        Secure: 8 rounds, 64 B per element.
+
+        With a PUBLIC bound ``bits`` = m (the caller guarantees -2^(m-1) <= x < 2^(m-1)) and ``drop`` = d,
+        the test runs on the w = m - d (+1 if d > 0) bits left after each share component drops its d low
+        bits (:func:`msb_layout`): 2 + ceil(log2 w) rounds (7 for w <= 32, 6 for w <= 16) and 64 / lanes
+        bytes per element. The result is exact for x < 0 and for x >= 2^(d+1); for x in [0, 2^(d+1))
+        (the band; empty for d = 0) it may read 1. Outside the bound the result is garbage (the value
+        wraps modulo 2^w). A bound whose width exceeds 32 gives the exact 64-bit test."""
 
     @abstractmethod
     def bit_not(self, b: Bits) -> Bits:
@@ -230,6 +237,40 @@ class Engine(ABC):
         """A public real constant encoded at ``scale`` (default: the engine's fractional bits)."""
         scale = self.frac_bits if scale is None else scale
         return torch.round(torch.as_tensor(value, dtype=torch.float64) * float(2**scale)).to(torch.int64)
+
+
+def msb_layout(bits: int | None, drop: int = 0) -> tuple[int, int, int] | None:
+    """How :meth:`Engine.msb` runs a sign test with the public bound |x| < 2^(bits-1) after dropping
+    ``drop`` low bits: None for the full 64-bit test (no bound, or a width above 32, where the bound
+    saves no round), else (w, levels, lanes).
+
+    Derivation (docs/protocols.md §5a). x = x0 + x1 + x2 mod 2^64; each holder replaces its component by
+    y_j = lshr(x_j, d). Then y = y0 + y1 + y2 = floor(x / 2^d) - c (mod 2^(64-d)) with c in {0, 1, 2} the
+    carry of the three dropped d-bit parts (the multiple of 2^64 vanishes mod 2^(64-d)). For
+    -2^(m-1) <= x < 2^(m-1), floor(x / 2^d) - c lies in [-2^(m-1-d) - 2, 2^(m-1-d)), inside the signed
+    range of w = m - d + 1 bits (w = m when d = 0: then c = 0), so the sign of y's low w bits is that of
+    floor(x / 2^d) - c: 1 for x < 0, 0 for x >= 2^(d+1). Placed at the top of a lane of L = 2^levels >= w
+    bits, the carry-out tree needs levels = ceil(log2 w) levels (positions below the lane's w live bits
+    have g = p = 0, so every further level is a no-op), and 64 / L lanes share a word."""
+    if bits is None:
+        return None
+    m, d = int(bits), int(drop)
+    if d < 0 or not 2 <= m <= 64 or (d > 0 and m > 63):
+        raise ValueError(f"msb bound: bits must be in 2..64 (2..63 with a drop), drop >= 0; got {m}, {d}")
+    w = m - d + 1 if d > 0 else m
+    if w < 2:
+        raise ValueError(f"msb bound: dropping {d} of {m} bits leaves fewer than 2")
+    if w > 32:
+        return None
+    levels = (w - 1).bit_length()
+    return w, levels, 64 >> levels
+
+
+def sign_bound(bound_bits: int, width: int = 32) -> tuple[int, int]:
+    """(bits, drop) for :meth:`Engine.msb` of a value with |x| < 2^(bound_bits - 1): the smallest drop
+    that leaves at most ``width`` bits (band 2^(drop + 1): as narrow as ``width`` allows)."""
+    m = int(bound_bits)
+    return (m, 0) if m <= width else (m, m + 1 - width)
 
 
 #: the primitives :meth:`Engine.parallel` merges (the secure engine has a stepwise form of each)

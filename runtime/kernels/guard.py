@@ -28,7 +28,8 @@ Every round before a query's first success has failed, so running the rounds as 
 candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
 instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
 power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
-costs 44 rounds, the guard 64 + 44 T + 76 for R x T candidates (1,240 at the default 10 x 25).
+costs 38 rounds (the sign tests run on 32 bits where the guard pass gives a public bound), the guard
+64 + 38 T + 36 for R x T candidates (1,050 at the default 10 x 25).
 
 The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
@@ -82,20 +83,20 @@ from siguard.core.config import GuardConfig
 
 from .approx import (
     _pack_bits,
-    _unpack_bits,
     eval_poly,
     fit_chebyshev,
     msb_many,
+    msb_many_with,
     mul_bit_many,
     mul_many,
-    pack,
+    ring_const,
     ring_int,
     step_function,
     trunc_many,
     unpack,
 )
-from .engine import Bits, Engine, Secret
-from .nonlinear import exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
+from .engine import Bits, Engine, Secret, sign_bound
+from .nonlinear import _recip_linear, exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
 __all__ = ["secure_guard", "defender_score", "guard_progress", "guard_phases"]
 
@@ -442,8 +443,6 @@ def _np_recip(x):
 
 # ---- the parallel schedule: every round a candidate of one batch, sign steps in ratio space -----------
 LN2 = math.log(2.0)
-#: the hinge's weight in the sign test S' = S + 2^61 H (ring units): larger than any |S| the bound allows
-_HINGE_BIT = 61
 #: the two sign tests whose operands vanish exactly for classes far below the label (r_j = r0_j = 0 at fixed
 #: point: sgn(q - p) and S) read "negative" only below -2^-TIE_BITS (real units), so that the truncation's
 #: +-1 ulp cannot flip them (the oracle applies the same rule: siguard.privacy.memguard)
@@ -451,6 +450,25 @@ TIE_BITS = 14
 #: the parallel schedule raises every ratio r_j (j != l) by 2^-RATIO_FLOOR_BITS at the start
 #: (siguard.privacy.memguard's RATIO_FLOOR)
 RATIO_FLOOR_BITS = 30
+#: the width (bits) of the bounded sign tests: 7 rounds instead of 8 (docs/protocols.md §5a)
+SIGN_WIDTH = 32
+#: the final normalisation q_c = r_c / D_c: the reciprocal's scale (r_c at qr = 40 times it stays below 2^62)
+#: and its target relative error
+_INV_SCALE = 20
+_INV_ERROR = 2.0**-24
+
+
+def _s_bits(cfg: GuardConfig, k: int, f: int) -> int:
+    """b with |S_i| < 2^b (real units) for S_i = sum_j r_j (gq_i - gq_j): with G = 2^grad_bound_bits > |gq|,
+    |S_i| <= 2 G sum_j r_j < 2 G D_max (:func:`_ratio_sum_bound`), kept with one bit to spare."""
+    return math.ceil(math.log2(2.0 * _ratio_sum_bound(cfg, k))) + 1 + cfg.grad_bound_bits
+
+
+def _ratio_sum_bound(cfg: GuardConfig, k: int) -> float:
+    """D_max > D = sum_j r_j at every step: r_l = 1, and r_j <= e^(2 lr_max) for j != l (a ratio at most 1 grows
+    by at most e^(2 lr) in a step; one above 1 is a violation, whose hinge moves it down by e^(-2 lr) next),
+    with 2 % to spare for the fixed-point rounding of the steps' factors."""
+    return k * math.exp(2.0 * cfg.lr_max) * 1.02
 
 
 def s_shift(cfg: GuardConfig, k: int, f: int) -> int:
@@ -459,8 +477,78 @@ def s_shift(cfg: GuardConfig, k: int, f: int) -> int:
     set by the guard pass from its weights), sum_j r_j <= k e^(2 lr_max) while the label is kept and at most
     one step beyond it, |gq_i - gq_j| <= 2 |gq|."""
     qs = _prob_scale(f)
-    bound_bits = math.ceil(math.log2(2.0 * k * math.exp(2.0 * cfg.lr_max) * 1.02)) + 1 + cfg.grad_bound_bits
-    return max(0, qs + f + bound_bits - 60)
+    return max(0, qs + f + _s_bits(cfg, k, f) - 60)
+
+
+def _bits_above(bound: float, scale: int) -> int:
+    """The smallest m with bound (1 + 2^-20) * 2^scale <= 2^(m - 1): a value with |x| < bound (real) at ``scale``
+    fits m signed bits (the bounded msb's ``bits``) also after the public 2^(drop + 1) <= 2^(m - 30) of
+    :meth:`_SignBounds.nonneg` is added."""
+    return scale + max(0, math.ceil(math.log2(bound * (1.0 + 2.0**-20)))) + 1
+
+
+class _SignBounds:
+    """The PUBLIC bounds of the parallel schedule's per-step sign tests, as (bits, drop) for :meth:`Engine.msb`
+    (None: no sound bound known, the 64-bit test). D_max bounds D = sum_j r_j (:func:`_ratio_sum_bound`); the
+    scales are those of :func:`_guard_parallel` (qs = 2f = 32, qr = 40, f = 16 by default). Each test keeps
+    SIGN_WIDTH = 32 bits (7 rounds): the band of a test with bound 2^(m-1) is 2^(m+2-SIGN_WIDTH) ring units.
+    Every test but the label check adds the public 2^(drop+1) first (:meth:`nonneg`), so that x >= 0 reads
+    non-negative exactly as in the 64-bit test (ReLU'(0) = 1, an exact 0 of a tie-shifted operand stays +1)
+    and only x in [-2^(drop+1), 0) may read non-negative.
+
+    * ``layer1`` -- D (r/D W1 + b1) at scale qs + f, [D D0 (q - p) + 2^-TIE_BITS] (both at scale qs + f, for
+      every class and for the label as D0 - D) and [1 - r] (scale qr, moved to qs + f by 2^(qs + f - qr)): one
+      bound, the largest of D_max 2^h1_bound_bits (the pre-activation is D times a value in the interval the guard
+      pass bounds), D_max + 2^-TIE_BITS (r D0 and r0 D are both in [0, D_max]) and e^(2 lr_max) 1.02 (r_j).
+      m = 56 by default (h1_bound_bits 2): band 2^26 = 2^-22 at scale 48, below the first layer's truncation
+      by qs (ulp 2^-16 of D pre) and 2^-8 of 2^-TIE_BITS. A ReLU of a pre-activation in [-2^-22, 0) may stay
+      open (its output is 0 or -1 ulp either way). The label check keeps its band on the "violated" side
+      (conservative: an r_j in (1 - 2^-30, 1] may read as a violation, none above 1 is missed), and the label's
+      own entry, exactly 0, is raised by 2^(drop+1) (it must never read as a violation).
+    * ``layer2`` -- D (h1 W2 + b2) at scale 2f: D_max 2^h2_bound_bits; m = 40, band 2^10 = 2^-22.
+    * ``score`` -- D a, margin D -+ D a at scale 2f: D_max (2^score_bound_bits + margin); m = 42 by default,
+      band 2^12 = 2^-20 (D a carries the truncation errors of two layers, about 2^-14).
+    * ``direction`` -- S' = S_c +- S_h + 2^(B_S + 1) H + 2^-TIE_BITS + 2^(drop+1) at scale qs - shift + f with
+      |S| < 2^B_S (:func:`s_shift`): |S'| < 2^(B_S + 2), m = B_S + 3 (63 when B_S = 60). The public 2^(drop+1)
+      moves the band below the tie: S >= -2^-TIE_BITS reads non-negative as before (an exact 0 stays +1), and
+      only S in [-2^-TIE_BITS - 2^(drop+1), -2^-TIE_BITS) may read non-negative. The band is 2^(bound bits - 27)
+      real, 2^-26 of the bound on |S| (2^-12 at grad_bound_bits 8, 2^-15 at 5): below the error S carries from
+      the truncated gradient (about 2^-16 per entry of gq, times D and the pairwise sum)."""
+
+    def __init__(self, cfg: GuardConfig, k: int, f: int):
+        qs = _prob_scale(f)
+        dmax = _ratio_sum_bound(cfg, k)
+        tie = 2.0**-TIE_BITS
+        rmax = math.exp(2.0 * cfg.lr_max) * 1.02
+        m1 = _bits_above(max(dmax + tie, rmax), qs + f)
+        if cfg.h1_bound_bits is not None:
+            m1 = max(m1, _bits_above(dmax * 2.0**cfg.h1_bound_bits, qs + f))
+        self.layer1 = sign_bound(m1, SIGN_WIDTH)
+        self.layer1_exact = cfg.h1_bound_bits is None  # then pre1 takes the 64-bit test
+        self.layer2 = (None if cfg.h2_bound_bits is None
+                       else sign_bound(_bits_above(dmax * 2.0**cfg.h2_bound_bits, 2 * f), SIGN_WIDTH))
+        self.score = (None if cfg.score_bound_bits is None
+                      else sign_bound(_bits_above(dmax * (2.0**cfg.score_bound_bits + cfg.margin), 2 * f), SIGN_WIDTH))
+        shift = s_shift(cfg, k, f)
+        self.s_bits = qs - shift + f + _s_bits(cfg, k, f)  # B_S: |S| < 2^B_S (<= 2^60)
+        self.hinge_bit = self.s_bits + 1
+        self.direction = sign_bound(self.s_bits + 3, SIGN_WIDTH)
+
+    @staticmethod
+    def nonneg(e: Engine, x: Secret, bound: tuple[int, int] | None) -> Secret:
+        """x + 2^(drop+1): the bounded test's band moved below 0 (see the class docstring)."""
+        return e.add(x, _t(2 << bound[1])) if bound is not None and bound[1] else x
+
+
+def _step_constants(lr: float, f: int) -> tuple[int, int]:
+    """((U + V) / 2, (U - V) / 2) for the integers U ~ (e^(2 lr) - 1) 2^f and V ~ (e^(-2 lr) - 1) 2^f of a sign step
+    (:func:`_guard_parallel`'s update), rounded to the nearest pair with U + V even so that both halves are
+    integers: each factor 1 + U 2^-f, 1 + V 2^-f within 2^-f of e^(+-2 lr) (2^-(f+1) where plain rounding already
+    gives an even sum)."""
+    u, v = (math.exp(2 * lr) - 1) * 2**f, (math.exp(-2 * lr) - 1) * 2**f
+    pairs = [(a, b) for a in (math.floor(u), math.ceil(u)) for b in (math.floor(v), math.ceil(v)) if (a + b) % 2 == 0]
+    a, b = min(pairs, key=lambda p: (max(abs(p[0] - u), abs(p[1] - v)), abs(p[0] - u) + abs(p[1] - v)))
+    return (a + b) // 2, (a - b) // 2
 
 
 def _tile(e: Engine, x: Secret, n: int) -> Secret:
@@ -482,6 +570,35 @@ def _prefix_or(e: Engine, bits: Bits) -> Bits:
     return bits
 
 
+def _goldschmidt_iterations(lo: float, hi: float, target: float = _INV_ERROR) -> int:
+    """Iterations k with eps0^(2^k) <= target for the linear guess on [lo, hi] (relative error eps0)."""
+    eps0 = _recip_linear(lo, hi)[2]
+    k = 0
+    while eps0 ** (2**k) > target:
+        k += 1
+    return k
+
+
+def _recip_goldschmidt(e: Engine, x: Secret, lo: float, hi: float, out_scale: int) -> Secret:
+    """1/x for x in [lo, hi] at scale f, returned at ``out_scale`` (<= 30), by Goldschmidt's iteration from the
+    minimax linear guess y0 = alpha - beta x (relative error eps0): e0 = 1 - x y0, then y <- y (1 + e) and
+    e <- e^2 (both products in one mul and one trunc), so y_k = (1 - e0^(2^k)) / x: relative error
+    eps0^(2^k) plus a few 2^-30 (internal scale 30). Cost: guess 2 + e0 3 + 3 per iteration
+    (k = :func:`_goldschmidt_iterations`: 6 on [1, 24]), against 2 + 6 per iteration for Newton's form."""
+    f = e.frac_bits
+    s = 30
+    alpha, beta, _ = _recip_linear(float(lo), float(hi))
+    k = _goldschmidt_iterations(lo, hi)
+    y = e.trunc(e.sub(_t(int(ring_const(alpha, s)) << f), e.mul(x, ring_const(beta, s))), f)  # scale s
+    err = e.sub(_t(1 << s), e.trunc(e.mul(x, y), f))  # 1 - x y0, scale s
+    for i in range(k):
+        grown = e.add(err, _t(1 << s))  # 1 + e
+        if i == k - 1:
+            return e.trunc(e.mul(y, grown), 2 * s - out_scale)
+        y, err = trunc_many(e, mul_many(e, [(y, grown), (err, err)]), s)
+    return e.trunc(e.mul(y, _t(1 << s)), 2 * s - out_scale)  # k = 0: the guess
+
+
 def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, b3) -> Secret:
     """The ``parallel`` schedule with sign steps (module docstring), in ratio space.
 
@@ -492,23 +609,29 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     2^-RATIO_FLOOR_BITS), so r_l = 1 and no step normalises (the step's products use r with r_l masked out):
 
     * a sign step moves u by -lr sgn(g): r_j <- r_j e^(2 lr (b_j - b_l)) with b = [g < 0], i.e. times
-      e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one AND round, one mul_bit
-      (exact), one truncation;
-    * the label check is r_j > 1 (local); sgn(q - p) = sgn(r D0 - r0 D) with D = sum r (products);
+      e^(2 lr) where b_j and not b_l, e^(-2 lr) where b_l and not b_j: one mul_bit of r with
+      b_j xor b_l, b_j and b_l (no AND: :func:`_step_constants`), one truncation;
+    * the label check is r_j > 1 (local); sgn(q - p) = sgn(r D0 - r0 D) with D = sum r (products), for the
+      label sgn(D0 - D);
     * h is positively homogeneous in (x, biases): D h(r / D) = h'(r) with every bias times D, so the
       ReLU masks, the sign of a and the test |a| <= margin (|D a| <= margin D) need no reciprocal;
     * sgn(g_i) = sgn(S_i) with S_i = sum_j r_j (gq_i - gq_j) (g_i = q_i S_i / D); the hinge is folded in
-      as S' = S + 2^61 H (H_j = viol_j, H_l = -[any violation]) so that one msb gives the step's bits
-      ("negative" only below -2^-TIE_BITS, as for sgn(q - p));
+      as S' = S + 2^(B_S + 1) H (H_j = viol_j, H_l = -[any violation], |S| < 2^B_S) so that one msb gives the
+      step's bits ("negative" only below -2^-TIE_BITS, as for sgn(q - p));
       S = sgn(a) S_h + S_c splits into the defender's part and c3's, both known before sgn(a): the msb
       tests both signs, and the ratios r [a < 0] and r [a >= 0] are moved by the bits of S_c - S_h and
-      S_c + S_h respectively (one mul_bit call for both halves, so the choice costs no round of its own).
-    Only the released vector is normalised, once: q* = r* / sum r*.
+      S_c + S_h respectively (one mul_bit call for both halves, so the choice costs no round of its own);
+    * every sign test with a public bound (:class:`_SignBounds`) runs on 32 bits: 7 rounds instead of 8.
+    Every candidate is normalised, q_c = r_c / D_c, while the last iteration runs (:func:`_recip_goldschmidt`
+    in a fork beside it, with the part of the selection the earlier steps decide); the selection then picks
+    the released q directly.
 
-    Rounds per step: products 1, msb || trunc 8, mul_bit 2, matmul 1, msb || trunc 8, mul_bit 2, then
-    three branches in one fork (score 1 + msb 8 | backward 8 + S_h 1 | hinge bits 6 + products 2) 9,
-    the sign test of S_c + S_h and S_c - S_h 8 (r split by [a < 0] into the halves each sign moves, in the same
-    rounds: no mux round), AND 1, mul_bit 2, trunc 2: 44.
+    Rounds per step (with the guard pass's bounds): products 1, msb || trunc 7, mul_bit 2, matmul 1,
+    msb 7 || (trunc 2, the score's products x2 w3 1), mul_bit 2 (ReLU'(x2) x2 w3, whose sum is D a), then three
+    branches in one fork (score msb 7 | backward 7 | hinge bits 4 + b2a 2 + products 1) 7, the sign test of
+    S_c + S_h and S_c - S_h 7 (r split by [a < 0] into the halves each sign moves, in the same rounds: no mux
+    round), mul_bit 2, trunc 2: 38. Final: the last evaluation 27 (beside it the normalisation 26 and the
+    earlier steps' selection 11), the last steps' selection 7, the selecting mul_bit 2: 36.
     See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
@@ -517,6 +640,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     R, T = cfg.rounds, cfg.steps
     n = R * B
     H1, H2 = int(W1.shape[1]), int(W2.shape[1])
+    sb = _SignBounds(cfg, k, f)
+    # the backward pass truncates once (by 2f, at 3f) when 2^grad_bound_bits at scale 3f has room below 2^62
+    late_trunc = 3 * f + cfg.grad_bound_bits + 1 <= 62
 
     # ---- once per query: r0 = e^(z - max z) with r0_l = 1 exactly, D0 = sum r0 ------------------------
     top, onehot = max_and_argmax(e, z, axis=-1, scale=0)
@@ -535,88 +661,149 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     def label_row() -> Secret:  # W1's row of the label, (B, H1): the label's column of the backward pass
         return e.matmul(onehot, W1)
 
-    def scaled_w3() -> Secret:  # c1 w3 laid out as rows: the backward pass starts from c1 h
+    def scaled_w3() -> tuple[Secret, Secret]:  # w3 laid out as rows, and c1 w3: the backward pass starts from c1 h
         row = _w3_row(e, w3, (n, H2))
-        return row if cfg.c1 == 1.0 else e.mul_public_real(row, cfg.c1)
+        return row, row if cfg.c1 == 1.0 else e.mul_public_real(row, cfg.c1)
 
     shift = s_shift(cfg, k, f)
-    (r0, d0, r0_32, r0_s), w1l, w3c_row = e.fork(fix_label, label_row, scaled_w3)
+    (r0, d0, r0_32, r0_s), w1l, (w3_row, w3c_row) = e.fork(fix_label, label_row, scaled_w3)
     r0t, d0t, r0t_32, r0t_s, onehot_t, w1l_t = (_tile(e, v, R) for v in (r0, d0, r0_32, r0_s, onehot, w1l))
     b_row = e.local(lambda a, b, c: torch.cat([a, b, c]).reshape(1, -1), b1, b2, b3)
     w2_t = e.local(lambda v: v.t().contiguous(), W2)
     w1_t = e.local(lambda v: v.t().contiguous(), W1)
     lrs = [cfg.lr * cfg.lr_growth**i for i in range(R)]
-    col = lambda vals: torch.tensor([round(v * 2**f) for v in vals for _ in range(B)],  # noqa: E731
-                                    dtype=torch.int64).reshape(n, 1)
-    up, down = col([math.exp(2 * x) - 1 for x in lrs]), col([math.exp(-2 * x) - 1 for x in lrs])
+    half_sum, half_diff = (torch.tensor([c[i] for c in map(_step_constants, lrs, [f] * R) for _ in range(B)],
+                                        dtype=torch.int64).reshape(n, 1) for i in (0, 1))
     c3_ring = _t(round(cfg.c3 * 2**f))
     margin_ring = _t(round(cfg.margin * 2**f))
+    tie_48 = _t(1 << (qs + f - TIE_BITS))
 
-    r, r32, r_s, d = r0t, r0t_32, r0t_s, d0t
-    history: list[Secret] = []
     tiers = ("sign", "margin") if cfg.validator == "hybrid" else (cfg.validator,)
-    anyvs: list[Bits] = []  # per step: any label violation (n, 1)
-    valids: list[list[Bits]] = [[] for _ in tiers]  # per tier and step: the validator's test (n, 1)
-    s0: Bits | None = None
-    for t in range(T + 1):
-        last = t == T
-        _report(e, t, T + 1)
-        history.append(r)
+
+    def evaluate(r: Secret, r32: Secret, r_s: Secret, d: Secret, last: bool) -> tuple[list[Bits], Any, Secret]:
+        """One iteration's forward pass and tests at the candidates' ratios r: the score's sign bits,
+        (anyv, hv, s_c, s_h) for the step (hv, s_c, s_h None in the last iteration) and r with r_l = 0."""
         # products: the first layer, every bias times D, and the two sides of sgn(q - p)
         rw1, (bd, rd0, r0d, r_at_l) = e.fork(
-            lambda r32=r32: e.matmul(r32, W1),
-            lambda r=r, r32=r32, d=d: mul_many(e, [(d, b_row), (r32, d0t), (r0t_32, d), (onehot_t, r)]))
+            lambda: e.matmul(r32, W1),
+            lambda: mul_many(e, [(d, b_row), (r32, d0t), (r0t_32, d), (onehot_t, r)]))
         r_other = e.sub(r, r_at_l)  # r with the label's entry 0: a step never moves r_l = 1
         bd1, bd2, bd3 = (e.local(lambda v, a=a, b=b: v[:, a:b].contiguous(), bd)
                          for a, b in ((0, H1), (H1, H1 + H2), (H1 + H2, H1 + H2 + 1)))
         pre1 = e.add(rw1, e.mul(bd1, _t(1 << (qs - f))))  # D (r/D W1 + b1), scale qs + f
-        sig_arg = e.add(e.sub(rd0, r0d), _t(1 << (qs + f - TIE_BITS)))  # [r D0 - r0 D < -2^-TIE_BITS]
-        checks = [pre1, sig_arg, e.sub(_t(1 << qr), r)]  # [h1 < 0], [q < p], [r_j > 1]
-        packed, shapes = pack(e, checks)
-        bits_1, x1 = e.parallel((e.msb, packed), (e.trunc, pre1, qs))
-        m1, m_sig, viol = _unpack_bits(e, bits_1, shapes)
+        sig_arg = e.add(e.sub(rd0, r0d), tie_48)  # [r D0 - r0 D < -2^-TIE_BITS]
+        # the label's own sgn(q_l - p_l): r_l D0 - r0_l D = D0 - D (r_l = r0_l = 1), at scale qs + f
+        sig_l = e.add(e.mul(e.sub(d0t, d), _t(1 << qs)), tie_48)
+        # [r_j > 1], at scale qs + f; the label's own entry (exactly 0) is raised above the band by 2^(drop+1)
+        viol_arg = e.add(e.mul(e.sub(_t(1 << qr), r), _t(1 << (qs + f - qr))),
+                         e.mul(onehot_t, _t(2 << sb.layer1[1])))
+        bounds = [None if sb.layer1_exact else sb.layer1] + [sb.layer1] * 3
+        checks = [sb.nonneg(e, v, b) for v, b in zip((pre1, sig_arg, sig_l), bounds, strict=False)] + [viol_arg]
+        (m1, m_sig, m_sig_l, viol), (x1,) = msb_many_with(e, checks, bounds, [(e.trunc, pre1, qs)])
         h1 = e.mul_bit(x1, e.bit_not(m1))
         pre2 = e.add(e.matmul(h1, W2), bd2)
-        m2, x2 = e.parallel((e.msb, pre2), (e.trunc, pre2, f))
+        # the score's products x2 w3 (scale 2f) run inside the sign test's rounds (truncation 2 + mul 1), so that
+        # the ReLU's mul_bit gives relu(x2) w3 directly: D a = sum_h ReLU'(x2_h) x2_h w3_h + D b3, no matmul after
+        m2, xw = e.fork(lambda: msb_many(e, [sb.nonneg(e, pre2, sb.layer2)], [sb.layer2])[0],
+                        lambda: e.mul(e.trunc(pre2, f), w3_row))
         d2 = e.bit_not(m2)
         if last:
-            h2, y = e.mul_bit(x2, d2), None
+            hw, y = e.mul_bit(xw, d2), None
         else:
-            h2, y = mul_bit_many(e, [x2, w3c_row], [d2, d2])
+            hw, y = mul_bit_many(e, [xw, w3c_row], [d2, d2])
 
-        def score(h2=h2, bd3=bd3, d=d) -> list[Bits]:
-            da = e.add(e.matmul(h2, w3), bd3)  # D a, scale 2f
+        def score() -> list[Bits]:
+            da = e.add(e.local(lambda v: v.sum(-1, keepdim=True), hw), bd3)  # D a, scale 2f
             if tiers == ("sign",):
-                return msb_many(e, [da])
+                return msb_many(e, [sb.nonneg(e, da, sb.score)], [sb.score])
             md = e.mul(d, margin_ring)  # margin D, scale 2f
-            return msb_many(e, [da, e.sub(md, da), e.add(da, md)])
+            return msb_many(e, [sb.nonneg(e, v, sb.score) for v in (da, e.sub(md, da), e.add(da, md))], [sb.score] * 3)
 
-        def pairwise(v: Secret, r_s: Secret = r_s) -> Secret:
+        def pairwise(v: Secret) -> Secret:
             """S_i = sum_j r_j (v_i - v_j) for v (n, k + 1) (the label's entry last): one product round."""
             diffs = e.local(lambda w: w.unsqueeze(-1) - w[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
             rj = e.local(lambda w: w.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
             return e.local(lambda w: w.sum(-1), e.mul(rj, diffs))
 
-        def backward(y=y, m1=m1) -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
-            g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
+        def backward() -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
+            if late_trunc:  # g1 at scale 2f, its products at 3f, one truncation by 2f
+                g1 = e.mul_bit(e.matmul(y, w2_t), e.bit_not(m1))
+            else:
+                g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
             gm, gl = e.fork(lambda: e.matmul(g1, w1_t),
                             lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_t)))
-            return pairwise(e.trunc(e.cat([gm, gl], -1), f))
+            return pairwise(e.trunc(e.cat([gm, gl], -1), 2 * f if late_trunc else f))
 
-        def hinge(viol=viol, m_sig=m_sig, last=last) -> tuple[Bits, Secret | None, Secret | None]:
+        def hinge() -> tuple[Bits, Secret | None, Secret | None]:
             """[any violation]; the hinge's sign H (n, k + 1); S of c3 sgn(q - p)."""
             anyv = e.bit_not(_and_all(e, e.bit_not(viol)))
             if last:
                 return anyv, None, None
-            va, sa, anya = unpack(e, e.b2a(_pack_bits(e, [viol, m_sig, anyv])),
-                                  [torch.Size((n, k)), torch.Size((n, k)), torch.Size((n, 1))])
-            sc = e.sub(c3_ring, e.mul(sa, e.mul(c3_ring, _t(2))))  # c3 sgn(q - p), sgn(x) = 1 - 2 [x < 0]
-            sl = e.local(lambda v: v.sum(-1, keepdim=True), e.mul(onehot_t, sc))
-            return anyv, e.cat([va, e.neg(anya)], -1), pairwise(e.cat([sc, sl], -1))
+            va, sa, sal, anya = unpack(e, e.b2a(_pack_bits(e, [viol, m_sig, m_sig_l, anyv])),
+                                       [torch.Size((n, k)), torch.Size((n, k)), torch.Size((n, 1)),
+                                        torch.Size((n, 1))])
+            sc = e.sub(c3_ring, e.mul(e.cat([sa, sal], -1), e.mul(c3_ring, _t(2))))  # c3 sgn(q - p), label last
+            return anyv, e.cat([va, e.neg(anya)], -1), pairwise(sc)
 
-        branches = [score, hinge] if last else [score, hinge, backward]
-        out = e.fork(*branches)
-        sbits, (anyv, hv, s_c) = out[0], out[1]
+        out = e.fork(score, hinge) if last else e.fork(score, hinge, backward)
+        return out[0], (*out[1], None if last else out[2]), r_other
+
+    def normalise(rs: list[Secret], ds: list[Secret]) -> list[Secret]:
+        """q = r / D (scale f) for every candidate (r at scale qr, D at scale f in [1, D_max])."""
+        dall = e.cat(ds, 0)
+        inv = _recip_goldschmidt(e, dall, 1.0, _ratio_sum_bound(cfg, k), _INV_SCALE)
+        q = e.trunc(e.mul(e.cat(rs, 0), inv), qr + _INV_SCALE - f)
+        sizes = [int(v.shape[0]) for v in rs]
+        out, start = [], 0
+        for size in sizes:
+            out.append(e.local(lambda v, a=start, b=start + size: v[a:b].contiguous(), q))
+            start += size
+        return out
+
+    r, r32, r_s, d = r0t, r0t_32, r0t_s, d0t
+    history: list[Secret] = []
+    dhist: list[Secret] = []
+    anyvs: list[Bits] = []  # per step: any label violation (n, 1)
+    valids: list[list[Bits]] = [[] for _ in tiers]  # per tier and step: the validator's test (n, 1)
+    s0: Bits | None = None
+    qs_norm: list[Secret] = []
+    nt, N = len(tiers), R * (T + 1)
+    blocks = nt * R  # a block: the T + 1 steps of one (tier, round); candidates in (tier, round, step) order
+
+    def ok_bits(anys: list[Bits], vals: list[list[Bits]], steps: int) -> Bits:
+        """[no violation and valid] of ``steps`` steps, (B, blocks, steps) in (tier, round, step) order: 1 AND."""
+        ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anys, -1)] * nt, -1)),
+                       e.bit_cat([e.bit_cat(v, -1) for v in vals], -1))  # (n, nt steps)
+        return e.bit_local(lambda v: v.reshape(R, B, nt, steps).permute(1, 2, 0, 3).reshape(B, blocks, steps), ok)
+
+    def exclusive(seen: Bits) -> Bits:
+        """An inclusive prefix OR shifted by one along the last axis: [some earlier position is set]."""
+        return e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[..., :1], seen)),
+                          e.bit_local(lambda v: v[..., :-1], seen)], -1)
+
+    def early_selection(anys: list[Bits], vals: list[list[Bits]]) -> tuple[Bits, Bits, Bits]:
+        """The selection's part that the steps before the last decide (beside the last evaluation: AND 1, prefix
+        OR over the B x blocks T earlier candidates 9, AND 1): per earlier candidate ok and no earlier ok among
+        them (B, blocks T); per block, some ok among the earlier candidates up to its last step (B, blocks);
+        some ok at all (B, 1)."""
+        ok = e.bit_local(lambda v: v.reshape(B, blocks * T), ok_bits(anys, vals, T))
+        seen = _prefix_or(e, ok)
+        alone = e.bit_and(ok, e.bit_not(exclusive(seen)))
+        block_seen = e.bit_local(lambda v: v.reshape(B, blocks, T)[:, :, T - 1].contiguous(), seen)
+        return alone, block_seen, e.bit_local(lambda v: v[:, -1:].contiguous(), seen)
+
+    for t in range(T + 1):
+        last = t == T
+        _report(e, t, T + 1)
+        history.append(r)
+        dhist.append(d)
+        if last:  # every candidate's normalisation (and p's) and the earlier steps' selection run beside it
+            (sbits, (anyv, hv, s_c, s_h), r_other), qs_norm, (alone_e, block_seen, any_e) = e.fork(
+                lambda r=r, r32=r32, r_s=r_s, d=d: evaluate(r, r32, r_s, d, True),
+                lambda: normalise([*history, r0], [*dhist, d0]),
+                lambda a=list(anyvs), v=[list(x) for x in valids]: early_selection(a, v))
+        else:
+            sbits, (anyv, hv, s_c, s_h), r_other = evaluate(r, r32, r_s, d, False)
         m_a = sbits[0]
         if s0 is None:
             s0 = m_a  # t = 0: every candidate row holds p itself
@@ -628,24 +815,24 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
         # ---- the step's direction bits b = [g < 0] (with the label's entry b_l last) ----------------------
         # S = sgn(a) S_h + S_c: the sign test of both candidates S_c + S_h and S_c - S_h (the hinge folded in
-        # as 2^61 H), each moving its half of r (below); |S| < 2^60 (s_shift)
-        s_h = out[2]
-        big = e.add(e.add(s_c, e.mul(hv, _t(1 << _HINGE_BIT))), _t(1 << (qs - shift + f - TIE_BITS)))
-        # the mux on [a < 0] is not a round of its own: while the msb runs, r is split by that bit into
-        # r_neg = r [a < 0] and r_pos = r - r_neg, and each half is later moved by its own candidate's bits
+        # as 2^(B_S + 1) H), each moving its half of r (below); |S| < 2^B_S (s_shift), bound: _SignBounds
+        big = sb.nonneg(e, e.add(e.add(s_c, e.mul(hv, _t(1 << sb.hinge_bit))), _t(1 << (qs - shift + f - TIE_BITS))),
+                        sb.direction)
         flip = e.bit_local(lambda v: v.expand(n, k).contiguous(), m_a)
-        (b_pos, b_neg), r_neg = e.fork(lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)]),
-                                       lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
+        (b_pos, b_neg), r_neg = e.fork(
+            lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)], [sb.direction] * 2),
+            lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
         r_pos = e.sub(r_other, r_neg)
-        # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l, r_j e^(-2 lr) where b_l and not b_j
-        bj = e.bit_cat([e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)], -1)
-        bl = e.bit_cat([e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)], -1)
-        xy = e.bit_and(e.bit_cat([bj, e.bit_not(bj)], -1), e.bit_cat([e.bit_not(bl), bl], -1))  # (n, 4k)
-        # xy's blocks: x of pos, x of neg, y of pos, y of neg
-        parts = [e.bit_local(lambda v, i=i: v[:, i * k:(i + 1) * k].contiguous(), xy) for i in range(4)]
-        xp, xn, yp, yn = mul_bit_many(e, [r_pos, r_neg, r_pos, r_neg], parts)
-        rx, ry = e.add(xp, xn), e.add(yp, yn)
-        incr = e.add(e.mul(rx, up), e.mul(ry, down))  # scale qr + f
+        # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l (x), r_j e^(-2 lr) where b_l and not b_j (y).
+        # With s = b_j xor b_l (local): x = (s + b_j - b_l) / 2 and y = (s - b_j + b_l) / 2, so
+        # r (U x + V y) = ((U + V) / 2) r s + ((U - V) / 2) (r b_j - r b_l): three products with a bit, in ONE
+        # mul_bit call with both halves of r, and no AND round (U, V: e^(+-2 lr) - 1 at scale f, U + V even)
+        bj = [e.bit_local(lambda v: v[:, :k].contiguous(), b) for b in (b_pos, b_neg)]
+        bl = [e.bit_local(lambda v: v[:, k:].expand(n, k).contiguous(), b) for b in (b_pos, b_neg)]
+        sx = [e.bit_xor(a, b) for a, b in zip(bj, bl, strict=True)]
+        sp, sn, jp, jn, lp, ln = mul_bit_many(e, [r_pos, r_neg] * 3, [*sx, *bj, *bl])
+        rsx, rdiff = e.add(sp, sn), e.sub(e.add(jp, jn), e.add(lp, ln))
+        incr = e.add(e.mul(rsx, half_sum), e.mul(rdiff, half_diff))  # scale qr + f
         wide_r = e.add(e.mul(r, _t(1 << f)), incr)  # the new r at scale qr + f
         dsum = e.local(lambda v: v.sum(-1, keepdim=True), wide_r)
         inc, d, r32, r_s = e.parallel((e.trunc, incr, f), (e.trunc, dsum, qr), (e.trunc, wide_r, qr + f - qs),
@@ -653,20 +840,23 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         r = e.add(r, inc)
 
     # ---- final selection: the first success in (tier, round, step) order, else p ---------------------------
-    nt, N = len(tiers), R * (T + 1)
-    ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anyvs, -1)] * nt, -1)),
-                   e.bit_cat([e.bit_cat(v, -1) for v in valids], -1))  # (n, nt (T + 1))
-    ok = e.bit_local(lambda v: v.reshape(R, B, nt, T + 1).permute(1, 2, 0, 3).reshape(B, nt * N), ok)
-    ok = e.bit_cat([ok, e.bit_not(_zero_bits(e, e.bit_local(lambda v: v[:, :1], ok)))], -1)  # p: always "ok"
-    seen = _prefix_or(e, ok)
-    before = e.bit_cat([_zero_bits(e, e.bit_local(lambda v: v[:, :1], seen)),
-                        e.bit_local(lambda v: v[:, :-1], seen)], -1)
-    first = e.bit_and(ok, e.bit_not(before))  # (B, nt N + 1): exactly one bit set per query
+    # candidate c of block beta is first iff ok_c, no earlier ok among the earlier steps (early_selection) and
+    # no ok last step in a block before beta; p iff no ok at all. OR distributes, so only the last steps' prefix
+    # OR over the blocks is left: AND 1 (their ok), prefix OR 5 (20 blocks) || AND 1, AND 1
+    ok_l = e.bit_local(lambda v: v.reshape(B, blocks), ok_bits([anyvs[T]], [[v[T]] for v in valids], 1))
+    seen_l, alone_l = e.fork(lambda: _prefix_or(e, ok_l), lambda: e.bit_and(ok_l, e.bit_not(block_seen)))
+    not_before = e.bit_not(exclusive(seen_l))  # (B, blocks): no ok last step in an earlier block
+    first = e.bit_and(
+        e.bit_cat([alone_e, alone_l, e.bit_not(any_e)], -1),
+        e.bit_cat([e.bit_local(lambda v: v.unsqueeze(-1).expand(B, blocks, T).reshape(B, blocks * T), not_before),
+                   not_before, e.bit_not(e.bit_local(lambda v: v[:, -1:].contiguous(), seen_l))], -1))
+    first = e.bit_cat([e.bit_local(lambda v: torch.cat([v[:, :blocks * T].reshape(B, blocks, T),
+                                                         v[:, blocks * T:blocks * (T + 1)].reshape(B, blocks, 1)], -1)
+                                   .reshape(B, blocks * (T + 1)), first),
+                       e.bit_local(lambda v: v[:, -1:].contiguous(), first)], -1)  # (B, nt N + 1): one bit set
+    q_steps, q_p = qs_norm[:-1], qs_norm[-1]
     stack = e.local(lambda *hs: torch.stack(hs, 0).reshape(T + 1, R, B, k).permute(2, 1, 0, 3)
-                    .reshape(B, N, k).repeat(1, nt, 1), *history)
-    cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), r0)], 1)  # (B, nt N + 1, k)
+                    .reshape(B, N, k).repeat(1, nt, 1), *q_steps)
+    cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), q_p)], 1)  # (B, nt N + 1, k), scale f
     wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, nt * N + 1, k).contiguous(), first)
-    r_star = e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale qr
-    total = e.trunc(e.local(lambda v: v.sum(-1, keepdim=True), r_star), qr - f)  # in [1, k], scale f
-    inv = reciprocal(e, total, impl="newton4", lo=1.0, hi=float(k))
-    return e.trunc(e.mul(r_star, inv), qr)
+    return e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale f

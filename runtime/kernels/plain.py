@@ -14,7 +14,7 @@ import torch
 
 from siguard.runtime.linalg import ring_conv2d, ring_matmul
 
-from .engine import Engine, TensorBox
+from .engine import Engine, TensorBox, msb_layout
 
 __all__ = ["PlainEngine", "Clear", "ClearBits"]
 
@@ -42,6 +42,8 @@ class PlainEngine(Engine):
 
     def __init__(self, frac_bits: int = 16):
         self.frac_bits = frac_bits
+        self.bound_violations = 0  # values outside an msb call's declared bound (see msb)
+        self.bound_peak = 0.0
 
     def is_secret(self, x) -> bool:
         return isinstance(x, Clear)
@@ -91,8 +93,24 @@ class PlainEngine(Engine):
         return self._wrap(x, result=_raw(x) >> bits if bits else _raw(x))
 
     # bits
-    def msb(self, x):
-        return ClearBits((_raw(x) < 0).to(torch.int64))
+    def msb(self, x, bits=None, drop=0):
+        """The sign bit; with a bound (see Engine.msb) the secure result with carry c = 0: the sign of
+        floor(x / 2^drop) in w bits -- exact inside the bound (as floor models the secure truncation, the
+        band's other outcome is the secure engine's alone) and the same wrap-around outside it. Values
+        outside a declared bound are counted in ``bound_violations`` (a bound the plan relies on must
+        never be exceeded); ``bound_peak`` keeps the largest |x| / 2^(bits-1) seen."""
+        v = _raw(x)
+        layout = msb_layout(bits, drop)
+        if bits is not None and int(bits) < 64:
+            half = 1 << (int(bits) - 1)
+            self.bound_violations += int(((v < -half) | (v >= half)).sum())
+            if v.numel():
+                peak = max(float(v.max()), -float(v.min())) / half
+                self.bound_peak = max(self.bound_peak, peak)
+        if layout is None:
+            return ClearBits((v < 0).to(torch.int64))
+        w = layout[0]
+        return ClearBits((((v >> int(drop)) << (64 - w)) < 0).to(torch.int64))
 
     def bit_not(self, b):
         return ClearBits(1 - b.v)

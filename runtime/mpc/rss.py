@@ -33,6 +33,7 @@ matrix of a kernel, its float64 limbs) is prepared once per engine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from siguard.core.errors import RuntimeFault
-from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call
+from siguard.runtime.kernels.engine import Engine, SharePair, check_parallel_call, msb_layout
 from siguard.runtime.linalg import Prepared, conv_prepared, prepare, prepare_conv, ring_conv2d, ring_matmul
 from siguard.runtime.ring import (
     SIGN_BIT,
@@ -77,6 +78,14 @@ _CARRY_TREE = tuple((d, _positions_mask(2 * d, 2 * d - 1), _positions_mask(2 * d
 _NP_LOW63 = np.int64(_LOW63)
 _NP_SIGN = np.int64(SIGN_BIT)
 _NP_CARRY_TREE = tuple((d, np.int64(hi), np.int64(lo)) for d, hi, lo in _CARRY_TREE)
+
+
+@functools.lru_cache(maxsize=8)
+def _lane_masks(lanes: int) -> tuple[np.int64, np.int64]:
+    """(bit 0 of every lane, the top bit of every lane) for ``lanes`` lanes of 64 / lanes bits."""
+    size = 64 // lanes
+    return (np.int64(_ring_int(sum(1 << (t * size) for t in range(lanes)))),
+            np.int64(_ring_int(sum(1 << (t * size + size - 1) for t in range(lanes)))))
 
 # Elementwise protocol arithmetic runs on numpy views of the share tensors: on the small tensors
 # of a protocol round a numpy op costs about a third of a torch op (and keeps the GIL), and the
@@ -724,8 +733,11 @@ class RSSEngine(Engine):
         z ^= beta
         return z
 
-    def msb(self, x: Shares) -> BoolShares:
+    def msb(self, x: Shares, bits: int | None = None, drop: int = 0) -> BoolShares:
         """The sign bit of x, XOR-shared in the LSB. 8 rounds, 64 B per element from every party.
+        With a public bound -2^(bits-1) <= x < 2^(bits-1) and ``drop`` (:meth:`Engine.msb`,
+        :func:`~siguard.runtime.kernels.engine.msb_layout`): 2 + ceil(log2 w) rounds on lanes of w <= 32 bits
+        (:meth:`_msb_lanes_steps`).
 
         A2B-free carry-out (docs/protocols.md §5). Component x_j alone is a Boolean sharing of x_j with only
         component j non-zero, so P_i's slots (x_i, x_{i+1}) are also its Boolean shares of
@@ -747,12 +759,15 @@ class RSSEngine(Engine):
 
         The local word arithmetic runs on stacked numpy slots (2, n) (see :func:`_arr`).
         """
-        return self._drive(self._msb_steps(x))
+        return self._drive(self._msb_steps(x, bits, drop))
 
-    def _msb_steps(self, x: Shares) -> Any:
+    def _msb_steps(self, x: Shares, bits: int | None = None, drop: int = 0) -> Any:
         """:meth:`msb` as a stepwise protocol (yields each round's (send, recv)). Its eight rounds are
         written out (no nested generators) and the levels reuse three (2, n) buffers: the same words as
         the textbook form in the docstring, with fewer Python calls and allocations per round."""
+        layout = msb_layout(bits, drop)
+        if layout is not None:
+            return (yield from self._msb_lanes_steps(x, int(drop), *layout))
         shape = tuple(x.shape)
         n = numel(shape)
         prev, nxt = self.prev, self.next
@@ -795,6 +810,76 @@ class RSSEngine(Engine):
             prop, out = out, prop  # the old P is not read again: its buffer takes the next level's words
         top ^= (gen.view(np.uint64) >> 63).view(np.int64)
         return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
+
+    def _msb_lanes_steps(self, x: Shares, drop: int, width: int, levels: int, lanes: int) -> Any:
+        """The bounded sign test of :meth:`msb` (stepwise): 2 + ``levels`` rounds, 8 B per word per round,
+        ``lanes`` elements per word.
+
+        Local: every slot (a share component) becomes v_j = (lshr(x_j, drop) mod 2^w) << (L - w), the w low
+        bits of y_j at the top of an L = 2^levels bit lane (docs/protocols.md §5a), and ``lanes`` = 64 / L
+        elements share a word: with nw words, element t nw + i sits in lane t (bits tL .. tL + L - 1) of word i
+        (the padding is 0). Then the rounds of :meth:`_msb_steps` lane by lane: the full adder (the shifted
+        carry cleared at every lane's bit 0, so no carry crosses into the next lane), the generate round,
+        and ``levels`` levels of the carry-out tree, whose blocks (2d <= L, aligned) never cross a lane;
+        each lane's top bit plays the part of bit 63 (g := 0, p := 1). msb = p_top ^ G_top per lane."""
+        shape = tuple(x.shape)
+        n = numel(shape)
+        L = 64 // lanes
+        nw = -(-n // lanes)
+        prev, nxt = self.prev, self.next
+        recv = {nxt: (nw,)}
+        lane_low, lane_top = _lane_masks(lanes)
+        beta = self.rand.zero_share_xor_np((2 + levels) * nw).reshape(2 + levels, nw)
+        u = np.empty((2, nw * lanes), dtype=np.uint64)
+        u[0, :n] = _arr(x.a).reshape(-1).view(np.uint64)
+        u[1, :n] = _arr(x.b).reshape(-1).view(np.uint64)
+        u[:, n:] = 0
+        if drop:
+            u >>= np.uint64(drop)  # logical: y_j = lshr(x_j, drop)
+        u <<= np.uint64(64 - width)  # y_j's w low bits at the top of the word, zeros below
+        s = u[:, (lanes - 1) * nw:].copy()  # the top lane: already in place
+        for t in range(lanes - 1):  # lane t: shifted down to bits tL + L - w .. tL + L - 1
+            s |= u[:, t * nw:(t + 1) * nw] >> np.uint64(64 - L * (t + 1))
+        s = s.view(np.int64)
+        c_shift = np.empty_like(s)
+        majority = c_shift[0]
+        np.bitwise_and(s[0], s[1], out=majority)
+        majority ^= beta[0]
+        c_shift[1] = (yield {prev: majority}, recv)[nxt].reshape(-1)
+        c_shift <<= 1
+        c_shift &= ~lane_low
+        gen = np.empty_like(s)
+        z = self._and_words(s, c_shift, beta[1], gen)
+        gen[1] = (yield {prev: z}, recv)[nxt].reshape(-1)
+        gen &= ~lane_top
+        prop = np.bitwise_xor(s, c_shift, out=s)
+        top = prop & lane_top
+        prop &= ~lane_top
+        if self.party == 0:
+            prop[0] ^= lane_top
+        elif self.party == 2:
+            prop[1] ^= lane_top
+        lhs, rhs, tmp, out = c_shift, np.empty_like(s), np.empty_like(s), np.empty_like(s)
+        for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE[:levels], start=2):
+            np.bitwise_and(prop, hi, out=lhs)
+            np.right_shift(prop, d, out=tmp)
+            tmp &= lo
+            lhs ^= tmp
+            np.left_shift(gen, d, out=rhs)
+            rhs &= hi
+            np.bitwise_and(prop, lo, out=tmp)
+            rhs ^= tmp
+            z = self._and_words(lhs, rhs, beta[level], out)
+            out[1] = (yield {prev: z}, recv)[nxt].reshape(-1)
+            gen ^= out
+            out <<= d
+            prop, out = out, prop
+        top ^= gen
+        bits_ = np.empty((2, nw * lanes), dtype=np.int64)
+        for t in range(lanes):
+            np.right_shift(top, t * L + L - 1, out=bits_[:, t * nw:(t + 1) * nw])
+        bits_ &= 1
+        return BoolShares(_tensor(bits_[0, :n], shape), _tensor(bits_[1, :n], shape))
 
     def _xorpublic_tensor(self, b: BoolShares, c: torch.Tensor) -> BoolShares:
         if c.dim() == 0 or c.shape == b.a.shape:  # no broadcasting beyond b: touch component 0 only

@@ -56,6 +56,13 @@ class GuardConfig:
     #: the parallel schedule: |c1 grad h + c3| < 2^grad_bound_bits for every input (the guard pass sets it
     #: from the defender's weights, a power of two); it fixes the headroom of the sign test (:func:`s_shift`)
     grad_bound_bits: int = 6
+    #: the parallel schedule's bounded sign tests (docs/guard.md, "Sign tests on fewer bits"): for every probability
+    #: vector q, |q W1 + b1| < 2^h1_bound_bits (each unit), |relu(q W1 + b1) W2 + b2| < 2^h2_bound_bits and
+    #: |h(q)| < 2^score_bound_bits. Set by the guard pass from the defender's weights (powers of two only);
+    #: None: unknown, those tests take the full 64-bit comparison
+    h1_bound_bits: int | None = None
+    h2_bound_bits: int | None = None
+    score_bound_bits: int | None = None
     #: "siguard" (default: multiplicative softmax update by two low-degree polynomials, coupled-Newton inverse
     #: square root from a range-derived guess) or "crypten": the same algorithm with CrypTen's default
     #: approximations inside (a fresh softmax of u + delta per step by exp with 8 squarings and 10 Newton

@@ -79,6 +79,29 @@ def test_default_guard_costs_at_most_3000_rounds(scenario):
     assert guard.cost["rounds"] <= 3000, guard.cost
 
 
+def test_the_plan_carries_public_bounds_that_the_sign_tests_respect(scenario):
+    """The guard pass records powers of two bounding the defender's activations; with them every per-step sign
+    test runs on 32 bits (38 rounds per step, 1,050 per query), and on the 500 queries no bounded test sees a
+    value outside its bound (the fixed-point reference counts them)."""
+    from siguard.core.config import GuardConfig
+    from siguard.runtime.kernels.guard import secure_guard
+    from siguard.runtime.kernels.plain import Clear, PlainEngine
+    from siguard.runtime.ring import encode
+
+    guard = next(s for s in _plan(scenario, 1, "plan-default").steps if s.op == "guard")
+    cfg = GuardConfig.from_attrs(guard.attrs)
+    assert None not in (cfg.h1_bound_bits, cfg.h2_bound_bits, cfg.score_bound_bits)
+    ph = guard.cost["phases"]
+    assert (ph["once"]["rounds"], ph["per_iteration"]["rounds"], ph["final"]["rounds"]) == (64, 38, 36)
+    assert guard.cost["rounds"] == 1050
+    w = scenario["weights"]
+    e = PlainEngine()
+    args = [Clear(encode(a, 16)) for a in (scenario["logits"], w.W1.T, w.b1, w.W2.T, w.b2, w.w3.T, w.b3)]
+    secure_guard(e, *args, config=cfg)
+    assert e.bound_violations == 0
+    assert e.bound_peak <= 0.51, e.bound_peak  # measured 0.5001: the direction test's hinge term, the rest < 0.05
+
+
 @pytest.mark.parametrize("schedule", ["parallel", pytest.param("freeze", marks=pytest.mark.slow),
                                       pytest.param("paper", marks=pytest.mark.slow)])
 def test_fixed_point_guard_agrees_with_float_reference(scenario, schedule):
