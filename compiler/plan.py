@@ -43,7 +43,11 @@ __all__ = [
 PLAN_FORMAT = "siguard-plan"
 PLAN_VERSION = 1
 PROTOCOL = "rss3-z2^64-semihonest"
-PROTOCOL_VERSION = 1
+#: 2: the guard's sign tests on bounded operands and its shorter step and final phase (1,050 rounds per query at
+#: 10 x 25): a guarded plan of version 1 describes messages and costs the parties no longer send, so it is
+#: refused (recompile it); the other protocols are unchanged, so a version-1 plan without a guard still loads
+PROTOCOL_VERSION = 2
+_COMPATIBLE_UNGUARDED = (1, 2)
 _HASH_KEY = "__plan_hash__"
 OWNER_FILE = "owner.json"
 OWNER_FORMAT = "siguard-owner-facts"
@@ -223,6 +227,13 @@ class Plan:
         if exc is not None:
             path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
             raise PlanError(f"{where}: schema violation at {path}: {exc.message}") from None
+        version = doc["protocol_version"]
+        guarded = any(step.get("op") == "guard" for step in doc["steps"])
+        if version != PROTOCOL_VERSION and (guarded or version not in _COMPATIBLE_UNGUARDED):
+            raise PlanError(
+                f"{where}: compiled for protocol {doc['protocol']} v{version}, this SIGuard runs v{PROTOCOL_VERSION}"
+                + (" (the guard's protocol changed)" if guarded else "") + ": recompile the plan"
+            )
         actual = compute_hash(doc)
         if actual != doc["plan_hash"]:
             raise PlanError(

@@ -254,6 +254,7 @@ class Transport(ABC):
         party = self.party
         if send:
             sent, sent_seq, session = st.sent, self._sent_seq, self.session
+            send_words = self._send_owned if owned else self._send_words
             for peer, words in send.items():
                 if peer == party:
                     raise ValueError(f"party {party} cannot send to itself")
@@ -262,7 +263,7 @@ class Transport(ABC):
                 seq = sent_seq.get(peer, 0)
                 sent_seq[peer] = seq + 1
                 header = _new_header(FrameHeader, (session, step, party, seq, words.shape))
-                st.framing_bytes += self._send_words(peer, header, words, owned)
+                st.framing_bytes += send_words(peer, header, words)
                 sent[peer] = sent.get(peer, 0) + 8 * words.size
         if not recv:
             return {}
@@ -292,9 +293,14 @@ class Transport(ABC):
             raise TransportError(f"{where} has shape {header.shape}, expected {shape}", self.party, peer)
 
     @abstractmethod
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
-        """Queue one frame to ``peer`` without blocking (unless ``owned``, the sender may reuse ``words`` after
-        the round: a link that keeps them must copy); return the framing bytes it added."""
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+        """Queue one frame to ``peer`` without blocking (the sender may reuse ``words`` after the round: a link
+        that keeps them must copy); return the framing bytes it added."""
+
+    def _send_owned(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+        """:meth:`_send_words` for words the sender hands over (:meth:`exchange_owned`): a link that keeps
+        them may skip the copy."""
+        return self._send_words(peer, header, words)
 
     @abstractmethod
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
@@ -381,15 +387,18 @@ class InProcessTransport(Transport):
         self._put = {d: q.put for (s, d), q in network._links.items() if s == party}
         self._get = {s: q.get for (s, d), q in network._links.items() if d == party}
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+        # The copy: the sender may reuse its words after the round; the receiver owns its copy. It is
+        # made by numpy, which keeps the GIL: torch's clone releases it, and a party thread that lets
+        # go of the GIL in the middle of a round waits for another party's Python to give it back.
+        return self._send_owned(peer, header, np.array(words, order="C", copy=True))
+
+    def _send_owned(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         if self.network.abort_reason is not None:
             raise TransportAborted(
                 f"party {self.party}: cannot send to party {peer}: {self.network.abort_reason}", self.party, peer
             )
-        # The copy: the sender may reuse its words after the round; the receiver owns its copy. It is
-        # made by numpy, which keeps the GIL: torch's clone releases it, and a party thread that lets
-        # go of the GIL in the middle of a round waits for another party's Python to give it back.
-        self._put[peer]((header, words if owned else np.array(words, order="C", copy=True)))
+        self._put[peer]((header, words))
         return 0
 
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:
@@ -522,11 +531,14 @@ class LockstepTransport(Transport):
         return TransportAborted(f"party {self.party}: aborted while {doing} party {peer}: {net.abort_reason}",
                                 self.party, peer)
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
+        return self._send_owned(peer, header, words.copy())  # (a C-ordered copy)
+
+    def _send_owned(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         net = self.network
         if net.abort_reason is not None:
             raise self._aborted(peer, "sending to")
-        self._out[peer].append((header, words if owned else words.copy()))  # (a C-ordered copy)
+        self._out[peer].append((header, words))
         net.sent += 1
         return 0
 

@@ -619,7 +619,7 @@ class NetTransport(Transport):
     def _where(self) -> str:
         return f"session {self.session}, step {self.current_step!r}"
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray, owned: bool = False) -> int:
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:
         me = party_name(self.party)
         if self.mailbox.reason is not None:
             raise TransportAborted(f"{me}: {self.mailbox.reason} ({self._where()})", self.party, peer)

@@ -46,8 +46,8 @@ class _Rehearsal(Transport):
     """A server's transport in a rehearsal: sends go nowhere; a receive gets a copy of what this party sent
     in the same round if one message had that shape, else zeros."""
 
-    def exchange_words(self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]]
-                       ) -> dict[int, np.ndarray]:
+    def _exchange(self, send: Mapping[int, np.ndarray], recv: Mapping[int, tuple[int, ...]], owned: bool
+                  ) -> dict[int, np.ndarray]:  # every round (exchange_words and exchange_owned) comes here
         out: dict[int, np.ndarray] = {}
         for peer, shape in recv.items():
             shape = tuple(shape)
@@ -55,8 +55,7 @@ class _Rehearsal(Transport):
             out[peer] = np.array(mine, dtype=np.int64) if mine is not None else np.zeros(shape, dtype=np.int64)
         return out
 
-    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray,
-                    owned: bool = False) -> int:  # pragma: no cover
+    def _send_words(self, peer: int, header: FrameHeader, words: np.ndarray) -> int:  # pragma: no cover
         raise NotImplementedError("a rehearsal sends nothing")
 
     def _recv_words(self, peer: int, deadline: float) -> tuple[FrameHeader, np.ndarray]:  # pragma: no cover

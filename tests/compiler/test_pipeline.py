@@ -67,6 +67,29 @@ def test_wrong_version_is_refused(mlp_onnx, tmp_path):
         Plan.load(tmp_path / "plan")
 
 
+def test_a_guarded_plan_of_the_previous_protocol_is_refused_an_unguarded_one_loads(mlp_onnx, tmp_path):
+    """Protocol v2 changed the guard's messages and costs only: a v1 plan with a guard step must be recompiled
+    (one clear error), a v1 plan without one still runs."""
+    from siguard.compiler.plan import PROTOCOL_VERSION, compute_hash
+
+    _compile(mlp_onnx, tmp_path, batch=1)
+    p = tmp_path / "plan" / "plan.json"
+    doc = json.loads(p.read_text())
+    assert doc["protocol_version"] == PROTOCOL_VERSION == 2
+    doc["protocol_version"] = 1
+    doc["plan_hash"] = compute_hash(doc)
+    Plan.validate(doc)  # unguarded: the protocols it uses did not change
+    doc["steps"][-1]["op"] = "guard"  # as if the last step were the guard (the version check comes first)
+    doc["plan_hash"] = compute_hash(doc)
+    with pytest.raises(PlanError, match=r"v1, this SIGuard runs v2 \(the guard's protocol changed\): recompile"):
+        Plan.validate(doc)
+    doc["protocol_version"] = 7
+    doc["steps"][-1]["op"] = "reveal"
+    doc["plan_hash"] = compute_hash(doc)
+    with pytest.raises(PlanError, match="v7, this SIGuard runs v2: recompile"):
+        Plan.validate(doc)
+
+
 def test_weights_of_another_plan_are_refused(mlp_onnx, cnn_onnx, tmp_path):
     a = _compile(mlp_onnx, tmp_path / "a", batch=1)
     _compile(mlp_onnx, tmp_path / "b", batch=2)
