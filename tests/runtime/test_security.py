@@ -92,20 +92,41 @@ def test_protocol_outputs_are_uniform(secret):
 # ---- views ---------------------------------------------------------------------------------------
 def record_views(monkeypatch):
     """Patch the in-process transport so every received message is logged per party, in order (every round,
-    ``exchange`` included, is one ``exchange_words`` call)."""
+    ``exchange``, ``exchange_words`` and ``exchange_owned`` alike, is one ``_exchange`` call)."""
     views = {p: [] for p in range(4)}
     lock = threading.Lock()
-    original = InProcessTransport.exchange_words
+    original = InProcessTransport._exchange
 
-    def exchange_words(self, send, recv):
-        got = original(self, send, recv)
+    def _exchange(self, send, recv, owned):
+        got = original(self, send, recv, owned)
         with lock:
             for peer in sorted(got):
                 views[self.party].append((self.current_step, peer, torch.from_numpy(got[peer].copy())))
         return got
 
-    monkeypatch.setattr(InProcessTransport, "exchange_words", exchange_words)
+    monkeypatch.setattr(InProcessTransport, "_exchange", _exchange)
     return views
+
+
+def test_the_recorded_views_hold_every_received_word(monkeypatch):
+    """The views of these tests see every round, merged ones too (``parallel`` and ``fork`` send through
+    ``exchange_owned``): the recorded words add up to what each party's transport counted as received."""
+    views = record_views(monkeypatch)
+    n = 64
+
+    def party(e):
+        X = e.input("P1", torch.arange(n, dtype=torch.int64) if e.party == 1 else None, (n,))
+        with e.transport.step("compute"):
+            bit, t = e.parallel((e.msb, X), (e.trunc, e.mul(X, X), 16))
+            e.fork(lambda: e.b2a(bit), lambda: e.mul(t, X))
+        return None
+
+    _, _, comm = run_threads(party)
+    monkeypatch.undo()
+    for p in range(3):
+        counted = sum(sum(st.received.values()) for st in comm[p].values())
+        recorded = sum(8 * msg.numel() for _, _, msg in views[p])
+        assert recorded == counted > 0, f"P{p}: recorded {recorded} B, received {counted} B"
 
 
 def pipeline(n):
