@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from siguard.core.config import GuardConfig  # noqa: E402
+from siguard.passes.guard import guard_bounds  # noqa: E402
+from siguard.privacy.defender import DefenderWeights  # noqa: E402
 from siguard.runtime.kernels.guard import secure_guard  # noqa: E402
 from siguard.runtime.mpc.inprocess import run_threads  # noqa: E402
 from siguard.runtime.ring import encode  # noqa: E402
@@ -79,6 +82,8 @@ def _guard(batch: int, steps: int) -> tuple[float, int]:
     weights = [rng.normal(0, s, shape) for s, shape in zip(scales, shapes, strict=True)]
     z = rng.normal(0, 3, (batch, K))
     cfg = GuardConfig(rounds=1, steps=steps)
+    d = DefenderWeights(weights[0].T, weights[1], weights[2].T, weights[3], weights[4].T, weights[5])
+    cfg = replace(cfg, **guard_bounds(d, cfg))  # the public bounds a compiled plan carries (the guard pass's)
 
     def party(e):
         ws = [e.input("model", encode(w, 16) if e.party == 0 else None, w.shape) for w in weights]
