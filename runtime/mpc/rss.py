@@ -793,8 +793,20 @@ class RSSEngine(Engine):
             prop[0] ^= _NP_SIGN
         elif self.party == 2:
             prop[1] ^= _NP_SIGN
-        lhs, rhs, tmp, out = c_shift, np.empty_like(s), np.empty_like(s), np.empty_like(s)
-        for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE, start=2):
+        yield from self._carry_levels(prop, gen, c_shift, beta, len(_NP_CARRY_TREE), shape)
+        top ^= (gen.view(np.uint64) >> 63).view(np.int64)
+        return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
+
+    def _carry_levels(self, prop: np.ndarray, gen: np.ndarray, spare: np.ndarray, beta: np.ndarray, levels: int,
+                      shape: tuple[int, ...]) -> Any:
+        """The carry-out tree's first ``levels`` levels (stepwise, one AND round each, words sent as ``shape``) on
+        the (2, n) slots of P and G, with ``spare`` a (2, n) buffer it may overwrite and ``beta[2 + i]`` level i's
+        zero XOR-sharing. G is updated in place (correct at the hi positions, the only ones read
+        after); P's buffer is consumed."""
+        prev, nxt = self.prev, self.next
+        recv = {nxt: shape}
+        lhs, rhs, tmp, out = spare, np.empty_like(prop), np.empty_like(prop), np.empty_like(prop)
+        for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE[:levels], start=2):
             np.bitwise_and(prop, hi, out=lhs)
             np.right_shift(prop, d, out=tmp)
             tmp &= lo
@@ -808,8 +820,6 @@ class RSSEngine(Engine):
             gen ^= out  # correct at the hi positions, the only ones read later
             out <<= d  # P_k & P_{k-d} moves up to position k
             prop, out = out, prop  # the old P is not read again: its buffer takes the next level's words
-        top ^= (gen.view(np.uint64) >> 63).view(np.int64)
-        return BoolShares(_tensor(top[0], shape), _tensor(top[1], shape))
 
     def _msb_lanes_steps(self, x: Shares, drop: int, width: int, levels: int, lanes: int) -> Any:
         """The bounded sign test of :meth:`msb` (stepwise): 2 + ``levels`` rounds, 8 B per word per round,
@@ -859,21 +869,7 @@ class RSSEngine(Engine):
             prop[0] ^= lane_top
         elif self.party == 2:
             prop[1] ^= lane_top
-        lhs, rhs, tmp, out = c_shift, np.empty_like(s), np.empty_like(s), np.empty_like(s)
-        for level, (d, hi, lo) in enumerate(_NP_CARRY_TREE[:levels], start=2):
-            np.bitwise_and(prop, hi, out=lhs)
-            np.right_shift(prop, d, out=tmp)
-            tmp &= lo
-            lhs ^= tmp
-            np.left_shift(gen, d, out=rhs)
-            rhs &= hi
-            np.bitwise_and(prop, lo, out=tmp)
-            rhs ^= tmp
-            z = self._and_words(lhs, rhs, beta[level], out)
-            out[1] = (yield {prev: z}, recv)[nxt].reshape(-1)
-            gen ^= out
-            out <<= d
-            prop, out = out, prop
+        yield from self._carry_levels(prop, gen, c_shift, beta, levels, (nw,))
         top ^= gen
         bits_ = np.empty((2, nw * lanes), dtype=np.int64)
         for t in range(lanes):
