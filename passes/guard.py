@@ -42,6 +42,10 @@ class InsertGuard(Pass):
     6. ``h1_bound_bits``, ``h2_bound_bits``, ``score_bound_bits`` become powers of two bounding the defender's
        two hidden pre-activations and its score over every probability vector (:func:`activation_bound_bits`):
        the parallel schedule's sign tests of them run on 32 bits (7 rounds instead of 8).
+    7. The parallel schedule keeps the sum of the ratios, D < D_max = 1.02 k e^(2 lr_max), at scale 56 in a
+       ring of 64 bits, and truncates it: D_max must stay below :data:`RATIO_SUM_LIMIT` (64). A configuration
+       beyond it (about 26 classes at the default learning rates) is refused here, naming the limit, rather
+       than compiled into a plan whose guard would overflow silently.
     """
 
     name = "guard"
@@ -77,6 +81,7 @@ class InsertGuard(Pass):
                 f"the guard needs (batch, {k}) logits to match the defender's input width; output {logits!r} "
                 f"has shape {list(shape)}"
             )
+        check_ratio_headroom(self.config, k)
         names = []
         for name, arr in (("W1", d.W1.T), ("b1", d.b1), ("W2", d.W2.T), ("b2", d.b2), ("w3", d.w3.T), ("b3", d.b3)):
             v = graph.add_value(Value(f"guard.{name}", tuple(arr.shape), owner="model",
@@ -96,6 +101,26 @@ class InsertGuard(Pass):
             f"{c.rounds} rounds x {c.steps} steps, schedule {c.schedule}, validator {c.validator}"
         )
         return changes
+
+
+#: the parallel schedule's bound on the sum of the ratios (rule 7): D_max 2^56 must stay below trunc's 2^62
+RATIO_SUM_LIMIT = 64.0
+
+
+def check_ratio_headroom(config: GuardConfig, k: int) -> None:
+    """Rule 7 of :class:`InsertGuard`: raise ModelError if the parallel schedule's ratio sum can leave its
+    fixed-point headroom for k classes (D_max = 1.02 k e^(2 lr_max) >= :data:`RATIO_SUM_LIMIT`)."""
+    if config.schedule != "parallel":
+        return
+    d_max = 1.02 * k * math.exp(2.0 * config.lr_max)
+    if d_max >= RATIO_SUM_LIMIT:
+        k_max = math.ceil(RATIO_SUM_LIMIT / (1.02 * math.exp(2.0 * config.lr_max))) - 1
+        raise ModelError(
+            f"the guard's parallel schedule supports at most {k_max} classes at its largest learning rate "
+            f"{config.lr_max:.3g} (lr {config.lr:g} x growth {config.lr_growth:g}^{config.rounds - 1}); this model "
+            f"has {k}: the sum of the ratios would overflow its fixed-point headroom. Use fewer --guard-rounds or "
+            f"a smaller --guard-lr or --guard-lr-growth"
+        )
 
 
 def gradient_bound_bits(d: Any, c1: float, c3: float) -> int:
