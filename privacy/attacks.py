@@ -255,7 +255,26 @@ class LossAttack(ThresholdAttack):
                          label_aware=True)
 
 
-class NeuralAttack:
+class _ClassifierAttack:
+    """A label-free attack that fits a scikit-learn classifier on features of shadow outputs (``_features``) and
+    scores the target's outputs by its membership probability."""
+
+    name: str
+    classifier: Any = None
+
+    def _features(self, probs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def evaluate(self, probs: np.ndarray, membership: np.ndarray, labels: np.ndarray | None = None) -> AttackResult:
+        """Metrics on the target's outputs (N, k) with the true membership (N,); the classifier is not touched."""
+        if self.classifier is None:
+            raise RuntimeError(f"{self.name}: fit() on shadow data before evaluate()")
+        x, m = _check(probs, membership)
+        score = self.classifier.predict_proba(self._features(x))[:, 1]
+        return membership_metrics(self.name, score, score >= 0.5, m)
+
+
+class NeuralAttack(_ClassifierAttack):
     """ML-Leaks' attack classifier: an MLP on the sorted top-3 probabilities, trained on shadow outputs."""
 
     name = "neural (ML-Leaks)"
@@ -284,13 +303,6 @@ class NeuralAttack:
         self.classifier = clf.fit(self._features(x), m.astype(int))
         return self
 
-    def evaluate(self, probs: np.ndarray, membership: np.ndarray, labels: np.ndarray | None = None) -> AttackResult:
-        """Metrics on the target's outputs (N, k) with the true membership (N,); the classifier is not touched."""
-        if self.classifier is None:
-            raise RuntimeError(f"{self.name}: fit() on shadow data before evaluate()")
-        x, m = _check(probs, membership)
-        score = self.classifier.predict_proba(self._features(x))[:, 1]
-        return membership_metrics(self.name, score, score >= 0.5, m)
 
 
 class BaggedNeuralAttack:
@@ -333,7 +345,7 @@ class BaggedNeuralAttack:
         return membership_metrics(self.name, score, score >= 0.5, m)
 
 
-class BoostedAttack:
+class BoostedAttack(_ClassifierAttack):
     """Gradient-boosted trees (scikit-learn's HistGradientBoostingClassifier) on the logarithms of the sorted top-k
     probabilities, trained on shadow outputs: the same label-free features as ML-Leaks' attack, on a log scale
     where a guard that keeps the ratio of the second and third probability leaves it as visible as the top one,
@@ -363,12 +375,6 @@ class BoostedAttack:
         self.classifier = clf.fit(self._features(x), m.astype(int))
         return self
 
-    def evaluate(self, probs: np.ndarray, membership: np.ndarray, labels: np.ndarray | None = None) -> AttackResult:
-        if self.classifier is None:
-            raise RuntimeError(f"{self.name}: fit() on shadow data before evaluate()")
-        x, m = _check(probs, membership)
-        score = self.classifier.predict_proba(self._features(x))[:, 1]
-        return membership_metrics(self.name, score, score >= 0.5, m)
 
 
 def standard_attacks(seed: int = 0) -> dict[str, ThresholdAttack | NeuralAttack]:
