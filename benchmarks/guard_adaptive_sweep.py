@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
-from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed, records_per_split  # noqa: E402
 from siguard.privacy.memguard import guard_reference  # noqa: E402
 
 P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                          "draws them) and a gradient-boosted attacker on the log of the sorted top-3")
     args = ap.parse_args(argv)
     data = load_experiment_data()
-    n = min(1000, len(data.x) // 6)
+    n = records_per_split(data, 1000)
     rows = []
     for seed in args.seeds:
         with single_threaded():

@@ -32,9 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.defender import DefenderWeights, single_threaded, train_defender  # noqa: E402
-from siguard.privacy.experiments import TARGETS, _splits, load_experiment_data, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed, records_per_split  # noqa: E402
 from siguard.privacy.memguard import softmax  # noqa: E402
-from siguard.privacy.targets import predict_onnx  # noqa: E402
 
 
 def psi(u: np.ndarray, clip: float) -> np.ndarray:
@@ -102,15 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     data = load_experiment_data()
-    n = min(1000, len(data.x) // 6)
+    n = records_per_split(data, 1000)
     rows = []
     for seed in args.seeds:
         with single_threaded():
             s = prepare_seed(data, n, 150, seed, TARGETS[args.target], Path(tempfile.mkdtemp()))
-            ref = _splits(len(data.x), n, 6, seed)[2]  # the owner's reference non-members, as prepare_seed draws them
-            z_ref = predict_onnx(s.onnx_path, data.x[ref]).astype(np.float64)
             sh = s.shadow
-            h = train(s.logits[:n], z_ref, args.clip, seed)
+            h = train(s.logits[:n], s.reference_logits, args.clip, seed)
             h_shadow = train(sh.logits[sh.membership], sh.reference_logits, args.clip, seed + 1000)
             released, accepted = guard(s.logits, h, clip=args.clip, lr=args.lr)
             shadow_released, _ = guard(sh.logits, h_shadow, clip=args.clip, lr=args.lr)

@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed  # noqa: E402
+from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed, records_per_split  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "guard_protection.json"
 NOISED_L1 = 2e-3
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     data = load_experiment_data()
-    n = min(args.n, len(data.x) // 6)
+    n = records_per_split(data, args.n)
     runs = []
     for target in args.targets:
         for seed in args.seeds:

@@ -53,7 +53,8 @@ from .defender import DefenderWeights, export_defender, single_threaded, train_d
 from .memguard import guard_reference, softmax
 from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
-__all__ = ["CONFIGS", "SeedSetup", "load_experiment_data", "prepare_seed", "run_experiment", "main"]
+__all__ = ["CONFIGS", "SPLITS", "SeedSetup", "load_experiment_data", "prepare_seed", "records_per_split",
+           "run_experiment", "main"]
 
 #: (name, guard_reference options); the defaults are R = 6, T = 49, lr = 0.2, c3 = 0.1, freeze, sign, margin 0.5
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -136,9 +137,18 @@ def _failure_causes(res: Any, logits: np.ndarray, lo: np.ndarray, hi: np.ndarray
             "other": float((failed & feasible & ~saturated).mean()), "feasible": float(feasible.mean())}
 
 
+#: the disjoint splits of :func:`prepare_seed`: members, non-members, the owner's reference, shadow in/out/reference
+SPLITS = 6
+
+
 def _splits(n_total: int, n: int, parts: int, seed: int) -> list[np.ndarray]:
     order = np.random.default_rng(seed).permutation(n_total)  # data split only
     return [order[i * n : (i + 1) * n] for i in range(parts)]
+
+
+def records_per_split(data: Any, n: int) -> int:
+    """``n`` records per split, or fewer if the data set has not SPLITS x ``n`` records."""
+    return min(n, len(data.x) // SPLITS)
 
 
 @dataclass
@@ -154,6 +164,7 @@ class SeedSetup:
     shadow: Any  # :class:`siguard.privacy.attacks.ShadowData` (with the shadow non-members' labels)
     x: np.ndarray  # the queries: members then evaluation non-members
     logits: np.ndarray  # the target's logits on ``x`` (float64)
+    reference_logits: np.ndarray  # the target's logits on the owner's reference non-members (its defender's negatives)
     labels: np.ndarray  # the true labels of ``x``
     membership: np.ndarray  # True for the members
     info: dict[str, float]  # target train/test accuracy, defender validation accuracy
@@ -178,7 +189,7 @@ def prepare_seed(data: Any, n: int, epochs: int, seed: int, hidden: tuple[int, .
     so that a seed gives the same models in every experiment that uses it."""
     import torch
 
-    mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, 6, seed)
+    mem, non, ref, s_mem, s_non, s_ref = _splits(len(data.x), n, SPLITS, seed)
     with single_threaded():
         torch.manual_seed(seed)  # train_classifier seeds after the model exists: seed its initialisation too
         target = train_classifier(make_mlp(data.input_shape, data.num_classes, hidden), data.x[mem], data.y[mem],
@@ -196,7 +207,7 @@ def prepare_seed(data: Any, n: int, epochs: int, seed: int, hidden: tuple[int, .
     return SeedSetup(seed=seed, hidden=tuple(hidden), onnx_path=onnx_path, defender_path=defender_path,
                      defender=DefenderWeights.from_onnx(defender_path), defender_report=d_report, shadow=shadow,
                      x=np.concatenate([data.x[mem], data.x[non]]), logits=np.concatenate([z_mem, z_non]),
-                     labels=np.concatenate([data.y[mem], data.y[non]]),
+                     reference_logits=z_ref, labels=np.concatenate([data.y[mem], data.y[non]]),
                      membership=np.concatenate([np.ones(n, bool), np.zeros(n, bool)]), info=info)
 
 
@@ -322,7 +333,7 @@ def run_experiment(dataset: str = "fashion-mnist", *, n: int = 1000, epochs: int
     configs = configs or CONFIGS
     t0 = time.perf_counter()
     data = load_experiment_data(dataset, log)
-    n = min(n, len(data.x) // 6)
+    n = records_per_split(data, n)
     log(f"dataset {data.name}: {n} per split (members, non-members, owner reference, shadow in/out/reference), "
         f"{epochs} epochs, seeds {list(seeds)}")
     with single_threaded():  # small matrices: BLAS and torch threads only add synchronisation
