@@ -328,22 +328,12 @@ class RSSEngine(Engine):
         try:
             for i, (g, body) in enumerate(zip(lets, branches, strict=True)):
                 running.add(i)
-                msg = g.switch((driver, body, results, i))
-                if msg[0] is _DONE or msg[0] is _FAILED:
-                    _ended(i, msg, running)
-                else:
-                    posted.append(msg)
-                    live.append(i)
+                _post(i, g.switch((driver, body, results, i)), live, posted, running)
             while posted:
                 replies = _merged_exchange(proxy, posted)
                 was, live, posted = live, [], []
                 for i, reply in zip(was, replies, strict=True):
-                    msg = lets[i].switch(reply)
-                    if msg[0] is _DONE or msg[0] is _FAILED:
-                        _ended(i, msg, running)
-                    else:
-                        posted.append(msg)
-                        live.append(i)
+                    _post(i, lets[i].switch(reply), live, posted, running)
         except BaseException:
             for i in running:  # unwind the branches still suspended in a round, here rather than at collection
                 if not lets[i].dead:
@@ -1068,17 +1058,22 @@ def _run_branches(task: tuple[Any, Callable[[], Any], list[Any], int]) -> None:
             msg = _FINISHED
         except greenlet.GreenletExit:
             raise
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the driver (_ended)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the driver (_post)
             msg = (_FAILED, exc)
         del body, results
         task = driver.switch(msg)
 
 
-def _ended(i: int, msg: tuple[Any, ...], running: set[int]) -> None:
-    """Branch ``i`` handed its driver its end: forget it (raising its error if it failed)."""
-    running.discard(i)
-    if msg[0] is _FAILED:
-        raise msg[1]
+def _post(i: int, msg: tuple[Any, ...], live: list[int], posted: list[Any], running: set[int]) -> None:
+    """Record what branch ``i`` handed its driver: a round to merge (appended to ``posted``, ``i`` to ``live``),
+    or its end (forgotten; its error raised if it failed)."""
+    if msg[0] is _DONE or msg[0] is _FAILED:
+        running.discard(i)
+        if msg[0] is _FAILED:
+            raise msg[1]
+    else:
+        posted.append(msg)
+        live.append(i)
 
 
 def _merged_exchange(
