@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.defender import single_threaded  # noqa: E402
-from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed, records_per_split  # noqa: E402
+from siguard.privacy.experiments import TARGETS, seed_setups  # noqa: E402
 from siguard.privacy.memguard import guard_reference  # noqa: E402
 
 P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
@@ -97,12 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                          "second bag (initialisations seed .. seed + models - 1, as benchmarks/guard_protection.py "
                          "draws them) and a gradient-boosted attacker on the log of the sorted top-3")
     args = ap.parse_args(argv)
-    data = load_experiment_data()
-    n = records_per_split(data, 1000)
     rows = []
-    for seed in args.seeds:
-        with single_threaded():
-            s = prepare_seed(data, n, 150, seed, TARGETS[args.target], Path(tempfile.mkdtemp()))
+    with single_threaded():
+        for s in seed_setups(args.target, args.seeds):
+            seed = s.seed
             neural = NeuralAttack(seed=seed).fit(s.shadow.plain_outputs(), s.shadow.membership)
             for name in args.configs:
                 opts, t = CONFIGS[name], time.time()

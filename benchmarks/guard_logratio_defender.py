@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from siguard.privacy.attacks import BaggedNeuralAttack, BoostedAttack, NeuralAttack  # noqa: E402
 from siguard.privacy.defender import DefenderWeights, single_threaded, train_defender  # noqa: E402
-from siguard.privacy.experiments import TARGETS, load_experiment_data, prepare_seed, records_per_split  # noqa: E402
+from siguard.privacy.experiments import TARGETS, seed_setups  # noqa: E402
 from siguard.privacy.memguard import softmax  # noqa: E402
 
 
@@ -100,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    data = load_experiment_data()
-    n = records_per_split(data, 1000)
     rows = []
-    for seed in args.seeds:
-        with single_threaded():
-            s = prepare_seed(data, n, 150, seed, TARGETS[args.target], Path(tempfile.mkdtemp()))
+    with single_threaded():
+        for s in seed_setups(args.target, args.seeds):
+            seed, n = s.seed, int(s.membership.sum())
             sh = s.shadow
             h = train(s.logits[:n], s.reference_logits, args.clip, seed)
             h_shadow = train(sh.logits[sh.membership], sh.reference_logits, args.clip, seed + 1000)

@@ -31,7 +31,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from .memguard import guard_reference, softmax
 from .targets import export_onnx, make_mlp, predict_onnx, train_classifier
 
 __all__ = ["CONFIGS", "SPLITS", "SeedSetup", "load_experiment_data", "prepare_seed", "records_per_split",
-           "run_experiment", "main"]
+           "seed_setups", "run_experiment", "main"]
 
 #: (name, guard_reference options); the defaults are R = 6, T = 49, lr = 0.2, c3 = 0.1, freeze, sign, margin 0.5
 CONFIGS: list[tuple[str, dict[str, Any]]] = [
@@ -172,6 +172,16 @@ class SeedSetup:
     @property
     def plain(self) -> np.ndarray:
         return softmax(self.logits)
+
+
+def seed_setups(target: str, seeds: Sequence[int], n: int = 1000, epochs: int = 150) -> Iterator[SeedSetup]:
+    """:func:`prepare_seed` for each of ``seeds`` on :func:`load_experiment_data` (``n`` records per split at most),
+    the ``target`` architecture of :data:`TARGETS`, files in a fresh temporary directory: the loop the oracle
+    benchmarks share (they wrap it in :func:`single_threaded`)."""
+    data = load_experiment_data()
+    n = records_per_split(data, n)
+    for seed in seeds:
+        yield prepare_seed(data, n, epochs, seed, TARGETS[target], Path(tempfile.mkdtemp()))
 
 
 def load_experiment_data(dataset: str = "fashion-mnist", log: Callable[[str], None] = print) -> Any:
