@@ -34,10 +34,18 @@ from siguard.privacy.defender import single_threaded  # noqa: E402
 from siguard.privacy.experiments import TARGETS, seed_setups  # noqa: E402
 from siguard.privacy.memguard import guard_reference  # noqa: E402
 
+#: the search of the default (10 x 25, sign steps, hybrid validator with margin 0.2) without its last two parts; the
+#: earlier rows vary it ("search only" was the default up to protocol v2)
 P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
      "validator": "hybrid", "margin": 0.2}
 CONFIGS = {
-    "default": dict(P),
+    "default": {**P, "sharpen_lr": 0.2, "release_bits": 7},  # siguard.core.config.SCHEDULE_DEFAULTS["parallel"]
+    "search only": dict(P),
+    "no rounding": {**P, "sharpen_lr": 0.2},
+    "no sharpening": {**P, "release_bits": 7},
+    "default, 2^-6": {**P, "sharpen_lr": 0.2, "release_bits": 6},
+    "default, 2^-8": {**P, "sharpen_lr": 0.2, "release_bits": 8},
+    "default, sharpen .1": {**P, "sharpen_lr": 0.1, "release_bits": 7},
     "h.1": {**P, "margin": 0.1},
     "h.05": {**P, "margin": 0.05},
     "h.15": {**P, "margin": 0.15},

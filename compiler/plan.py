@@ -45,9 +45,11 @@ PLAN_VERSION = 1
 PROTOCOL = "rss3-z2^64-semihonest"
 #: 2: the guard's sign tests on bounded operands and its shorter step and final phase (1,050 rounds per query at
 #: 10 x 25): a guarded plan of version 1 describes messages and costs the parties no longer send, so it is
-#: refused (recompile it); the other protocols are unchanged, so a version-1 plan without a guard still loads
-PROTOCOL_VERSION = 2
-_COMPATIBLE_UNGUARDED = (1, 2)
+#: refused (recompile it); the other protocols are unchanged, so a version-1 plan without a guard still loads.
+#: 3: the guard's sharpening round and its rounded release (1,060 rounds per query): a guarded plan of version 1 or
+#: 2 is refused in the same way
+PROTOCOL_VERSION = 3
+_COMPATIBLE_UNGUARDED = (1, 2, 3)
 _HASH_KEY = "__plan_hash__"
 OWNER_FILE = "owner.json"
 OWNER_FORMAT = "siguard-owner-facts"

@@ -99,6 +99,8 @@ class InsertGuard(Pass):
         changes.append(
             f"inserted guard after {logits!r}: defender {k}->{d.W1.shape[0]}->{d.W2.shape[0]}->1, "
             f"{c.rounds} rounds x {c.steps} steps, schedule {c.schedule}, validator {c.validator}"
+            + (f", a sharpening round (lr {c.sharpen_lr:g})" if c.sharpen_lr else "")
+            + (f", released in multiples of 2^-{c.release_bits}" if c.release_bits else "")
         )
         return changes
 

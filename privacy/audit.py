@@ -50,7 +50,7 @@ from siguard.runtime.net.processes import run_processes
 from .attacks import label_only_gap, standard_attacks, train_shadow
 from .datasets import load_npz
 from .defender import DefenderWeights, to_probabilities
-from .memguard import guard_reference
+from .memguard import guard_reference, quantize_release
 from .targets import model_outputs
 
 __all__ = ["AUDIT_FORMAT", "OUTPUT_KINDS", "run_audit", "format_table", "format_markdown", "validate_audit",
@@ -287,6 +287,8 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
 
     plain = probs["plaintext"]
     outputs: dict[str, Any] = {}
+    bits = {kind: int(_oracle_options(gstep)["release_bits"]) if kind in ("guarded", "memguard") else 0
+            for kind in OUTPUT_KINDS}
     curves: dict[str, dict[str, Any]] = {}
     for kind in OUTPUT_KINDS:
         pr = probs[kind]
@@ -299,7 +301,9 @@ def run_audit(model: str | Path, plan_dir: str | Path, guarded_plan_dir: str | P
             "top1_agreement": float((pr.argmax(1) == plain.argmax(1)).mean()),
             "mean_l1": float(l1.mean()),
             "max_l1": float(l1.max()),
-            "noised_fraction": float((l1 > NOISE_L1).mean()),
+            # the guard's noise only: a rounded release counts as noised where it differs from softmax(z) rounded alike
+            "noised_fraction": float((np.abs(pr - quantize_release(plain, plain.argmax(1), bits[kind])).sum(axis=1)
+                                      > NOISE_L1).mean()),
             **{key: runs[kind][key] for key in ("seconds", "rounds", "mb_per_party", "batches")},
             "attacks": rows,
             "best_attack": {"id": best, "name": rows[best]["name"], "auc": rows[best]["auc"],

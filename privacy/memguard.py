@@ -49,6 +49,7 @@ __all__ = [
     "plaintext_memguard",
     "guard_loss",
     "guard_loss_gradient",
+    "quantize_release",
     "softmax",
 ]
 
@@ -158,7 +159,8 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
                     c1: float = 1.0, c2: float = 10.0, c3: float = 0.1, lr: float = 0.2, schedule: str = "freeze",
                     c3_max: float = 100.0,
                     validator: str = "sign", margin: float = 0.5, release_prob: float = 1.0,
-                    seed: int = 0, step: str = "l2", lr_growth: float = 1.1) -> GuardResult:
+                    seed: int = 0, step: str = "l2", lr_growth: float = 1.1, sharpen_lr: float = 0.0,
+                    release_bits: int = 0) -> GuardResult:
     """Run the guard (module docstring) on a batch of logits (B, k) in float64; returns a :class:`GuardResult`.
 
     ``rounds`` = R, ``steps`` = T, ``schedule`` in :data:`SCHEDULES`, ``validator`` in :data:`VALIDATORS`,
@@ -167,6 +169,11 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
     :data:`STEPS`: "l2" moves e by lr along the normalised gradient (MemGuard), "sign" by lr along the sign of
     every coordinate of the gradient, the hinge's sign taking precedence where the hinge is active.
     ``lr_growth``: each round's learning rate is the previous failed round's times this.
+    ``sharpen_lr`` (parallel schedule; 0 = off): one more candidate round after the R rounds of every tier, whose
+    steps raise the label's logit by ``sharpen_lr`` and lower every other by as much (the direction is fixed, so the
+    label is always kept): a query the search cannot bring to the decision boundary is sharpened towards it instead
+    of released unguarded. ``release_bits`` = b (0 = off): the released vector is rounded down to multiples of 2^-b
+    for every class but the label, which takes the rest (:func:`quantize_release`).
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != defender.num_classes:
@@ -181,10 +188,27 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
         raise ValueError("the hybrid validator needs the parallel schedule")
     if rounds < 0 or steps < 0 or not 0.0 <= release_prob <= 1.0:
         raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
+    if sharpen_lr < 0 or (sharpen_lr > 0 and schedule != "parallel"):
+        raise ValueError("sharpen_lr must be >= 0, and > 0 only with the parallel schedule")
+    if not 0 <= int(release_bits) <= 12:
+        raise ValueError(f"release_bits must lie in [0, 12], got {release_bits}")
     with single_threaded():
         return _guard(z, defender, rounds=rounds, steps=steps, c1=c1, c2=c2, c3=c3, lr=lr, schedule=schedule,
                       validator=validator, margin=margin, release_prob=release_prob, seed=seed, c3_max=c3_max,
-                      step=step, lr_growth=lr_growth)
+                      step=step, lr_growth=lr_growth, sharpen_lr=sharpen_lr, release_bits=int(release_bits))
+
+
+def quantize_release(q: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
+    """(B, k) q with every class but the label rounded down to a multiple of 2^-bits and the label's entry
+    1 - the others' sum (so the label stays the strict top-1 and the vector sums to 1); ``bits`` = 0: q."""
+    if not bits:
+        return q
+    scale = float(1 << bits)
+    out = np.floor(q * scale) / scale
+    rows = np.arange(len(q))
+    out[rows, labels] = 0.0
+    out[rows, labels] = 1.0 - out.sum(axis=1)
+    return out
 
 
 #: sign steps: the tests of sgn(q - p) and of S read "negative" only below -2^-TIE_BITS in ratio units (see
@@ -224,10 +248,12 @@ def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: Defen
 
 def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, defender: DefenderWeights, *,
              steps: int, lr: np.ndarray, c1: float, c2: float, c3: np.ndarray, freeze: bool, tiers: tuple[str, ...],
-             margin: float, step: str, accepted: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+             margin: float, step: str, accepted: np.ndarray,
+             forced: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One round of T steps from e = 0. For each validator in ``tiers``: (hit (B,) bool, e_hit (B, k),
     t_hit (B,)): with ``freeze`` the first e that passes the test at some t (only where not ``accepted``
-    yet), else the e after the last step if it passes (t = T+1)."""
+    yet), else the e after the last step if it passes (t = T+1). Rows where ``forced`` (B,) is set take the
+    sharpening direction d = 1 - 2 onehot (the label's logit up, every other down) instead of the loss's."""
     B, k = u0.shape
     e = np.zeros((B, k))
     hits = [(np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for _ in tiers]
@@ -241,13 +267,15 @@ def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, 
             got |= now
         if t == steps + 1:
             break
+        if forced is not None:
+            d = np.where(forced[:, None], 1.0 - 2.0 * onehot, d)
         e = e - lr[:, None] * d
     return hits
 
 
 def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int, c1: float, c2: float, c3: float,
            lr: float, schedule: str, validator: str, margin: float, release_prob: float, seed: int,
-           c3_max: float, step: str, lr_growth: float) -> GuardResult:
+           c3_max: float, step: str, lr_growth: float, sharpen_lr: float, release_bits: int) -> GuardResult:
     """The body of :func:`guard_reference` on validated float64 logits z (B, k)."""
     B, k = z.shape
     u0 = z - z.max(axis=1, keepdims=True)
@@ -270,13 +298,17 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
         # success -- and the query keeps the first success in (round, step) order: freeze's output. "hybrid":
         # the first success of the sign test in that order; failing that, the first of the margin test.
         tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
-        tile = lambda x: np.concatenate([x] * rounds)  # noqa: E731
-        lrs = np.repeat(lr * lr_growth ** np.arange(rounds), B)
+        # sharpen_lr > 0: one more block (round R + 1 of every tier) with the fixed sharpening direction
+        blocks = rounds + (1 if sharpen_lr > 0 else 0)
+        tile = lambda x: np.concatenate([x] * blocks)  # noqa: E731
+        lrs = np.repeat(np.append(lr * lr_growth ** np.arange(rounds), [sharpen_lr] * (blocks - rounds)), B)
+        forced = np.repeat(np.arange(blocks) >= rounds, B)
         hits = _descend(tile(u0), tile(p), tile(onehot), tile(a0), defender, steps=steps, lr=lrs,
-                        c3=np.full(B * rounds, float(c3)), freeze=True, tiers=tiers,
-                        accepted=np.zeros(B * rounds, dtype=bool), **opts)
+                        c3=np.full(B * blocks, float(c3)), freeze=True, tiers=tiers,
+                        accepted=np.zeros(B * blocks, dtype=bool), forced=forced if blocks > rounds else None,
+                        **opts)
         for got, e_v, t_v in hits:
-            for r in range(rounds):
+            for r in range(blocks):
                 rows = slice(r * B, (r + 1) * B)
                 now = got[rows] & ~accepted
                 e_star[now], acc_step[now], acc_round[now] = e_v[rows][now], t_v[rows][now], r + 1
@@ -293,9 +325,9 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
             c3_q = np.where(found, np.minimum(10.0 * c3_q, c3_max), c3_q)  # capped for fixed-point headroom
             lr_q = np.where(found, lr_q, lr_growth * lr_q)
 
-    guarded = softmax(u0 + e_star)
+    guarded = quantize_release(softmax(u0 + e_star), labels, release_bits)
     released = np.random.default_rng(seed).random(B) < release_prob  # plaintext phase II, not MPC
-    out = np.where(released[:, None], guarded, p)
+    out = np.where(released[:, None], guarded, quantize_release(p, labels, release_bits))
     return GuardResult(probs=out, guarded=guarded, noise=e_star, plain=p, labels=labels, accepted=accepted,
                        accept_round=acc_round, accept_step=acc_step, released=released, a0=a0,
                        a_final=defender.score(out), distortion=np.abs(out - p).sum(axis=1))

@@ -57,7 +57,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise InputError(f"model file {args.model} does not exist")
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
                                       ("lr_growth", args.guard_lr_growth), ("schedule", args.guard_schedule),
-                                      ("validator", args.guard_validator), ("margin", args.guard_margin))
+                                      ("validator", args.guard_validator), ("margin", args.guard_margin),
+                                      ("sharpen_lr", args.guard_sharpen_lr), ("release_bits", args.guard_release_bits))
                     if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
@@ -236,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     _code_default(g.add_argument("--guard-margin", type=float, default=None,
                                  help="margin of the margin and hybrid validators (default %(code_default)s)"),
                   guard, "margin")
+    _code_default(g.add_argument("--guard-sharpen-lr", type=float, default=None,
+                                 help="parallel only: one more candidate round whose every step raises the label's "
+                                      "logit by this and lowers the others by as much, for queries the search cannot "
+                                      "bring to the defender's boundary; 0: none (default %(code_default)s)"),
+                  guard, "sharpen_lr")
+    _code_default(g.add_argument("--guard-release-bits", type=int, default=None,
+                                 help="parallel only: release every probability but the label's rounded down to a "
+                                      "multiple of 2^-B (the label takes the rest); 0: full precision (default "
+                                      "%(code_default)s)"), guard, "release_bits")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="show a plan's steps, implementations and costs")

@@ -22,14 +22,17 @@ Algorithm (per query; z logits in R^k, h the defender MLP k -> 128 -> 64 -> 1, h
             d_i = sgn(hinge_i) where the label hinge is active (viol_i, or i = l with any violation)
                   else sgn(S_i)
             e = e - lr_r d                                 (a sign step: every logit moves by lr_r)
-    release softmax(z + e) of the first ok in (tier, round, step) order, else p
+    candidate R+1 (sharpen_lr > 0): the same, with the fixed d = 1 - 2 onehot(l) and lr = sharpen_lr
+    q* = softmax(z + e) of the first ok in (tier, round, step) order, else p
+    release q* with every q*_j (j != l) rounded down to a multiple of 2^-release_bits, q*_l = 1 - their sum
 
 Every round before a query's first success has failed, so running the rounds as independent
 candidates gives the sequential "freeze" schedule's choice while taking T + 1 sequential iterations
 instead of R (T + 1). Sign steps need no normalisation of the gradient (no inverse square root, no
 power-of-two rescaling) and keep the state in ratio space (see :func:`_guard_parallel`): each step
 costs 38 rounds (the sign tests run on 32 bits where the guard pass gives a public bound), the guard
-64 + 38 T + 36 for R x T candidates (1,050 at the default 10 x 25).
+64 + 38 T + 46 for R x T candidates (1,060 at the default 10 x 25, with the sharpening round and the release's
+rounding, :func:`quantize_release`).
 
 The sequential schedules keep MemGuard's normalised-gradient step (:func:`_guard_sequential`)::
 
@@ -98,7 +101,7 @@ from .approx import (
 from .engine import Bits, Engine, Secret, sign_bound
 from .nonlinear import _recip_linear, exp, exp_steps, max_and_argmax, reciprocal, rsqrt, softmax
 
-__all__ = ["secure_guard", "defender_score", "guard_progress", "guard_phases"]
+__all__ = ["secure_guard", "defender_score", "guard_progress", "guard_phases", "quantize_release"]
 
 #: called as (iterations done, iterations in all) by party P0's guard (or the reference engine's) after
 #: each of its R x (T + 1) iterations; set with :func:`guard_progress`. Public counts only.
@@ -631,13 +634,17 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     branches in one fork (score msb 7 | backward 7 | hinge bits 4 + b2a 2 + products 1) 7, the sign test of
     S_c + S_h and S_c - S_h 7 (r split by [a < 0] into the halves each sign moves, in the same rounds: no mux
     round), mul_bit 2, trunc 2: 38. Final: the last evaluation 27 (beside it the normalisation 26 and the
-    earlier steps' selection 11), the last steps' selection 7, the selecting mul_bit 2: 36.
+    earlier steps' selection 11), the last steps' selection 7, the selecting mul_bit 2, the release's rounding 10
+    (:func:`quantize_release`): 46. The sharpening round is one more block of rows (bytes, no rounds): its
+    direction tests read public operands (:func:`_sharpen_rows`).
     See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
     qr = qs + 8  # the ratios' own scale: r_j down to 2^-qr (a logit gap up to ~27) stays non-zero
     B, k = int(z.shape[0]), int(z.shape[1])
-    R, T = cfg.rounds, cfg.steps
+    # the candidate blocks of every tier: the R rounds, then (sharpen_lr > 0) the sharpening round, whose steps
+    # take the fixed direction "the label up, every other class down" (:func:`_sharpen_rows`)
+    R, T = cfg.rounds + (1 if cfg.sharpen_lr > 0 else 0), cfg.steps
     n = R * B
     H1, H2 = int(W1.shape[1]), int(W2.shape[1])
     sb = _SignBounds(cfg, k, f)
@@ -671,7 +678,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     b_row = e.local(lambda a, b, c: torch.cat([a, b, c]).reshape(1, -1), b1, b2, b3)
     w2_t = e.local(lambda v: v.t().contiguous(), W2)
     w1_t = e.local(lambda v: v.t().contiguous(), W1)
-    lrs = [cfg.lr * cfg.lr_growth**i for i in range(R)]
+    lrs = [cfg.lr * cfg.lr_growth**i for i in range(cfg.rounds)] + [cfg.sharpen_lr] * (R - cfg.rounds)
     half_sum, half_diff = (torch.tensor([c[i] for c in map(_step_constants, lrs, [f] * R) for _ in range(B)],
                                         dtype=torch.int64).reshape(n, 1) for i in (0, 1))
     c3_ring = _t(round(cfg.c3 * 2**f))
@@ -819,8 +826,11 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         big = sb.nonneg(e, e.add(e.add(s_c, e.mul(hv, _t(1 << sb.hinge_bit))), _t(1 << (qs - shift + f - TIE_BITS))),
                         sb.direction)
         flip = e.bit_local(lambda v: v.expand(n, k).contiguous(), m_a)
+        directions = [e.add(big, s_h), e.sub(big, s_h)]
+        if R > cfg.rounds:  # the sharpening round's rows: b_j = 0 for every class, b_l = 1 (public, no round)
+            directions = [_sharpen_rows(e, v, cfg.rounds * B, sb.direction) for v in directions]
         (b_pos, b_neg), r_neg = e.fork(
-            lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)], [sb.direction] * 2),
+            lambda directions=directions: msb_many(e, directions, [sb.direction] * 2),
             lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
         r_pos = e.sub(r_other, r_neg)
         # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l (x), r_j e^(-2 lr) where b_l and not b_j (y).
@@ -859,4 +869,41 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
                     .reshape(B, N, k).repeat(1, nt, 1), *q_steps)
     cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), q_p)], 1)  # (B, nt N + 1, k), scale f
     wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, nt * N + 1, k).contiguous(), first)
-    return e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale f
+    out = e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale f
+    return quantize_release(e, out, onehot, cfg.release_bits) if cfg.release_bits else out
+
+
+def _sharpen_rows(e: Engine, x: Secret, start: int, bound: tuple[int, int] | None) -> Secret:
+    """x (n, k + 1), the operand of the step's direction test, with its rows from ``start`` on (the sharpening
+    round's) replaced by the public +C for every class and -C for the label's entry (the last column): their
+    msb gives b_j = 0, b_l = 1, i.e. r_j <- r_j e^(-2 lr) for every j != l. C = 2^(bits - 3) lies inside the
+    test's bound and far above its band. Local: a product with a public 0/1 row mask and a public addition."""
+    n, width = int(x.shape[0]), int(x.shape[1])
+    big = 1 << ((bound[0] if bound is not None else 64) - 3)
+    keep = torch.zeros((n, 1), dtype=torch.int64)
+    keep[:start] = 1
+    const = torch.zeros((n, width), dtype=torch.int64)
+    const[start:, : width - 1] = big
+    const[start:, width - 1] = -big
+    return e.add(e.mul(x, keep), const)
+
+
+def quantize_release(e: Engine, q: Secret, onehot: Secret, bits: int) -> Secret:
+    """q (B, k) at scale f with every class but the label rounded down to a multiple of 2^-bits and the label's
+    entry 2^f minus their sum (:func:`siguard.privacy.memguard.quantize_release`, exact): the label stays the
+    strict top-1 and the vector sums to 1. floor(q_j 2^bits) = #{i = 1 .. 2^bits - 1: q_j >= i 2^-bits}, the
+    label's entry first lowered by 1 (q_l < 1 + 2^-bits, so it counts 0): one msb of the (2^bits - 1) k
+    differences, exact on f + 3 bits (|q - 1 - i 2^-bits| < 2, half the bound), b2a of the bits, and one product
+    with the one-hot label.
+    Rounds: msb 7 (6 at f <= 13) + b2a 2 + product 1 = 10; bytes per query: (2^bits - 1) k msb and b2a
+    elements, k products."""
+    f = e.frac_bits
+    B, k = int(q.shape[0]), int(q.shape[1])
+    levels, unit = (1 << bits) - 1, 1 << (f - bits)
+    shifted = e.sub(q, e.mul(onehot, _t(1 << f)))
+    thresholds = (torch.arange(1, levels + 1, dtype=torch.int64) * unit).reshape(-1, 1, 1)
+    diffs = e.sub(e.local(lambda v: v.unsqueeze(0).expand(levels, B, k).contiguous(), shifted), thresholds)
+    (below,) = msb_many(e, [diffs], [sign_bound(f + 3, SIGN_WIDTH)])
+    floors = e.mul(e.local(lambda v: v.sum(0), e.b2a(e.bit_not(below))), _t(unit))  # scale f, 0 at the label
+    rest = e.sub(_t(1 << f), e.local(lambda v: v.sum(-1, keepdim=True), floors))
+    return e.add(floors, e.mul(onehot, rest))

@@ -21,10 +21,13 @@ OBJECTIVES = ("rounds", "bytes")
 #: per schedule, the defaults of the fields a schedule changes (see :meth:`GuardConfig.for_schedule`)
 SCHEDULE_DEFAULTS: dict[str, dict[str, Any]] = {
     # the default: every round a candidate of one batch, sign steps, the hybrid validator (README, "The guard")
-    "parallel": {"rounds": 10, "steps": 25, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.2},
-    # the sequential schedules with MemGuard's normalised-gradient step
-    "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1},
-    "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1},
+    "parallel": {"rounds": 10, "steps": 25, "lr": 0.04, "lr_growth": 1.3, "validator": "hybrid", "margin": 0.2,
+                 "sharpen_lr": 0.2, "release_bits": 7},
+    # the sequential schedules with MemGuard's normalised-gradient step, released at full precision
+    "freeze": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "margin", "margin": 0.1,
+               "sharpen_lr": 0.0, "release_bits": 0},
+    "paper": {"rounds": 6, "steps": 49, "lr": 0.2, "lr_growth": 1.1, "validator": "sign", "margin": 0.1,
+              "sharpen_lr": 0.0, "release_bits": 0},
 }
 
 
@@ -48,6 +51,13 @@ class GuardConfig:
     validator: str = "hybrid"
     margin: float = 0.2
     lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
+    #: the parallel schedule: one more candidate round (last in each validator's order) whose every step raises
+    #: the label's logit by sharpen_lr and lowers every other by as much, so that a query the search cannot bring to
+    #: the defender's boundary is sharpened towards it instead of released unguarded; 0: no such round
+    sharpen_lr: float = 0.2
+    #: the parallel schedule: the released vector rounded down to multiples of 2^-release_bits for every class but
+    #: the label, which takes the rest (README, "The guard"); 0: full fixed-point precision
+    release_bits: int = 7
     c3_max: float = 100.0
     exp_degree: int = 4
     recip_degree: int = 4
@@ -83,6 +93,11 @@ class GuardConfig:
             raise ValueError("guard rounds and steps must be >= 1")
         if not (self.lr > 0 and self.lr_growth >= 1.0):
             raise ValueError("the guard's lr must be > 0 and lr_growth >= 1")
+        if not 0.0 <= self.sharpen_lr <= 1.0 or not 0 <= self.release_bits <= 12:
+            raise ValueError("the guard's sharpen_lr must lie in [0, 1] and release_bits in [0, 12]")
+        if (self.sharpen_lr or self.release_bits) and self.schedule != "parallel":
+            raise ValueError("the sharpening round and the release precision need the parallel schedule "
+                             "(set sharpen_lr and release_bits to 0)")
 
     @classmethod
     def for_schedule(cls, schedule: str | None = None, **overrides: Any) -> GuardConfig:
@@ -121,7 +136,8 @@ class GuardConfig:
         """The float oracle's options for this configuration (:func:`siguard.privacy.memguard.guard_reference`)."""
         return {"rounds": self.rounds, "steps": self.steps, "c1": self.c1, "c2": self.c2, "c3": self.c3,
                 "lr": self.lr, "schedule": self.schedule, "validator": self.validator, "margin": self.margin,
-                "c3_max": self.c3_max, "step": self.step, "lr_growth": self.lr_growth}
+                "c3_max": self.c3_max, "step": self.step, "lr_growth": self.lr_growth, "sharpen_lr": self.sharpen_lr,
+                "release_bits": self.release_bits}
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def _code_defaults() -> dict[str, str]:
         "--guard-rounds": show(g["rounds"]), "--guard-steps": show(g["steps"]), "--guard-lr": show(g["lr"]),
         "--guard-lr-growth": show(g["lr_growth"]),
         "--guard-schedule": show(g["schedule"]), "--guard-validator": show(g["validator"]),
-        "--guard-margin": show(g["margin"]),
+        "--guard-margin": show(g["margin"]), "--guard-sharpen-lr": show(g["sharpen_lr"]),
+        "--guard-release-bits": show(g["release_bits"]),
     }
 
 

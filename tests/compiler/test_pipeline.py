@@ -68,25 +68,28 @@ def test_wrong_version_is_refused(mlp_onnx, tmp_path):
 
 
 def test_a_guarded_plan_of_the_previous_protocol_is_refused_an_unguarded_one_loads(mlp_onnx, tmp_path):
-    """Protocol v2 changed the guard's messages and costs only: a v1 plan with a guard step must be recompiled
-    (one clear error), a v1 plan without one still runs."""
+    """Protocols v2 and v3 changed the guard's messages and costs only: a v1 or v2 plan with a guard step must be
+    recompiled (one clear error), one without a guard still runs."""
     from siguard.compiler.plan import PROTOCOL_VERSION, compute_hash
 
     _compile(mlp_onnx, tmp_path, batch=1)
     p = tmp_path / "plan" / "plan.json"
     doc = json.loads(p.read_text())
-    assert doc["protocol_version"] == PROTOCOL_VERSION == 2
-    doc["protocol_version"] = 1
-    doc["plan_hash"] = compute_hash(doc)
-    Plan.validate(doc)  # unguarded: the protocols it uses did not change
-    doc["steps"][-1]["op"] = "guard"  # as if the last step were the guard (the version check comes first)
-    doc["plan_hash"] = compute_hash(doc)
-    with pytest.raises(PlanError, match=r"v1, this SIGuard runs v2 \(the guard's protocol changed\): recompile"):
-        Plan.validate(doc)
+    assert doc["protocol_version"] == PROTOCOL_VERSION == 3
+    for old in (1, 2):
+        doc["protocol_version"] = old
+        doc["steps"][-1]["op"] = "reveal"
+        doc["plan_hash"] = compute_hash(doc)
+        Plan.validate(doc)  # unguarded: the protocols it uses did not change
+        doc["steps"][-1]["op"] = "guard"  # as if the last step were the guard (the version check comes first)
+        doc["plan_hash"] = compute_hash(doc)
+        refused = rf"v{old}, this SIGuard runs v3 \(the guard's protocol changed\): recompile"
+        with pytest.raises(PlanError, match=refused):
+            Plan.validate(doc)
     doc["protocol_version"] = 7
     doc["steps"][-1]["op"] = "reveal"
     doc["plan_hash"] = compute_hash(doc)
-    with pytest.raises(PlanError, match="v7, this SIGuard runs v2: recompile"):
+    with pytest.raises(PlanError, match="v7, this SIGuard runs v3: recompile"):
         Plan.validate(doc)
 
 

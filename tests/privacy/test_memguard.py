@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from siguard.privacy.defender import DefenderWeights
-from siguard.privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, softmax
+from siguard.privacy.memguard import guard_loss, guard_loss_gradient, guard_reference, quantize_release, softmax
 
 K = 10
 
@@ -189,10 +191,12 @@ def test_ties_take_the_lowest_index_and_bad_options_fail(defender):
 
 # ---- the parallel schedule with sign steps (the default) -------------------------------------------------
 def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int, c1: float, c3: float, lr: float,
-                     growth: float, validator: str, margin: float) -> tuple[np.ndarray, bool]:
+                     growth: float, validator: str, margin: float, sharpen_lr: float = 0.0) -> tuple[np.ndarray, bool]:
     """The parallel schedule for one query with scalar loops: every round r from e = 0 with lr growth^r, sign
     steps (the hinge's sign first; sign tests in ratio space, "negative" below -2^-14), the first success in
-    (round, step) order; "hybrid": the first decision flip in that order, else the first |a| <= margin."""
+    (round, step) order; "hybrid": the first decision flip in that order, else the first |a| <= margin. With
+    ``sharpen_lr``, one more round after the others whose every step moves the label's logit up by sharpen_lr and
+    every other down by as much."""
     k = len(z)
     lab = int(np.argmax(z))
     u0 = np.log(np.exp(z - z.max()) + 2.0**-30 * (np.arange(k) != lab))  # ratios start at least 2^-30
@@ -202,7 +206,7 @@ def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int,
     first: dict[str, np.ndarray | None] = {v: None for v in tiers}
     tie = 2.0**-14
     r0 = np.exp(u0 - u0[lab])
-    for r in range(rounds):
+    for r in range(rounds + (1 if sharpen_lr else 0)):
         e = np.zeros(k)
         for t in range(1, steps + 2):
             u = u0 + e
@@ -226,7 +230,10 @@ def literal_parallel(z: np.ndarray, h: DefenderWeights, rounds: int, steps: int,
                 hinge = viol[i] if i != lab else -sum(viol)
                 s = sum(ratio[j] * (gq[i] - gq[j]) for j in range(k))
                 d[i] = np.sign(hinge) if hinge != 0 else (-1.0 if s < -tie else 1.0)
-            e = e - lr * growth**r * d
+            if r == rounds:  # the sharpening round
+                e = e + sharpen_lr * np.array([1.0 if j == lab else -1.0 for j in range(k)])
+            else:
+                e = e - lr * growth**r * d
     for v in tiers:
         if first[v] is not None:
             return first[v], True
@@ -276,3 +283,50 @@ def test_hybrid_prefers_a_flipped_decision(defender, logits):
     assert (hybrid.accepted >= sign.accepted).all() and hybrid.accepted.sum() > sign.accepted.sum()
     with pytest.raises(ValueError, match="hybrid validator needs the parallel schedule"):
         guard_reference(logits, defender, validator="hybrid")
+
+
+def literal_rounding(q: np.ndarray, label: int, bits: int) -> np.ndarray:
+    """The release's rounding for one vector, written out: floor to the 2^-bits grid, the rest to the label."""
+    out = [math.floor(v * 2**bits) / 2**bits if j != label else 0.0 for j, v in enumerate(q)]
+    out[label] = 1.0 - sum(out)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("validator", ["sign", "hybrid"])
+def test_sharpening_round_and_rounded_release_equal_literal_algorithm(defender, logits, validator):
+    """The default's two additions: the sharpening round (last in each validator's order) and the rounding."""
+    opts = dict(rounds=2, steps=6, c1=1.0, c3=0.1, lr=0.1, validator=validator, margin=0.2)
+    res = guard_reference(logits, defender, schedule="parallel", step="sign", lr_growth=1.3, sharpen_lr=0.3,
+                          release_bits=5, **opts)
+    sharpened = res.accept_round == opts["rounds"] + 1
+    assert sharpened.any() and res.accepted.sum() > sharpened.sum()
+    u0 = np.log(np.exp(logits - logits.max(1, keepdims=True)) + 2.0**-30 * (np.arange(K) != logits.argmax(1)[:, None]))
+    for i in range(len(logits)):
+        e, acc = literal_parallel(logits[i], defender, growth=1.3, sharpen_lr=0.3, **opts)
+        assert acc == res.accepted[i]
+        np.testing.assert_allclose(res.noise[i], e, atol=1e-12)
+        released = literal_rounding(softmax(u0[i:i + 1] + e)[0], int(np.argmax(logits[i])), 5)
+        np.testing.assert_allclose(res.guarded[i], released, atol=1e-12)
+    # a sharpened query: the label's gap grew by 2 sharpen_lr per step, and the defender's test passes there
+    lab = logits.argmax(1)
+    noise = res.noise[sharpened]
+    steps = noise[np.arange(len(noise)), lab[sharpened]] / 0.3
+    assert np.allclose(steps, np.round(steps)) and (steps >= 1).all()
+    assert np.allclose(noise, (2 * (np.arange(K) == lab[sharpened][:, None]) - 1) * 0.3 * steps[:, None])
+    a = defender.score(softmax(u0[sharpened] + noise))
+    assert ((res.a0[sharpened] * a <= 0) | (np.abs(a) <= 0.2)).all()
+
+
+def test_the_rounded_release_keeps_the_label_and_sums_to_one():
+    rng = np.random.default_rng(3)
+    q = softmax(rng.normal(0, 1, (500, K)) * rng.choice([0.3, 3.0, 9.0], size=(500, 1)))
+    labels = q.argmax(1)
+    for bits in (1, 4, 7):
+        out = quantize_release(q, labels, bits)
+        assert np.allclose(out.sum(1), 1.0, atol=1e-12)
+        assert (out.argmax(1) == labels).all() and (np.sort(out, 1)[:, -2] < out.max(1)).all()  # a strict top-1
+        others = np.arange(K) != labels[:, None]
+        assert (out[others] <= q[others]).all() and (out[others] > q[others] - 2.0**-bits).all()
+        for i in range(0, 500, 50):
+            np.testing.assert_allclose(out[i], literal_rounding(q[i], int(labels[i]), bits), atol=1e-12)
+    assert quantize_release(q, labels, 0) is q

@@ -46,20 +46,30 @@ def cost_of(cfg: GuardConfig, batch: int = 1, k: int = 10) -> tuple[dict, dict]:
 def test_default_guard_rounds_with_the_bounds_and_without():
     cfg = GuardConfig.for_schedule(**guard_bounds(defender(), GuardConfig()))
     total, ph = cost_of(cfg)
-    assert (ph["once"]["rounds"], ph["per_iteration"]["rounds"], ph["final"]["rounds"]) == (64, 38, 36)
-    assert total["rounds"] == 64 + 25 * 38 + 36 == 1050
+    assert (ph["once"]["rounds"], ph["per_iteration"]["rounds"], ph["final"]["rounds"]) == (64, 38, 46)
+    assert total["rounds"] == 64 + 25 * 38 + 46 == 1060
     # the module docstring and docs/guard.md say so
-    assert "costs 38 rounds" in guard_module.__doc__ and "64 + 38 T + 36" in guard_module.__doc__
-    assert "(1,050 at the default 10 x 25)" in guard_module.__doc__
+    assert "costs 38 rounds" in guard_module.__doc__ and "64 + 38 T + 46" in guard_module.__doc__
+    assert "(1,060 at the default 10 x 25" in guard_module.__doc__
     doc = guard_module._guard_parallel.__doc__.split("Rounds per step")[1]
-    assert "38. Final" in doc and ": 36." in doc
+    assert "38. Final" in doc and ": 46." in doc
+    # the release's rounding alone: 10 rounds, as its docstring says
+    assert "= 10" in guard_module.quantize_release.__doc__
+    bounds = guard_bounds(defender(), GuardConfig())
+    _, full = cost_of(GuardConfig.for_schedule(release_bits=0, **bounds))
+    assert ph["final"]["rounds"] - full["final"]["rounds"] == 10
+    # the sharpening round costs no round (its direction tests read public operands), only bytes
+    no_sharpen, _ = cost_of(GuardConfig.for_schedule(sharpen_lr=0.0, **bounds))
+    assert no_sharpen["rounds"] == total["rounds"]
+    assert max(no_sharpen["bytes_per_party"]) < max(total["bytes_per_party"])
     # a configuration without the activation bounds keeps 64-bit tests of the layers and the score
     total, ph = cost_of(GuardConfig.for_schedule())
     assert ph["per_iteration"]["rounds"] == 1 + 8 + 2 + 1 + 8 + 2 + 8 + 7 + 2 + 2 == 41
-    assert ph["final"]["rounds"] == 1 + 8 + 2 + 1 + 8 + 2 + 8 + 9 == 39
-    # the sign validator alone: 10 blocks, a prefix OR of 4 rounds in the last steps' selection
+    assert ph["final"]["rounds"] == 1 + 8 + 2 + 1 + 8 + 2 + 8 + 9 + 10 == 49
+    # the sign validator alone: 11 blocks (the sharpening round's included), a prefix OR of 4 rounds in the last
+    # steps' selection, then the release's rounding
     total, ph = cost_of(GuardConfig.for_schedule(validator="sign", **guard_bounds(defender(), GuardConfig())))
-    assert (ph["per_iteration"]["rounds"], ph["final"]["rounds"]) == (38, 35)
+    assert (ph["per_iteration"]["rounds"], ph["final"]["rounds"]) == (38, 35 + 10)
 
 
 @pytest.mark.parametrize("bounded", [True, False])
