@@ -39,13 +39,14 @@ from siguard.privacy.memguard import guard_reference  # noqa: E402
 P = {"schedule": "parallel", "step": "sign", "lr_growth": 1.3, "rounds": 10, "steps": 25, "lr": 0.04,
      "validator": "hybrid", "margin": 0.2}
 CONFIGS = {
-    "default": {**P, "sharpen_lr": 0.2, "release_bits": 7},  # siguard.core.config.SCHEDULE_DEFAULTS["parallel"]
+    # siguard.core.config.SCHEDULE_DEFAULTS["parallel"] (a test checks that they agree)
+    "default": {**P, "sharpen_lr": 0.2, "sharpen_margin": 0.5, "release_bits": 7},
+    "sharpen margin .2": {**P, "sharpen_lr": 0.2, "sharpen_margin": 0.2, "release_bits": 7},
     "search only": dict(P),
-    "no rounding": {**P, "sharpen_lr": 0.2},
+    "no rounding": {**P, "sharpen_lr": 0.2, "sharpen_margin": 0.5},
     "no sharpening": {**P, "release_bits": 7},
-    "default, 2^-6": {**P, "sharpen_lr": 0.2, "release_bits": 6},
-    "default, 2^-8": {**P, "sharpen_lr": 0.2, "release_bits": 8},
-    "default, sharpen .1": {**P, "sharpen_lr": 0.1, "release_bits": 7},
+    "default, 2^-6": {**P, "sharpen_lr": 0.2, "sharpen_margin": 0.5, "release_bits": 6},
+    "default, 2^-8": {**P, "sharpen_lr": 0.2, "sharpen_margin": 0.5, "release_bits": 8},
     "h.1": {**P, "margin": 0.1},
     "h.05": {**P, "margin": 0.05},
     "h.15": {**P, "margin": 0.15},

@@ -50,6 +50,7 @@ __all__ = [
     "guard_loss",
     "guard_loss_gradient",
     "quantize_release",
+    "candidate_order",
     "softmax",
 ]
 
@@ -160,7 +161,7 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
                     c3_max: float = 100.0,
                     validator: str = "sign", margin: float = 0.5, release_prob: float = 1.0,
                     seed: int = 0, step: str = "l2", lr_growth: float = 1.1, sharpen_lr: float = 0.0,
-                    release_bits: int = 0) -> GuardResult:
+                    sharpen_margin: float = 0.5, release_bits: int = 0) -> GuardResult:
     """Run the guard (module docstring) on a batch of logits (B, k) in float64; returns a :class:`GuardResult`.
 
     ``rounds`` = R, ``steps`` = T, ``schedule`` in :data:`SCHEDULES`, ``validator`` in :data:`VALIDATORS`,
@@ -169,11 +170,12 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
     :data:`STEPS`: "l2" moves e by lr along the normalised gradient (MemGuard), "sign" by lr along the sign of
     every coordinate of the gradient, the hinge's sign taking precedence where the hinge is active.
     ``lr_growth``: each round's learning rate is the previous failed round's times this.
-    ``sharpen_lr`` (parallel schedule; 0 = off): one more candidate round after the R rounds of every tier, whose
-    steps raise the label's logit by ``sharpen_lr`` and lower every other by as much (the direction is fixed, so the
-    label is always kept): a query the search cannot bring to the decision boundary is sharpened towards it instead
-    of released unguarded. ``release_bits`` = b (0 = off): the released vector is rounded down to multiples of 2^-b
-    for every class but the label, which takes the rest (:func:`quantize_release`).
+    ``sharpen_lr`` (parallel schedule; 0 = off): one more candidate round, whose steps raise the label's logit by
+    ``sharpen_lr`` and lower every other by as much (the direction is fixed, so the label is always kept), taken
+    only where no search candidate succeeds: its first step with |h| <= ``sharpen_margin``, failing that its first
+    flip (:func:`candidate_order`). A query the search cannot bring to the decision boundary is sharpened towards
+    it instead of released unguarded. ``release_bits`` = b (0 = off): the released vector is rounded down to
+    multiples of 2^-b for every class but the label, which takes the rest (:func:`quantize_release`).
     """
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[1] != defender.num_classes:
@@ -188,14 +190,24 @@ def guard_reference(logits: np.ndarray, defender: DefenderWeights, *, rounds: in
         raise ValueError("the hybrid validator needs the parallel schedule")
     if rounds < 0 or steps < 0 or not 0.0 <= release_prob <= 1.0:
         raise ValueError("rounds and steps must be >= 0 and release_prob in [0, 1]")
-    if sharpen_lr < 0 or (sharpen_lr > 0 and schedule != "parallel"):
-        raise ValueError("sharpen_lr must be >= 0, and > 0 only with the parallel schedule")
+    if sharpen_lr < 0 or (sharpen_lr > 0 and schedule != "parallel") or not sharpen_margin > 0:
+        raise ValueError("sharpen_lr must be >= 0 (> 0 only with the parallel schedule) and sharpen_margin > 0")
     if not 0 <= int(release_bits) <= 12:
         raise ValueError(f"release_bits must lie in [0, 12], got {release_bits}")
     with single_threaded():
         return _guard(z, defender, rounds=rounds, steps=steps, c1=c1, c2=c2, c3=c3, lr=lr, schedule=schedule,
                       validator=validator, margin=margin, release_prob=release_prob, seed=seed, c3_max=c3_max,
-                      step=step, lr_growth=lr_growth, sharpen_lr=sharpen_lr, release_bits=int(release_bits))
+                      step=step, lr_growth=lr_growth, sharpen_lr=sharpen_lr, sharpen_margin=sharpen_margin,
+                      release_bits=int(release_bits))
+
+
+def candidate_order(tiers: tuple[str, ...], rounds: int, sharpen: bool) -> list[tuple[int, int]]:
+    """The parallel schedule's candidate blocks in selection order, as (tier index, round index): every tier's R
+    rounds in tier order, then the sharpening round's tiers in reverse order -- along its path the score rises
+    towards the boundary, so its first step within the margin comes before a flip, which is the fallback for a
+    step that jumps the band. The secure guard orders its candidates the same way."""
+    order = [(i, r) for i in range(len(tiers)) for r in range(rounds)]
+    return order + ([(i, rounds) for i in reversed(range(len(tiers)))] if sharpen else [])
 
 
 def quantize_release(q: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
@@ -248,12 +260,13 @@ def _direction(u: np.ndarray, p: np.ndarray, onehot: np.ndarray, defender: Defen
 
 def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, defender: DefenderWeights, *,
              steps: int, lr: np.ndarray, c1: float, c2: float, c3: np.ndarray, freeze: bool, tiers: tuple[str, ...],
-             margin: float, step: str, accepted: np.ndarray,
+             margin: float | np.ndarray, step: str, accepted: np.ndarray,
              forced: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One round of T steps from e = 0. For each validator in ``tiers``: (hit (B,) bool, e_hit (B, k),
     t_hit (B,)): with ``freeze`` the first e that passes the test at some t (only where not ``accepted``
     yet), else the e after the last step if it passes (t = T+1). Rows where ``forced`` (B,) is set take the
-    sharpening direction d = 1 - 2 onehot (the label's logit up, every other down) instead of the loss's."""
+    sharpening direction d = 1 - 2 onehot (the label's logit up, every other down) instead of the loss's;
+    ``margin`` may be per row (B,)."""
     B, k = u0.shape
     e = np.zeros((B, k))
     hits = [(np.zeros(B, dtype=bool), np.zeros((B, k)), np.zeros(B, dtype=np.int64)) for _ in tiers]
@@ -275,7 +288,8 @@ def _descend(u0: np.ndarray, p: np.ndarray, onehot: np.ndarray, a0: np.ndarray, 
 
 def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int, c1: float, c2: float, c3: float,
            lr: float, schedule: str, validator: str, margin: float, release_prob: float, seed: int,
-           c3_max: float, step: str, lr_growth: float, sharpen_lr: float, release_bits: int) -> GuardResult:
+           c3_max: float, step: str, lr_growth: float, sharpen_lr: float, sharpen_margin: float,
+           release_bits: int) -> GuardResult:
     """The body of :func:`guard_reference` on validated float64 logits z (B, k)."""
     B, k = z.shape
     u0 = z - z.max(axis=1, keepdims=True)
@@ -298,21 +312,23 @@ def _guard(z: np.ndarray, defender: DefenderWeights, *, rounds: int, steps: int,
         # success -- and the query keeps the first success in (round, step) order: freeze's output. "hybrid":
         # the first success of the sign test in that order; failing that, the first of the margin test.
         tiers = ("sign", "margin") if validator == "hybrid" else (validator,)
-        # sharpen_lr > 0: one more block (round R + 1 of every tier) with the fixed sharpening direction
+        # sharpen_lr > 0: one more block (round R + 1) with the fixed sharpening direction, its margin test at
+        # sharpen_margin; it comes after every search candidate, its tiers in reverse order (:func:`candidate_order`)
         blocks = rounds + (1 if sharpen_lr > 0 else 0)
         tile = lambda x: np.concatenate([x] * blocks)  # noqa: E731
         lrs = np.repeat(np.append(lr * lr_growth ** np.arange(rounds), [sharpen_lr] * (blocks - rounds)), B)
         forced = np.repeat(np.arange(blocks) >= rounds, B)
+        margins = np.where(forced, sharpen_margin, margin)
         hits = _descend(tile(u0), tile(p), tile(onehot), tile(a0), defender, steps=steps, lr=lrs,
                         c3=np.full(B * blocks, float(c3)), freeze=True, tiers=tiers,
                         accepted=np.zeros(B * blocks, dtype=bool), forced=forced if blocks > rounds else None,
-                        **opts)
-        for got, e_v, t_v in hits:
-            for r in range(blocks):
-                rows = slice(r * B, (r + 1) * B)
-                now = got[rows] & ~accepted
-                e_star[now], acc_step[now], acc_round[now] = e_v[rows][now], t_v[rows][now], r + 1
-                accepted |= now
+                        **{**opts, "margin": margins})
+        for tier, r in candidate_order(tiers, rounds, blocks > rounds):
+            got, e_v, t_v = hits[tier]
+            rows = slice(r * B, (r + 1) * B)
+            now = got[rows] & ~accepted
+            e_star[now], acc_step[now], acc_round[now] = e_v[rows][now], t_v[rows][now], r + 1
+            accepted |= now
     else:
         c3_q = np.full(B, float(c3))
         lr_q = np.full(B, float(lr))

@@ -58,7 +58,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     guard_config = {k: v for k, v in (("rounds", args.guard_rounds), ("steps", args.guard_steps), ("lr", args.guard_lr),
                                       ("lr_growth", args.guard_lr_growth), ("schedule", args.guard_schedule),
                                       ("validator", args.guard_validator), ("margin", args.guard_margin),
-                                      ("sharpen_lr", args.guard_sharpen_lr), ("release_bits", args.guard_release_bits))
+                                      ("sharpen_lr", args.guard_sharpen_lr),
+                                      ("sharpen_margin", args.guard_sharpen_margin),
+                                      ("release_bits", args.guard_release_bits))
                     if v is not None}
     if guard_config and not args.guard:
         raise InputError("--guard-* options need --guard DEFENDER.onnx")
@@ -242,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "logit by this and lowers the others by as much, for queries the search cannot "
                                       "bring to the defender's boundary; 0: none (default %(code_default)s)"),
                   guard, "sharpen_lr")
+    _code_default(g.add_argument("--guard-sharpen-margin", type=float, default=None,
+                                 help="the sharpening round keeps its first step with |h| within this, failing that "
+                                      "its first flip (default %(code_default)s)"), guard, "sharpen_margin")
     _code_default(g.add_argument("--guard-release-bits", type=int, default=None,
                                  help="parallel only: release every probability but the label's rounded down to a "
                                       "multiple of 2^-B (the label takes the rest); 0: full precision (default "

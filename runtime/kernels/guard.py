@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from siguard.core.config import GuardConfig
+from siguard.privacy.memguard import candidate_order
 
 from .approx import (
     _pack_bits,
@@ -509,7 +510,8 @@ class _SignBounds:
       (conservative: an r_j in (1 - 2^-30, 1] may read as a violation, none above 1 is missed), and the label's
       own entry, exactly 0, is raised by 2^(drop+1) (it must never read as a violation).
     * ``layer2`` -- D (h1 W2 + b2) at scale 2f: D_max 2^h2_bound_bits; m = 40, band 2^10 = 2^-22.
-    * ``score`` -- D a, margin D -+ D a at scale 2f: D_max (2^score_bound_bits + margin); m = 42 by default,
+    * ``score`` -- D a, margin D -+ D a at scale 2f: D_max (2^score_bound_bits + margin) (the larger of margin and
+      the sharpening round's sharpen_margin); m = 42 by default,
       band 2^12 = 2^-20 (D a carries the truncation errors of two layers, about 2^-14).
     * ``direction`` -- S' = S_c +- S_h + 2^(B_S + 1) H + 2^-TIE_BITS + 2^(drop+1) at scale qs - shift + f with
       |S| < 2^B_S (:func:`s_shift`): |S'| < 2^(B_S + 2), m = B_S + 3 (63 when B_S = 60). The public 2^(drop+1)
@@ -531,7 +533,8 @@ class _SignBounds:
         self.layer2 = (None if cfg.h2_bound_bits is None
                        else sign_bound(_bits_above(dmax * 2.0**cfg.h2_bound_bits, 2 * f), SIGN_WIDTH))
         self.score = (None if cfg.score_bound_bits is None
-                      else sign_bound(_bits_above(dmax * (2.0**cfg.score_bound_bits + cfg.margin), 2 * f), SIGN_WIDTH))
+                      else sign_bound(_bits_above(dmax * (2.0**cfg.score_bound_bits + _largest_margin(cfg)), 2 * f),
+                                      SIGN_WIDTH))
         shift = s_shift(cfg, k, f)
         self.s_bits = qs - shift + f + _s_bits(cfg, k, f)  # B_S: |S| < 2^B_S (<= 2^60)
         self.hinge_bit = self.s_bits + 1
@@ -541,6 +544,11 @@ class _SignBounds:
     def nonneg(e: Engine, x: Secret, bound: tuple[int, int] | None) -> Secret:
         """x + 2^(drop+1): the bounded test's band moved below 0 (see the class docstring)."""
         return e.add(x, _t(2 << bound[1])) if bound is not None and bound[1] else x
+
+
+def _largest_margin(cfg: GuardConfig) -> float:
+    """The widest margin any candidate's test uses: the sharpening round's rows test |a| <= sharpen_margin."""
+    return max(cfg.margin, cfg.sharpen_margin if cfg.sharpen_lr > 0 else 0.0)
 
 
 def _step_constants(lr: float, f: int) -> tuple[int, int]:
@@ -682,7 +690,9 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     half_sum, half_diff = (torch.tensor([c[i] for c in map(_step_constants, lrs, [f] * R) for _ in range(B)],
                                         dtype=torch.int64).reshape(n, 1) for i in (0, 1))
     c3_ring = _t(round(cfg.c3 * 2**f))
-    margin_ring = _t(round(cfg.margin * 2**f))
+    # the margin test's margin per row: the sharpening round's rows test |a| <= sharpen_margin
+    margin_ring = torch.tensor([round((cfg.sharpen_margin if r >= cfg.rounds else cfg.margin) * 2**f)
+                                for r in range(R) for _ in range(B)], dtype=torch.int64).reshape(n, 1)
     tie_48 = _t(1 << (qs + f - TIE_BITS))
 
     tiers = ("sign", "margin") if cfg.validator == "hybrid" else (cfg.validator,)
@@ -776,12 +786,15 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     qs_norm: list[Secret] = []
     nt, N = len(tiers), R * (T + 1)
     blocks = nt * R  # a block: the T + 1 steps of one (tier, round); candidates in (tier, round, step) order
+    # ... with the sharpening round's blocks last, their tiers reversed (the oracle's candidate_order)
+    order = [i * R + r for i, r in candidate_order(tiers, cfg.rounds, R > cfg.rounds)]
 
     def ok_bits(anys: list[Bits], vals: list[list[Bits]], steps: int) -> Bits:
         """[no violation and valid] of ``steps`` steps, (B, blocks, steps) in (tier, round, step) order: 1 AND."""
         ok = e.bit_and(e.bit_not(e.bit_cat([e.bit_cat(anys, -1)] * nt, -1)),
                        e.bit_cat([e.bit_cat(v, -1) for v in vals], -1))  # (n, nt steps)
-        return e.bit_local(lambda v: v.reshape(R, B, nt, steps).permute(1, 2, 0, 3).reshape(B, blocks, steps), ok)
+        return e.bit_local(lambda v: v.reshape(R, B, nt, steps).permute(1, 2, 0, 3).reshape(B, blocks, steps)
+                           [:, order].contiguous(), ok)
 
     def exclusive(seen: Bits) -> Bits:
         """An inclusive prefix OR shifted by one along the last axis: [some earlier position is set]."""
@@ -866,7 +879,8 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
                        e.bit_local(lambda v: v[:, -1:].contiguous(), first)], -1)  # (B, nt N + 1): one bit set
     q_steps, q_p = qs_norm[:-1], qs_norm[-1]
     stack = e.local(lambda *hs: torch.stack(hs, 0).reshape(T + 1, R, B, k).permute(2, 1, 0, 3)
-                    .reshape(B, N, k).repeat(1, nt, 1), *q_steps)
+                    .reshape(B, N, k).repeat(1, nt, 1).reshape(B, blocks, T + 1, k)[:, order]
+                    .reshape(B, nt * N, k), *q_steps)
     cands = e.cat([stack, e.local(lambda v: v.unsqueeze(1), q_p)], 1)  # (B, nt N + 1, k), scale f
     wide = e.bit_local(lambda v: v.unsqueeze(-1).expand(B, nt * N + 1, k).contiguous(), first)
     out = e.local(lambda v: v.sum(1), e.mul_bit(cands, wide))  # (B, k) scale f

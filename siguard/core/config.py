@@ -55,6 +55,10 @@ class GuardConfig:
     #: the label's logit by sharpen_lr and lowers every other by as much, so that a query the search cannot bring to
     #: the defender's boundary is sharpened towards it instead of released unguarded; 0: no such round
     sharpen_lr: float = 0.2
+    #: the sharpening round's margin test |h| <= sharpen_margin (wider than ``margin``): along its path the score
+    #: rises towards the boundary from far below, and the round keeps its first step within this margin, failing
+    #: that its first flip (README, "The guard")
+    sharpen_margin: float = 0.5
     #: the parallel schedule: the released vector rounded down to multiples of 2^-release_bits for every class but
     #: the label, which takes the rest (README, "The guard"); 0: full fixed-point precision
     release_bits: int = 7
@@ -93,8 +97,9 @@ class GuardConfig:
             raise ValueError("guard rounds and steps must be >= 1")
         if not (self.lr > 0 and self.lr_growth >= 1.0):
             raise ValueError("the guard's lr must be > 0 and lr_growth >= 1")
-        if not 0.0 <= self.sharpen_lr <= 1.0 or not 0 <= self.release_bits <= 12:
-            raise ValueError("the guard's sharpen_lr must lie in [0, 1] and release_bits in [0, 12]")
+        if not 0.0 <= self.sharpen_lr <= 1.0 or not 0 <= self.release_bits <= 12 or not self.sharpen_margin > 0:
+            raise ValueError("the guard's sharpen_lr must lie in [0, 1], sharpen_margin be > 0 and release_bits lie "
+                             "in [0, 12]")
         if (self.sharpen_lr or self.release_bits) and self.schedule != "parallel":
             raise ValueError("the sharpening round and the release precision need the parallel schedule "
                              "(set sharpen_lr and release_bits to 0)")
@@ -137,7 +142,7 @@ class GuardConfig:
         return {"rounds": self.rounds, "steps": self.steps, "c1": self.c1, "c2": self.c2, "c3": self.c3,
                 "lr": self.lr, "schedule": self.schedule, "validator": self.validator, "margin": self.margin,
                 "c3_max": self.c3_max, "step": self.step, "lr_growth": self.lr_growth, "sharpen_lr": self.sharpen_lr,
-                "release_bits": self.release_bits}
+                "sharpen_margin": self.sharpen_margin, "release_bits": self.release_bits}
 
 
 @dataclass(frozen=True)

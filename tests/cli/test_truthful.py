@@ -78,6 +78,7 @@ def _code_defaults() -> dict[str, str]:
         "--guard-lr-growth": show(g["lr_growth"]),
         "--guard-schedule": show(g["schedule"]), "--guard-validator": show(g["validator"]),
         "--guard-margin": show(g["margin"]), "--guard-sharpen-lr": show(g["sharpen_lr"]),
+        "--guard-sharpen-margin": show(g["sharpen_margin"]),
         "--guard-release-bits": show(g["release_bits"]),
     }
 

@@ -53,3 +53,27 @@ def test_compiling_a_27_class_model_with_the_default_guard_fails_naming_the_limi
     compile_model(path, CompileOptions(batch=1))  # the model itself compiles
     with pytest.raises(ModelError, match="at most 26 classes"):
         compile_model(path, CompileOptions(batch=1, guard=defender))
+
+
+def test_guard_options_the_plan_cannot_honour_are_refused_in_one_line(tmp_path):
+    """The guard's scales need 12 fractional bits, the release's grid must lie above the plan's ulp, and the
+    sharpening round and the rounding belong to the parallel schedule: each refused with an InputError naming the
+    option."""
+    import torch
+
+    from siguard.core.errors import InputError
+    from siguard.pipeline import CompileOptions, compile_model
+    from siguard.privacy.defender import DefenderWeights, make_defender
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Linear(4, 10)), torch.zeros(1, 4), path, dynamo=False)
+    defender = DefenderWeights.from_module(make_defender(10))
+    with pytest.raises(InputError, match="the guard needs --frac-bits 12 or more"):
+        compile_model(path, CompileOptions(batch=1, frac_bits=10, guard=defender))
+    with pytest.raises(InputError, match="--guard-release-bits 12 needs --frac-bits above it"):
+        compile_model(path, CompileOptions(batch=1, frac_bits=12, guard=defender, guard_config={"release_bits": 12}))
+    with pytest.raises(InputError, match="need the parallel schedule"):
+        compile_model(path, CompileOptions(batch=1, guard=defender, guard_config={"schedule": "paper",
+                                                                                  "release_bits": 7}))
+    plan = compile_model(path, CompileOptions(batch=1, frac_bits=12, guard=defender, guard_config={"release_bits": 8}))
+    assert plan is not None
