@@ -51,7 +51,7 @@ class GuardConfig:
     validator: str = "hybrid"
     margin: float = 0.2
     lr_growth: float = 1.3  # a failed round's learning rate times this is the next round's
-    #: the parallel schedule: one more candidate round (last in each validator's order) whose every step raises
+    #: the parallel schedule: one more candidate round (after every search candidate) whose every step raises
     #: the label's logit by sharpen_lr and lowers every other by as much, so that a query the search cannot bring to
     #: the defender's boundary is sharpened towards it instead of released unguarded; 0: no such round
     sharpen_lr: float = 0.2
