@@ -35,6 +35,7 @@ __all__ = ["CompileOptions", "CompileResult", "compile_model", "write_plan", "lo
 #: 500 Fashion-MNIST queries (99.4 % at 12, 100 % at 16)
 GUARD_MIN_FRAC_BITS = 12
 
+
 @dataclass
 class CompileOptions:
     """Options of ``siguard compile`` (see the README's CLI reference)."""
