@@ -643,15 +643,16 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     S_c + S_h and S_c - S_h 7 (r split by [a < 0] into the halves each sign moves, in the same rounds: no mux
     round), mul_bit 2, trunc 2: 38. Final: the last evaluation 27 (beside it the normalisation 26 and the
     earlier steps' selection 11), the last steps' selection 7, the selecting mul_bit 2, the release's rounding 10
-    (:func:`quantize_release`): 46. The sharpening round is one more block of rows (bytes, no rounds): its
-    direction tests read public operands (:func:`_sharpen_rows`).
+    (:func:`quantize_release`): 46. The sharpening round is one more block of rows in the forward pass and the
+    tests (bytes, no rounds); its steps' direction bits are public (:func:`_with_sharpen_bits`), so the backward
+    pass, the hinge's arithmetic and the direction test skip its rows.
     See :func:`guard_phases`."""
     f = e.frac_bits
     qs = _prob_scale(f)  # the ratios' scale in products
     qr = qs + 8  # the ratios' own scale: r_j down to 2^-qr (a logit gap up to ~27) stays non-zero
     B, k = int(z.shape[0]), int(z.shape[1])
     # the candidate blocks of every tier: the R rounds, then (sharpen_lr > 0) the sharpening round, whose steps
-    # take the fixed direction "the label up, every other class down" (:func:`_sharpen_rows`)
+    # take the fixed direction "the label up, every other class down" (:func:`_with_sharpen_bits`)
     R, T = cfg.rounds + (1 if cfg.sharpen_lr > 0 else 0), cfg.steps
     n = R * B
     H1, H2 = int(W1.shape[1]), int(W2.shape[1])
@@ -682,7 +683,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
 
     shift = s_shift(cfg, k, f)
     (r0, d0, r0_32, r0_s), w1l, (w3_row, w3c_row) = e.fork(fix_label, label_row, scaled_w3)
-    r0t, d0t, r0t_32, r0t_s, onehot_t, w1l_t = (_tile(e, v, R) for v in (r0, d0, r0_32, r0_s, onehot, w1l))
+    r0t, d0t, r0t_32, r0t_s, onehot_t = (_tile(e, v, R) for v in (r0, d0, r0_32, r0_s, onehot))
     b_row = e.local(lambda a, b, c: torch.cat([a, b, c]).reshape(1, -1), b1, b2, b3)
     w2_t = e.local(lambda v: v.t().contiguous(), W2)
     w1_t = e.local(lambda v: v.t().contiguous(), W1)
@@ -696,6 +697,12 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     tie_48 = _t(1 << (qs + f - TIE_BITS))
 
     tiers = ("sign", "margin") if cfg.validator == "hybrid" else (cfg.validator,)
+    # the search's rows; the sharpening round's B rows follow them, and their steps' direction is public, so the
+    # backward pass, the hinge's arithmetic and the direction test run on the search's rows only
+    ns = cfg.rounds * B
+    search = (lambda v: e.local(lambda w: w[:ns].contiguous(), v)) if ns < n else (lambda v: v)  # noqa: E731
+    search_bits = (lambda b: e.bit_local(lambda w: w[:ns].contiguous(), b)) if ns < n else (lambda b: b)  # noqa: E731
+    w3c_s, w1l_s = search(w3c_row), _tile(e, w1l, cfg.rounds)
 
     def evaluate(r: Secret, r32: Secret, r_s: Secret, d: Secret, last: bool) -> tuple[list[Bits], Any, Secret]:
         """One iteration's forward pass and tests at the candidates' ratios r: the score's sign bits,
@@ -727,7 +734,7 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         if last:
             hw, y = e.mul_bit(xw, d2), None
         else:
-            hw, y = mul_bit_many(e, [xw, w3c_row], [d2, d2])
+            hw, y = mul_bit_many(e, [xw, w3c_s], [d2, search_bits(d2)])
 
         def score() -> list[Bits]:
             da = e.add(e.local(lambda v: v.sum(-1, keepdim=True), hw), bd3)  # D a, scale 2f
@@ -737,28 +744,30 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
             return msb_many(e, [sb.nonneg(e, v, sb.score) for v in (da, e.sub(md, da), e.add(da, md))], [sb.score] * 3)
 
         def pairwise(v: Secret) -> Secret:
-            """S_i = sum_j r_j (v_i - v_j) for v (n, k + 1) (the label's entry last): one product round."""
-            diffs = e.local(lambda w: w.unsqueeze(-1) - w[:, :k].unsqueeze(-2), v)  # (n, k + 1, k)
-            rj = e.local(lambda w: w.unsqueeze(-2).expand(n, k + 1, k).contiguous(), r_s)
+            """S_i = sum_j r_j (v_i - v_j) for v (ns, k + 1) (the label's entry last): one product round."""
+            diffs = e.local(lambda w: w.unsqueeze(-1) - w[:, :k].unsqueeze(-2), v)  # (ns, k + 1, k)
+            rj = e.local(lambda w: w.unsqueeze(-2).expand(ns, k + 1, k).contiguous(), search(r_s))
             return e.local(lambda w: w.sum(-1), e.mul(rj, diffs))
 
-        def backward() -> Secret:  # S of grad_h (c1 h) at q, (n, k + 1)
+        def backward() -> Secret:  # S of grad_h (c1 h) at q, (ns, k + 1)
+            m1_s = e.bit_not(search_bits(m1))
             if late_trunc:  # g1 at scale 2f, its products at 3f, one truncation by 2f
-                g1 = e.mul_bit(e.matmul(y, w2_t), e.bit_not(m1))
+                g1 = e.mul_bit(e.matmul(y, w2_t), m1_s)
             else:
-                g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), e.bit_not(m1))
+                g1 = e.mul_bit(e.trunc(e.matmul(y, w2_t), f), m1_s)
             gm, gl = e.fork(lambda: e.matmul(g1, w1_t),
-                            lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_t)))
+                            lambda: e.local(lambda v: v.sum(-1, keepdim=True), e.mul(g1, w1l_s)))
             return pairwise(e.trunc(e.cat([gm, gl], -1), 2 * f if late_trunc else f))
 
         def hinge() -> tuple[Bits, Secret | None, Secret | None]:
-            """[any violation]; the hinge's sign H (n, k + 1); S of c3 sgn(q - p)."""
+            """[any violation] (n, 1); the hinge's sign H and S of c3 sgn(q - p), (ns, k + 1)."""
             anyv = e.bit_not(_and_all(e, e.bit_not(viol)))
             if last:
                 return anyv, None, None
-            va, sa, sal, anya = unpack(e, e.b2a(_pack_bits(e, [viol, m_sig, m_sig_l, anyv])),
-                                       [torch.Size((n, k)), torch.Size((n, k)), torch.Size((n, 1)),
-                                        torch.Size((n, 1))])
+            signs = [search_bits(b) for b in (viol, m_sig, m_sig_l, anyv)]
+            va, sa, sal, anya = unpack(e, e.b2a(_pack_bits(e, signs)),
+                                       [torch.Size((ns, k)), torch.Size((ns, k)), torch.Size((ns, 1)),
+                                        torch.Size((ns, 1))])
             sc = e.sub(c3_ring, e.mul(e.cat([sa, sal], -1), e.mul(c3_ring, _t(2))))  # c3 sgn(q - p), label last
             return anyv, e.cat([va, e.neg(anya)], -1), pairwise(sc)
 
@@ -839,12 +848,11 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
         big = sb.nonneg(e, e.add(e.add(s_c, e.mul(hv, _t(1 << sb.hinge_bit))), _t(1 << (qs - shift + f - TIE_BITS))),
                         sb.direction)
         flip = e.bit_local(lambda v: v.expand(n, k).contiguous(), m_a)
-        directions = [e.add(big, s_h), e.sub(big, s_h)]
-        if R > cfg.rounds:  # the sharpening round's rows: b_j = 0 for every class, b_l = 1 (public, no round)
-            directions = [_sharpen_rows(e, v, cfg.rounds * B, sb.direction) for v in directions]
         (b_pos, b_neg), r_neg = e.fork(
-            lambda directions=directions: msb_many(e, directions, [sb.direction] * 2),
+            lambda big=big, s_h=s_h: msb_many(e, [e.add(big, s_h), e.sub(big, s_h)], [sb.direction] * 2),
             lambda r_other=r_other, flip=flip: e.mul_bit(r_other, flip))
+        if ns < n:  # the sharpening round's rows: b_j = 0 for every class, b_l = 1 (public bits, local)
+            b_pos, b_neg = (_with_sharpen_bits(e, b, B) for b in (b_pos, b_neg))
         r_pos = e.sub(r_other, r_neg)
         # per candidate: r_j <- r_j e^(2 lr) where b_j and not b_l (x), r_j e^(-2 lr) where b_l and not b_j (y).
         # With s = b_j xor b_l (local): x = (s + b_j - b_l) / 2 and y = (s - b_j + b_l) / 2, so
@@ -887,19 +895,13 @@ def _guard_parallel(e: Engine, cfg: GuardConfig, z: Secret, W1, b1, W2, b2, w3, 
     return quantize_release(e, out, onehot, cfg.release_bits) if cfg.release_bits else out
 
 
-def _sharpen_rows(e: Engine, x: Secret, start: int, bound: tuple[int, int] | None) -> Secret:
-    """x (n, k + 1), the operand of the step's direction test, with its rows from ``start`` on (the sharpening
-    round's) replaced by the public +C for every class and -C for the label's entry (the last column): their
-    msb gives b_j = 0, b_l = 1, i.e. r_j <- r_j e^(-2 lr) for every j != l. C = 2^(bits - 3) lies inside the
-    test's bound and far above its band. Local: a product with a public 0/1 row mask and a public addition."""
-    n, width = int(x.shape[0]), int(x.shape[1])
-    big = 1 << ((bound[0] if bound is not None else 64) - 3)
-    keep = torch.zeros((n, 1), dtype=torch.int64)
-    keep[:start] = 1
-    const = torch.zeros((n, width), dtype=torch.int64)
-    const[start:, : width - 1] = big
-    const[start:, width - 1] = -big
-    return e.add(e.mul(x, keep), const)
+def _with_sharpen_bits(e: Engine, b: Bits, rows: int) -> Bits:
+    """The direction bits b (ns, k + 1) of the search's rows followed by the sharpening round's ``rows`` rows: the
+    public b_j = 0 for every class and b_l = 1 for the label's entry (the last column), i.e. r_j <- r_j e^(-2 lr)
+    for every j != l. A sharing of public bits is local (zeros, and their negation)."""
+    zeros = _zero_bits(e, e.bit_local(lambda v: v[:rows].contiguous(), b))  # (rows, k + 1)
+    ones = e.bit_not(e.bit_local(lambda v: v[:, -1:].contiguous(), zeros))
+    return e.bit_cat([b, e.bit_cat([e.bit_local(lambda v: v[:, :-1].contiguous(), zeros), ones], -1)], 0)
 
 
 def quantize_release(e: Engine, q: Secret, onehot: Secret, bits: int) -> Secret:
